@@ -1,0 +1,429 @@
+"""kvc's checkpoint file: the one place in Python that knows its bytes.
+
+A kvc file is a 256-byte little-endian header, then three sections, each starting on a 64-byte
+boundary: the tokenizer, the chat template and the weights. README.md documents the layout byte
+by byte; `write_model` and `read_model` below are its executable definition, and run.c's loader
+reads exactly this. llama2.c's v0/v1/v2 checkpoints and its tokenizer.bin are read here too, so
+the torch reference can load every file the C engine loads.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"KVCM"
+VERSION = 1
+HEADER_BYTES = 256
+ALIGN = 64
+
+# weight types
+F32 = 0
+Q8_0 = 1
+WEIGHT_TYPES = {"f32": F32, "q8_0": Q8_0}
+
+# tokenizer kinds
+TOK_SENTENCEPIECE = 1  # score-driven BPE over characters, byte fallback (Llama 1/2, Mistral)
+TOK_BYTE_BPE = 2  # rank-driven BPE over bytes with merges (GPT-2, SmolLM, Llama 3)
+
+# tokenizer flags
+FLAG_ADD_DUMMY_PREFIX = 1
+FLAG_REMOVE_EXTRA_WHITESPACES = 2
+FLAG_BYTE_FALLBACK = 4
+
+# pre-tokenizers for byte-level BPE
+PRETOK_NONE = 0
+PRETOK_GPT2 = 1
+PRETOK_SMOLLM = 2  # each digit alone, then the GPT-2 regex
+PRETOK_LLAMA3 = 3
+
+# token types (sentencepiece's enum, which GGUF uses too)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# chat template styles run.c can render
+CHAT_NONE = 0
+CHAT_CHATML = 1
+CHAT_LLAMA2 = 2
+CHAT_LLAMA3 = 3
+
+# header: magic, version, 8 int32 dims, theta, eps, 5 int32, reserved, 3 x (offset, size)
+HEADER = struct.Struct("<4sI8iff5ii6Q")
+assert HEADER.size == 120
+
+TOKENIZER_HEADER = struct.Struct("<8I")  # kind, n_tokens, flags, pretokenizer, unk+1, n_merges, 0, 0
+
+
+@dataclass
+class Config:
+    """Hyperparameters of a Llama model, as stored in the header."""
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    head_dim: int = 0  # 0: dim // n_heads
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    shared_classifier: bool = True
+    weight_type: int = F32
+    group_size: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+
+@dataclass
+class Tokenizer:
+    """A vocabulary: pieces as raw bytes (sentencepiece pieces keep their U+2581), scores, types."""
+
+    pieces: list[bytes]
+    scores: list[float]
+    types: list[int]
+    kind: int = TOK_SENTENCEPIECE
+    flags: int = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK
+    pretokenizer: int = PRETOK_NONE
+    unk_id: int = -1
+    merges: list[tuple[int, int]] = field(default_factory=list)  # byte-level BPE, by rank
+
+
+@dataclass
+class ChatTemplate:
+    """How to turn messages into a prompt: a style run.c renders, plus the source jinja text."""
+
+    style: int = CHAT_NONE
+    end_of_turn: int = -1  # token that ends an assistant reply
+    default_system: str = ""  # used when the conversation has no system message
+    jinja: str = ""
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    tensors: dict[str, np.ndarray]  # float32, shapes as in tensor_shapes()
+    tokenizer: Tokenizer | None
+    template: ChatTemplate
+
+
+def tensor_shapes(c: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensors in file order with their shapes; weight matrices are (out, in), rows contiguous."""
+    L = c.n_layers
+    shapes = [
+        ("tok_embeddings", (c.vocab_size, c.dim)),
+        ("rms_att", (L, c.dim)),
+        ("wq", (L, c.q_dim, c.dim)),
+        ("wk", (L, c.kv_dim, c.dim)),
+        ("wv", (L, c.kv_dim, c.dim)),
+        ("wo", (L, c.dim, c.q_dim)),
+        ("rms_ffn", (L, c.dim)),
+        ("w1", (L, c.hidden_dim, c.dim)),
+        ("w2", (L, c.dim, c.hidden_dim)),
+        ("w3", (L, c.hidden_dim, c.dim)),
+        ("rms_final", (c.dim,)),
+    ]
+    if not c.shared_classifier:
+        shapes.append(("wcls", (c.vocab_size, c.dim)))
+    return shapes
+
+
+def is_norm(name: str) -> bool:
+    return name.startswith("rms_")
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _pad(buf: bytearray) -> None:
+    buf.extend(b"\0" * (-len(buf) % ALIGN))
+
+
+def quantize_q8_0(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per group of `group_size` along rows: w ~= q * scale. Zero groups get scale 0."""
+    groups = w.astype(np.float32).reshape(-1, group_size)
+    amax = np.abs(groups).max(axis=1)
+    scale = (amax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.round(groups / safe[:, None]).clip(-127, 127).astype(np.int8)
+    return q.reshape(-1), scale
+
+
+def encode_tokenizer(t: Tokenizer) -> bytes:
+    out = bytearray(
+        TOKENIZER_HEADER.pack(
+            t.kind, len(t.pieces), t.flags, t.pretokenizer, t.unk_id + 1, len(t.merges), 0, 0
+        )
+    )
+    for piece, score, typ in zip(t.pieces, t.scores, t.types):
+        out += struct.pack("<fII", score, typ, len(piece)) + piece
+    for a, b in t.merges:
+        out += struct.pack("<II", a, b)
+    return bytes(out)
+
+
+def encode_template(t: ChatTemplate) -> bytes:
+    system = t.default_system.encode()
+    jinja = t.jinja.encode()
+    return (
+        struct.pack("<Ii", t.style, t.end_of_turn)
+        + struct.pack("<I", len(system)) + system
+        + struct.pack("<I", len(jinja)) + jinja
+    )
+
+
+def write_model(
+    path: str | os.PathLike,
+    config: Config,
+    tensors: dict[str, np.ndarray],
+    tokenizer: Tokenizer,
+    template: ChatTemplate | None = None,
+    progress=None,
+) -> None:
+    """Write a kvc file atomically (temp file + rename): a failure leaves nothing at `path`.
+
+    `tensors` maps the names of tensor_shapes() to arrays of those shapes (any float dtype).
+    With config.weight_type Q8_0 every matrix is quantized in groups of config.group_size.
+    `progress`, if given, is called with each tensor name as it is written.
+    """
+    template = template or ChatTemplate()
+    if len(tokenizer.pieces) != config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer.pieces)} tokens but the model's vocab is {config.vocab_size}"
+        )
+    for name, shape in tensor_shapes(config):
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    if config.weight_type == Q8_0:
+        gs = config.group_size
+        if gs <= 0:
+            raise ValueError("q8_0 needs a positive group size")
+        for name, shape in tensor_shapes(config):
+            if not is_norm(name) and shape[-1] % gs:
+                raise ValueError(f"tensor {name}: row length {shape[-1]} is not a multiple of group size {gs}")
+    elif config.weight_type != F32:
+        raise ValueError(f"unknown weight type {config.weight_type}")
+
+    path = Path(path)
+    tok_bytes = encode_tokenizer(tokenizer)
+    tmpl_bytes = encode_template(template)
+    tok_off = HEADER_BYTES
+    tmpl_off = tok_off + len(tok_bytes) + (-len(tok_bytes) % ALIGN)
+    w_off = tmpl_off + len(tmpl_bytes) + (-len(tmpl_bytes) % ALIGN)
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)
+            f.write(tok_bytes)
+            f.write(b"\0" * (tmpl_off - f.tell()))
+            f.write(tmpl_bytes)
+            f.write(b"\0" * (w_off - f.tell()))
+            for name, shape in tensor_shapes(config):
+                arr = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))
+                if config.weight_type == Q8_0 and not is_norm(name):
+                    q, s = quantize_q8_0(arr, config.group_size)
+                    _write_aligned(f, q.tobytes())
+                    _write_aligned(f, s.astype("<f4").tobytes())
+                else:
+                    _write_aligned(f, arr.astype("<f4").tobytes())
+                if progress:
+                    progress(name)
+            w_size = f.tell() - w_off
+            f.seek(0)
+            f.write(
+                HEADER.pack(
+                    MAGIC, VERSION,
+                    config.dim, config.hidden_dim, config.n_layers, config.n_heads,
+                    config.n_kv_heads, config.head_dim, config.vocab_size, config.seq_len,
+                    config.rope_theta, config.norm_eps,
+                    int(config.shared_classifier), config.weight_type, config.group_size,
+                    config.bos_id, config.eos_id, 0,
+                    tok_off, len(tok_bytes), tmpl_off, len(tmpl_bytes), w_off, w_size,
+                )
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_aligned(f, data: bytes) -> None:
+    f.write(b"\0" * (-f.tell() % ALIGN))
+    f.write(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+class FormatError(ValueError):
+    """The file is not a valid checkpoint or tokenizer."""
+
+
+def read_model(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Checkpoint:
+    """Read a kvc file, or a llama2.c v0/v1/v2 checkpoint (whose tokenizer comes from `tokenizer_path`).
+
+    Quantized weights come back dequantized to float32.
+    """
+    data = memoryview(Path(path).read_bytes())
+    if len(data) >= 4 and bytes(data[:4]) == MAGIC:
+        ck = _read_kvc(data)
+        if tokenizer_path is not None:
+            ck.tokenizer = read_tokenizer_bin(tokenizer_path, ck.config.vocab_size)
+        return ck
+    ck = _read_llama2c(data)
+    if tokenizer_path is not None:
+        ck.tokenizer = read_tokenizer_bin(tokenizer_path, ck.config.vocab_size)
+    return ck
+
+
+def _read_kvc(data: memoryview) -> Checkpoint:
+    if len(data) < HEADER_BYTES:
+        raise FormatError("file too short for a kvc header")
+    (_, version, dim, hid, L, nh, nkv, hd, V, T, theta, eps, shared, wtype, gs, bos, eos, _,
+     tok_off, tok_size, tmpl_off, tmpl_size, w_off, w_size) = HEADER.unpack_from(data, 0)
+    if version != VERSION:
+        raise FormatError(f"unsupported kvc version {version}")
+    cfg = Config(dim, hid, L, nh, nkv, V, T, hd, theta, eps, bool(shared), wtype, gs, bos, eos)
+    for off, size in ((tok_off, tok_size), (tmpl_off, tmpl_size), (w_off, w_size)):
+        if off + size > len(data):
+            raise FormatError("section extends past the end of the file")
+    tok = _decode_tokenizer(data[tok_off:tok_off + tok_size])
+    tmpl = _decode_template(data[tmpl_off:tmpl_off + tmpl_size])
+    tensors = {}
+    off = w_off
+    for name, shape in tensor_shapes(cfg):
+        n = int(np.prod(shape))
+        off += -off % ALIGN
+        if wtype == Q8_0 and not is_norm(name):
+            q = np.frombuffer(data, np.int8, n, off).astype(np.float32)
+            off += n
+            off += -off % ALIGN
+            s = np.frombuffer(data, "<f4", n // gs, off)
+            off += 4 * (n // gs)
+            tensors[name] = (q.reshape(-1, gs) * s[:, None]).reshape(shape)
+        else:
+            tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shape)
+            off += 4 * n
+    return Checkpoint(cfg, tensors, tok, tmpl)
+
+
+def _decode_tokenizer(buf: memoryview) -> Tokenizer:
+    kind, n, flags, pretok, unk1, n_merges, _, _ = TOKENIZER_HEADER.unpack_from(buf, 0)
+    off = TOKENIZER_HEADER.size
+    pieces, scores, types = [], [], []
+    for _ in range(n):
+        score, typ, ln = struct.unpack_from("<fII", buf, off)
+        off += 12
+        pieces.append(bytes(buf[off:off + ln]))
+        scores.append(score)
+        types.append(typ)
+        off += ln
+    merges = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(n_merges)]
+    return Tokenizer(pieces, scores, types, kind, flags, pretok, unk1 - 1, merges)
+
+
+def _decode_template(buf: memoryview) -> ChatTemplate:
+    style, eot = struct.unpack_from("<Ii", buf, 0)
+    (n,) = struct.unpack_from("<I", buf, 8)
+    system = bytes(buf[12:12 + n]).decode()
+    (m,) = struct.unpack_from("<I", buf, 12 + n)
+    jinja = bytes(buf[16 + n:16 + n + m]).decode()
+    return ChatTemplate(style, eot, system, jinja)
+
+
+LLAMA2C_MAGIC = 0x616B3432
+
+
+def _read_llama2c(data: memoryview) -> Checkpoint:
+    """llama2.c v0 (legacy, 28-byte header) and v1/v2 (256-byte header, magic "ak42")."""
+    if len(data) >= 8 and struct.unpack_from("<I", data, 0)[0] == LLAMA2C_MAGIC:
+        version = struct.unpack_from("<i", data, 4)[0]
+        dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 8)
+        shared = data[36] != 0
+        gs = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
+        if version not in (1, 2):
+            raise FormatError(f"unsupported llama2.c version {version}")
+        cfg = Config(dim, hid, L, nh, nkv, V, T, shared_classifier=shared)
+        names = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+        if not shared:
+            names.append("wcls")
+        shapes = dict(tensor_shapes(cfg))
+        tensors, off = {}, 256
+        for name in names:
+            n = int(np.prod(shapes[name]))
+            if version == 2 and not is_norm(name):
+                q = np.frombuffer(data, np.int8, n, off).astype(np.float32)
+                s = np.frombuffer(data, "<f4", n // gs, off + n)
+                off += n + 4 * (n // gs)
+                tensors[name] = (q.reshape(-1, gs) * s[:, None]).reshape(shapes[name])
+            else:
+                tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shapes[name])
+                off += 4 * n
+        return Checkpoint(cfg, tensors, None, ChatTemplate())
+    dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 0)
+    cfg = Config(dim, hid, L, nh, nkv, abs(V), T, shared_classifier=V > 0)
+    shapes = dict(tensor_shapes(cfg))
+    tensors, off = {}, 28
+    for name in ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]:
+        n = int(np.prod(shapes[name]))
+        tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shapes[name])
+        off += 4 * n
+    off += 4 * T * cfg.head_dim  # the two unused freq_cis tables, (seq_len, head_dim/2) each
+    if not cfg.shared_classifier:
+        tensors["wcls"] = np.frombuffer(data, "<f4", V * -1 * dim, off).reshape(-V, dim)
+    return Checkpoint(cfg, tensors, None, ChatTemplate())
+
+
+def llama2c_piece_type(i: int, piece: bytes) -> int:
+    """llama2.c's tokenizer.bin has no types: ids 0/1/2 are unk/bos/eos, <0xNN> are bytes."""
+    if i == 0:
+        return UNKNOWN
+    if i in (1, 2):
+        return CONTROL
+    if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+        return BYTE
+    return NORMAL
+
+
+def read_tokenizer_bin(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """llama2.c's tokenizer.bin: uint32 max_token_length, then per token f32 score, uint32 len, bytes.
+
+    Its pieces have U+2581 replaced by spaces; kvc keeps sentencepiece's U+2581, so it is put back.
+    """
+    data = Path(path).read_bytes()
+    off = 4
+    pieces, scores, types = [], [], []
+    for i in range(vocab_size):
+        if off + 8 > len(data):
+            raise FormatError(f"tokenizer {path} ends after {i} of {vocab_size} tokens")
+        score, ln = struct.unpack_from("<fI", data, off)
+        off += 8
+        if off + ln > len(data):
+            raise FormatError(f"tokenizer {path} is truncated")
+        piece = data[off:off + ln].replace(b" ", "\u2581".encode())
+        off += ln
+        pieces.append(piece)
+        scores.append(score)
+        types.append(llama2c_piece_type(i, piece))
+    return Tokenizer(pieces, scores, types, unk_id=0)

@@ -1,0 +1,116 @@
+"""A small, readable PyTorch Llama: the reference every C result is checked against.
+
+It loads the same files the C engine loads (via kvc.format) and computes in float32 by default.
+`forward(tokens, pos)` uses and fills a KV cache shaped like the C one, (n_layers, seq_len, kv_dim);
+`forward_full(tokens)` recomputes everything from scratch with no cache. The two must agree.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .format import Checkpoint, Config, read_model
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate interleaved pairs (2j, 2j+1) of each head by position * theta^(-2j/head_dim).
+
+    x: (T, n_heads, head_dim); positions: (T,)
+    """
+    hd = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = positions.to(torch.float64)[:, None] * freqs[None, :]  # (T, hd/2)
+    cos = torch.cos(angles).to(x.dtype)[:, None, :]
+    sin = torch.sin(angles).to(x.dtype)[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+class Llama:
+    """Llama forward pass over a kvc Checkpoint's float32 weights."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+        self.config: Config = checkpoint.config
+        self.dtype = dtype
+        self.w = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in checkpoint.tensors.items()}
+        if "wcls" not in self.w:
+            self.w["wcls"] = self.w["tok_embeddings"]
+        c = self.config
+        self.k_cache = torch.zeros(c.n_layers, c.seq_len, c.kv_dim, dtype=dtype)
+        self.v_cache = torch.zeros(c.n_layers, c.seq_len, c.kv_dim, dtype=dtype)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **kw) -> "Llama":
+        return cls(read_model(path, tokenizer), **kw)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """q: (T, H, hd) at positions q_pos; k, v: (S, KVH, hd) at positions 0..S-1; causal."""
+        c = self.config
+        group = c.n_heads // c.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / (c.head_dim ** 0.5)
+        mask = torch.arange(k.shape[0])[None, :] > q_pos[:, None]  # (T, S)
+        scores = scores.masked_fill(mask[None], float("-inf"))
+        return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)
+
+    def _layers(self, tokens: list[int], pos: int, kv_source) -> torch.Tensor:
+        c, w = self.config, self.w
+        T = len(tokens)
+        positions = torch.arange(pos, pos + T)
+        x = w["tok_embeddings"][torch.tensor(tokens, dtype=torch.long)]
+        for l in range(c.n_layers):
+            h = rms_norm(x, w["rms_att"][l], c.norm_eps)
+            q = rope((h @ w["wq"][l].T).view(T, c.n_heads, c.head_dim), positions, c.rope_theta)
+            k = rope((h @ w["wk"][l].T).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
+            v = (h @ w["wv"][l].T).view(T, c.n_kv_heads, c.head_dim)
+            keys, values = kv_source(l, k, v)
+            att = self.attention(q, keys, values, positions).reshape(T, c.q_dim)
+            x = x + att @ w["wo"][l].T
+            h = rms_norm(x, w["rms_ffn"][l], c.norm_eps)
+            x = x + (torch.nn.functional.silu(h @ w["w1"][l].T) * (h @ w["w3"][l].T)) @ w["w2"][l].T
+        x = rms_norm(x, w["rms_final"], c.norm_eps)
+        return x @ w["wcls"].T
+
+    @torch.no_grad()
+    def forward(self, tokens: list[int], pos: int = 0) -> np.ndarray:
+        """Logits (len(tokens), vocab) for tokens at positions pos.., writing K/V into the cache."""
+        c = self.config
+        if pos + len(tokens) > c.seq_len:
+            raise IndexError("past the context length")
+
+        def cached(l, k, v):
+            end = pos + len(tokens)
+            self.k_cache[l, pos:end] = k.reshape(len(tokens), c.kv_dim)
+            self.v_cache[l, pos:end] = v.reshape(len(tokens), c.kv_dim)
+            shape = (end, c.n_kv_heads, c.head_dim)
+            return self.k_cache[l, :end].view(shape), self.v_cache[l, :end].view(shape)
+
+        return self._layers(tokens, pos, cached).float().numpy()
+
+    @torch.no_grad()
+    def forward_full(self, tokens: list[int]) -> np.ndarray:
+        """Logits for tokens at positions 0.. recomputed from scratch, no cache touched."""
+        return self._layers(tokens, 0, lambda l, k, v: (k, v)).float().numpy()
+
+    def greedy(self, prompt: list[int], steps: int) -> list[int]:
+        """Greedy continuation of `prompt` (token by token after the prompt, using the cache)."""
+        logits = self.forward(prompt, 0)
+        out, pos = [], len(prompt)
+        for _ in range(steps):
+            nxt = int(np.argmax(logits[-1]))
+            out.append(nxt)
+            if pos >= self.config.seq_len:
+                break
+            logits = self.forward([nxt], pos)
+            pos += 1
+        return out
