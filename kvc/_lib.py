@@ -1,0 +1,66 @@
+"""cffi (ABI mode) declarations of libkvc.so, the C engine built from run.c by `make`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cffi
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    typedef struct {
+        int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len;
+        float rope_theta, norm_eps;
+        int shared_classifier, weight_type, group_size, bos_id, eos_id;
+    } Config;
+    typedef struct Model Model;
+    typedef struct Sampler Sampler;
+
+    const char *kvc_last_error(void);
+    Model *kvc_open(const char *checkpoint, const char *tokenizer, int context, int threads);
+    void kvc_close(Model *m);
+    const Config *kvc_config(const Model *m);
+    int kvc_has_tokenizer(const Model *m);
+    int kvc_forward(Model *m, const int *tokens, int n, int pos, float *logits);
+    int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity);
+    int kvc_encode_capacity(int text_bytes);
+    int kvc_token_text(const Model *m, int prev, int token, const char **text);
+    int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
+                        int generation_prompt, int **ids);
+    int kvc_chat_style(const Model *m);
+    int kvc_end_of_turn(const Model *m);
+    void kvc_free(void *p);
+    float *kvc_logits(Model *m);
+    float *kvc_keys(Model *m);
+    float *kvc_values(Model *m);
+    Sampler *kvc_sampler_new(int vocab_size, float temperature, float topp, int topk, unsigned long long seed);
+    void kvc_sampler_free(Sampler *s);
+    int kvc_sample(Sampler *s, float *logits);
+    """
+)
+
+
+def _find_library() -> str:
+    env = os.environ.get("KVC_LIB")
+    if env:
+        return env
+    path = Path(__file__).resolve().parent.parent / "libkvc.so"
+    if not path.exists():
+        raise OSError(f"{path} not found: build it with `make`")
+    return str(path)
+
+
+_lib = None
+
+
+def load():
+    """The loaded library (opened on first use, so importing kvc needs no build)."""
+    global _lib
+    if _lib is None:
+        _lib = ffi.dlopen(_find_library())
+    return _lib
+
+
+def last_error() -> str:
+    return ffi.string(load().kvc_last_error()).decode("utf-8", "replace")

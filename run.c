@@ -1,0 +1,2109 @@
+/* kvc: inference for Llama-architecture models in one C file, built around the KV cache.
+
+   Read it top to bottom: errors, the model (config, weights, loading), the KV cache and run
+   state, kernels, the forward pass, the tokenizer, the sampler, generation and chat, the library
+   API, and the command-line program. `main` is compiled out for the shared library (-DKVC_LIBRARY).
+*/
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// Errors: library code never exits; it records one line and returns -1 (or NULL)
+
+static _Thread_local char error_message[512];
+
+static int fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(error_message, sizeof error_message, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+const char *kvc_last_error(void) { return error_message; }
+
+static void *alloc_zeroed(size_t count, size_t size) {
+    void *p = calloc(count ? count : 1, size);
+    if (!p) fail("out of memory allocating %zu x %zu bytes", count, size);
+    return p;
+}
+
+static int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// The model: hyperparameters and weights
+
+enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1 };
+
+typedef struct {
+    int dim;               // residual stream width
+    int hidden_dim;        // SwiGLU inner width
+    int n_layers;
+    int n_heads;           // query heads
+    int n_kv_heads;        // key/value heads; n_heads is a multiple of it (GQA, MQA when 1)
+    int head_dim;          // stored, not dim / n_heads: some models differ
+    int vocab_size;
+    int seq_len;           // context length the KV cache holds
+    float rope_theta;
+    float norm_eps;
+    int shared_classifier; // the classifier reuses tok_embeddings
+    int weight_type;       // WEIGHT_F32 or WEIGHT_Q8_0
+    int group_size;        // Q8_0 values per scale
+    int bos_id, eos_id;    // -1 when the model has none
+} Config;
+
+// A weight matrix (rows x cols, row-major): fp32 values, or int8 values with one fp32 scale per
+// group_size consecutive values.
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *scale;
+    int group_size;
+} Matrix;
+
+// Layer tensors are stored type-major, (n_layers, rows, cols): matrix_at picks one layer's slice.
+typedef struct {
+    Matrix tok_embeddings;      // (vocab, dim)
+    const float *rms_att;       // (layer, dim)
+    Matrix wq, wk, wv, wo;      // (layer, q_dim, dim), (layer, kv_dim, dim) x2, (layer, dim, q_dim)
+    const float *rms_ffn;       // (layer, dim)
+    Matrix w1, w2, w3;          // (layer, hidden, dim), (layer, dim, hidden), (layer, hidden, dim)
+    const float *rms_final;     // (dim)
+    Matrix wcls;                // (vocab, dim)
+} Weights;
+
+static Matrix matrix_at(Matrix m, size_t index, size_t numel) {
+    Matrix out = m;
+    if (m.f) out.f = m.f + index * numel;
+    else {
+        out.q = m.q + index * numel;
+        out.scale = m.scale + index * (numel / m.group_size);
+    }
+    return out;
+}
+
+static int q_dim(const Config *p) { return p->n_heads * p->head_dim; }
+static int kv_dim(const Config *p) { return p->n_kv_heads * p->head_dim; }
+
+// Rejects every header value that would make the sizes below overflow or mean nothing.
+static int check_config(const Config *p) {
+    struct { const char *name; int value, max; } dims[] = {
+        {"dim", p->dim, 1 << 16},           {"hidden_dim", p->hidden_dim, 1 << 18},
+        {"n_layers", p->n_layers, 1024},    {"n_heads", p->n_heads, 1024},
+        {"n_kv_heads", p->n_kv_heads, 1024}, {"head_dim", p->head_dim, 4096},
+        {"vocab_size", p->vocab_size, 1 << 22}, {"seq_len", p->seq_len, 1 << 22},
+    };
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].value <= 0 || dims[i].value > dims[i].max)
+            return fail("bad header: %s = %d (must be 1..%d)", dims[i].name, dims[i].value, dims[i].max);
+    if (p->n_heads % p->n_kv_heads)
+        return fail("bad header: n_heads = %d is not a multiple of n_kv_heads = %d", p->n_heads, p->n_kv_heads);
+    if (p->head_dim % 2) return fail("bad header: head_dim = %d is odd (RoPE rotates pairs)", p->head_dim);
+    if (!(p->rope_theta > 0) || !isfinite(p->rope_theta)) return fail("bad header: rope_theta = %g", p->rope_theta);
+    if (!(p->norm_eps > 0) || !(p->norm_eps < 1)) return fail("bad header: norm_eps = %g", p->norm_eps);
+    if (p->weight_type != WEIGHT_F32 && p->weight_type != WEIGHT_Q8_0)
+        return fail("bad header: unknown weight type %d", p->weight_type);
+    if (p->weight_type == WEIGHT_Q8_0) {
+        int gs = p->group_size;
+        if (gs <= 0 || gs > 4096 || p->dim % gs || p->hidden_dim % gs || q_dim(p) % gs)
+            return fail("bad header: group_size = %d does not divide the model's rows", gs);
+    }
+    if (p->bos_id < -1 || p->bos_id >= p->vocab_size || p->eos_id < -1 || p->eos_id >= p->vocab_size)
+        return fail("bad header: bos %d / eos %d outside the vocab of %d", p->bos_id, p->eos_id, p->vocab_size);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Reading a mapped file: a cursor that refuses to step past the end
+
+typedef struct {
+    const uint8_t *base;
+    size_t size;   // bytes readable from base
+    size_t pos;
+    size_t align;  // tensors start on this boundary (64 in kvc files, 1 in llama2.c's)
+    const char *what;
+} Cursor;
+
+static const void *take(Cursor *c, size_t bytes, const char *name) {
+    size_t start = (c->pos + c->align - 1) / c->align * c->align;
+    if (start > c->size || bytes > c->size - start) {
+        fail("%s is truncated: %s needs %zu bytes at offset %zu, the %s has %zu", c->what, name, bytes,
+             start, c->what, c->size);
+        return NULL;
+    }
+    c->pos = start + bytes;
+    return c->base + start;
+}
+
+static int take_u32(Cursor *c, uint32_t *v, const char *name) {
+    const void *p = take(c, 4, name);
+    if (!p) return -1;
+    memcpy(v, p, 4);
+    return 0;
+}
+
+// Takes `count` matrices of rows x cols: fp32 values, or int8 values followed by their scales.
+static int take_matrix(Cursor *c, const Config *p, size_t count, size_t rows, size_t cols, const char *name,
+                       Matrix *m) {
+    size_t numel = count * rows * cols;
+    memset(m, 0, sizeof *m);
+    if (p->weight_type == WEIGHT_F32) return (m->f = take(c, numel * sizeof(float), name)) ? 0 : -1;
+    m->group_size = p->group_size;
+    if (!(m->q = take(c, numel, name))) return -1;
+    return (m->scale = take(c, numel / p->group_size * sizeof(float), name)) ? 0 : -1;
+}
+
+static int take_floats(Cursor *c, size_t n, const char *name, const float **out) {
+    return (*out = take(c, n * sizeof(float), name)) ? 0 : -1;
+}
+
+static int take_attention(Cursor *c, const Config *p, Weights *w) {
+    size_t L = p->n_layers, dim = p->dim;
+    if (take_matrix(c, p, L, q_dim(p), dim, "wq", &w->wq)) return -1;
+    if (take_matrix(c, p, L, kv_dim(p), dim, "wk", &w->wk)) return -1;
+    if (take_matrix(c, p, L, kv_dim(p), dim, "wv", &w->wv)) return -1;
+    return take_matrix(c, p, L, dim, q_dim(p), "wo", &w->wo);
+}
+
+static int take_ffn(Cursor *c, const Config *p, Weights *w) {
+    size_t L = p->n_layers, dim = p->dim, hid = p->hidden_dim;
+    if (take_matrix(c, p, L, hid, dim, "w1", &w->w1)) return -1;
+    if (take_matrix(c, p, L, dim, hid, "w2", &w->w2)) return -1;
+    return take_matrix(c, p, L, hid, dim, "w3", &w->w3);
+}
+
+// kvc files and llama2.c v0 store embeddings first and each norm before its matrices.
+static int take_weights_embeddings_first(Cursor *c, const Config *p, Weights *w) {
+    size_t norms = (size_t)p->n_layers * p->dim;
+    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
+    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_attention(c, p, w)) return -1;
+    if (take_floats(c, norms, "rms_ffn", &w->rms_ffn) || take_ffn(c, p, w)) return -1;
+    return take_floats(c, p->dim, "rms_final", &w->rms_final);
+}
+
+// llama2.c v1/v2 store the norms first.
+static int take_weights_norms_first(Cursor *c, const Config *p, Weights *w) {
+    size_t norms = (size_t)p->n_layers * p->dim;
+    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_floats(c, norms, "rms_ffn", &w->rms_ffn)) return -1;
+    if (take_floats(c, p->dim, "rms_final", &w->rms_final)) return -1;
+    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
+    return take_attention(c, p, w) || take_ffn(c, p, w) ? -1 : 0;
+}
+
+static int take_classifier(Cursor *c, const Config *p, Weights *w) {
+    if (p->shared_classifier) {
+        w->wcls = w->tok_embeddings;
+        return 0;
+    }
+    return take_matrix(c, p, 1, p->vocab_size, p->dim, "wcls", &w->wcls);
+}
+
+// ----------------------------------------------------------------------------
+// The tokenizer's data (the algorithms come after the forward pass)
+
+enum { TOK_SENTENCEPIECE = 1, TOK_BYTE_BPE = 2 };
+enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_SMOLLM = 2, PRETOK_LLAMA3 = 3 };
+enum { FLAG_ADD_DUMMY_PREFIX = 1, FLAG_REMOVE_EXTRA_WHITESPACES = 2, FLAG_BYTE_FALLBACK = 4, FLAG_ADD_BOS = 8 };
+enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER_DEFINED = 4, PIECE_UNUSED = 5,
+       PIECE_BYTE = 6 };
+
+typedef struct { uint64_t key; int rank, result; } Merge; // byte-level BPE: (left, right) -> merged
+
+typedef struct {
+    int kind, n_tokens, flags, pretokenizer, unk_id, bos_id, eos_id;
+    const char **piece;   // stored bytes of each token (not NUL-terminated)
+    int *piece_len;
+    float *score;
+    int *type;
+    const char **text;    // what each token decodes to
+    int *text_len;
+    char *text_buffer;    // backs text
+    char *piece_buffer;   // backs piece when read from a tokenizer.bin (else pieces point into the map)
+    int byte_token[256];  // the token of each single byte, -1 if none
+    int *lookup;          // open-addressing table: piece bytes -> id
+    size_t lookup_mask;
+    Merge *merges;        // open-addressing table of merge pairs
+    size_t merge_mask;
+    int *special;         // control and user-defined tokens matched literally in text
+    int n_special;
+} Tokenizer;
+
+enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA2 = 2, CHAT_LLAMA3 = 3 };
+
+typedef struct {
+    int style;             // one of CHAT_*
+    int end_of_turn;       // token that ends an assistant reply
+    char *default_system;  // used when no system prompt is given
+} ChatTemplate;
+
+// ----------------------------------------------------------------------------
+// The KV cache: keys and values of every layer at every position, (n_layers, seq_len, kv_dim)
+
+typedef struct {
+    int n_layers, seq_len, kv_dim;
+    float *keys, *values;
+} KVCache;
+
+static float *cache_keys(const KVCache *c, int layer, int pos) {
+    return c->keys + ((size_t)layer * c->seq_len + pos) * c->kv_dim;
+}
+
+static float *cache_values(const KVCache *c, int layer, int pos) {
+    return c->values + ((size_t)layer * c->seq_len + pos) * c->kv_dim;
+}
+
+static int cache_init(KVCache *c, const Config *p) {
+    c->n_layers = p->n_layers;
+    c->seq_len = p->seq_len;
+    c->kv_dim = kv_dim(p);
+    size_t n = (size_t)c->n_layers * c->seq_len * c->kv_dim;
+    c->keys = alloc_zeroed(n, sizeof(float));
+    c->values = alloc_zeroed(n, sizeof(float));
+    return c->keys && c->values ? 0 : -1;
+}
+
+static void cache_free(KVCache *c) {
+    free(c->keys);
+    free(c->values);
+}
+
+// ----------------------------------------------------------------------------
+// Run state: activation buffers for a block of up to `batch` tokens, allocated once
+
+typedef struct {
+    int batch;                // tokens per forward block
+    float *x;                 // (batch, dim) residual stream
+    float *xb, *xb2;          // (batch, max(dim, q_dim)) scratch
+    float *q;                 // (batch, q_dim) queries
+    float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
+    float *att;               // (threads, seq_len) attention weights, one row per thread
+    float *rope_cos, *rope_sin; // (batch, head_dim / 2) for the block's positions
+    float *logits;            // (vocab) of the block's last token
+} RunState;
+
+static int state_init(RunState *s, const Config *p) {
+    s->batch = p->seq_len < 64 ? p->seq_len : 64;
+    size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
+    s->x = alloc_zeroed(B * p->dim, sizeof(float));
+    s->xb = alloc_zeroed(B * wide, sizeof(float));
+    s->xb2 = alloc_zeroed(B * wide, sizeof(float));
+    s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
+    s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
+    s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
+    s->att = alloc_zeroed((size_t)max_threads() * p->seq_len, sizeof(float));
+    s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
+    s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
+    s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
+    return s->x && s->xb && s->xb2 && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
+                   s->logits ? 0 : -1;
+}
+
+static void state_free(RunState *s) {
+    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
+    free(s->att); free(s->rope_cos); free(s->rope_sin); free(s->logits);
+}
+
+typedef struct {
+    Config config;
+    Weights weights;
+    Tokenizer tokenizer;
+    int has_tokenizer;
+    ChatTemplate chat;
+    KVCache cache;
+    RunState state;
+    void *map;          // the mmap'd checkpoint
+    size_t map_size;
+} Model;
+
+// ----------------------------------------------------------------------------
+// Kernels
+
+static float dot(const float *a, const float *b, int n) {
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    if (i + 16 <= n) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        i += 16;
+    }
+    if (i < n) { // masked tail: no scalar loop
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0; // independent sums let the compiler pipeline
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+#endif
+}
+
+// An int8 row (with one scale per group) dotted with fp32 activations.
+static float dot_q8(const int8_t *q, const float *scale, const float *x, int n, int group_size) {
+    float sum = 0;
+    for (int g = 0; g < n; g += group_size) {
+        float s = 0;
+        for (int j = g; j < g + group_size; j++) s += q[j] * x[j];
+        sum += s * scale[g / group_size];
+    }
+    return sum;
+}
+
+static float dot_row(Matrix w, size_t row, const float *x, int n) {
+    if (w.f) return dot(w.f + row * n, x, n);
+    return dot_q8(w.q + row * n, w.scale + row * n / w.group_size, x, n, w.group_size);
+}
+
+// out[t, i] = W[i, :] . x[t, :] for n tokens: each weight row is read once per block of tokens.
+static void matmul(float *out, const float *x, Matrix w, int n, int in, int rows, size_t out_stride) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < rows; i++)
+        for (int t = 0; t < n; t++) out[t * out_stride + i] = dot_row(w, i, x + (size_t)t * in, in);
+}
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = dot(x, x, n) / n;
+    float scale = 1.0f / sqrtf(ss + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += (x[i] = expf(x[i] - max));
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+static void embed(float *out, Matrix table, int token, int dim) {
+    if (table.f) {
+        memcpy(out, table.f + (size_t)token * dim, dim * sizeof(float));
+        return;
+    }
+    const int8_t *q = table.q + (size_t)token * dim;
+    const float *scale = table.scale + (size_t)token * dim / table.group_size;
+    for (int i = 0; i < dim; i++) out[i] = q[i] * scale[i / table.group_size];
+}
+
+// ----------------------------------------------------------------------------
+// The forward pass
+
+// cos/sin of position * theta^(-2j/head_dim) for each token of the block, in double like the reference.
+static void rope_table(RunState *s, const Config *p, int pos, int n) {
+    int half = p->head_dim / 2;
+    for (int j = 0; j < half; j++) {
+        double freq = pow((double)p->rope_theta, -2.0 * j / p->head_dim);
+        for (int t = 0; t < n; t++) {
+            double angle = (double)(pos + t) * freq;
+            s->rope_cos[t * half + j] = (float)cos(angle);
+            s->rope_sin[t * half + j] = (float)sin(angle);
+        }
+    }
+}
+
+// Rotates interleaved pairs (2j, 2j+1) of every head of token t's vector.
+static void rope(float *v, int n_heads, const RunState *s, const Config *p, int t) {
+    int half = p->head_dim / 2;
+    const float *cos_t = s->rope_cos + t * half, *sin_t = s->rope_sin + t * half;
+    for (int h = 0; h < n_heads; h++) {
+        float *head = v + h * p->head_dim;
+        for (int j = 0; j < half; j++) {
+            float a = head[2 * j], b = head[2 * j + 1];
+            head[2 * j] = a * cos_t[j] - b * sin_t[j];
+            head[2 * j + 1] = a * sin_t[j] + b * cos_t[j];
+        }
+    }
+}
+
+// Causal attention of the block's queries over the cache rows 0..pos+t; the block's own keys and
+// values are already in the cache. Query head h reads kv head h / (n_heads / n_kv_heads).
+static void attention(Model *m, int layer, int n, int pos) {
+    const Config *p = &m->config;
+    RunState *s = &m->state;
+    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int t = 0; t < n; t++) {
+        for (int h = 0; h < p->n_heads; h++) {
+            const float *q = s->q + (size_t)t * q_dim(p) + h * hd;
+            float *att = s->att + (size_t)thread_index() * p->seq_len;
+            int kv_offset = (h / group) * hd, len = pos + t + 1;
+            for (int i = 0; i < len; i++) att[i] = dot(q, cache_keys(&m->cache, layer, i) + kv_offset, hd) * scale;
+            softmax(att, len);
+            float *out = s->xb + (size_t)t * q_dim(p) + h * hd;
+            memset(out, 0, hd * sizeof(float));
+            for (int i = 0; i < len; i++) {
+                const float *v = cache_values(&m->cache, layer, i) + kv_offset;
+                float a = att[i];
+                for (int d = 0; d < hd; d++) out[d] += a * v[d];
+            }
+        }
+    }
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
+// Logits: every token's into out (n x vocab) when all_logits, else the last token's into state.logits.
+static void forward_block(Model *m, const int *tokens, int n, int pos, float *out, int all_logits) {
+    const Config *p = &m->config;
+    const Weights *w = &m->weights;
+    RunState *s = &m->state;
+    int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
+    for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
+    rope_table(s, p, pos, n);
+
+    for (int l = 0; l < p->n_layers; l++) {
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att + (size_t)l * dim, dim, p->norm_eps);
+        // K and V rows go straight into the cache: its (layer, pos, kv_dim) rows are contiguous
+        float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
+        matmul(s->q, s->xb, matrix_at(w->wq, l, (size_t)qd * dim), n, dim, qd, qd);
+        matmul(k, s->xb, matrix_at(w->wk, l, (size_t)kvd * dim), n, dim, kvd, kvd);
+        matmul(v, s->xb, matrix_at(w->wv, l, (size_t)kvd * dim), n, dim, kvd, kvd);
+        for (int t = 0; t < n; t++) {
+            rope(s->q + (size_t)t * qd, p->n_heads, s, p, t);
+            rope(k + (size_t)t * kvd, p->n_kv_heads, s, p, t);
+        }
+        attention(m, l, n, pos);
+        matmul(s->xb2, s->xb, matrix_at(w->wo, l, (size_t)dim * qd), n, qd, dim, dim);
+        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->xb2[i];
+
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn + (size_t)l * dim, dim, p->norm_eps);
+        matmul(s->hb, s->xb, matrix_at(w->w1, l, (size_t)hid * dim), n, dim, hid, hid);
+        matmul(s->hb2, s->xb, matrix_at(w->w3, l, (size_t)hid * dim), n, dim, hid, hid);
+        for (size_t i = 0; i < (size_t)n * hid; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
+        matmul(s->xb, s->hb, matrix_at(w->w2, l, (size_t)dim * hid), n, hid, dim, dim);
+        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->xb[i];
+    }
+
+    int first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
+    for (int t = first; t < n; t++)
+        rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_final, dim, p->norm_eps);
+    if (all_logits) matmul(out, s->xb, w->wcls, n, dim, p->vocab_size, p->vocab_size);
+    else matmul(s->logits, s->xb + (size_t)first * dim, w->wcls, 1, dim, p->vocab_size, p->vocab_size);
+}
+
+// Runs any number of tokens in blocks; out as in forward_block (NULL: only state.logits is written).
+static int forward(Model *m, const int *tokens, int n, int pos, float *out) {
+    const Config *p = &m->config;
+    if (n < 0 || pos < 0 || pos > p->seq_len || n > p->seq_len - pos)
+        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, p->seq_len);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= p->vocab_size)
+            return fail("token id %d is outside the vocab of %d", tokens[i], p->vocab_size);
+    for (int done = 0; done < n;) {
+        int chunk = n - done < m->state.batch ? n - done : m->state.batch;
+        float *chunk_out = out ? out + (size_t)done * p->vocab_size : NULL;
+        forward_block(m, tokens + done, chunk, pos + done, chunk_out, out != NULL);
+        done += chunk;
+    }
+    if (out && n > 0) memcpy(m->state.logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: loading and lookups
+
+static uint64_t hash_bytes(const char *s, int n) {
+    uint64_t h = 1469598103934665603ull; // FNV-1a
+    for (int i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t hash_pair(uint64_t key) {
+    key ^= key >> 33;
+    key *= 0xff51afd7ed558ccdull;
+    return key ^ (key >> 33);
+}
+
+static size_t table_size_for(size_t n) {
+    size_t size = 16;
+    while (size < 2 * n) size <<= 1;
+    return size;
+}
+
+static int lookup_piece(const Tokenizer *t, const char *s, int n) {
+    for (size_t i = hash_bytes(s, n) & t->lookup_mask;; i = (i + 1) & t->lookup_mask) {
+        int id = t->lookup[i];
+        if (id < 0) return -1;
+        if (t->piece_len[id] == n && memcmp(t->piece[id], s, n) == 0) return id;
+    }
+}
+
+static const Merge *lookup_merge(const Tokenizer *t, int left, int right) {
+    uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+    for (size_t i = hash_pair(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
+        if (t->merges[i].rank < 0) return NULL;
+        if (t->merges[i].key == key) return &t->merges[i];
+    }
+}
+
+static int parse_byte_piece(const char *s, int n) { // "<0xNN>" -> NN, else -1
+    if (n != 6 || memcmp(s, "<0x", 3) || s[5] != '>') return -1;
+    int v = 0;
+    for (int i = 3; i < 5; i++) {
+        char c = s[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+static const char SPACE_MARK[] = "\xe2\x96\x81"; // U+2581, sentencepiece's escaped space
+
+// Builds what the encoder and decoder need from pieces/scores/types: lookup tables, byte tokens,
+// the special-token list and each token's decoded text.
+static int tokenizer_index(Tokenizer *t) {
+    int n = t->n_tokens;
+    t->lookup_mask = table_size_for(n) - 1;
+    t->lookup = malloc((t->lookup_mask + 1) * sizeof(int));
+    t->special = alloc_zeroed(n, sizeof(int));
+    t->text = alloc_zeroed(n, sizeof(char *));
+    t->text_len = alloc_zeroed(n, sizeof(int));
+    size_t text_bytes = 0;
+    for (int i = 0; i < n; i++) text_bytes += t->piece_len[i];
+    char *text = alloc_zeroed(text_bytes, 1);
+    if (!t->lookup || !t->special || !t->text || !t->text_len || !text) return fail("out of memory for the tokenizer");
+    memset(t->lookup, -1, (t->lookup_mask + 1) * sizeof(int));
+    for (int b = 0; b < 256; b++) t->byte_token[b] = -1;
+    t->text_buffer = text;
+    for (int id = 0; id < n; id++) {
+        const char *s = t->piece[id];
+        int len = t->piece_len[id], type = t->type[id];
+        if (type < PIECE_NORMAL || type > PIECE_BYTE) return fail("tokenizer: token %d has unknown type %d", id, type);
+        size_t slot = hash_bytes(s, len) & t->lookup_mask;
+        while (t->lookup[slot] >= 0 && !(t->piece_len[t->lookup[slot]] == len && !memcmp(t->piece[t->lookup[slot]], s, len)))
+            slot = (slot + 1) & t->lookup_mask;
+        if (t->lookup[slot] < 0) t->lookup[slot] = id; // a duplicate piece keeps its first id
+        t->text[id] = text;
+        if (type == PIECE_CONTROL || type == PIECE_UNKNOWN || type == PIECE_UNUSED) {
+            // decodes to nothing
+        } else if (type == PIECE_BYTE) {
+            int b = parse_byte_piece(s, len);
+            if (b < 0) return fail("tokenizer: byte token %d is not of the form <0xNN>", id);
+            if (t->byte_token[b] < 0) t->byte_token[b] = id;
+            *text++ = (char)b;
+        } else if (t->kind == TOK_SENTENCEPIECE) {
+            for (int i = 0; i < len; i++) {
+                if (i + 3 <= len && !memcmp(s + i, SPACE_MARK, 3)) { *text++ = ' '; i += 2; }
+                else *text++ = s[i];
+            }
+        } else {
+            memcpy(text, s, len);
+            text += len;
+            if (len == 1 && t->byte_token[(uint8_t)s[0]] < 0) t->byte_token[(uint8_t)s[0]] = id;
+        }
+        t->text_len[id] = (int)(text - t->text[id]);
+        if ((type == PIECE_CONTROL || type == PIECE_USER_DEFINED) && len > 0) t->special[t->n_special++] = id;
+    }
+    return 0;
+}
+
+static int tokenizer_index_merges(Tokenizer *t, const uint32_t *pairs, int n_merges) {
+    t->merge_mask = table_size_for(n_merges) - 1;
+    t->merges = malloc((t->merge_mask + 1) * sizeof(Merge));
+    if (!t->merges) return fail("out of memory for %d merges", n_merges);
+    for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].rank = -1;
+    char buf[1024];
+    for (int r = 0; r < n_merges; r++) {
+        uint32_t a, b;
+        memcpy(&a, pairs + 2 * r, 4);
+        memcpy(&b, pairs + 2 * r + 1, 4);
+        if (a >= (uint32_t)t->n_tokens || b >= (uint32_t)t->n_tokens)
+            return fail("tokenizer: merge %d names a token outside the vocab", r);
+        int la = t->piece_len[a], lb = t->piece_len[b];
+        if (la + lb > (int)sizeof buf) return fail("tokenizer: merge %d makes a piece longer than %zu bytes", r, sizeof buf);
+        memcpy(buf, t->piece[a], la);
+        memcpy(buf + la, t->piece[b], lb);
+        int result = lookup_piece(t, buf, la + lb);
+        if (result < 0) return fail("tokenizer: merge %d makes a piece that is not in the vocab", r);
+        uint64_t key = (uint64_t)a << 32 | b;
+        size_t slot = hash_pair(key) & t->merge_mask;
+        while (t->merges[slot].rank >= 0 && t->merges[slot].key != key) slot = (slot + 1) & t->merge_mask;
+        if (t->merges[slot].rank < 0) t->merges[slot] = (Merge){key, r, result}; // keeps the best rank
+    }
+    return 0;
+}
+
+// The tokenizer section of a kvc file: a header of 8 uint32, then per token (f32 score, u32 type,
+// u32 length, bytes), then byte-level BPE merges as (u32 left, u32 right) pairs in rank order.
+static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
+    uint32_t h[8];
+    for (int i = 0; i < 8; i++) if (take_u32(c, &h[i], "tokenizer header")) return -1;
+    t->kind = (int)h[0];
+    t->n_tokens = (int)h[1];
+    t->flags = (int)h[2];
+    t->pretokenizer = (int)h[3];
+    t->unk_id = (int)h[4] - 1;
+    uint32_t n_merges = h[5];
+    if (t->kind != TOK_SENTENCEPIECE && t->kind != TOK_BYTE_BPE) return fail("tokenizer: unknown kind %d", t->kind);
+    if (h[1] != (uint32_t)p->vocab_size)
+        return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
+    if (t->pretokenizer < 0 || t->pretokenizer > 3) return fail("tokenizer: unknown pre-tokenizer %d", t->pretokenizer);
+    if (t->unk_id < -1 || t->unk_id >= t->n_tokens) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
+    t->piece = alloc_zeroed(t->n_tokens, sizeof(char *));
+    t->piece_len = alloc_zeroed(t->n_tokens, sizeof(int));
+    t->score = alloc_zeroed(t->n_tokens, sizeof(float));
+    t->type = alloc_zeroed(t->n_tokens, sizeof(int));
+    if (!t->piece || !t->piece_len || !t->score || !t->type) return -1;
+    for (int i = 0; i < t->n_tokens; i++) {
+        const uint8_t *rec = take(c, 12, "token record");
+        if (!rec) return -1;
+        uint32_t type, len;
+        memcpy(&t->score[i], rec, 4);
+        memcpy(&type, rec + 4, 4);
+        memcpy(&len, rec + 8, 4);
+        if (len > 1024) return fail("tokenizer: token %d claims %u bytes", i, len);
+        t->type[i] = (int)type;
+        t->piece_len[i] = (int)len;
+        if (!(t->piece[i] = take(c, len, "token bytes"))) return -1;
+    }
+    if (n_merges > (1u << 24)) return fail("tokenizer: %u merges is absurd", n_merges);
+    const uint32_t *pairs = take(c, (size_t)n_merges * 8, "merges");
+    if (!pairs) return -1;
+    if (tokenizer_index(t)) return -1;
+    return t->kind == TOK_BYTE_BPE ? tokenizer_index_merges(t, pairs, (int)n_merges) : 0;
+}
+
+// llama2.c's tokenizer.bin: u32 max_token_length, then per token (f32 score, u32 length, bytes).
+// It stores U+2581 as a plain space and has no types: ids 0/1/2 are unk/bos/eos, <0xNN> are bytes.
+static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("cannot open tokenizer %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *data = size > 0 ? malloc(size) : NULL;
+    if (!data || fread(data, 1, size, f) != (size_t)size) {
+        fclose(f);
+        free(data);
+        return fail("cannot read tokenizer %s (empty or unreadable)", path);
+    }
+    fclose(f);
+    // pieces are rewritten with spaces escaped as U+2581: at most 3x the file
+    char *pieces = malloc(3 * (size_t)size + 1);
+    t->piece_buffer = pieces;
+    t->kind = TOK_SENTENCEPIECE;
+    t->n_tokens = vocab_size;
+    t->flags = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS;
+    t->unk_id = 0;
+    t->piece = alloc_zeroed(vocab_size, sizeof(char *));
+    t->piece_len = alloc_zeroed(vocab_size, sizeof(int));
+    t->score = alloc_zeroed(vocab_size, sizeof(float));
+    t->type = alloc_zeroed(vocab_size, sizeof(int));
+    int rc = -1;
+    if (!pieces || !t->piece || !t->piece_len || !t->score || !t->type) { fail("out of memory for the tokenizer"); goto done; }
+    Cursor c = {data, (size_t)size, 4, 1, "tokenizer"};
+    if (size < 4) { fail("tokenizer %s is truncated", path); goto done; }
+    char *out = pieces;
+    for (int i = 0; i < vocab_size; i++) {
+        const uint8_t *rec = take(&c, 8, "token record");
+        if (!rec) goto done;
+        uint32_t len;
+        memcpy(&t->score[i], rec, 4);
+        memcpy(&len, rec + 4, 4);
+        const char *s = take(&c, len, "token bytes");
+        if (!s) goto done;
+        if (len > 1024) { fail("tokenizer: token %d claims %u bytes", i, len); goto done; }
+        t->piece[i] = out;
+        for (uint32_t j = 0; j < len; j++) {
+            if (s[j] == ' ') { memcpy(out, SPACE_MARK, 3); out += 3; }
+            else *out++ = s[j];
+        }
+        t->piece_len[i] = (int)(out - t->piece[i]);
+        t->type[i] = i == 0 ? PIECE_UNKNOWN : i <= 2 ? PIECE_CONTROL
+                   : parse_byte_piece(t->piece[i], t->piece_len[i]) >= 0 ? PIECE_BYTE : PIECE_NORMAL;
+    }
+    if (c.pos != c.size) { fail("tokenizer %s has %zu bytes after its %d tokens: it does not fit this model", path, c.size - c.pos, vocab_size); goto done; }
+    if (tokenizer_index(t) == 0) rc = 0;
+done:
+    free(data);
+    t->piece_buffer = pieces;
+    return rc;
+}
+
+static void tokenizer_free(Tokenizer *t) {
+    free(t->piece); free(t->piece_len); free(t->score); free(t->type); free(t->text); free(t->text_len);
+    free(t->text_buffer); free(t->piece_buffer); free(t->lookup); free(t->merges); free(t->special);
+    memset(t, 0, sizeof *t);
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: pre-tokenizers split text into pieces before BPE, exactly as HF `tokenizers` does.
+// The regexes are hand-compiled into one small matcher per pattern that reproduces
+// Oniguruma's leftmost-first, backtracking result for that pattern. Pieces are byte
+// ranges of the input (no copies, no allocation); byte-level BPE works on raw bytes.
+
+typedef void (*pretok_emit_fn)(void *ctx, const char *piece, size_t len);
+
+// Decodes the code point at s[0..n), n >= 1, and returns its byte length (1..4).
+// Invalid, truncated, overlong or surrogate sequences count as one byte of U+FFFD
+// (a symbol, so "other"): HF works on Rust strings and never sees invalid UTF-8.
+static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
+    unsigned char c = s[0];
+    int len; uint32_t v, min;
+    if (c < 0x80) { *cp = c; return 1; }
+    else if ((c & 0xE0) == 0xC0) { len = 2; v = c & 0x1F; min = 0x80; }
+    else if ((c & 0xF0) == 0xE0) { len = 3; v = c & 0x0F; min = 0x800; }
+    else if ((c & 0xF8) == 0xF0) { len = 4; v = c & 0x07; min = 0x10000; }
+    else { *cp = 0xFFFD; return 1; }
+    if ((size_t)len > n) { *cp = 0xFFFD; return 1; }
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) { *cp = 0xFFFD; return 1; }
+        v = (v << 6) | (s[i] & 0x3F);
+    }
+    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) { *cp = 0xFFFD; return 1; }
+    *cp = v;
+    return len;
+}
+
+// Unicode classes. The tables are probed from tokenizers itself (see tools/gen_unicode_tables.py):
+// its Oniguruma is Unicode 16 and Rust's char::is_numeric (Digits) is Unicode 17, both
+// newer than e.g. Python 3.11's Unicode 14 (which misses ~9k letters such as U+1C89).
+// A tokenizers built on another Unicode version may differ on code points new in it.
+// BEGIN GENERATED TABLES
+// generated by tools/gen_unicode_tables.py from tokenizers' own regex engine; sorted lo,hi pairs
+// \p{L} as Oniguruma (Unicode 16) in tokenizers sees it (677 ranges, 141028 code points)
+static const uint32_t letter_ranges[] = {
+    0x41,0x5A, 0x61,0x7A, 0xAA,0xAA, 0xB5,0xB5, 0xBA,0xBA, 0xC0,0xD6,
+    0xD8,0xF6, 0xF8,0x2C1, 0x2C6,0x2D1, 0x2E0,0x2E4, 0x2EC,0x2EC, 0x2EE,0x2EE,
+    0x370,0x374, 0x376,0x377, 0x37A,0x37D, 0x37F,0x37F, 0x386,0x386, 0x388,0x38A,
+    0x38C,0x38C, 0x38E,0x3A1, 0x3A3,0x3F5, 0x3F7,0x481, 0x48A,0x52F, 0x531,0x556,
+    0x559,0x559, 0x560,0x588, 0x5D0,0x5EA, 0x5EF,0x5F2, 0x620,0x64A, 0x66E,0x66F,
+    0x671,0x6D3, 0x6D5,0x6D5, 0x6E5,0x6E6, 0x6EE,0x6EF, 0x6FA,0x6FC, 0x6FF,0x6FF,
+    0x710,0x710, 0x712,0x72F, 0x74D,0x7A5, 0x7B1,0x7B1, 0x7CA,0x7EA, 0x7F4,0x7F5,
+    0x7FA,0x7FA, 0x800,0x815, 0x81A,0x81A, 0x824,0x824, 0x828,0x828, 0x840,0x858,
+    0x860,0x86A, 0x870,0x887, 0x889,0x88E, 0x8A0,0x8C9, 0x904,0x939, 0x93D,0x93D,
+    0x950,0x950, 0x958,0x961, 0x971,0x980, 0x985,0x98C, 0x98F,0x990, 0x993,0x9A8,
+    0x9AA,0x9B0, 0x9B2,0x9B2, 0x9B6,0x9B9, 0x9BD,0x9BD, 0x9CE,0x9CE, 0x9DC,0x9DD,
+    0x9DF,0x9E1, 0x9F0,0x9F1, 0x9FC,0x9FC, 0xA05,0xA0A, 0xA0F,0xA10, 0xA13,0xA28,
+    0xA2A,0xA30, 0xA32,0xA33, 0xA35,0xA36, 0xA38,0xA39, 0xA59,0xA5C, 0xA5E,0xA5E,
+    0xA72,0xA74, 0xA85,0xA8D, 0xA8F,0xA91, 0xA93,0xAA8, 0xAAA,0xAB0, 0xAB2,0xAB3,
+    0xAB5,0xAB9, 0xABD,0xABD, 0xAD0,0xAD0, 0xAE0,0xAE1, 0xAF9,0xAF9, 0xB05,0xB0C,
+    0xB0F,0xB10, 0xB13,0xB28, 0xB2A,0xB30, 0xB32,0xB33, 0xB35,0xB39, 0xB3D,0xB3D,
+    0xB5C,0xB5D, 0xB5F,0xB61, 0xB71,0xB71, 0xB83,0xB83, 0xB85,0xB8A, 0xB8E,0xB90,
+    0xB92,0xB95, 0xB99,0xB9A, 0xB9C,0xB9C, 0xB9E,0xB9F, 0xBA3,0xBA4, 0xBA8,0xBAA,
+    0xBAE,0xBB9, 0xBD0,0xBD0, 0xC05,0xC0C, 0xC0E,0xC10, 0xC12,0xC28, 0xC2A,0xC39,
+    0xC3D,0xC3D, 0xC58,0xC5A, 0xC5D,0xC5D, 0xC60,0xC61, 0xC80,0xC80, 0xC85,0xC8C,
+    0xC8E,0xC90, 0xC92,0xCA8, 0xCAA,0xCB3, 0xCB5,0xCB9, 0xCBD,0xCBD, 0xCDD,0xCDE,
+    0xCE0,0xCE1, 0xCF1,0xCF2, 0xD04,0xD0C, 0xD0E,0xD10, 0xD12,0xD3A, 0xD3D,0xD3D,
+    0xD4E,0xD4E, 0xD54,0xD56, 0xD5F,0xD61, 0xD7A,0xD7F, 0xD85,0xD96, 0xD9A,0xDB1,
+    0xDB3,0xDBB, 0xDBD,0xDBD, 0xDC0,0xDC6, 0xE01,0xE30, 0xE32,0xE33, 0xE40,0xE46,
+    0xE81,0xE82, 0xE84,0xE84, 0xE86,0xE8A, 0xE8C,0xEA3, 0xEA5,0xEA5, 0xEA7,0xEB0,
+    0xEB2,0xEB3, 0xEBD,0xEBD, 0xEC0,0xEC4, 0xEC6,0xEC6, 0xEDC,0xEDF, 0xF00,0xF00,
+    0xF40,0xF47, 0xF49,0xF6C, 0xF88,0xF8C, 0x1000,0x102A, 0x103F,0x103F, 0x1050,0x1055,
+    0x105A,0x105D, 0x1061,0x1061, 0x1065,0x1066, 0x106E,0x1070, 0x1075,0x1081, 0x108E,0x108E,
+    0x10A0,0x10C5, 0x10C7,0x10C7, 0x10CD,0x10CD, 0x10D0,0x10FA, 0x10FC,0x1248, 0x124A,0x124D,
+    0x1250,0x1256, 0x1258,0x1258, 0x125A,0x125D, 0x1260,0x1288, 0x128A,0x128D, 0x1290,0x12B0,
+    0x12B2,0x12B5, 0x12B8,0x12BE, 0x12C0,0x12C0, 0x12C2,0x12C5, 0x12C8,0x12D6, 0x12D8,0x1310,
+    0x1312,0x1315, 0x1318,0x135A, 0x1380,0x138F, 0x13A0,0x13F5, 0x13F8,0x13FD, 0x1401,0x166C,
+    0x166F,0x167F, 0x1681,0x169A, 0x16A0,0x16EA, 0x16F1,0x16F8, 0x1700,0x1711, 0x171F,0x1731,
+    0x1740,0x1751, 0x1760,0x176C, 0x176E,0x1770, 0x1780,0x17B3, 0x17D7,0x17D7, 0x17DC,0x17DC,
+    0x1820,0x1878, 0x1880,0x1884, 0x1887,0x18A8, 0x18AA,0x18AA, 0x18B0,0x18F5, 0x1900,0x191E,
+    0x1950,0x196D, 0x1970,0x1974, 0x1980,0x19AB, 0x19B0,0x19C9, 0x1A00,0x1A16, 0x1A20,0x1A54,
+    0x1AA7,0x1AA7, 0x1B05,0x1B33, 0x1B45,0x1B4C, 0x1B83,0x1BA0, 0x1BAE,0x1BAF, 0x1BBA,0x1BE5,
+    0x1C00,0x1C23, 0x1C4D,0x1C4F, 0x1C5A,0x1C7D, 0x1C80,0x1C8A, 0x1C90,0x1CBA, 0x1CBD,0x1CBF,
+    0x1CE9,0x1CEC, 0x1CEE,0x1CF3, 0x1CF5,0x1CF6, 0x1CFA,0x1CFA, 0x1D00,0x1DBF, 0x1E00,0x1F15,
+    0x1F18,0x1F1D, 0x1F20,0x1F45, 0x1F48,0x1F4D, 0x1F50,0x1F57, 0x1F59,0x1F59, 0x1F5B,0x1F5B,
+    0x1F5D,0x1F5D, 0x1F5F,0x1F7D, 0x1F80,0x1FB4, 0x1FB6,0x1FBC, 0x1FBE,0x1FBE, 0x1FC2,0x1FC4,
+    0x1FC6,0x1FCC, 0x1FD0,0x1FD3, 0x1FD6,0x1FDB, 0x1FE0,0x1FEC, 0x1FF2,0x1FF4, 0x1FF6,0x1FFC,
+    0x2071,0x2071, 0x207F,0x207F, 0x2090,0x209C, 0x2102,0x2102, 0x2107,0x2107, 0x210A,0x2113,
+    0x2115,0x2115, 0x2119,0x211D, 0x2124,0x2124, 0x2126,0x2126, 0x2128,0x2128, 0x212A,0x212D,
+    0x212F,0x2139, 0x213C,0x213F, 0x2145,0x2149, 0x214E,0x214E, 0x2183,0x2184, 0x2C00,0x2CE4,
+    0x2CEB,0x2CEE, 0x2CF2,0x2CF3, 0x2D00,0x2D25, 0x2D27,0x2D27, 0x2D2D,0x2D2D, 0x2D30,0x2D67,
+    0x2D6F,0x2D6F, 0x2D80,0x2D96, 0x2DA0,0x2DA6, 0x2DA8,0x2DAE, 0x2DB0,0x2DB6, 0x2DB8,0x2DBE,
+    0x2DC0,0x2DC6, 0x2DC8,0x2DCE, 0x2DD0,0x2DD6, 0x2DD8,0x2DDE, 0x2E2F,0x2E2F, 0x3005,0x3006,
+    0x3031,0x3035, 0x303B,0x303C, 0x3041,0x3096, 0x309D,0x309F, 0x30A1,0x30FA, 0x30FC,0x30FF,
+    0x3105,0x312F, 0x3131,0x318E, 0x31A0,0x31BF, 0x31F0,0x31FF, 0x3400,0x4DBF, 0x4E00,0xA48C,
+    0xA4D0,0xA4FD, 0xA500,0xA60C, 0xA610,0xA61F, 0xA62A,0xA62B, 0xA640,0xA66E, 0xA67F,0xA69D,
+    0xA6A0,0xA6E5, 0xA717,0xA71F, 0xA722,0xA788, 0xA78B,0xA7CD, 0xA7D0,0xA7D1, 0xA7D3,0xA7D3,
+    0xA7D5,0xA7DC, 0xA7F2,0xA801, 0xA803,0xA805, 0xA807,0xA80A, 0xA80C,0xA822, 0xA840,0xA873,
+    0xA882,0xA8B3, 0xA8F2,0xA8F7, 0xA8FB,0xA8FB, 0xA8FD,0xA8FE, 0xA90A,0xA925, 0xA930,0xA946,
+    0xA960,0xA97C, 0xA984,0xA9B2, 0xA9CF,0xA9CF, 0xA9E0,0xA9E4, 0xA9E6,0xA9EF, 0xA9FA,0xA9FE,
+    0xAA00,0xAA28, 0xAA40,0xAA42, 0xAA44,0xAA4B, 0xAA60,0xAA76, 0xAA7A,0xAA7A, 0xAA7E,0xAAAF,
+    0xAAB1,0xAAB1, 0xAAB5,0xAAB6, 0xAAB9,0xAABD, 0xAAC0,0xAAC0, 0xAAC2,0xAAC2, 0xAADB,0xAADD,
+    0xAAE0,0xAAEA, 0xAAF2,0xAAF4, 0xAB01,0xAB06, 0xAB09,0xAB0E, 0xAB11,0xAB16, 0xAB20,0xAB26,
+    0xAB28,0xAB2E, 0xAB30,0xAB5A, 0xAB5C,0xAB69, 0xAB70,0xABE2, 0xAC00,0xD7A3, 0xD7B0,0xD7C6,
+    0xD7CB,0xD7FB, 0xF900,0xFA6D, 0xFA70,0xFAD9, 0xFB00,0xFB06, 0xFB13,0xFB17, 0xFB1D,0xFB1D,
+    0xFB1F,0xFB28, 0xFB2A,0xFB36, 0xFB38,0xFB3C, 0xFB3E,0xFB3E, 0xFB40,0xFB41, 0xFB43,0xFB44,
+    0xFB46,0xFBB1, 0xFBD3,0xFD3D, 0xFD50,0xFD8F, 0xFD92,0xFDC7, 0xFDF0,0xFDFB, 0xFE70,0xFE74,
+    0xFE76,0xFEFC, 0xFF21,0xFF3A, 0xFF41,0xFF5A, 0xFF66,0xFFBE, 0xFFC2,0xFFC7, 0xFFCA,0xFFCF,
+    0xFFD2,0xFFD7, 0xFFDA,0xFFDC, 0x10000,0x1000B, 0x1000D,0x10026, 0x10028,0x1003A, 0x1003C,0x1003D,
+    0x1003F,0x1004D, 0x10050,0x1005D, 0x10080,0x100FA, 0x10280,0x1029C, 0x102A0,0x102D0, 0x10300,0x1031F,
+    0x1032D,0x10340, 0x10342,0x10349, 0x10350,0x10375, 0x10380,0x1039D, 0x103A0,0x103C3, 0x103C8,0x103CF,
+    0x10400,0x1049D, 0x104B0,0x104D3, 0x104D8,0x104FB, 0x10500,0x10527, 0x10530,0x10563, 0x10570,0x1057A,
+    0x1057C,0x1058A, 0x1058C,0x10592, 0x10594,0x10595, 0x10597,0x105A1, 0x105A3,0x105B1, 0x105B3,0x105B9,
+    0x105BB,0x105BC, 0x105C0,0x105F3, 0x10600,0x10736, 0x10740,0x10755, 0x10760,0x10767, 0x10780,0x10785,
+    0x10787,0x107B0, 0x107B2,0x107BA, 0x10800,0x10805, 0x10808,0x10808, 0x1080A,0x10835, 0x10837,0x10838,
+    0x1083C,0x1083C, 0x1083F,0x10855, 0x10860,0x10876, 0x10880,0x1089E, 0x108E0,0x108F2, 0x108F4,0x108F5,
+    0x10900,0x10915, 0x10920,0x10939, 0x10980,0x109B7, 0x109BE,0x109BF, 0x10A00,0x10A00, 0x10A10,0x10A13,
+    0x10A15,0x10A17, 0x10A19,0x10A35, 0x10A60,0x10A7C, 0x10A80,0x10A9C, 0x10AC0,0x10AC7, 0x10AC9,0x10AE4,
+    0x10B00,0x10B35, 0x10B40,0x10B55, 0x10B60,0x10B72, 0x10B80,0x10B91, 0x10C00,0x10C48, 0x10C80,0x10CB2,
+    0x10CC0,0x10CF2, 0x10D00,0x10D23, 0x10D4A,0x10D65, 0x10D6F,0x10D85, 0x10E80,0x10EA9, 0x10EB0,0x10EB1,
+    0x10EC2,0x10EC4, 0x10F00,0x10F1C, 0x10F27,0x10F27, 0x10F30,0x10F45, 0x10F70,0x10F81, 0x10FB0,0x10FC4,
+    0x10FE0,0x10FF6, 0x11003,0x11037, 0x11071,0x11072, 0x11075,0x11075, 0x11083,0x110AF, 0x110D0,0x110E8,
+    0x11103,0x11126, 0x11144,0x11144, 0x11147,0x11147, 0x11150,0x11172, 0x11176,0x11176, 0x11183,0x111B2,
+    0x111C1,0x111C4, 0x111DA,0x111DA, 0x111DC,0x111DC, 0x11200,0x11211, 0x11213,0x1122B, 0x1123F,0x11240,
+    0x11280,0x11286, 0x11288,0x11288, 0x1128A,0x1128D, 0x1128F,0x1129D, 0x1129F,0x112A8, 0x112B0,0x112DE,
+    0x11305,0x1130C, 0x1130F,0x11310, 0x11313,0x11328, 0x1132A,0x11330, 0x11332,0x11333, 0x11335,0x11339,
+    0x1133D,0x1133D, 0x11350,0x11350, 0x1135D,0x11361, 0x11380,0x11389, 0x1138B,0x1138B, 0x1138E,0x1138E,
+    0x11390,0x113B5, 0x113B7,0x113B7, 0x113D1,0x113D1, 0x113D3,0x113D3, 0x11400,0x11434, 0x11447,0x1144A,
+    0x1145F,0x11461, 0x11480,0x114AF, 0x114C4,0x114C5, 0x114C7,0x114C7, 0x11580,0x115AE, 0x115D8,0x115DB,
+    0x11600,0x1162F, 0x11644,0x11644, 0x11680,0x116AA, 0x116B8,0x116B8, 0x11700,0x1171A, 0x11740,0x11746,
+    0x11800,0x1182B, 0x118A0,0x118DF, 0x118FF,0x11906, 0x11909,0x11909, 0x1190C,0x11913, 0x11915,0x11916,
+    0x11918,0x1192F, 0x1193F,0x1193F, 0x11941,0x11941, 0x119A0,0x119A7, 0x119AA,0x119D0, 0x119E1,0x119E1,
+    0x119E3,0x119E3, 0x11A00,0x11A00, 0x11A0B,0x11A32, 0x11A3A,0x11A3A, 0x11A50,0x11A50, 0x11A5C,0x11A89,
+    0x11A9D,0x11A9D, 0x11AB0,0x11AF8, 0x11BC0,0x11BE0, 0x11C00,0x11C08, 0x11C0A,0x11C2E, 0x11C40,0x11C40,
+    0x11C72,0x11C8F, 0x11D00,0x11D06, 0x11D08,0x11D09, 0x11D0B,0x11D30, 0x11D46,0x11D46, 0x11D60,0x11D65,
+    0x11D67,0x11D68, 0x11D6A,0x11D89, 0x11D98,0x11D98, 0x11EE0,0x11EF2, 0x11F02,0x11F02, 0x11F04,0x11F10,
+    0x11F12,0x11F33, 0x11FB0,0x11FB0, 0x12000,0x12399, 0x12480,0x12543, 0x12F90,0x12FF0, 0x13000,0x1342F,
+    0x13441,0x13446, 0x13460,0x143FA, 0x14400,0x14646, 0x16100,0x1611D, 0x16800,0x16A38, 0x16A40,0x16A5E,
+    0x16A70,0x16ABE, 0x16AD0,0x16AED, 0x16B00,0x16B2F, 0x16B40,0x16B43, 0x16B63,0x16B77, 0x16B7D,0x16B8F,
+    0x16D40,0x16D6C, 0x16E40,0x16E7F, 0x16F00,0x16F4A, 0x16F50,0x16F50, 0x16F93,0x16F9F, 0x16FE0,0x16FE1,
+    0x16FE3,0x16FE3, 0x17000,0x187F7, 0x18800,0x18CD5, 0x18CFF,0x18D08, 0x1AFF0,0x1AFF3, 0x1AFF5,0x1AFFB,
+    0x1AFFD,0x1AFFE, 0x1B000,0x1B122, 0x1B132,0x1B132, 0x1B150,0x1B152, 0x1B155,0x1B155, 0x1B164,0x1B167,
+    0x1B170,0x1B2FB, 0x1BC00,0x1BC6A, 0x1BC70,0x1BC7C, 0x1BC80,0x1BC88, 0x1BC90,0x1BC99, 0x1D400,0x1D454,
+    0x1D456,0x1D49C, 0x1D49E,0x1D49F, 0x1D4A2,0x1D4A2, 0x1D4A5,0x1D4A6, 0x1D4A9,0x1D4AC, 0x1D4AE,0x1D4B9,
+    0x1D4BB,0x1D4BB, 0x1D4BD,0x1D4C3, 0x1D4C5,0x1D505, 0x1D507,0x1D50A, 0x1D50D,0x1D514, 0x1D516,0x1D51C,
+    0x1D51E,0x1D539, 0x1D53B,0x1D53E, 0x1D540,0x1D544, 0x1D546,0x1D546, 0x1D54A,0x1D550, 0x1D552,0x1D6A5,
+    0x1D6A8,0x1D6C0, 0x1D6C2,0x1D6DA, 0x1D6DC,0x1D6FA, 0x1D6FC,0x1D714, 0x1D716,0x1D734, 0x1D736,0x1D74E,
+    0x1D750,0x1D76E, 0x1D770,0x1D788, 0x1D78A,0x1D7A8, 0x1D7AA,0x1D7C2, 0x1D7C4,0x1D7CB, 0x1DF00,0x1DF1E,
+    0x1DF25,0x1DF2A, 0x1E030,0x1E06D, 0x1E100,0x1E12C, 0x1E137,0x1E13D, 0x1E14E,0x1E14E, 0x1E290,0x1E2AD,
+    0x1E2C0,0x1E2EB, 0x1E4D0,0x1E4EB, 0x1E5D0,0x1E5ED, 0x1E5F0,0x1E5F0, 0x1E7E0,0x1E7E6, 0x1E7E8,0x1E7EB,
+    0x1E7ED,0x1E7EE, 0x1E7F0,0x1E7FE, 0x1E800,0x1E8C4, 0x1E900,0x1E943, 0x1E94B,0x1E94B, 0x1EE00,0x1EE03,
+    0x1EE05,0x1EE1F, 0x1EE21,0x1EE22, 0x1EE24,0x1EE24, 0x1EE27,0x1EE27, 0x1EE29,0x1EE32, 0x1EE34,0x1EE37,
+    0x1EE39,0x1EE39, 0x1EE3B,0x1EE3B, 0x1EE42,0x1EE42, 0x1EE47,0x1EE47, 0x1EE49,0x1EE49, 0x1EE4B,0x1EE4B,
+    0x1EE4D,0x1EE4F, 0x1EE51,0x1EE52, 0x1EE54,0x1EE54, 0x1EE57,0x1EE57, 0x1EE59,0x1EE59, 0x1EE5B,0x1EE5B,
+    0x1EE5D,0x1EE5D, 0x1EE5F,0x1EE5F, 0x1EE61,0x1EE62, 0x1EE64,0x1EE64, 0x1EE67,0x1EE6A, 0x1EE6C,0x1EE72,
+    0x1EE74,0x1EE77, 0x1EE79,0x1EE7C, 0x1EE7E,0x1EE7E, 0x1EE80,0x1EE89, 0x1EE8B,0x1EE9B, 0x1EEA1,0x1EEA3,
+    0x1EEA5,0x1EEA9, 0x1EEAB,0x1EEBB, 0x20000,0x2A6DF, 0x2A700,0x2B739, 0x2B740,0x2B81D, 0x2B820,0x2CEA1,
+    0x2CEB0,0x2EBE0, 0x2EBF0,0x2EE5D, 0x2F800,0x2FA1D, 0x30000,0x3134A, 0x31350,0x323AF,
+};
+// \p{N} as Oniguruma (Unicode 16) in tokenizers sees it (144 ranges, 1911 code points)
+static const uint32_t number_ranges[] = {
+    0x30,0x39, 0xB2,0xB3, 0xB9,0xB9, 0xBC,0xBE, 0x660,0x669, 0x6F0,0x6F9,
+    0x7C0,0x7C9, 0x966,0x96F, 0x9E6,0x9EF, 0x9F4,0x9F9, 0xA66,0xA6F, 0xAE6,0xAEF,
+    0xB66,0xB6F, 0xB72,0xB77, 0xBE6,0xBF2, 0xC66,0xC6F, 0xC78,0xC7E, 0xCE6,0xCEF,
+    0xD58,0xD5E, 0xD66,0xD78, 0xDE6,0xDEF, 0xE50,0xE59, 0xED0,0xED9, 0xF20,0xF33,
+    0x1040,0x1049, 0x1090,0x1099, 0x1369,0x137C, 0x16EE,0x16F0, 0x17E0,0x17E9, 0x17F0,0x17F9,
+    0x1810,0x1819, 0x1946,0x194F, 0x19D0,0x19DA, 0x1A80,0x1A89, 0x1A90,0x1A99, 0x1B50,0x1B59,
+    0x1BB0,0x1BB9, 0x1C40,0x1C49, 0x1C50,0x1C59, 0x2070,0x2070, 0x2074,0x2079, 0x2080,0x2089,
+    0x2150,0x2182, 0x2185,0x2189, 0x2460,0x249B, 0x24EA,0x24FF, 0x2776,0x2793, 0x2CFD,0x2CFD,
+    0x3007,0x3007, 0x3021,0x3029, 0x3038,0x303A, 0x3192,0x3195, 0x3220,0x3229, 0x3248,0x324F,
+    0x3251,0x325F, 0x3280,0x3289, 0x32B1,0x32BF, 0xA620,0xA629, 0xA6E6,0xA6EF, 0xA830,0xA835,
+    0xA8D0,0xA8D9, 0xA900,0xA909, 0xA9D0,0xA9D9, 0xA9F0,0xA9F9, 0xAA50,0xAA59, 0xABF0,0xABF9,
+    0xFF10,0xFF19, 0x10107,0x10133, 0x10140,0x10178, 0x1018A,0x1018B, 0x102E1,0x102FB, 0x10320,0x10323,
+    0x10341,0x10341, 0x1034A,0x1034A, 0x103D1,0x103D5, 0x104A0,0x104A9, 0x10858,0x1085F, 0x10879,0x1087F,
+    0x108A7,0x108AF, 0x108FB,0x108FF, 0x10916,0x1091B, 0x109BC,0x109BD, 0x109C0,0x109CF, 0x109D2,0x109FF,
+    0x10A40,0x10A48, 0x10A7D,0x10A7E, 0x10A9D,0x10A9F, 0x10AEB,0x10AEF, 0x10B58,0x10B5F, 0x10B78,0x10B7F,
+    0x10BA9,0x10BAF, 0x10CFA,0x10CFF, 0x10D30,0x10D39, 0x10D40,0x10D49, 0x10E60,0x10E7E, 0x10F1D,0x10F26,
+    0x10F51,0x10F54, 0x10FC5,0x10FCB, 0x11052,0x1106F, 0x110F0,0x110F9, 0x11136,0x1113F, 0x111D0,0x111D9,
+    0x111E1,0x111F4, 0x112F0,0x112F9, 0x11450,0x11459, 0x114D0,0x114D9, 0x11650,0x11659, 0x116C0,0x116C9,
+    0x116D0,0x116E3, 0x11730,0x1173B, 0x118E0,0x118F2, 0x11950,0x11959, 0x11BF0,0x11BF9, 0x11C50,0x11C6C,
+    0x11D50,0x11D59, 0x11DA0,0x11DA9, 0x11F50,0x11F59, 0x11FC0,0x11FD4, 0x12400,0x1246E, 0x16130,0x16139,
+    0x16A60,0x16A69, 0x16AC0,0x16AC9, 0x16B50,0x16B59, 0x16B5B,0x16B61, 0x16D70,0x16D79, 0x16E80,0x16E96,
+    0x1CCF0,0x1CCF9, 0x1D2C0,0x1D2D3, 0x1D2E0,0x1D2F3, 0x1D360,0x1D378, 0x1D7CE,0x1D7FF, 0x1E140,0x1E149,
+    0x1E2F0,0x1E2F9, 0x1E4F0,0x1E4F9, 0x1E5F1,0x1E5FA, 0x1E8C7,0x1E8CF, 0x1E950,0x1E959, 0x1EC71,0x1ECAB,
+    0x1ECAD,0x1ECAF, 0x1ECB1,0x1ECB4, 0x1ED01,0x1ED2D, 0x1ED2F,0x1ED3D, 0x1F100,0x1F10C, 0x1FBF0,0x1FBF9,
+};
+// \s in Oniguruma = Unicode White_Space (10 ranges, 25 code points)
+static const uint32_t space_ranges[] = {
+    0x9,0xD, 0x20,0x20, 0x85,0x85, 0xA0,0xA0, 0x1680,0x1680, 0x2000,0x200A,
+    0x2028,0x2029, 0x202F,0x202F, 0x205F,0x205F, 0x3000,0x3000,
+};
+// Rust char::is_numeric (Unicode 17, used by Digits) minus the \p{N} above (2 ranges, 13 code points)
+static const uint32_t numeric_extra_ranges[] = {
+    0x11DE0,0x11DE9, 0x16FF4,0x16FF6,
+};
+// END GENERATED TABLES
+
+// binary search over sorted, disjoint lo,hi pairs
+static int in_ranges(const uint32_t *r, size_t npairs, uint32_t cp) {
+    size_t lo = 0, hi = npairs;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cp < r[2 * mid]) hi = mid;
+        else if (cp > r[2 * mid + 1]) lo = mid + 1;
+        else return 1;
+    }
+    return 0;
+}
+#define RANGES(t) (t), sizeof(t) / sizeof((t)[0]) / 2
+
+static int is_letter(uint32_t cp) { // \p{L}; note combining marks (\p{M}) are not letters
+    if (cp < 0x80) return (cp | 0x20) >= 'a' && (cp | 0x20) <= 'z';
+    return in_ranges(RANGES(letter_ranges), cp);
+}
+static int is_number(uint32_t cp) { // \p{N}
+    if (cp < 0x80) return cp >= '0' && cp <= '9';
+    return in_ranges(RANGES(number_ranges), cp);
+}
+static int is_space(uint32_t cp) { // \s
+    if (cp < 0x80) return cp == ' ' || (cp >= '\t' && cp <= '\r');
+    return in_ranges(RANGES(space_ranges), cp);
+}
+static int is_numeric(uint32_t cp) { // Rust char::is_numeric, what the Digits pre-tokenizer splits on
+    return is_number(cp) || in_ranges(RANGES(numeric_extra_ranges), cp);
+}
+
+enum { CH_OTHER, CH_LETTER, CH_NUMBER, CH_SPACE, CH_END };
+
+// class of the char at s[i] (CH_END at the end of input); *next = offset just past it
+static int char_at(const unsigned char *s, size_t n, size_t i, size_t *next) {
+    uint32_t cp;
+    if (i >= n) { *next = n; return CH_END; }
+    *next = i + utf8_decode(s + i, n - i, &cp);
+    return is_letter(cp) ? CH_LETTER : is_number(cp) ? CH_NUMBER : is_space(cp) ? CH_SPACE : CH_OTHER;
+}
+
+// end of the run of chars of class cls starting at i
+static size_t skip_class(const unsigned char *s, size_t n, size_t i, int cls) {
+    size_t j;
+    while (char_at(s, n, i, &j) == cls) i = j;
+    return i;
+}
+
+static int is_crlf(unsigned char c) { return c == '\r' || c == '\n'; }
+
+// Matches a whitespace run at i (s[i] must be whitespace) as '\s+(?!\S)|\s+' does:
+// a run followed by a non-space gives its last char back, so " world" stays one piece,
+// unless the run is a single char. With llama3 set, '\s*[\r\n]+' is tried first: the run
+// up to and including its last \r or \n.
+static size_t match_space_run(const unsigned char *s, size_t n, size_t i, int llama3) {
+    size_t e = i, last = i, nl = 0, j;
+    while (char_at(s, n, e, &j) == CH_SPACE) {
+        if (is_crlf(s[e])) nl = j;
+        last = e;
+        e = j;
+    }
+    if (llama3 && nl) return nl;
+    return (e < n && last > i) ? last : e;
+}
+
+// 's 't 're 've 'm 'll 'd at i; returns match length or 0. Llama 3 matches them
+// case-insensitively, and under Oniguruma's (?i) U+017F (long s, C5 BF) folds to 's'.
+static size_t match_contraction(const unsigned char *s, size_t n, size_t i, int icase) {
+    static const char *const suffixes[] = { "s", "t", "re", "ve", "m", "ll", "d" };
+    if (s[i] != '\'') return 0;
+    for (int k = 0; k < 7; k++) {
+        const char *p = suffixes[k];
+        size_t j = i + 1;
+        for (; *p && j < n; p++) {
+            if (s[j] == *p || (icase && (s[j] | 0x20) == *p)) j += 1;
+            else if (icase && *p == 's' && s[j] == 0xC5 && j + 1 < n && s[j + 1] == 0xBF) j += 2;
+            else break;
+        }
+        if (!*p) return j - i;
+    }
+    return 0;
+}
+
+// GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+static size_t match_gpt2(const unsigned char *s, size_t n, size_t i) {
+    size_t j, j2, k = match_contraction(s, n, i, 0);
+    if (k) return i + k;
+    int c = char_at(s, n, i, &j), c2 = char_at(s, n, j, &j2);
+    if (s[i] == ' ' && c2 != CH_SPACE && c2 != CH_END) return skip_class(s, n, j2, c2); // ' ?X+'
+    if (c != CH_SPACE) return skip_class(s, n, j, c);                                    // 'X+'
+    return match_space_run(s, n, i, 0);
+}
+
+// Llama 3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//          ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+static size_t match_llama3(const unsigned char *s, size_t n, size_t i) {
+    size_t j, j2, k = match_contraction(s, n, i, 1);
+    if (k) return i + k;
+    int c = char_at(s, n, i, &j), c2 = char_at(s, n, j, &j2);
+    if (c == CH_LETTER) return skip_class(s, n, j, CH_LETTER);
+    if (c != CH_NUMBER && !is_crlf(s[i]) && c2 == CH_LETTER) return skip_class(s, n, j2, CH_LETTER);
+    if (c == CH_NUMBER) { // \p{N}{1,3}
+        for (int m = 1; m < 3 && char_at(s, n, j, &j2) == CH_NUMBER; m++) j = j2;
+        return j;
+    }
+    if (s[i] == ' ' && c2 == CH_OTHER) c = CH_OTHER, j = j2; // the optional leading space
+    if (c == CH_OTHER) {
+        j = skip_class(s, n, j, CH_OTHER);
+        while (j < n && is_crlf(s[j])) j++;
+        return j;
+    }
+    return match_space_run(s, n, i, 1);
+}
+
+// Splits text[0..n) with a matcher; every matcher consumes at least one char, and the
+// patterns cover every char, so there are no gaps between matches.
+static void split_matches(size_t (*match)(const unsigned char *, size_t, size_t),
+                          const char *text, size_t n, pretok_emit_fn emit, void *ctx) {
+    const unsigned char *s = (const unsigned char *)text;
+    for (size_t i = 0, e; i < n; i = e) {
+        e = match(s, n, i);
+        emit(ctx, text + i, e - i);
+    }
+}
+
+// SmolLM2: Digits(individual_digits) isolates every numeric char, then the GPT-2 regex runs
+// inside each remaining piece (so its (?!\S) lookahead stops at a digit boundary).
+static void split_smollm(const char *text, size_t n, pretok_emit_fn emit, void *ctx) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t start = 0, j;
+    for (size_t i = 0; i < n; i = j) {
+        uint32_t cp;
+        j = i + utf8_decode(s + i, n - i, &cp);
+        if (!is_numeric(cp)) continue;
+        split_matches(match_gpt2, text + start, i - start, emit, ctx);
+        emit(ctx, text + i, j - i);
+        start = j;
+    }
+    split_matches(match_gpt2, text + start, n - start, emit, ctx);
+}
+
+// Splits text[0..n) into pieces the way the named pre-tokenizer does, calling emit for each in order.
+static void pretokenize(int kind, const char *text, size_t n, pretok_emit_fn emit, void *ctx) {
+    switch (kind) {
+    case PRETOK_GPT2: split_matches(match_gpt2, text, n, emit, ctx); break;
+    case PRETOK_SMOLLM: split_smollm(text, n, emit, ctx); break;
+    case PRETOK_LLAMA3: split_matches(match_llama3, text, n, emit, ctx); break;
+    default: if (n > 0) emit(ctx, text, n); break;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: BPE merging, shared by both kinds
+
+typedef struct { int start, len, id, prev, next; } Symbol; // a run of input that is one token so far
+
+typedef struct {
+    float priority;          // higher merges first: a piece's score, or minus a merge's rank
+    int left, right;         // adjacent symbols
+    int left_id, right_id;   // their tokens when queued: a later change makes the candidate stale
+    int result;
+} MergeCandidate;
+
+static int merge_first(const MergeCandidate *a, const MergeCandidate *b) {
+    return a->priority != b->priority ? a->priority > b->priority : a->left < b->left; // ties: leftmost
+}
+
+static void heap_push(MergeCandidate *heap, int *n, MergeCandidate c) {
+    int i = (*n)++;
+    while (i > 0 && merge_first(&c, &heap[(i - 1) / 2])) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = c;
+}
+
+static MergeCandidate heap_pop(MergeCandidate *heap, int *n) {
+    MergeCandidate top = heap[0], last = heap[--*n];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= *n) break;
+        if (child + 1 < *n && merge_first(&heap[child + 1], &heap[child])) child++;
+        if (!merge_first(&heap[child], &last)) break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    heap[i] = last;
+    return top;
+}
+
+static int mergeable(const Tokenizer *t, int id) {
+    return id >= 0 && (t->type[id] == PIECE_NORMAL || t->type[id] == PIECE_USER_DEFINED);
+}
+
+// Queues the merge of symbols a and b if the vocab has one.
+static void queue_merge(const Tokenizer *t, const char *text, const Symbol *sym, int a, int b,
+                        MergeCandidate *heap, int *n) {
+    if (sym[a].id < 0 || sym[b].id < 0) return;
+    MergeCandidate c = {0, a, b, sym[a].id, sym[b].id, -1};
+    if (t->kind == TOK_BYTE_BPE) {
+        const Merge *m = lookup_merge(t, sym[a].id, sym[b].id);
+        if (!m) return;
+        c.priority = -(float)m->rank;
+        c.result = m->result;
+    } else {
+        c.result = lookup_piece(t, text + sym[a].start, sym[a].len + sym[b].len);
+        if (!mergeable(t, c.result)) return;
+        c.priority = t->score[c.result];
+    }
+    heap_push(heap, n, c);
+}
+
+// Merges the linked symbols 0..n-1 greedily, best pair first, as sentencepiece and HF BPE do.
+// heap holds at least 3n candidates (n-1 to start, two more per merge).
+static void bpe_merge(const Tokenizer *t, const char *text, Symbol *sym, int n, MergeCandidate *heap) {
+    int queued = 0;
+    for (int i = 0; i + 1 < n; i++) queue_merge(t, text, sym, i, i + 1, heap, &queued);
+    while (queued > 0) {
+        MergeCandidate c = heap_pop(heap, &queued);
+        Symbol *a = &sym[c.left], *b = &sym[c.right];
+        if (a->len == 0 || b->len == 0 || a->next != c.right || a->id != c.left_id || b->id != c.right_id)
+            continue; // stale: one side merged since
+        a->id = c.result;
+        a->len += b->len;
+        a->next = b->next;
+        if (b->next >= 0) sym[b->next].prev = c.left;
+        b->len = 0;
+        if (a->prev >= 0) queue_merge(t, text, sym, a->prev, c.left, heap, &queued);
+        if (a->next >= 0) queue_merge(t, text, sym, c.left, a->next, heap, &queued);
+    }
+}
+
+// The longest special token spelled at s whose type is in type_mask (bits 1 << PIECE_*), or -1.
+static int match_special(const Tokenizer *t, const char *s, size_t n, int type_mask, int *len) {
+    int best = -1;
+    *len = 0;
+    for (int i = 0; i < t->n_special; i++) {
+        int id = t->special[i], l = t->piece_len[id];
+        if ((type_mask >> t->type[id] & 1) && l > *len && (size_t)l <= n && !memcmp(s, t->piece[id], l)) {
+            best = id;
+            *len = l;
+        }
+    }
+    return best;
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: sentencepiece-style encoding
+
+// Applies the model's normalizer settings: optional whitespace cleanup, the dummy prefix, and
+// spaces escaped as U+2581, the form pieces are stored in. out holds 3 * len + 3 bytes.
+static size_t sp_normalize(const Tokenizer *t, const char *text, size_t len, char *out) {
+    int remove_extra = t->flags & FLAG_REMOVE_EXTRA_WHITESPACES;
+    size_t begin = 0, end = len, o = 0;
+    if (remove_extra) {
+        while (begin < end && text[begin] == ' ') begin++;
+        while (end > begin && text[end - 1] == ' ') end--;
+    }
+    if (begin == end) return 0;
+    if (t->flags & FLAG_ADD_DUMMY_PREFIX) {
+        memcpy(out, SPACE_MARK, 3);
+        o = 3;
+    }
+    for (size_t i = begin; i < end; i++) {
+        if (text[i] != ' ') out[o++] = text[i];
+        else if (!(remove_extra && text[i - 1] == ' ')) {
+            memcpy(out + o, SPACE_MARK, 3);
+            o += 3;
+        }
+    }
+    return o;
+}
+
+static int encode_sentencepiece(const Tokenizer *t, const char *text, size_t len, int *out) {
+    char *norm = malloc(3 * len + 4);
+    Symbol *sym = malloc((3 * len + 4) * sizeof(Symbol));
+    MergeCandidate *heap = malloc(3 * (3 * len + 4) * sizeof(MergeCandidate));
+    if (!norm || !sym || !heap) {
+        free(norm); free(sym); free(heap);
+        return fail("out of memory encoding %zu bytes", len);
+    }
+    size_t n = sp_normalize(t, text, len, norm);
+    int ns = 0;
+    for (size_t i = 0; i < n; ns++) { // one symbol per character (user-defined pieces stay whole)
+        int special_len, id = match_special(t, norm + i, n - i, 1 << PIECE_USER_DEFINED, &special_len);
+        uint32_t cp;
+        int clen = id >= 0 ? special_len : utf8_decode((const unsigned char *)norm + i, n - i, &cp);
+        if (id < 0) id = lookup_piece(t, norm + i, clen);
+        sym[ns] = (Symbol){(int)i, clen, mergeable(t, id) ? id : -1, ns - 1, ns + 1};
+        i += clen;
+    }
+    if (ns > 0) sym[ns - 1].next = -1;
+    bpe_merge(t, norm, sym, ns, heap);
+    int count = 0;
+    for (int i = 0; ns > 0 && i >= 0; i = sym[i].next) {
+        if (sym[i].id >= 0) out[count++] = sym[i].id;
+        else if (t->flags & FLAG_BYTE_FALLBACK) { // a character the vocab lacks: spell its bytes
+            for (int b = 0; b < sym[i].len; b++) {
+                int byte_id = t->byte_token[(uint8_t)norm[sym[i].start + b]];
+                if (byte_id >= 0) out[count++] = byte_id;
+                else if (t->unk_id >= 0) out[count++] = t->unk_id;
+            }
+        } else if (t->unk_id >= 0) out[count++] = t->unk_id;
+    }
+    free(norm); free(sym); free(heap);
+    return count;
+}
+
+// ----------------------------------------------------------------------------
+// Tokenizer: byte-level BPE encoding (GPT-2 style; pieces are stored as raw bytes)
+
+typedef struct {
+    const Tokenizer *t;
+    Symbol *sym;
+    MergeCandidate *heap;
+    int *out, count;
+} ByteBpeRun;
+
+// BPE over one pre-token: start from its bytes, merge by rank.
+static void byte_bpe_piece(void *ctx, const char *piece, size_t len) {
+    ByteBpeRun *r = ctx;
+    int n = (int)len;
+    for (int i = 0; i < n; i++)
+        r->sym[i] = (Symbol){i, 1, r->t->byte_token[(uint8_t)piece[i]], i - 1, i + 1 < n ? i + 1 : -1};
+    bpe_merge(r->t, piece, r->sym, n, r->heap);
+    for (int i = 0; n > 0 && i >= 0; i = r->sym[i].next)
+        if (r->sym[i].id >= 0) r->out[r->count++] = r->sym[i].id;
+        else if (r->t->unk_id >= 0) r->out[r->count++] = r->t->unk_id;
+}
+
+static int encode_byte_bpe(const Tokenizer *t, const char *text, size_t len, int *out) {
+    ByteBpeRun r = {t, malloc((len + 1) * sizeof(Symbol)), malloc(3 * (len + 1) * sizeof(MergeCandidate)), out, 0};
+    int ok = r.sym && r.heap;
+    if (ok) pretokenize(t->pretokenizer, text, len, byte_bpe_piece, &r);
+    free(r.sym);
+    free(r.heap);
+    return ok ? r.count : fail("out of memory encoding %zu bytes", len);
+}
+
+static int encode_segment(const Tokenizer *t, const char *text, size_t len, int *out) {
+    return t->kind == TOK_SENTENCEPIECE ? encode_sentencepiece(t, text, len, out) : encode_byte_bpe(t, text, len, out);
+}
+
+// Room encode() needs for len bytes of text: a byte can become 3 tokens (a space as U+2581 bytes).
+static size_t encode_capacity(size_t len) { return 3 * len + 8; }
+
+// Text -> token ids in out (encode_capacity(len) of room), with a leading BOS if asked and the
+// tokenizer adds one. Special tokens spelled in the text become their ids, as Hugging Face does,
+// for byte-level BPE always; for sentencepiece (which reads "<s>" as text) only if parse_control.
+static int encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int parse_control, int *out) {
+    int count = 0;
+    if (add_bos && (t->flags & FLAG_ADD_BOS) && t->bos_id >= 0) out[count++] = t->bos_id;
+    int mask = t->kind == TOK_BYTE_BPE ? 1 << PIECE_CONTROL | 1 << PIECE_USER_DEFINED : parse_control ? 1 << PIECE_CONTROL : 0;
+    size_t segment = 0;
+    for (size_t i = 0; i <= len;) {
+        int special_len, id = mask && i < len ? match_special(t, text + i, len - i, mask, &special_len) : -1;
+        if (id < 0 && i < len) {
+            i++;
+            continue;
+        }
+        if (i > segment) {
+            int n = encode_segment(t, text + segment, i - segment, out + count);
+            if (n < 0) return -1;
+            count += n;
+        }
+        if (id < 0) break;
+        out[count++] = id;
+        i += special_len;
+        segment = i;
+    }
+    return count;
+}
+
+// What token decodes to after prev (-1 at the start): sentencepiece drops the dummy prefix's space.
+static const char *token_text(const Tokenizer *t, int prev, int token, int *len) {
+    const char *s = t->text[token];
+    *len = t->text_len[token];
+    if (t->kind == TOK_SENTENCEPIECE && (t->flags & FLAG_ADD_DUMMY_PREFIX) && (prev < 0 || prev == t->bos_id) &&
+        *len > 0 && s[0] == ' ') {
+        s++;
+        (*len)--;
+    }
+    return s;
+}
+
+// ----------------------------------------------------------------------------
+// Opening a checkpoint: kvc files, llama2.c v0 (legacy) and v1/v2 (magic "ak42")
+
+#define KVC_MAGIC "KVCM"
+#define KVC_HEADER_BYTES 256
+#define LLAMA2C_MAGIC 0x616b3432u
+
+typedef struct { uint64_t offset, size; } Section;
+
+static int read_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float read_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+static uint64_t read_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static int section_cursor(const Model *m, Section s, const char *name, size_t align, Cursor *c) {
+    if (s.offset > m->map_size || s.size > m->map_size - s.offset)
+        return fail("bad header: the %s section (%llu bytes at %llu) runs past the end of the %zu-byte file", name,
+                    (unsigned long long)s.size, (unsigned long long)s.offset, m->map_size);
+    if (s.offset % align) return fail("bad header: the %s section is not %zu-byte aligned", name, align);
+    *c = (Cursor){(const uint8_t *)m->map + s.offset, s.size, 0, align, name};
+    return 0;
+}
+
+// The template section: u32 style, i32 end-of-turn token, then the default system prompt and the
+// jinja source, each a u32 length and bytes (run.c renders by style; the jinja is for Python).
+static int chat_read_section(ChatTemplate *chat, Cursor *c, const Config *p) {
+    uint32_t style, end_of_turn, len;
+    if (take_u32(c, &style, "style") || take_u32(c, &end_of_turn, "end of turn") || take_u32(c, &len, "system prompt"))
+        return -1;
+    const char *system = take(c, len, "system prompt");
+    if (!system) return -1;
+    if (style > CHAT_LLAMA3) return fail("chat template: unknown style %u", style);
+    if ((int)end_of_turn < -1 || (int)end_of_turn >= p->vocab_size)
+        return fail("chat template: end-of-turn token %d outside the vocab", (int)end_of_turn);
+    chat->style = (int)style;
+    chat->end_of_turn = (int)end_of_turn;
+    if (!(chat->default_system = alloc_zeroed(len + 1, 1))) return -1;
+    memcpy(chat->default_system, system, len);
+    return 0;
+}
+
+static int open_kvc(Model *m) {
+    const uint8_t *h = m->map;
+    Config *p = &m->config;
+    if (m->map_size < KVC_HEADER_BYTES) return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
+    if (read_i32(h + 4) != 1) return fail("unsupported kvc file version %d (this build reads 1)", read_i32(h + 4));
+    *p = (Config){read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), read_i32(h + 20), read_i32(h + 24),
+                  read_i32(h + 28), read_i32(h + 32), read_i32(h + 36), read_f32(h + 40), read_f32(h + 44),
+                  read_i32(h + 48), read_i32(h + 52), read_i32(h + 56), read_i32(h + 60), read_i32(h + 64)};
+    if (check_config(p)) return -1;
+    Section tokenizer = {read_u64(h + 72), read_u64(h + 80)}, chat = {read_u64(h + 88), read_u64(h + 96)},
+            weights = {read_u64(h + 104), read_u64(h + 112)};
+    Cursor c;
+    if (section_cursor(m, weights, "weights", 64, &c)) return -1;
+    if (take_weights_embeddings_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
+    if (c.pos != c.size)
+        return fail("bad header: the weights section is %zu bytes but the dims need %zu", c.size, c.pos);
+    if (section_cursor(m, chat, "chat template", 1, &c) || chat_read_section(&m->chat, &c, p)) return -1;
+    if (tokenizer.size == 0) return 0;
+    if (section_cursor(m, tokenizer, "tokenizer", 1, &c)) return -1;
+    m->tokenizer.bos_id = p->bos_id;
+    m->tokenizer.eos_id = p->eos_id;
+    if (tokenizer_read_section(&m->tokenizer, &c, p)) return -1;
+    m->has_tokenizer = 1;
+    return 0;
+}
+
+// llama2.c's v1 (fp32) and v2 (int8, groups) files: a 256-byte header, norms first, no padding.
+static int open_llama2c_versioned(Model *m) {
+    const uint8_t *h = m->map;
+    Config *p = &m->config;
+    if (m->map_size < 256) return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
+    int version = read_i32(h + 4);
+    if (version != 1 && version != 2) return fail("unsupported llama2.c file version %d", version);
+    *p = (Config){read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), read_i32(h + 20), read_i32(h + 24), 0,
+                  read_i32(h + 28), read_i32(h + 32), 10000.0f, 1e-5f, h[36], WEIGHT_F32, 0, 1, 2};
+    if (version == 2) {
+        p->weight_type = WEIGHT_Q8_0;
+        p->group_size = read_i32(h + 37);
+    }
+    if (p->n_heads <= 0 || p->dim % p->n_heads) return fail("bad header: dim %d is not a multiple of n_heads %d", p->dim, p->n_heads);
+    p->head_dim = p->dim / p->n_heads;
+    if (check_config(p)) return -1;
+    Cursor c = {m->map, m->map_size, 256, 1, "checkpoint"};
+    if (take_weights_norms_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
+    if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
+    return 0;
+}
+
+// llama2.c's original files: 7 int32 then fp32 tensors; a negative vocab means an unshared classifier.
+static int open_llama2c_legacy(Model *m) {
+    const uint8_t *h = m->map;
+    Config *p = &m->config;
+    if (m->map_size < 28) return fail("checkpoint is truncated: %zu bytes, less than a llama2.c header", m->map_size);
+    int vocab = read_i32(h + 20);
+    *p = (Config){read_i32(h), read_i32(h + 4), read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), 0,
+                  vocab == INT32_MIN ? 0 : abs(vocab), read_i32(h + 24), 10000.0f, 1e-5f, vocab > 0, WEIGHT_F32, 0, 1, 2};
+    if (p->n_heads <= 0 || p->dim % p->n_heads)
+        return fail("not a kvc or llama2.c checkpoint (dim %d, n_heads %d)", p->dim, p->n_heads);
+    p->head_dim = p->dim / p->n_heads;
+    if (check_config(p)) return -1;
+    Cursor c = {m->map, m->map_size, 28, 1, "checkpoint"};
+    if (take_weights_embeddings_first(&c, p, &m->weights)) return -1;
+    if (!take(&c, (size_t)p->seq_len * p->head_dim * sizeof(float), "freq_cis")) return -1; // unused RoPE tables
+    if (take_classifier(&c, p, &m->weights)) return -1;
+    if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
+    return 0;
+}
+
+static void model_close(Model *m) {
+    if (m->map && m->map != MAP_FAILED) munmap(m->map, m->map_size);
+    tokenizer_free(&m->tokenizer);
+    free(m->chat.default_system);
+    cache_free(&m->cache);
+    state_free(&m->state);
+    memset(m, 0, sizeof *m);
+}
+
+// Maps the checkpoint, checks every header value and extent, then allocates the cache and state.
+// context > 0 shortens the context (and so the cache) below the model's.
+static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path, int context) {
+    memset(m, 0, sizeof *m);
+    int fd = open(checkpoint, O_RDONLY);
+    if (fd < 0) return fail("cannot open checkpoint %s: %s", checkpoint, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return fail("checkpoint %s is not a regular file", checkpoint);
+    }
+    if (st.st_size == 0) {
+        close(fd);
+        return fail("checkpoint %s is empty", checkpoint);
+    }
+    m->map_size = (size_t)st.st_size;
+    m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->map == MAP_FAILED) return fail("cannot map checkpoint %s: %s", checkpoint, strerror(errno));
+    const uint8_t *h = m->map;
+    uint32_t magic = m->map_size >= 4 ? (uint32_t)read_i32(h) : 0;
+    int rc = m->map_size >= 4 && !memcmp(h, KVC_MAGIC, 4) ? open_kvc(m)
+           : magic == LLAMA2C_MAGIC ? open_llama2c_versioned(m) : open_llama2c_legacy(m);
+    if (rc == 0 && tokenizer_path) {
+        tokenizer_free(&m->tokenizer);
+        m->tokenizer.bos_id = m->config.bos_id;
+        m->tokenizer.eos_id = m->config.eos_id;
+        rc = tokenizer_read_llama2c(&m->tokenizer, tokenizer_path, m->config.vocab_size);
+        m->has_tokenizer = rc == 0;
+    }
+    if (rc == 0 && context > 0) {
+        if (context > m->config.seq_len) rc = fail("context %d is longer than the model's %d", context, m->config.seq_len);
+        else m->config.seq_len = context;
+    }
+    if (rc == 0) rc = cache_init(&m->cache, &m->config) || state_init(&m->state, &m->config) ? -1 : 0;
+    if (rc) {
+        char message[sizeof error_message]; // closing must not lose the reason
+        snprintf(message, sizeof message, "%s", error_message);
+        model_close(m);
+        snprintf(error_message, sizeof error_message, "%s", message);
+    }
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// The sampler: greedy, temperature, top-k, top-p
+
+typedef struct { float prob; int index; } ProbIndex;
+
+typedef struct {
+    int vocab_size;
+    float temperature, topp;
+    int topk;
+    uint64_t rng_state;
+    ProbIndex *candidates; // (vocab) scratch
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) { // xorshift*
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int by_prob_desc(const void *a, const void *b) {
+    float pa = ((const ProbIndex *)a)->prob, pb = ((const ProbIndex *)b)->prob;
+    return (pa < pb) - (pa > pb);
+}
+
+static void min_heap_sift_down(ProbIndex *h, int n, int i) {
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) return;
+        if (c + 1 < n && h[c + 1].prob < h[c].prob) c++;
+        if (h[i].prob <= h[c].prob) return;
+        ProbIndex tmp = h[i];
+        h[i] = h[c];
+        h[c] = tmp;
+        i = c;
+    }
+}
+
+// The k most probable tokens, most probable first: a min-heap of the best k while scanning.
+static int top_k(const float *probs, int n, int k, ProbIndex *out) {
+    for (int i = 0; i < k; i++) out[i] = (ProbIndex){probs[i], i};
+    for (int i = k / 2 - 1; i >= 0; i--) min_heap_sift_down(out, k, i);
+    for (int i = k; i < n; i++) {
+        if (probs[i] <= out[0].prob) continue;
+        out[0] = (ProbIndex){probs[i], i};
+        min_heap_sift_down(out, k, 0);
+    }
+    qsort(out, k, sizeof *out, by_prob_desc);
+    return k;
+}
+
+// Candidates above the smallest probability top-p could keep, most probable first (llama2.c's trick).
+static int top_p_candidates(const float *probs, int n, float topp, ProbIndex *out) {
+    float cutoff = (1.0f - topp) / (n - 1);
+    int size = 0;
+    for (int i = 0; i < n; i++) if (probs[i] >= cutoff) out[size++] = (ProbIndex){probs[i], i};
+    qsort(out, size, sizeof *out, by_prob_desc);
+    return size;
+}
+
+// Samples from sorted candidates, keeping the smallest prefix whose mass reaches topp of their total.
+static int sample_sorted(const ProbIndex *c, int n, float topp, float coin) {
+    float total = 0, kept = 0;
+    for (int i = 0; i < n; i++) total += c[i].prob;
+    int last = n - 1;
+    for (int i = 0; i < n; i++) {
+        kept += c[i].prob;
+        if (topp > 0 && topp < 1 && kept >= topp * total) {
+            last = i;
+            break;
+        }
+    }
+    float r = coin * (last == n - 1 ? total : kept), cdf = 0;
+    for (int i = 0; i <= last; i++) {
+        cdf += c[i].prob;
+        if (r < cdf) return c[i].index;
+    }
+    return c[last].index;
+}
+
+static int sampler_init(Sampler *s, int vocab_size, float temperature, float topp, int topk, uint64_t seed) {
+    *s = (Sampler){vocab_size, temperature, topp, topk, seed ? seed : 0x9E3779B97F4A7C15ull, NULL};
+    if (!(temperature >= 0) || !isfinite(temperature)) return fail("temperature must be >= 0, got %g", temperature);
+    if (!(topp >= 0 && topp <= 1)) return fail("top-p must be in [0, 1], got %g", topp);
+    if (topk < 0) return fail("top-k must be >= 0, got %d", topk);
+    s->candidates = alloc_zeroed(vocab_size, sizeof(ProbIndex));
+    return s->candidates ? 0 : -1;
+}
+
+static void sampler_free(Sampler *s) { free(s->candidates); }
+
+// Picks the next token from logits (which it overwrites with probabilities).
+static int sample(Sampler *s, float *logits) {
+    int n = s->vocab_size;
+    if (s->temperature == 0) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    softmax(logits, n);
+    float coin = random_f32(&s->rng_state);
+    int count;
+    if (s->topk > 0 && s->topk < n) count = top_k(logits, n, s->topk, s->candidates);
+    else if (s->topp > 0 && s->topp < 1) count = top_p_candidates(logits, n, s->topp, s->candidates);
+    else {
+        float cdf = 0;
+        for (int i = 0; i < n; i++) if (coin < (cdf += logits[i])) return i;
+        return n - 1;
+    }
+    return sample_sorted(s->candidates, count, s->topp, coin);
+}
+
+// ----------------------------------------------------------------------------
+// Chat templates: messages rendered as the model's template writes them (special tokens spelled
+// out), then encoded with special-token parsing. Rendering is append-only, so a chat can extend
+// the KV cache turn by turn.
+
+typedef struct { char *s; size_t len, cap; } Text; // a growable string
+
+static int text_append(Text *t, const char *s, size_t n) {
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = (t->len + n + 1) * 2;
+        char *p = realloc(t->s, cap);
+        if (!p) return fail("out of memory building a prompt");
+        t->s = p;
+        t->cap = cap;
+    }
+    memcpy(t->s + t->len, s, n);
+    t->len += n;
+    t->s[t->len] = 0;
+    return 0;
+}
+
+static int text_add(Text *t, const char *s) { return text_append(t, s, strlen(s)); }
+
+static int text_add_piece(Text *t, const Tokenizer *tok, int id) {
+    return id < 0 ? 0 : text_append(t, tok->piece[id], tok->piece_len[id]);
+}
+
+static int is_space_char(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+
+static int text_add_trimmed(Text *t, const char *s) { // like jinja's trim / Python's strip
+    size_t n = strlen(s);
+    while (n > 0 && is_space_char(*s)) s++, n--;
+    while (n > 0 && is_space_char(s[n - 1])) n--;
+    return text_append(t, s, n);
+}
+
+typedef struct { const char *role, *content; } Message;
+
+static int render_chatml(const Model *m, Text *out, const Message *msg, int n, const char *system, int generation_prompt) {
+    int rc = 0;
+    if (system) rc |= text_add(out, "<|im_start|>system\n") | text_add(out, system) | text_add(out, "<|im_end|>\n");
+    for (int i = 0; i < n; i++)
+        rc |= text_add(out, "<|im_start|>") | text_add(out, msg[i].role) | text_add(out, "\n") |
+              text_add(out, msg[i].content) | text_add(out, "<|im_end|>\n");
+    if (generation_prompt) rc |= text_add(out, "<|im_start|>assistant\n");
+    (void)m;
+    return rc ? -1 : 0;
+}
+
+// Llama 2: the system prompt goes inside the first [INST]; every exchange is wrapped in BOS/EOS.
+static int render_llama2(const Model *m, Text *out, const Message *msg, int n, const char *system) {
+    const Tokenizer *t = &m->tokenizer;
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        Text content = {0};
+        if (system && i == 0)
+            rc |= text_add(&content, "<<SYS>>\n") | text_add(&content, system) | text_add(&content, "\n<</SYS>>\n\n");
+        rc |= text_add(&content, msg[i].content);
+        if (!strcmp(msg[i].role, "assistant"))
+            rc |= text_add(out, " ") | text_add_trimmed(out, content.s) | text_add(out, " ") | text_add_piece(out, t, t->eos_id);
+        else
+            rc |= text_add_piece(out, t, t->bos_id) | text_add(out, "[INST] ") | text_add_trimmed(out, content.s) |
+                  text_add(out, " [/INST]");
+        free(content.s);
+    }
+    return rc ? -1 : 0;
+}
+
+static int render_llama3(const Model *m, Text *out, const Message *msg, int n, const char *system, int start,
+                         int generation_prompt) {
+    int rc = start ? text_add_piece(out, &m->tokenizer, m->tokenizer.bos_id) : 0;
+    if (system) rc |= text_add(out, "<|start_header_id|>system<|end_header_id|>\n\n") | text_add_trimmed(out, system) |
+                      text_add(out, "<|eot_id|>");
+    for (int i = 0; i < n; i++)
+        rc |= text_add(out, "<|start_header_id|>") | text_add(out, msg[i].role) | text_add(out, "<|end_header_id|>\n\n") |
+              text_add_trimmed(out, msg[i].content) | text_add(out, "<|eot_id|>");
+    if (generation_prompt) rc |= text_add(out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    return rc ? -1 : 0;
+}
+
+// Renders messages as text; `start` when they begin the conversation (a leading system message,
+// or else the template's default system prompt, applies only there).
+static int chat_render(const Model *m, Text *out, const Message *msg, int n, int start, int generation_prompt) {
+    const char *system = NULL;
+    for (int i = 0; i < n; i++)
+        if (!msg[i].role || !msg[i].content) return fail("message %d has no role or no content", i);
+    if (start && n > 0 && !strcmp(msg[0].role, "system")) {
+        system = msg[0].content;
+        msg++;
+        n--;
+    } else if (start && m->chat.default_system && m->chat.default_system[0]) {
+        system = m->chat.default_system;
+    }
+    switch (m->chat.style) {
+    case CHAT_CHATML: return render_chatml(m, out, msg, n, system, generation_prompt);
+    case CHAT_LLAMA2: return render_llama2(m, out, msg, n, system);
+    case CHAT_LLAMA3: return render_llama3(m, out, msg, n, system, start, generation_prompt);
+    default: return fail("this model has no chat template");
+    }
+}
+
+// What follows an assistant's end-of-turn token before the next message (ChatML ends lines).
+static const char *chat_after_reply(const Model *m) { return m->chat.style == CHAT_CHATML ? "\n" : ""; }
+
+// Renders and encodes messages; *ids is malloc'd. Returns the token count or -1.
+static int chat_encode(const Model *m, const Message *msg, int n, int start, int generation_prompt,
+                       const char *prefix, int **ids) {
+    Text text = {0};
+    int count = -1;
+    *ids = NULL;
+    if (text_add(&text, prefix) == 0 && chat_render(m, &text, msg, n, start, generation_prompt) == 0) {
+        *ids = malloc(encode_capacity(text.len) * sizeof(int));
+        count = *ids ? encode(&m->tokenizer, text.s, text.len, 0, 1, *ids) : fail("out of memory encoding a chat");
+    }
+    free(text.s);
+    return count;
+}
+
+// ----------------------------------------------------------------------------
+// Generation: streaming text out as tokens are sampled
+
+typedef struct { char pending[4]; int n; } Utf8Stream; // holds a character split across tokens
+
+static int utf8_expected(uint8_t lead) {
+    return lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
+}
+
+static void stream_write(Utf8Stream *u, const char *s, int len) {
+    for (int i = 0; i < len; i++) {
+        uint8_t c = (uint8_t)s[i];
+        if (u->n > 0 && (c & 0xC0) != 0x80) { // broken sequence: let it out as it is
+            fwrite(u->pending, 1, u->n, stdout);
+            u->n = 0;
+        }
+        u->pending[u->n++] = (char)c;
+        if (u->n >= utf8_expected((uint8_t)u->pending[0])) {
+            fwrite(u->pending, 1, u->n, stdout);
+            u->n = 0;
+        }
+    }
+    fflush(stdout);
+}
+
+static void stream_flush(Utf8Stream *u) {
+    fwrite(u->pending, 1, u->n, stdout);
+    u->n = 0;
+    fflush(stdout);
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    int prompt_tokens, generated_tokens;
+    double prefill_seconds, decode_seconds;
+    int stop_token;  // the token that ended the reply, -1 if max_tokens or the context ended it
+} GenerationStats;
+
+// Feeds `prompt` at *pos, then samples up to max_tokens, streaming text, until `stop` (or eos).
+// The stop token is sampled but not fed: the caller decides what follows it.
+static int generate_from(Model *m, Sampler *sampler, const int *prompt, int n_prompt, int *pos, int max_tokens,
+                         int stop, GenerationStats *stats) {
+    const Config *p = &m->config;
+    *stats = (GenerationStats){n_prompt, 0, 0, 0, -1};
+    double start = now_seconds();
+    if (forward(m, prompt, n_prompt, *pos, NULL)) return -1;
+    *pos += n_prompt;
+    stats->prefill_seconds = now_seconds() - start;
+    start = now_seconds();
+    Utf8Stream out = {0};
+    int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
+    for (int i = 0; i < max_tokens; i++) {
+        int next = sample(sampler, m->state.logits);
+        if (next == stop || next == p->eos_id) {
+            stats->stop_token = next;
+            break;
+        }
+        int len;
+        const char *piece = token_text(&m->tokenizer, prev, next, &len);
+        stream_write(&out, piece, len);
+        stats->generated_tokens++;
+        prev = next;
+        if (*pos >= p->seq_len || i + 1 == max_tokens) break; // nothing will read its logits
+        if (forward(m, &next, 1, *pos, NULL)) return -1;
+        (*pos)++;
+    }
+    stream_flush(&out);
+    stats->decode_seconds = now_seconds() - start;
+    return 0;
+}
+
+static void print_stats(const GenerationStats *s) {
+    fprintf(stderr, "prompt %d tokens, %.1f tok/s | generated %d tokens, %.1f tok/s\n", s->prompt_tokens,
+            s->prefill_seconds > 0 ? s->prompt_tokens / s->prefill_seconds : 0.0, s->generated_tokens,
+            s->decode_seconds > 0 ? s->generated_tokens / s->decode_seconds : 0.0);
+}
+
+// ----------------------------------------------------------------------------
+// Library API (libkvc.so): what the Python binding calls. Errors return -1 / NULL and leave a
+// message for kvc_last_error().
+
+Model *kvc_open(const char *checkpoint, const char *tokenizer, int context, int threads) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    Model *m = malloc(sizeof *m);
+    if (!m) {
+        fail("out of memory");
+        return NULL;
+    }
+    if (model_open(m, checkpoint, tokenizer, context)) {
+        free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void kvc_close(Model *m) {
+    if (!m) return;
+    model_close(m);
+    free(m);
+}
+
+const Config *kvc_config(const Model *m) { return &m->config; }
+
+int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
+
+// Runs tokens at positions pos.. (filling the cache); logits (n x vocab) of every position, or NULL.
+int kvc_forward(Model *m, const int *tokens, int n, int pos, float *logits) {
+    return forward(m, tokens, n, pos, logits);
+}
+
+int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    size_t len = strlen(text);
+    if ((size_t)capacity < encode_capacity(len)) return fail("encode needs room for %zu ids", encode_capacity(len));
+    return encode(&m->tokenizer, text, len, add_bos, 0, out);
+}
+
+int kvc_encode_capacity(int text_bytes) { return (int)encode_capacity((size_t)text_bytes); }
+
+// The bytes token decodes to after prev (-1 at the start of a text); returns their length.
+int kvc_token_text(const Model *m, int prev, int token, const char **text) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    if (token < 0 || token >= m->config.vocab_size) return fail("token id %d is outside the vocab", token);
+    int len;
+    *text = token_text(&m->tokenizer, prev, token, &len);
+    return len;
+}
+
+// A conversation rendered with the model's chat template and encoded; *ids must be freed with kvc_free.
+int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
+                    int generation_prompt, int **ids) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
+    if (!msg) return fail("out of memory");
+    for (int i = 0; i < n; i++) msg[i] = (Message){roles[i], contents[i]};
+    int count = chat_encode(m, msg, n, start, generation_prompt, "", ids);
+    free(msg);
+    return count;
+}
+
+int kvc_chat_style(const Model *m) { return m->chat.style; }
+int kvc_end_of_turn(const Model *m) { return m->chat.end_of_turn; }
+void kvc_free(void *p) { free(p); }
+float *kvc_logits(Model *m) { return m->state.logits; }  // the last forwarded token's
+float *kvc_keys(Model *m) { return m->cache.keys; }
+float *kvc_values(Model *m) { return m->cache.values; }
+
+Sampler *kvc_sampler_new(int vocab_size, float temperature, float topp, int topk, unsigned long long seed) {
+    Sampler *s = malloc(sizeof *s);
+    if (!s) {
+        fail("out of memory");
+        return NULL;
+    }
+    if (sampler_init(s, vocab_size, temperature, topp, topk, seed)) {
+        sampler_free(s);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void kvc_sampler_free(Sampler *s) {
+    if (!s) return;
+    sampler_free(s);
+    free(s);
+}
+
+// Samples from logits (vocab_size of them, overwritten).
+int kvc_sample(Sampler *s, float *logits) { return sample(s, logits); }
+
+// ----------------------------------------------------------------------------
+// Command-line program
+#ifndef KVC_LIBRARY
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: run <checkpoint> [options]\n"
+            "example: ./run model.bin -n 256 -i \"Once upon a time\"\n"
+            "options:\n"
+            "  -t <float>  temperature in [0,inf), default 1.0 (0: greedy)\n"
+            "  -p <float>  top-p (nucleus) in [0,1], default 0.9 (1: off)\n"
+            "  -k <int>    top-k, default 0 (off)\n"
+            "  -s <int>    random seed, default time(NULL)\n"
+            "  -n <int>    tokens to generate, default 256 (0: up to the context)\n"
+            "  -i <string> input prompt\n"
+            "  -z <string> tokenizer.bin for llama2.c checkpoints\n"
+            "  -m <string> mode: generate|chat, default generate\n"
+            "  -y <string> system prompt in chat mode (default: the model's own)\n"
+            "  -c <int>    context length (KV cache size), default the model's\n"
+            "  -j <int>    threads, default all cores\n"
+            "  -h          this help\n");
+}
+
+static void die(const char *message) {
+    fprintf(stderr, "error: %s\n", message);
+    exit(1);
+}
+
+static void bad_usage(const char *fmt, const char *arg) {
+    fprintf(stderr, "error: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n");
+    usage(stderr);
+    exit(1);
+}
+
+static long parse_long(const char *flag, const char *s, long min, long max) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max) bad_usage("bad value for %s", flag);
+    return v;
+}
+
+static float parse_float(const char *flag, const char *s) {
+    char *end;
+    float v = strtof(s, &end);
+    if (end == s || *end || !isfinite(v)) bad_usage("bad value for %s", flag);
+    return v;
+}
+
+static int cli_generate(Model *m, Sampler *sampler, const char *prompt, int steps) {
+    const Config *p = &m->config;
+    size_t len = strlen(prompt);
+    int *ids = malloc(encode_capacity(len) * sizeof(int));
+    if (!ids) return fail("out of memory");
+    int n = encode(&m->tokenizer, prompt, len, 1, 0, ids);
+    if (n == 0) fail("nothing to start from: give a prompt with -i");
+    else if (n > p->seq_len) fail("the prompt is %d tokens but the context holds %d", n, p->seq_len);
+    if (n <= 0 || n > p->seq_len) {
+        free(ids);
+        return -1;
+    }
+    int room = p->seq_len - n;
+    if (steps <= 0 || steps > room) {
+        if (steps > room) fprintf(stderr, "note: -n %d is more than the context leaves (%d); generating up to %d\n", steps, room, room);
+        steps = room;
+    }
+    fwrite(prompt, 1, len, stdout);
+    int pos = 0;
+    GenerationStats stats;
+    int rc = generate_from(m, sampler, ids, n, &pos, steps, -1, &stats);
+    free(ids);
+    if (rc) return -1;
+    printf("\n");
+    print_stats(&stats);
+    return 0;
+}
+
+// Multi-turn chat: each turn adds only its new tokens to the KV cache.
+static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
+    const Config *p = &m->config;
+    if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
+    int pos = 0, turn = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    const char *glue = ""; // what the template puts between the last reply's end and the next message
+    for (;;) {
+        printf("User: ");
+        fflush(stdout);
+        ssize_t got = getline(&line, &cap, stdin);
+        if (got < 0) { // EOF / Ctrl-D
+            printf("\n");
+            break;
+        }
+        while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
+        if (got == 0) continue;
+        Message msg[2];
+        int n = 0;
+        if (turn == 0 && system) msg[n++] = (Message){"system", system};
+        msg[n++] = (Message){"user", line};
+        int *ids, count = chat_encode(m, msg, n, turn == 0, 1, glue, &ids);
+        if (count < 0) break;
+        if (count > p->seq_len - pos - 1) {
+            free(ids);
+            fprintf(stderr, "\n[context full: %d of %d tokens used; this message needs %d more. Start a new chat.]\n", pos, p->seq_len, count);
+            break;
+        }
+        printf("Assistant: ");
+        GenerationStats stats;
+        int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : p->eos_id;
+        int max = steps > 0 && steps < p->seq_len - pos - count ? steps : p->seq_len - pos - count;
+        int rc = generate_from(m, sampler, ids, count, &pos, max, stop, &stats);
+        free(ids);
+        if (rc) break;
+        printf("\n");
+        fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens,
+                pos - stats.prompt_tokens - stats.generated_tokens);
+        print_stats(&stats);
+        // the reply's end-of-turn token belongs in the cache before the next message
+        int end = stop;
+        if (pos >= p->seq_len || forward(m, &end, 1, pos, NULL)) {
+            fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", p->seq_len);
+            break;
+        }
+        pos++;
+        glue = chat_after_reply(m);
+        turn++;
+    }
+    free(line);
+    return error_message[0] && pos < p->seq_len ? -1 : 0;
+}
+
+int main(int argc, char **argv) {
+    const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    int topk = 0, steps = 256, context = 0, threads = 0;
+    unsigned long long seed = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        }
+        if (a[0] != '-') {
+            if (checkpoint) bad_usage("unexpected argument %s", a);
+            checkpoint = a;
+            continue;
+        }
+        if (strlen(a) != 2 || !strchr("tpksnizmycj", a[1])) bad_usage("unknown flag %s", a);
+        if (i + 1 >= argc) bad_usage("flag %s needs a value", a);
+        const char *v = argv[++i];
+        switch (a[1]) {
+        case 't': temperature = parse_float(a, v); break;
+        case 'p': topp = parse_float(a, v); break;
+        case 'k': topk = (int)parse_long(a, v, 0, INT32_MAX); break;
+        case 's': seed = (unsigned long long)parse_long(a, v, 0, LONG_MAX); break;
+        case 'n': steps = (int)parse_long(a, v, 0, INT32_MAX); break;
+        case 'i': prompt = v; break;
+        case 'z': tokenizer = v; break;
+        case 'm': mode = v; break;
+        case 'y': system = v; break;
+        case 'c': context = (int)parse_long(a, v, 1, INT32_MAX); break;
+        case 'j': threads = (int)parse_long(a, v, 1, 4096); break;
+        }
+    }
+    if (!checkpoint) bad_usage("%s", "no checkpoint given");
+    if (strcmp(mode, "generate") && strcmp(mode, "chat")) bad_usage("unknown mode %s (generate|chat)", mode);
+    if (temperature < 0) bad_usage("%s", "temperature must be >= 0");
+    if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
+    if (!seed) seed = (unsigned long long)time(NULL);
+
+    Model *m = kvc_open(checkpoint, tokenizer, context, threads);
+    if (!m) die(kvc_last_error());
+    if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
+    Sampler sampler;
+    if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
+    error_message[0] = 0;
+    int rc = !strcmp(mode, "chat") ? cli_chat(m, &sampler, system, steps) : cli_generate(m, &sampler, prompt, steps);
+    sampler_free(&sampler);
+    kvc_close(m);
+    if (rc) die(kvc_last_error());
+    return 0;
+}
+#endif
