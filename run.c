@@ -596,6 +596,7 @@ static int parse_byte_piece(const char *s, int n) { // "<0xNN>" -> NN, else -1
 }
 
 static const char SPACE_MARK[] = "\xe2\x96\x81"; // U+2581, sentencepiece's escaped space
+static const char UNKNOWN_TEXT[] = " \xe2\x81\x87 ";  // " ⁇ "
 
 // Builds what the encoder and decoder need from pieces/scores/types: lookup tables, byte tokens,
 // the special-token list and each token's decoded text.
@@ -607,7 +608,7 @@ static int tokenizer_index(Tokenizer *t) {
     t->text = alloc_zeroed(n, sizeof(char *));
     t->text_len = alloc_zeroed(n, sizeof(int));
     size_t text_bytes = 0;
-    for (int i = 0; i < n; i++) text_bytes += t->piece_len[i];
+    for (int i = 0; i < n; i++) text_bytes += t->piece_len[i] + sizeof UNKNOWN_TEXT;
     char *text = alloc_zeroed(text_bytes, 1);
     if (!t->lookup || !t->special || !t->text || !t->text_len || !text) return fail("out of memory for the tokenizer");
     memset(t->lookup, -1, (t->lookup_mask + 1) * sizeof(int));
@@ -622,8 +623,11 @@ static int tokenizer_index(Tokenizer *t) {
             slot = (slot + 1) & t->lookup_mask;
         if (t->lookup[slot] < 0) t->lookup[slot] = id; // a duplicate piece keeps its first id
         t->text[id] = text;
-        if (type == PIECE_CONTROL || type == PIECE_UNKNOWN || type == PIECE_UNUSED) {
+        if (type == PIECE_CONTROL || type == PIECE_UNUSED) {
             // decodes to nothing
+        } else if (type == PIECE_UNKNOWN) { // sentencepiece's surface for <unk>
+            memcpy(text, UNKNOWN_TEXT, sizeof UNKNOWN_TEXT - 1);
+            text += sizeof UNKNOWN_TEXT - 1;
         } else if (type == PIECE_BYTE) {
             int b = parse_byte_piece(s, len);
             if (b < 0) return fail("tokenizer: byte token %d is not of the form <0xNN>", id);
@@ -1213,25 +1217,25 @@ static int match_special(const Tokenizer *t, const char *s, size_t n, int type_m
 
 // Applies the model's normalizer settings: optional whitespace cleanup, the dummy prefix, and
 // spaces escaped as U+2581, the form pieces are stored in. out holds 3 * len + 3 bytes.
+// Like sentencepiece, the cleanup drops leading spaces and repeats of a space from the input, and
+// every trailing U+2581 from the output, including ones the input spelled literally.
 static size_t sp_normalize(const Tokenizer *t, const char *text, size_t len, char *out) {
     int remove_extra = t->flags & FLAG_REMOVE_EXTRA_WHITESPACES;
-    size_t begin = 0, end = len, o = 0;
-    if (remove_extra) {
-        while (begin < end && text[begin] == ' ') begin++;
-        while (end > begin && text[end - 1] == ' ') end--;
-    }
-    if (begin == end) return 0;
+    size_t begin = 0, o = 0;
+    while (remove_extra && begin < len && text[begin] == ' ') begin++;
+    if (begin == len) return 0;
     if (t->flags & FLAG_ADD_DUMMY_PREFIX) {
         memcpy(out, SPACE_MARK, 3);
         o = 3;
     }
-    for (size_t i = begin; i < end; i++) {
+    for (size_t i = begin; i < len; i++) {
         if (text[i] != ' ') out[o++] = text[i];
         else if (!(remove_extra && text[i - 1] == ' ')) {
             memcpy(out + o, SPACE_MARK, 3);
             o += 3;
         }
     }
+    while (remove_extra && o >= 3 && !memcmp(out + o - 3, SPACE_MARK, 3)) o -= 3;
     return o;
 }
 
@@ -1335,16 +1339,32 @@ static int encode(const Tokenizer *t, const char *text, size_t len, int add_bos,
     return count;
 }
 
-// What token decodes to after prev (-1 at the start): sentencepiece drops the dummy prefix's space.
+// What token decodes to after prev (-1 at the start of a text): sentencepiece drops the space its
+// dummy prefix added, i.e. the leading U+2581 of the first piece.
 static const char *token_text(const Tokenizer *t, int prev, int token, int *len) {
     const char *s = t->text[token];
     *len = t->text_len[token];
-    if (t->kind == TOK_SENTENCEPIECE && (t->flags & FLAG_ADD_DUMMY_PREFIX) && (prev < 0 || prev == t->bos_id) &&
-        *len > 0 && s[0] == ' ') {
+    int at_start = prev < 0 || prev == t->bos_id;
+    if (t->kind == TOK_SENTENCEPIECE && (t->flags & FLAG_ADD_DUMMY_PREFIX) && at_start &&
+        t->piece_len[token] >= 3 && !memcmp(t->piece[token], SPACE_MARK, 3)) {
         s++;
         (*len)--;
     }
     return s;
+}
+
+// Token ids -> text in out (the sum of their text lengths). A model that removes extra whitespace
+// cannot have produced leading spaces, so sentencepiece drops all of them; else only the prefix's.
+static size_t decode(const Tokenizer *t, const int *ids, int n, char *out) {
+    size_t len = 0;
+    int strip_all = t->kind == TOK_SENTENCEPIECE && (t->flags & FLAG_REMOVE_EXTRA_WHITESPACES);
+    for (int i = 0; i < n; i++) {
+        int piece_len, prev = i > 0 && !(strip_all && len == 0) ? ids[i - 1] : -1;
+        const char *piece = token_text(t, prev, ids[i], &piece_len);
+        memcpy(out + len, piece, piece_len);
+        len += piece_len;
+    }
+    return len;
 }
 
 // ----------------------------------------------------------------------------
@@ -1878,6 +1898,18 @@ int kvc_token_text(const Model *m, int prev, int token, const char **text) {
     int len;
     *text = token_text(&m->tokenizer, prev, token, &len);
     return len;
+}
+
+// Text of n token ids into out, which has room for kvc_decode_capacity(m, ids, n) bytes; returns its length.
+int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    size_t need = 0;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= m->config.vocab_size) return fail("token id %d is outside the vocab", ids[i]);
+        need += m->tokenizer.text_len[ids[i]];
+    }
+    if (need > (size_t)capacity) return fail("decode needs room for %zu bytes", need);
+    return (int)decode(&m->tokenizer, ids, n, out);
 }
 
 // A conversation rendered with the model's chat template and encoded; *ids must be freed with kvc_free.

@@ -25,6 +25,7 @@ ffi.cdef(
     int kvc_forward(Model *m, const int *tokens, int n, int pos, float *logits);
     int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity);
     int kvc_encode_capacity(int text_bytes);
+    int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity);
     int kvc_token_text(const Model *m, int prev, int token, const char **text);
     int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
                         int generation_prompt, int **ids);

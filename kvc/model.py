@@ -165,12 +165,19 @@ class Model:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
         self._need_tokenizer()
-        out, prev = bytearray(), -1
-        for t in ids:
-            t = int(t)
-            out += self._token_bytes(prev, t)
-            prev = t
-        return out.decode("utf-8", "replace")
+        arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        arr = arr.astype(np.int32)
+        cap = 16 * arr.size + 16  # a token's text is at most its piece (<= 1024 bytes); grown below if needed
+        while True:
+            out = ffi.new("char[]", cap)
+            n = self._lib.kvc_decode(self._handle(), ffi.cast("const int *", ffi.from_buffer(arr)), arr.size, out, cap)
+            if n >= 0:
+                return ffi.buffer(out, n)[:].decode("utf-8", "replace")
+            if cap >= 1024 * arr.size + 16:
+                raise ValueError(last_error())
+            cap = 1024 * arr.size + 16
 
     # -- generation -----------------------------------------------------------------------------
 

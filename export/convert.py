@@ -1,0 +1,89 @@
+"""Source detection and the export pipeline shared by the CLI and the tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvc.format import WEIGHT_TYPES, Config, write_model
+
+from .chat import detect_template, token_text
+from .common import ExportError, Model, progress_bar
+from .gguf import is_gguf, read_gguf
+from .hf import is_hf_folder, read_hf
+from .llama2c import read_llama2c
+from .meta import is_meta_folder, read_meta
+from .tokenizers import read_tokenizer
+
+
+def source_kind(src: Path) -> str:
+    """'hf', 'meta', 'gguf' or 'llama2c' (llama2.c and kvc files); ExportError otherwise."""
+    if not src.exists():
+        raise ExportError(f"{src} not found")
+    if src.is_dir():
+        if is_hf_folder(src):
+            return "hf"
+        if is_meta_folder(src):
+            return "meta"
+        raise ExportError(f"{src}: folder has neither config.json (Hugging Face) nor params.json (Meta)")
+    if is_gguf(src):
+        return "gguf"
+    return "llama2c"
+
+
+def load_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                seq_len: int | None = None) -> Model:
+    """Read any supported source into a Model with its tokenizer and chat template resolved.
+
+    `tokenizer` (a sentencepiece .model, llama2.c tokenizer.bin or HF tokenizer.json) replaces
+    the source's own; `seq_len` overrides the context length.
+    """
+    src = Path(src)
+    kind = source_kind(src)
+    want_tok = tokenizer is None
+    if kind == "hf":
+        model = read_hf(src, want_tok)
+    elif kind == "meta":
+        model = read_meta(src, want_tok)
+    elif kind == "gguf":
+        model = read_gguf(src, want_tok)
+    else:
+        model = read_llama2c(src)
+    c = model.config
+    if tokenizer is not None:
+        model.tokenizer = read_tokenizer(tokenizer, c.vocab_size)
+    if model.tokenizer is None:
+        raise ExportError(f"{src} has no tokenizer: pass --tokenizer (sentencepiece .model, "
+                          "llama2.c tokenizer.bin or tokenizer.json)")
+    if len(model.tokenizer.pieces) != c.vocab_size:
+        raise ExportError(f"tokenizer has {len(model.tokenizer.pieces)} tokens but the model's vocab is {c.vocab_size}")
+    for what, i in (("bos", c.bos_id), ("eos", c.eos_id)):
+        if not 0 <= i < c.vocab_size:
+            raise ExportError(f"{what} id {i} is outside the vocabulary of {c.vocab_size}")
+    if model.jinja:
+        model.template = detect_template(model.jinja, model.tokenizer, c.eos_id,
+                                         token_text(model.tokenizer, c.bos_id), token_text(model.tokenizer, c.eos_id))
+    if seq_len is not None:
+        if seq_len <= 0:
+            raise ExportError(f"--seq-len must be positive, got {seq_len}")
+        c.seq_len = seq_len
+    return model
+
+
+def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32", group_size: int = 32,
+                 tokenizer: str | os.PathLike | None = None, seq_len: int | None = None) -> Config:
+    """Convert `src` to a kvc file at `out` (written atomically) and return its Config."""
+    if dtype not in WEIGHT_TYPES:
+        raise ExportError(f"unknown dtype {dtype!r} (choose from {', '.join(WEIGHT_TYPES)})")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ExportError(f"output folder {out.parent} does not exist")
+    model = load_source(src, tokenizer, seq_len)
+    c = model.config
+    c.weight_type = WEIGHT_TYPES[dtype]
+    c.group_size = group_size if dtype == "q8_0" else 0
+    with progress_bar(len(model.tensors), "writing") as bar:
+        try:
+            write_model(out, c, model.tensors, model.tokenizer, model.template, progress=lambda name: bar.update())
+        except ValueError as e:  # write_model's own checks (vocab, shapes, group size)
+            raise ExportError(str(e)) from None
+    return c

@@ -1,0 +1,283 @@
+"""Tokenizer readers: sentencepiece .model, llama2.c tokenizer.bin and HF tokenizer.json -> kvc Tokenizer.
+
+kvc stores pieces as raw bytes. Sentencepiece pieces keep their U+2581 ("▁") for spaces; byte-level
+BPE pieces (GPT-2 style) are stored as the bytes they stand for, not in GPT-2's printable-unicode
+disguise, while control and user-defined tokens (`<|im_end|>`) are stored as their literal UTF-8.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from kvc.format import (
+    BYTE, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_REMOVE_EXTRA_WHITESPACES,
+    NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE,
+    UNKNOWN, USER_DEFINED, FormatError, Tokenizer, read_tokenizer_bin,
+)
+
+from .common import ExportError
+
+# The Llama 3 pre-tokenizer regex, as in Meta's tiktoken setup and HF's tokenizer.json.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GGUF's tokenizer.ggml.pre names -> kvc pre-tokenizers
+PRETOKENIZERS = {
+    "smollm": PRETOK_SMOLLM,
+    "gpt-2": PRETOK_GPT2,
+    "gpt2": PRETOK_GPT2,
+    "llama-bpe": PRETOK_LLAMA3,
+    "llama3": PRETOK_LLAMA3,
+}
+
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte to a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@lru_cache(maxsize=None)
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of bytes_to_unicode()."""
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def byte_level_decode(token: str) -> bytes:
+    """A GPT-2 byte-level token string -> the raw bytes it stands for."""
+    table = unicode_to_bytes()
+    try:
+        return bytes(table[ch] for ch in token)
+    except KeyError:
+        raise ExportError(f"token {token!r} is not in GPT-2's byte-level alphabet") from None
+
+
+def byte_level_encode(piece: bytes) -> str:
+    """Raw bytes -> the GPT-2 byte-level token string."""
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in piece)
+
+
+# ----------------------------------------------------------------------------------------------
+# sentencepiece
+
+
+def read_sentencepiece(path: str | os.PathLike, add_bos: bool = True) -> Tokenizer:
+    """A sentencepiece BPE .model file: pieces, scores and types, flags from its normalizer spec.
+
+    The model itself does not say whether prompts start with BOS; Llama and Mistral do (`add_bos`).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    try:
+        m.ParseFromString(Path(path).read_bytes())
+    except Exception:
+        raise ExportError(f"{path} is not a sentencepiece model") from None
+    if not m.pieces:
+        raise ExportError(f"{path} is not a sentencepiece model (no pieces)")
+    model_type = pb.TrainerSpec.ModelType.Name(m.trainer_spec.model_type)
+    if model_type != "BPE":
+        raise ExportError(f"{path}: sentencepiece model type {model_type} is not supported (only BPE)")
+    if m.normalizer_spec.name not in ("identity", ""):
+        raise ExportError(f"{path}: sentencepiece normalizer {m.normalizer_spec.name!r} is not supported")
+    pieces = [p.piece.encode("utf-8") for p in m.pieces]
+    scores = [float(p.score) for p in m.pieces]
+    types = [int(p.type) for p in m.pieces]
+    flags = 0
+    if m.normalizer_spec.add_dummy_prefix:
+        flags |= FLAG_ADD_DUMMY_PREFIX
+    if m.normalizer_spec.remove_extra_whitespaces:
+        flags |= FLAG_REMOVE_EXTRA_WHITESPACES
+    if m.trainer_spec.byte_fallback:
+        flags |= FLAG_BYTE_FALLBACK
+    if add_bos:
+        flags |= FLAG_ADD_BOS
+    unk = types.index(UNKNOWN) if UNKNOWN in types else -1
+    return Tokenizer(pieces, scores, types, TOK_SENTENCEPIECE, flags, unk_id=unk)
+
+
+def is_sentencepiece(path: str | os.PathLike) -> bool:
+    """True if `path` parses as a sentencepiece model with pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    try:
+        m.ParseFromString(Path(path).read_bytes())
+    except Exception:
+        return False
+    return len(m.pieces) > 0 and all(p.piece for p in m.pieces[:16])
+
+
+# ----------------------------------------------------------------------------------------------
+# llama2.c tokenizer.bin
+
+
+def count_tokenizer_bin(path: str | os.PathLike) -> int:
+    """Number of tokens in a llama2.c tokenizer.bin; ExportError if it does not parse exactly."""
+    data = Path(path).read_bytes()
+    off, n = 4, 0
+    if len(data) < 4:
+        raise ExportError(f"{path} is not a llama2.c tokenizer.bin (too short)")
+    while off < len(data):
+        if off + 8 > len(data):
+            raise ExportError(f"{path} is not a llama2.c tokenizer.bin (truncated at token {n})")
+        (ln,) = struct.unpack_from("<I", data, off + 4)
+        off += 8 + ln
+        n += 1
+    if off != len(data):
+        raise ExportError(f"{path} is not a llama2.c tokenizer.bin (truncated at token {n - 1})")
+    return n
+
+
+def read_llama2c_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """llama2.c's tokenizer.bin, which must hold exactly `vocab_size` tokens."""
+    n = count_tokenizer_bin(path)
+    if n != vocab_size:
+        raise ExportError(f"tokenizer {path} has {n} tokens but the model's vocab is {vocab_size}")
+    try:
+        return read_tokenizer_bin(path, vocab_size)
+    except FormatError as e:
+        raise ExportError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json
+
+
+def _split_merge(m) -> tuple[str, str]:
+    if isinstance(m, str):
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ExportError(f"malformed merge {m!r}")
+        return a, b
+    a, b = m
+    return a, b
+
+
+def _byte_level_pretokenizer(pre: dict | None) -> int:
+    """kvc's pre-tokenizer for an HF byte-level pre_tokenizer spec, or ExportError."""
+    if pre is None:
+        raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    for s in steps:
+        if s.get("type") == "ByteLevel" and s.get("add_prefix_space"):
+            raise ExportError("tokenizer.json: ByteLevel add_prefix_space=true is not supported")
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return PRETOK_GPT2
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return PRETOK_SMOLLM
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        if steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX:
+            return PRETOK_LLAMA3
+    raise ExportError(f"tokenizer.json: unsupported pre-tokenizer {json.dumps(pre)[:200]}")
+
+
+def _post_processor_adds_bos(post: dict | None) -> bool:
+    """True if an HF post_processor prepends a special token (TemplateProcessing "<s> $A")."""
+    if not post:
+        return False
+    if post.get("type") == "Sequence":
+        return any(_post_processor_adds_bos(p) for p in post.get("processors", []))
+    if post.get("type") == "TemplateProcessing":
+        single = post.get("single") or []
+        return bool(single) and "SpecialToken" in single[0]
+    return False
+
+
+def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None) -> Tokenizer:
+    """An HF tokenizer.json with a BPE model: byte-level (GPT-2, SmolLM, Llama 3) or
+    sentencepiece-style with byte fallback (Llama 2's HF conversion).
+
+    Prompts start with BOS if `add_bos`, or when None, if the post_processor prepends a special token.
+    """
+    try:
+        j = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = j["model"]
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(f"{path} is not a Hugging Face tokenizer.json") from None
+    if model.get("type") != "BPE":
+        raise ExportError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only BPE)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {int(t["id"]): t for t in j.get("added_tokens", [])}
+    for i, t in added.items():
+        vocab[t["content"]] = i
+    n = max(vocab.values()) + 1
+    by_id: list[str | None] = [None] * n
+    for s, i in vocab.items():
+        by_id[i] = s
+    missing = [i for i, s in enumerate(by_id) if s is None]
+    if missing:
+        raise ExportError(f"{path}: token ids are not contiguous (id {missing[0]} is missing)")
+    merges = [_split_merge(m) for m in model.get("merges", [])]
+    if add_bos is None:
+        add_bos = _post_processor_adds_bos(j.get("post_processor"))
+    bos_flag = FLAG_ADD_BOS if add_bos else 0
+    types = []
+    for i, s in enumerate(by_id):
+        if i in added:
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+        else:
+            types.append(NORMAL)
+    unk_tok = model.get("unk_token")
+    unk = vocab.get(unk_tok, -1) if unk_tok else -1
+    if unk >= 0:
+        types[unk] = UNKNOWN
+
+    if model.get("byte_fallback"):  # sentencepiece-style: pieces keep U+2581, scores from merge ranks
+        scores = [-float(len(merges) + i) for i in range(n)]
+        for rank, (a, b) in enumerate(merges):
+            k = vocab.get(a + b)
+            if k is not None and scores[k] < -rank:
+                scores[k] = -float(rank)
+        for i, s in enumerate(by_id):
+            if types[i] == NORMAL and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                types[i] = BYTE
+        normalizer = json.dumps(j.get("normalizer"))
+        flags = FLAG_BYTE_FALLBACK | bos_flag
+        if '"Prepend"' in normalizer or '"prepend_scheme": "always"' in json.dumps(j.get("pre_tokenizer")):
+            flags |= FLAG_ADD_DUMMY_PREFIX
+        pieces = [s.encode("utf-8") for s in by_id]
+        return Tokenizer(pieces, scores, types, TOK_SENTENCEPIECE, flags, unk_id=unk)
+
+    pretok = _byte_level_pretokenizer(j.get("pre_tokenizer"))
+    pieces = [s.encode("utf-8") if i in added else byte_level_decode(s) for i, s in enumerate(by_id)]
+    try:
+        merge_ids = [(vocab[a], vocab[b]) for a, b in merges]
+    except KeyError as e:
+        raise ExportError(f"{path}: merge uses unknown token {e.args[0]!r}") from None
+    return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, bos_flag, pretok, unk, merge_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def read_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """Any supported tokenizer file, recognized by content: tokenizer.json, sentencepiece, tokenizer.bin."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"tokenizer {path} not found")
+    head = path.read_bytes()[:1].lstrip()
+    if path.suffix == ".json" or head == b"{":
+        tok = read_hf_tokenizer_json(path)
+    elif is_sentencepiece(path):
+        tok = read_sentencepiece(path)
+    else:
+        return read_llama2c_tokenizer(path, vocab_size)
+    if len(tok.pieces) != vocab_size:
+        raise ExportError(f"tokenizer {path} has {len(tok.pieces)} tokens but the model's vocab is {vocab_size}")
+    return tok

