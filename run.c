@@ -302,7 +302,14 @@ static void cache_free(KVCache *c) {
 // ----------------------------------------------------------------------------
 // Run state: activation buffers for a block of up to `batch` tokens, allocated once
 
+// Activations quantized like Q8_0 weights: int8 values, one scale per group of the row's length.
 typedef struct {
+    int8_t *q;
+    float *scale;
+} QuantizedRows;
+
+typedef struct {
+    int threads;              // OpenMP threads of this model's parallel regions
     int batch;                // tokens per forward block
     float *x;                 // (batch, dim) residual stream
     float *xb, *xb2;          // (batch, max(dim, q_dim)) scratch
@@ -311,9 +318,11 @@ typedef struct {
     float *att;               // (threads, seq_len) attention weights, one row per thread
     float *rope_cos, *rope_sin; // (batch, head_dim / 2) for the block's positions
     float *logits;            // (vocab) of the block's last token
+    QuantizedRows xq;         // (batch, widest matmul input) activations for int8 weights
 } RunState;
 
-static int state_init(RunState *s, const Config *p) {
+static int state_init(RunState *s, const Config *p, int threads) {
+    s->threads = threads > 0 ? threads : max_threads();
     s->batch = p->seq_len < 64 ? p->seq_len : 64;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = alloc_zeroed(B * p->dim, sizeof(float));
@@ -322,17 +331,21 @@ static int state_init(RunState *s, const Config *p) {
     s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    s->att = alloc_zeroed((size_t)max_threads() * p->seq_len, sizeof(float));
+    s->att = alloc_zeroed((size_t)s->threads * p->seq_len, sizeof(float));
     s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
-    return s->x && s->xb && s->xb2 && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
+    size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
+    s->xq.q = alloc_zeroed(B * widest, 1);
+    s->xq.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
+    return s->xq.q && s->xq.scale && s->x && s->xb && s->xb2 && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
                    s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
     free(s->att); free(s->rope_cos); free(s->rope_sin); free(s->logits);
+    free(s->xq.q); free(s->xq.scale);
 }
 
 typedef struct {
@@ -381,28 +394,109 @@ static float dot(const float *a, const float *b, int n) {
 #endif
 }
 
-// An int8 row (with one scale per group) dotted with fp32 activations.
-static float dot_q8(const int8_t *q, const float *scale, const float *x, int n, int group_size) {
+static void quantize_row(int8_t *q, float *scale, const float *x, int n, int group_size) {
+    for (int g = 0; g < n / group_size; g++) {
+        const float *xg = x + g * group_size;
+        float amax = 0;
+        for (int j = 0; j < group_size; j++) amax = fmaxf(amax, fabsf(xg[j]));
+        float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f; // an all-zero group stays zero
+        scale[g] = s;
+        for (int j = 0; j < group_size; j++) q[g * group_size + j] = (int8_t)lrintf(xg[j] * inv);
+    }
+}
+
+// An int8 weight row dotted with int8 activations: int32 sums per group, scaled in fp32.
+static float dot_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group_size) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (group_size % 32 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 64) { // two 32-value halves; each half lies in one group
+            __m512i wv = _mm512_loadu_si512(w + i), xv = _mm512_loadu_si512(x + i);
+            // dpbusd multiplies unsigned by signed bytes: move w's sign onto x, use |w|
+            __mmask64 negative = _mm512_movepi8_mask(wv);
+            __m512i x_signed = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+            __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
+            int g0 = i / group_size, g1 = (i + 32) / group_size;
+            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g0] * xs[g0]), _mm256_set1_ps(ws[g1] * xs[g1]), 1);
+            if (i + 64 > n) scale = _mm512_maskz_mov_ps(0x00FF, scale); // n is a multiple of 32: drop the half past the end
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
     float sum = 0;
-    for (int g = 0; g < n; g += group_size) {
-        float s = 0;
-        for (int j = g; j < g + group_size; j++) s += q[j] * x[j];
-        sum += s * scale[g / group_size];
+    for (int g = 0; g < n / group_size; g++) {
+        int32_t s = 0;
+        for (int j = g * group_size; j < (g + 1) * group_size; j++) s += w[j] * x[j];
+        sum += s * ws[g] * xs[g];
     }
     return sum;
 }
 
-static float dot_row(Matrix w, size_t row, const float *x, int n) {
-    if (w.f) return dot(w.f + row * n, x, n);
-    return dot_q8(w.q + row * n, w.scale + row * n / w.group_size, x, n, w.group_size);
+// One weight row against 4 tokens' activations at once: each weight load feeds 4 FMAs (prefill).
+static void dot4(const float *w, const float *x, size_t stride, int n, float out[4]) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(m, w + i);
+        a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + i), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + stride + i), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 2 * stride + i), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 3 * stride + i), a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+#else
+    for (int t = 0; t < 4; t++) out[t] = dot(w, x + t * stride, n);
+#endif
 }
 
-// out[t, i] = W[i, :] . x[t, :] for n tokens: each weight row is read once per block of tokens.
-static void matmul(float *out, const float *x, Matrix w, int n, int in, int rows, size_t out_stride) {
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < rows; i++)
-        for (int t = 0; t < n; t++) out[t * out_stride + i] = dot_row(w, i, x + (size_t)t * in, in);
+// A matmul's output: out (n x rows) = x W^T, or out += x W^T when accumulate (residual adds).
+typedef struct {
+    float *out;
+    Matrix w;
+    int rows;
+    int accumulate;
+} Projection;
+
+static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
+    if (w.f) return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
+    int groups = in / w.group_size;
+    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * groups, xq->q + (size_t)t * in,
+                  xq->scale + (size_t)t * groups, in, w.group_size);
 }
+
+// Row i of W against all n tokens: the row is loaded once and stays in L1 across the tokens.
+static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int n, int in) {
+    float r[4];
+    for (int t = 0; t < n;) {
+        int k = p->w.f && n - t >= 4 ? 4 : 1;
+        if (k == 4) dot4(p->w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
+        else r[0] = dot_row(p->w, i, x, xq, t, in);
+        for (int j = 0; j < k; j++, t++) {
+            float *o = p->out + (size_t)t * p->rows + i;
+            *o = r[j] + (p->accumulate ? *o : 0.0f);
+        }
+    }
+}
+
+// Matmuls that share their input (q, k, v; or w1, w3) as one loop over all their rows, so the
+// threads split the work once and meet at one barrier.
+static void matmuls(const Projection *p, int count, const float *x, const QuantizedRows *xq, int n, int in) {
+    int total = 0;
+    for (int j = 0; j < count; j++) total += p[j].rows;
+#pragma omp for schedule(static)
+    for (int r = 0; r < total; r++) {
+        int j = 0, i = r;
+        while (i >= p[j].rows) i -= p[j++].rows;
+        matmul_row(&p[j], i, x, xq, n, in);
+    }
+}
+
+static void matmul(Projection p, const float *x, const QuantizedRows *xq, int n, int in) { matmuls(&p, 1, x, xq, n, in); }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     float ss = dot(x, x, n) / n;
@@ -458,6 +552,32 @@ static void rope(float *v, int n_heads, const RunState *s, const Config *p, int 
     }
 }
 
+// The steps below are worksharing loops ("omp for"), called by every thread of the one parallel
+// region forward_block opens: threads meet at a barrier per step instead of forking per matmul.
+
+static void rmsnorm_rows(float *out, const float *x, const float *weight, int n, int dim, float eps) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
+}
+
+static void rope_rows(const RunState *s, const Config *p, float *q, float *k, int n) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) {
+        rope(q + (size_t)t * q_dim(p), p->n_heads, s, p, t);
+        rope(k + (size_t)t * kv_dim(p), p->n_kv_heads, s, p, t);
+    }
+}
+
+// For int8 weights, quantizes the matmul input x (n x in) into the state's buffer; NULL for fp32.
+static const QuantizedRows *quantize_input(RunState *s, Matrix w, const float *x, int n, int in) {
+    if (w.f) return NULL;
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++)
+        quantize_row(s->xq.q + (size_t)t * in, s->xq.scale + (size_t)t * (in / w.group_size), x + (size_t)t * in, in,
+                     w.group_size);
+    return &s->xq;
+}
+
 // Causal attention of the block's queries over the cache rows 0..pos+t; the block's own keys and
 // values are already in the cache. Query head h reads kv head h / (n_heads / n_kv_heads).
 static void attention(Model *m, int layer, int n, int pos) {
@@ -465,7 +585,7 @@ static void attention(Model *m, int layer, int n, int pos) {
     RunState *s = &m->state;
     int hd = p->head_dim, group = p->n_heads / p->n_kv_heads;
     float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static)
     for (int t = 0; t < n; t++) {
         for (int h = 0; h < p->n_heads; h++) {
             const float *q = s->q + (size_t)t * q_dim(p) + h * hd;
@@ -484,7 +604,40 @@ static void attention(Model *m, int layer, int n, int pos) {
     }
 }
 
-static float silu(float x) { return x / (1.0f + expf(-x)); }
+static void swiglu(float *gate, const float *up, size_t n) {
+#pragma omp for schedule(static)
+    for (size_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i]; // silu(gate) * up
+}
+
+// One layer for the block's n tokens at positions pos..: attention, then the SwiGLU feed-forward,
+// each added to the residual stream x. K and V rows go straight into the cache.
+static void layer_forward(Model *m, int l, int n, int pos) {
+    const Config *p = &m->config;
+    const Weights *w = &m->weights;
+    RunState *s = &m->state;
+    int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
+    float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
+
+    rmsnorm_rows(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, p->norm_eps);
+    const QuantizedRows *xq = quantize_input(s, w->wq, s->xb, n, dim);
+    Projection qkv[3] = {{s->q, matrix_at(w->wq, l, (size_t)qd * dim), qd, 0},
+                         {k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0},
+                         {v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0}};
+    matmuls(qkv, 3, s->xb, xq, n, dim);
+    rope_rows(s, p, s->q, k, n);
+    attention(m, l, n, pos);
+    xq = quantize_input(s, w->wo, s->xb, n, qd);
+    matmul((Projection){s->x, matrix_at(w->wo, l, (size_t)dim * qd), dim, 1}, s->xb, xq, n, qd);
+
+    rmsnorm_rows(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, p->norm_eps);
+    xq = quantize_input(s, w->w1, s->xb, n, dim);
+    Projection gate_up[2] = {{s->hb, matrix_at(w->w1, l, (size_t)hid * dim), hid, 0},
+                             {s->hb2, matrix_at(w->w3, l, (size_t)hid * dim), hid, 0}};
+    matmuls(gate_up, 2, s->xb, xq, n, dim);
+    swiglu(s->hb, s->hb2, (size_t)n * hid);
+    xq = quantize_input(s, w->w2, s->hb, n, hid);
+    matmul((Projection){s->x, matrix_at(w->w2, l, (size_t)dim * hid), dim, 1}, s->hb, xq, n, hid);
+}
 
 // Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
 // Logits: every token's into out (n x vocab) when all_logits, else the last token's into state.logits.
@@ -492,40 +645,17 @@ static void forward_block(Model *m, const int *tokens, int n, int pos, float *ou
     const Config *p = &m->config;
     const Weights *w = &m->weights;
     RunState *s = &m->state;
-    int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
+    int dim = p->dim, first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
     for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
     rope_table(s, p, pos, n);
-
-    for (int l = 0; l < p->n_layers; l++) {
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att + (size_t)l * dim, dim, p->norm_eps);
-        // K and V rows go straight into the cache: its (layer, pos, kv_dim) rows are contiguous
-        float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
-        matmul(s->q, s->xb, matrix_at(w->wq, l, (size_t)qd * dim), n, dim, qd, qd);
-        matmul(k, s->xb, matrix_at(w->wk, l, (size_t)kvd * dim), n, dim, kvd, kvd);
-        matmul(v, s->xb, matrix_at(w->wv, l, (size_t)kvd * dim), n, dim, kvd, kvd);
-        for (int t = 0; t < n; t++) {
-            rope(s->q + (size_t)t * qd, p->n_heads, s, p, t);
-            rope(k + (size_t)t * kvd, p->n_kv_heads, s, p, t);
-        }
-        attention(m, l, n, pos);
-        matmul(s->xb2, s->xb, matrix_at(w->wo, l, (size_t)dim * qd), n, qd, dim, dim);
-        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->xb2[i];
-
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn + (size_t)l * dim, dim, p->norm_eps);
-        matmul(s->hb, s->xb, matrix_at(w->w1, l, (size_t)hid * dim), n, dim, hid, hid);
-        matmul(s->hb2, s->xb, matrix_at(w->w3, l, (size_t)hid * dim), n, dim, hid, hid);
-        for (size_t i = 0; i < (size_t)n * hid; i++) s->hb[i] = silu(s->hb[i]) * s->hb2[i];
-        matmul(s->xb, s->hb, matrix_at(w->w2, l, (size_t)dim * hid), n, hid, dim, dim);
-        for (size_t i = 0; i < (size_t)n * dim; i++) s->x[i] += s->xb[i];
+#pragma omp parallel num_threads(s->threads)
+    {
+        for (int l = 0; l < p->n_layers; l++) layer_forward(m, l, n, pos);
+        float *last = s->xb + (size_t)first * dim;
+        rmsnorm_rows(last, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps);
+        const QuantizedRows *xq = quantize_input(s, w->wcls, last, n - first, dim);
+        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0}, last, xq, n - first, dim);
     }
-
-    int first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
-    for (int t = first; t < n; t++)
-        rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_final, dim, p->norm_eps);
-    if (all_logits) matmul(out, s->xb, w->wcls, n, dim, p->vocab_size, p->vocab_size);
-    else matmul(s->logits, s->xb + (size_t)first * dim, w->wcls, 1, dim, p->vocab_size, p->vocab_size);
 }
 
 // Runs any number of tokens in blocks; out as in forward_block (NULL: only state.logits is written).
@@ -1485,8 +1615,8 @@ static void model_close(Model *m) {
 }
 
 // Maps the checkpoint, checks every header value and extent, then allocates the cache and state.
-// context > 0 shortens the context (and so the cache) below the model's.
-static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path, int context) {
+// context > 0 shortens the context (and so the cache) below the model's; threads 0 means all cores.
+static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path, int context, int threads) {
     memset(m, 0, sizeof *m);
     int fd = open(checkpoint, O_RDONLY);
     if (fd < 0) return fail("cannot open checkpoint %s: %s", checkpoint, strerror(errno));
@@ -1518,7 +1648,7 @@ static int model_open(Model *m, const char *checkpoint, const char *tokenizer_pa
         if (context > m->config.seq_len) rc = fail("context %d is longer than the model's %d", context, m->config.seq_len);
         else m->config.seq_len = context;
     }
-    if (rc == 0) rc = cache_init(&m->cache, &m->config) || state_init(&m->state, &m->config) ? -1 : 0;
+    if (rc == 0) rc = cache_init(&m->cache, &m->config) || state_init(&m->state, &m->config, threads) ? -1 : 0;
     if (rc) {
         char message[sizeof error_message]; // closing must not lose the reason
         snprintf(message, sizeof message, "%s", error_message);
@@ -1850,17 +1980,12 @@ static void print_stats(const GenerationStats *s) {
 // message for kvc_last_error().
 
 Model *kvc_open(const char *checkpoint, const char *tokenizer, int context, int threads) {
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
     Model *m = malloc(sizeof *m);
     if (!m) {
         fail("out of memory");
         return NULL;
     }
-    if (model_open(m, checkpoint, tokenizer, context)) {
+    if (model_open(m, checkpoint, tokenizer, context, threads)) {
         free(m);
         return NULL;
     }
