@@ -469,13 +469,45 @@ static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq,
                   xq->scale + (size_t)t * groups, in, w.group_size);
 }
 
+// One int8 weight row against 4 tokens' int8 activations: |w| and w's sign are computed once per
+// load and reused for the 4 tokens (prefill). Needs group_size % 32 == 0.
+static void dot4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size, float out[4]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int groups = n / group_size;
+    for (int i = 0; i < n; i += 64) {
+        __m512i wv = _mm512_loadu_si512(w + i), w_abs = _mm512_abs_epi8(wv);
+        __mmask64 negative = _mm512_movepi8_mask(wv);
+        int g0 = i / group_size, g1 = (i + 32) / group_size;
+        __mmask16 lanes = i + 64 > n ? 0x00FF : 0xFFFF; // n is a multiple of 32: drop the half past the end
+        for (int k = 0; k < 4; k++) {
+            const int8_t *x = xq->q + (size_t)(t + k) * n;
+            const float *xs = xq->scale + (size_t)(t + k) * groups;
+            __m512i xv = _mm512_loadu_si512(x + i);
+            __m512i x_signed = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+            __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs, x_signed);
+            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g0] * xs[g0]), _mm256_set1_ps(ws[g1] * xs[g1]), 1);
+            acc[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[k], lanes);
+        }
+    }
+    for (int k = 0; k < 4; k++) out[k] = _mm512_reduce_add_ps(acc[k]);
+#else
+    int groups = n / group_size;
+    for (int k = 0; k < 4; k++)
+        out[k] = dot_q8(w, ws, xq->q + (size_t)(t + k) * n, xq->scale + (size_t)(t + k) * groups, n, group_size);
+#endif
+}
+
 // Row i of W against all n tokens: the row is loaded once and stays in L1 across the tokens.
 static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int n, int in) {
+    Matrix w = p->w;
+    int four = w.f || w.group_size % 32 == 0; // 4-token kernels exist for fp32 and 32-aligned groups
     float r[4];
     for (int t = 0; t < n;) {
-        int k = p->w.f && n - t >= 4 ? 4 : 1;
-        if (k == 4) dot4(p->w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
-        else r[0] = dot_row(p->w, i, x, xq, t, in);
+        int k = four && n - t >= 4 ? 4 : 1;
+        if (k == 1) r[0] = dot_row(w, i, x, xq, t, in);
+        else if (w.f) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
+        else dot4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r);
         for (int j = 0; j < k; j++, t++) {
             float *o = p->out + (size_t)t * p->rows + i;
             *o = r[j] + (p->accumulate ? *o : 0.0f);
