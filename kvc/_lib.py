@@ -59,7 +59,8 @@ def load():
     """The loaded library (opened on first use, so importing kvc needs no build)."""
     global _lib
     if _lib is None:
-        _lib = ffi.dlopen(_find_library())
+        # never unloaded: libgomp's idle worker threads must not outlive its code at exit
+        _lib = ffi.dlopen(_find_library(), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     return _lib
 
 
