@@ -312,7 +312,7 @@ typedef struct {
     int threads;              // OpenMP threads of this model's parallel regions
     int batch;                // tokens per forward block
     float *x;                 // (batch, dim) residual stream
-    float *xb, *xb2;          // (batch, max(dim, q_dim)) scratch
+    float *xb;                // (batch, max(dim, q_dim)) normed input / attention output
     float *q;                 // (batch, q_dim) queries
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, seq_len) attention weights, one row per thread
@@ -327,7 +327,6 @@ static int state_init(RunState *s, const Config *p, int threads) {
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = alloc_zeroed(B * p->dim, sizeof(float));
     s->xb = alloc_zeroed(B * wide, sizeof(float));
-    s->xb2 = alloc_zeroed(B * wide, sizeof(float));
     s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
@@ -338,12 +337,12 @@ static int state_init(RunState *s, const Config *p, int threads) {
     size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
     s->xq.q = alloc_zeroed(B * widest, 1);
     s->xq.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
-    return s->xq.q && s->xq.scale && s->x && s->xb && s->xb2 && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
+    return s->xq.q && s->xq.scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
                    s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
-    free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->hb); free(s->hb2);
+    free(s->x); free(s->xb); free(s->q); free(s->hb); free(s->hb2);
     free(s->att); free(s->rope_cos); free(s->rope_sin); free(s->logits);
     free(s->xq.q); free(s->xq.scale);
 }
@@ -1543,6 +1542,9 @@ static float read_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
 static uint64_t read_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 static int section_cursor(const Model *m, Section s, const char *name, size_t align, Cursor *c) {
+    if (s.offset < KVC_HEADER_BYTES)
+        return fail("bad header: the %s section starts at %llu, inside the %d-byte header", name,
+                    (unsigned long long)s.offset, KVC_HEADER_BYTES);
     if (s.offset > m->map_size || s.size > m->map_size - s.offset)
         return fail("bad header: the %s section (%llu bytes at %llu) runs past the end of the %zu-byte file", name,
                     (unsigned long long)s.size, (unsigned long long)s.offset, m->map_size);
@@ -1966,6 +1968,7 @@ typedef struct {
     int prompt_tokens, generated_tokens;
     double prefill_seconds, decode_seconds;
     int stop_token;  // the token that ended the reply, -1 if max_tokens or the context ended it
+    int last_token;  // the last token generated (not yet in the cache), -1 if none
 } GenerationStats;
 
 // Feeds `prompt` at *pos, then samples up to max_tokens, streaming text, until `stop` (or eos).
@@ -1973,7 +1976,7 @@ typedef struct {
 static int generate_from(Model *m, Sampler *sampler, const int *prompt, int n_prompt, int *pos, int max_tokens,
                          int stop, GenerationStats *stats) {
     const Config *p = &m->config;
-    *stats = (GenerationStats){n_prompt, 0, 0, 0, -1};
+    *stats = (GenerationStats){n_prompt, 0, 0, 0, -1, -1};
     double start = now_seconds();
     if (forward(m, prompt, n_prompt, *pos, NULL)) return -1;
     *pos += n_prompt;
@@ -1991,10 +1994,12 @@ static int generate_from(Model *m, Sampler *sampler, const int *prompt, int n_pr
         const char *piece = token_text(&m->tokenizer, prev, next, &len);
         stream_write(&out, piece, len);
         stats->generated_tokens++;
+        stats->last_token = next;
         prev = next;
         if (*pos >= p->seq_len || i + 1 == max_tokens) break; // nothing will read its logits
         if (forward(m, &next, 1, *pos, NULL)) return -1;
         (*pos)++;
+        stats->last_token = -1;
     }
     stream_flush(&out);
     stats->decode_seconds = now_seconds() - start;
@@ -2169,12 +2174,12 @@ static int cli_generate(Model *m, Sampler *sampler, const char *prompt, int step
     if (!ids) return fail("out of memory");
     int n = encode(&m->tokenizer, prompt, len, 1, 0, ids);
     if (n == 0) fail("nothing to start from: give a prompt with -i");
-    else if (n > p->seq_len) fail("the prompt is %d tokens but the context holds %d", n, p->seq_len);
-    if (n <= 0 || n > p->seq_len) {
+    else if (n >= p->seq_len) fail("the prompt is %d tokens but the context holds %d", n, p->seq_len);
+    if (n <= 0 || n >= p->seq_len) {
         free(ids);
         return -1;
     }
-    int room = p->seq_len - n;
+    int room = p->seq_len - n + 1; // the last token sampled needs no cache slot
     if (steps <= 0 || steps > room) {
         if (steps > room) fprintf(stderr, "note: -n %d is more than the context leaves (%d); generating up to %d\n", steps, room, room);
         steps = room;
@@ -2227,16 +2232,17 @@ static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
         free(ids);
         if (rc) break;
         printf("\n");
+        int unfed = stats.last_token >= 0; // a reply cut short: its last token is not in the cache yet
         fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens,
-                pos - stats.prompt_tokens - stats.generated_tokens);
+                pos + unfed - stats.prompt_tokens - stats.generated_tokens);
         print_stats(&stats);
-        // the reply's end-of-turn token belongs in the cache before the next message
-        int end = stop;
-        if (pos >= p->seq_len || forward(m, &end, 1, pos, NULL)) {
+        // the reply's unfed token and its end-of-turn token belong in the cache before the next message
+        int tail[2] = {stats.last_token, stop};
+        if (pos + unfed >= p->seq_len || forward(m, tail + !unfed, 1 + unfed, pos, NULL)) {
             fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", p->seq_len);
             break;
         }
-        pos++;
+        pos += 1 + unfed;
         glue = chat_after_reply(m);
         turn++;
     }

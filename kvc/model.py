@@ -69,8 +69,9 @@ class Model:
     def close(self) -> None:
         """Free the model and its cache now (views from kv_cache become invalid)."""
         if self._m is not None:
-            self._lib.kvc_close(ffi.gc(self._m, None))
-            self._m = None
+            m, self._m = self._m, None
+            ffi.gc(m, None)  # detaches the finalizer (and returns None), so kvc_close runs once
+            self._lib.kvc_close(m)
 
     def __enter__(self) -> "Model":
         return self
