@@ -133,6 +133,8 @@ static int check_config(const Config *p) {
     if (p->head_dim % 2) return fail("bad header: head_dim = %d is odd (RoPE rotates pairs)", p->head_dim);
     if (!(p->rope_theta > 0) || !isfinite(p->rope_theta)) return fail("bad header: rope_theta = %g", p->rope_theta);
     if (!(p->norm_eps > 0) || !(p->norm_eps < 1)) return fail("bad header: norm_eps = %g", p->norm_eps);
+    if (p->shared_classifier != 0 && p->shared_classifier != 1)
+        return fail("bad header: shared_classifier = %d (must be 0 or 1)", p->shared_classifier);
     if (p->weight_type != WEIGHT_F32 && p->weight_type != WEIGHT_Q8_0)
         return fail("bad header: unknown weight type %d", p->weight_type);
     if (p->weight_type == WEIGHT_Q8_0) {
