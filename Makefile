@@ -14,7 +14,7 @@ SP_MODEL := $(KVC_DATA)/x/mistral_common/data/tokenizer.model.v1
 MODEL := models/smollm2-135m-instruct.bin
 export KVC_DATA
 
-.PHONY: all setup data model test chat asan clean
+.PHONY: all setup data model test chat bench asan clean
 all: run libkvc.so
 
 run: run.c
@@ -57,6 +57,10 @@ test: setup all data
 
 chat: all model
 	./run $(MODEL) -m chat
+
+# prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0
+bench: all model
+	$(PY) -m kvc.bench $(BENCH_ARGS)
 
 clean:
 	rm -f run run_asan libkvc.so

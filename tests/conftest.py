@@ -48,17 +48,26 @@ def sp_model() -> Path:
     return _from_wheel(MISTRAL_WHEEL, MISTRAL_SP_MEMBER)
 
 
-@pytest.fixture(scope="session")
-def smollm2_bin(smollm2_gguf) -> Path:
-    """SmolLM2 exported to f32 kvc at models/smollm2-135m-instruct.bin.
-
-    Kept between runs; exported again when the exporter or the format is newer than the file.
-    """
+def _exported(gguf: Path, name: str, dtype: str) -> Path:
+    """SmolLM2 exported to models/<name>, kept between runs and exported again when the exporter
+    or the format is newer than the file."""
     from export import export_model
 
-    out = ROOT / "models" / "smollm2-135m-instruct.bin"
+    out = ROOT / "models" / name
     sources = list((ROOT / "export").glob("*.py")) + [ROOT / "kvc" / "format.py"]
     if not out.is_file() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         out.parent.mkdir(exist_ok=True)
-        export_model(smollm2_gguf, out)
+        export_model(gguf, out, dtype=dtype)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_bin(smollm2_gguf) -> Path:
+    """SmolLM2 exported to f32 kvc at models/smollm2-135m-instruct.bin (what `make model` makes)."""
+    return _exported(smollm2_gguf, "smollm2-135m-instruct.bin", "f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8_bin(smollm2_gguf) -> Path:
+    """SmolLM2 exported to Q8_0 (groups of 32), as `make bench` uses it."""
+    return _exported(smollm2_gguf, "smollm2-135m-instruct.q8_0.bin", "q8_0")
