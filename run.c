@@ -317,7 +317,7 @@ typedef struct {
     float *xb;                // (batch, max(dim, q_dim)) normed input / attention output
     float *q;                 // (batch, q_dim) queries
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
-    float *att;               // (threads, seq_len) attention weights, one row per thread
+    float *att;               // (threads, n_heads / n_kv_heads, seq_len) attention weights
     float *rope_cos, *rope_sin; // (batch, head_dim / 2) for the block's positions
     float *logits;            // (vocab) of the block's last token
     QuantizedRows xq;         // (batch, widest matmul input) activations for int8 weights
@@ -332,7 +332,7 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    s->att = alloc_zeroed((size_t)s->threads * p->seq_len, sizeof(float));
+    s->att = alloc_zeroed((size_t)s->threads * (p->n_heads / p->n_kv_heads) * p->seq_len, sizeof(float));
     s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
@@ -499,33 +499,80 @@ static void dot4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, i
 #endif
 }
 
-// Row i of W against all n tokens: the row is loaded once and stays in L1 across the tokens.
-static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int n, int in) {
+// Four weight rows against four tokens: 16 accumulators, so every load feeds four FMAs and the
+// block is compute-bound rather than bound by streaming activations from L2 (prefill).
+static void dot4x4(const float *w, const float *x, int n, float out[4][4]) {
+#if defined(__AVX512F__)
+    // named accumulators: gcc spills an array of them to the stack on every iteration
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00,
+           a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x0 = _mm512_maskz_loadu_ps(m, x + i), x1 = _mm512_maskz_loadu_ps(m, x + n + i),
+               x2 = _mm512_maskz_loadu_ps(m, x + 2 * n + i), x3 = _mm512_maskz_loadu_ps(m, x + 3 * n + i);
+        __m512 w0 = _mm512_maskz_loadu_ps(m, w + i);
+        a00 = _mm512_fmadd_ps(w0, x0, a00); a01 = _mm512_fmadd_ps(w0, x1, a01);
+        a02 = _mm512_fmadd_ps(w0, x2, a02); a03 = _mm512_fmadd_ps(w0, x3, a03);
+        __m512 w1 = _mm512_maskz_loadu_ps(m, w + n + i);
+        a10 = _mm512_fmadd_ps(w1, x0, a10); a11 = _mm512_fmadd_ps(w1, x1, a11);
+        a12 = _mm512_fmadd_ps(w1, x2, a12); a13 = _mm512_fmadd_ps(w1, x3, a13);
+        __m512 w2 = _mm512_maskz_loadu_ps(m, w + 2 * n + i);
+        a20 = _mm512_fmadd_ps(w2, x0, a20); a21 = _mm512_fmadd_ps(w2, x1, a21);
+        a22 = _mm512_fmadd_ps(w2, x2, a22); a23 = _mm512_fmadd_ps(w2, x3, a23);
+        __m512 w3 = _mm512_maskz_loadu_ps(m, w + 3 * n + i);
+        a30 = _mm512_fmadd_ps(w3, x0, a30); a31 = _mm512_fmadd_ps(w3, x1, a31);
+        a32 = _mm512_fmadd_ps(w3, x2, a32); a33 = _mm512_fmadd_ps(w3, x3, a33);
+    }
+    __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 4; t++) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+    for (int r = 0; r < 4; r++) dot4(w + (size_t)r * n, x, n, n, out[r]);
+#endif
+}
+
+static void store(const Projection *p, int t, int i, float value) {
+    float *o = p->out + (size_t)t * p->rows + i;
+    *o = value + (p->accumulate ? *o : 0.0f);
+}
+
+// Row i of W against tokens first..n-1: the row is loaded once and stays in L1 across the tokens.
+static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int first, int n, int in) {
     Matrix w = p->w;
     int four = w.f || w.group_size % 32 == 0; // 4-token kernels exist for fp32 and 32-aligned groups
     float r[4];
-    for (int t = 0; t < n;) {
+    for (int t = first; t < n;) {
         int k = four && n - t >= 4 ? 4 : 1;
         if (k == 1) r[0] = dot_row(w, i, x, xq, t, in);
         else if (w.f) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
         else dot4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r);
-        for (int j = 0; j < k; j++, t++) {
-            float *o = p->out + (size_t)t * p->rows + i;
-            *o = r[j] + (p->accumulate ? *o : 0.0f);
-        }
+        for (int j = 0; j < k; j++, t++) store(p, t, i, r[j]);
     }
 }
 
-// Matmuls that share their input (q, k, v; or w1, w3) as one loop over all their rows, so the
-// threads split the work once and meet at one barrier.
+// Rows i..i+count-1 (count <= 4) of W against all n tokens; fp32 blocks of 4 x 4 use dot4x4.
+static void matmul_block(const Projection *p, int i, int count, const float *x, const QuantizedRows *xq, int n, int in) {
+    int t = 0;
+    if (p->w.f && count == 4)
+        for (float r[4][4]; n - t >= 4; t += 4) {
+            dot4x4(p->w.f + (size_t)i * in, x + (size_t)t * in, in, r);
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
+        }
+    for (int a = 0; a < count; a++) matmul_row(p, i + a, x, xq, t, n, in);
+}
+
+// Matmuls that share their input (q, k, v; or w1, w3) as one loop over all their rows in blocks
+// of 4, so the threads split the work once and meet at one barrier.
 static void matmuls(const Projection *p, int count, const float *x, const QuantizedRows *xq, int n, int in) {
-    int total = 0;
-    for (int j = 0; j < count; j++) total += p[j].rows;
+    int blocks = 0;
+    for (int j = 0; j < count; j++) blocks += (p[j].rows + 3) / 4;
 #pragma omp for schedule(static)
-    for (int r = 0; r < total; r++) {
-        int j = 0, i = r;
-        while (i >= p[j].rows) i -= p[j++].rows;
-        matmul_row(&p[j], i, x, xq, n, in);
+    for (int b = 0; b < blocks; b++) {
+        int j = 0, i = 4 * b;
+        while (i >= 4 * ((p[j].rows + 3) / 4)) i -= 4 * ((p[j++].rows + 3) / 4);
+        int count_rows = p[j].rows - i < 4 ? p[j].rows - i : 4;
+        matmul_block(&p[j], i, count_rows, x, xq, n, in);
     }
 }
 
@@ -537,12 +584,42 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
 }
 
+#if defined(__AVX512F__)
+// e^x in 16 lanes: x = k ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative
+// error ~1e-7), times 2^k by vscalefps (which also takes care of underflow to 0).
+static __m512 exp16(__m512 x) {
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x); // ln2 split in two for precision
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+#endif
+
 static void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
     float sum = 0;
-    for (int i = 0; i < n; i++) sum += (x[i] = expf(x[i] - max));
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(max);
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; i < n; i++) sum += (x[i] = expf(x[i] - max));
+    float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) x[i] *= inv;
 }
 
 static void embed(float *out, Matrix table, int token, int dim) {
@@ -611,30 +688,41 @@ static const QuantizedRows *quantize_input(RunState *s, Matrix w, const float *x
     return &s->xq;
 }
 
-// Causal attention of the block's queries over the cache rows 0..pos+t; the block's own keys and
-// values are already in the cache. Query head h reads kv head h / (n_heads / n_kv_heads).
+// out += a * v over n values.
+static void axpy(float *restrict out, float a, const float *restrict v, int n) {
+    for (int d = 0; d < n; d++) out[d] += a * v[d];
+}
+
+// Attention of token t's query heads that share kv head `kv_head` over cache rows 0..pos+t: each
+// cached key and value row is read once for the whole group. att holds group x seq_len scores.
+static void attend(Model *m, int layer, int t, int kv_head, int pos, float *att) {
+    const Config *p = &m->config;
+    RunState *s = &m->state;
+    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = pos + t + 1;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q = s->q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
+    float *out = s->xb + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd;
+    for (int i = 0; i < len; i++) {
+        const float *k = cache_keys(&m->cache, layer, i) + kv_head * hd;
+        for (int g = 0; g < group; g++) att[(size_t)g * len + i] = dot(q + g * hd, k, hd) * scale;
+    }
+    for (int g = 0; g < group; g++) softmax(att + (size_t)g * len, len);
+    memset(out, 0, (size_t)group * hd * sizeof(float));
+    for (int i = 0; i < len; i++) {
+        const float *v = cache_values(&m->cache, layer, i) + kv_head * hd;
+        for (int g = 0; g < group; g++) axpy(out + g * hd, att[(size_t)g * len + i], v, hd);
+    }
+}
+
+// Causal attention of the block's queries over the cache; the block's own keys and values are
+// already in it. Query head h reads kv head h / (n_heads / n_kv_heads).
 static void attention(Model *m, int layer, int n, int pos) {
     const Config *p = &m->config;
     RunState *s = &m->state;
-    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)hd);
+    size_t scores = (size_t)(p->n_heads / p->n_kv_heads) * p->seq_len;
 #pragma omp for collapse(2) schedule(static)
-    for (int t = 0; t < n; t++) {
-        for (int h = 0; h < p->n_heads; h++) {
-            const float *q = s->q + (size_t)t * q_dim(p) + h * hd;
-            float *att = s->att + (size_t)thread_index() * p->seq_len;
-            int kv_offset = (h / group) * hd, len = pos + t + 1;
-            for (int i = 0; i < len; i++) att[i] = dot(q, cache_keys(&m->cache, layer, i) + kv_offset, hd) * scale;
-            softmax(att, len);
-            float *out = s->xb + (size_t)t * q_dim(p) + h * hd;
-            memset(out, 0, hd * sizeof(float));
-            for (int i = 0; i < len; i++) {
-                const float *v = cache_values(&m->cache, layer, i) + kv_offset;
-                float a = att[i];
-                for (int d = 0; d < hd; d++) out[d] += a * v[d];
-            }
-        }
-    }
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < p->n_kv_heads; h++) attend(m, layer, t, h, pos, s->att + thread_index() * scores);
 }
 
 static void swiglu(float *gate, const float *up, size_t n) {
