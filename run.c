@@ -688,9 +688,40 @@ static const QuantizedRows *quantize_input(RunState *s, Matrix w, const float *x
     return &s->xq;
 }
 
-// out += a * v over n values.
-static void axpy(float *restrict out, float a, const float *restrict v, int n) {
-    for (int d = 0; d < n; d++) out[d] += a * v[d];
+// A head's slice of a cache row is a few cache lines every kv_dim floats: a stride the hardware
+// prefetcher does not follow, so ask for rows this far ahead ourselves.
+#define PREFETCH_ROWS 16
+
+static void prefetch(const float *p, int n) {
+    for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+// out = sum over i < len of weights[i] * rows[i * stride .. + n]: the values weighted by attention.
+static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
+    int d = 0;
+#if defined(__AVX512F__)
+    for (; d + 64 <= n; d += 64) { // 64 dims in 4 registers, accumulated over every row
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *v = rows + d;
+        for (int i = 0; i < len; i++, v += stride) {
+            if (i + PREFETCH_ROWS < len) prefetch(v + PREFETCH_ROWS * stride, 64);
+            __m512 w = _mm512_set1_ps(weights[i]);
+            a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), a0);
+            a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), a1);
+            a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 32), a2);
+            a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 48), a3);
+        }
+        _mm512_storeu_ps(out + d, a0);
+        _mm512_storeu_ps(out + d + 16, a1);
+        _mm512_storeu_ps(out + d + 32, a2);
+        _mm512_storeu_ps(out + d + 48, a3);
+    }
+#endif
+    for (; d < n; d++) { // the rest (all of it without AVX-512), one dim at a time
+        float sum = 0;
+        for (int i = 0; i < len; i++) sum += weights[i] * rows[(size_t)i * stride + d];
+        out[d] = sum;
+    }
 }
 
 // Attention of token t's query heads that share kv head `kv_head` over cache rows 0..pos+t: each
@@ -704,13 +735,13 @@ static void attend(Model *m, int layer, int t, int kv_head, int pos, float *att)
     float *out = s->xb + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd;
     for (int i = 0; i < len; i++) {
         const float *k = cache_keys(&m->cache, layer, i) + kv_head * hd;
+        if (i + PREFETCH_ROWS < len) prefetch(cache_keys(&m->cache, layer, i + PREFETCH_ROWS) + kv_head * hd, hd);
         for (int g = 0; g < group; g++) att[(size_t)g * len + i] = dot(q + g * hd, k, hd) * scale;
     }
     for (int g = 0; g < group; g++) softmax(att + (size_t)g * len, len);
-    memset(out, 0, (size_t)group * hd * sizeof(float));
-    for (int i = 0; i < len; i++) {
-        const float *v = cache_values(&m->cache, layer, i) + kv_head * hd;
-        for (int g = 0; g < group; g++) axpy(out + g * hd, att[(size_t)g * len + i], v, hd);
+    for (int g = 0; g < group; g++) {
+        const float *v = cache_values(&m->cache, layer, 0) + kv_head * hd;
+        weighted_sum(out + g * hd, att + (size_t)g * len, v, (size_t)kv_dim(p), len, hd);
     }
 }
 
