@@ -696,6 +696,11 @@ static void prefetch(const float *p, int n) {
     for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
+// out += a * v over n values.
+static void axpy(float *restrict out, float a, const float *restrict v, int n) {
+    for (int d = 0; d < n; d++) out[d] += a * v[d];
+}
+
 // out = sum over i < len of weights[i] * rows[i * stride .. + n]: the values weighted by attention.
 static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
     int d = 0;
@@ -717,11 +722,8 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
         _mm512_storeu_ps(out + d + 48, a3);
     }
 #endif
-    for (; d < n; d++) { // the rest (all of it without AVX-512), one dim at a time
-        float sum = 0;
-        for (int i = 0; i < len; i++) sum += weights[i] * rows[(size_t)i * stride + d];
-        out[d] = sum;
-    }
+    for (int k = d; k < n; k++) out[k] = 0; // the rest (all of it without AVX-512), row by row
+    for (int i = 0; i < len && d < n; i++) axpy(out + d, weights[i], rows + (size_t)i * stride + d, n - d);
 }
 
 // Attention of token t's query heads that share kv head `kv_head` over cache rows 0..pos+t: each
