@@ -306,9 +306,13 @@ static void cache_free(KVCache *c) {
 
 // Activations quantized like Q8_0 weights: int8 values, one scale per group of the row's length.
 typedef struct {
-    int8_t *q;
-    float *scale;
+    int8_t *q;          // (tokens, in) values, padded by 64 bytes: the AVX-512 kernel reads whole 64s
+    float *scale;       // (tokens, in / group_size)
+    float *lane_scale;  // (tokens, 16 * ceil(in / 64)): for each 64 values, the scale of the first 32
+                        // in lanes 0-7 and of the next 32 in lanes 8-15, as the AVX-512 kernel uses them
 } QuantizedRows;
+
+static size_t lane_scales_per_row(int n) { return 16 * (size_t)((n + 63) / 64); }
 
 typedef struct {
     int threads;              // OpenMP threads of this model's parallel regions
@@ -337,16 +341,17 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
     size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
-    s->xq.q = alloc_zeroed(B * widest, 1);
+    s->xq.q = alloc_zeroed(B * widest + 64, 1);
     s->xq.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
-    return s->xq.q && s->xq.scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
+    s->xq.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
+    return s->xq.q && s->xq.scale && s->xq.lane_scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
                    s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->hb); free(s->hb2);
     free(s->att); free(s->rope_cos); free(s->rope_sin); free(s->logits);
-    free(s->xq.q); free(s->xq.scale);
+    free(s->xq.q); free(s->xq.scale); free(s->xq.lane_scale);
 }
 
 typedef struct {
@@ -395,36 +400,84 @@ static float dot(const float *a, const float *b, int n) {
 #endif
 }
 
-static void quantize_row(int8_t *q, float *scale, const float *x, int n, int group_size) {
-    for (int g = 0; g < n / group_size; g++) {
-        const float *xg = x + g * group_size;
-        float amax = 0;
-        for (int j = 0; j < group_size; j++) amax = fmaxf(amax, fabsf(xg[j]));
-        float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f; // an all-zero group stays zero
-        scale[g] = s;
-        for (int j = 0; j < group_size; j++) q[g * group_size + j] = (int8_t)lrintf(xg[j] * inv);
+// Quantizes one group: its scale is max|x| / 127 (0 for an all-zero group, which stays zero).
+static float quantize_group(int8_t *q, const float *x, int n) {
+    float amax = 0;
+    int j = 0;
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        __m512 m = _mm512_setzero_ps();
+        for (; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+        amax = _mm512_reduce_max_ps(m);
+        float s = amax / 127.0f;
+        __m512 inv = _mm512_set1_ps(s > 0 ? 1.0f / s : 0.0f);
+        for (j = 0; j < n; j += 16) // rounds to nearest even, as lrintf does
+            _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), inv))));
+        return s;
     }
+#endif
+    for (; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
+    for (j = 0; j < n; j++) q[j] = (int8_t)lrintf(x[j] * inv);
+    return s;
 }
 
-// An int8 weight row dotted with int8 activations: int32 sums per group, scaled in fp32.
-static float dot_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int group_size) {
+static void quantize_row(int8_t *q, float *scale, float *lane_scale, const float *x, int n, int group_size) {
+    for (int g = 0; g < n / group_size; g++)
+        scale[g] = quantize_group(q + g * group_size, x + g * group_size, group_size);
+    for (int i = 0; i < n; i += 32) // lanes past the end stay 0
+        for (int lane = 0; lane < 8; lane++) lane_scale[i / 4 + lane] = scale[i / group_size];
+}
+
+// The AVX-512 int8 kernels take groups of 32, 64, 128... (a group index is then a shift away).
+static int q8_simd_shift(int group_size) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (group_size % 32 == 0) {
+    if (group_size >= 32 && (group_size & (group_size - 1)) == 0) return __builtin_ctz(group_size);
+#endif
+    (void)group_size;
+    return -1;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 64 int8 weights at w + i (32 at the end of a row of n), 128 * their sums per 4 bytes, and their
+// group scales spread over lanes 0-7 (first 32 values) and 8-15 (next 32).
+static __m512i q8_weights(const int8_t *w, const float *ws, int i, int n, int shift, __m512i *bias, __m512 *scale) {
+    __m512i wv = _mm512_maskz_loadu_epi8(n - i >= 64 ? ~0ull : 0xFFFFFFFFull, w + i);
+    *bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wv);
+    float upper = n - i > 32 ? ws[(i + 32) >> shift] : 0.0f;
+    *scale = _mm512_insertf32x8(_mm512_set1_ps(ws[i >> shift]), _mm256_set1_ps(upper), 1);
+    return wv;
+}
+
+// acc + those 64 weights against 64 int8 activations, summed per 4 bytes and scaled. dpbusd
+// multiplies unsigned by signed bytes: x goes in as x + 128 (its sign bit flipped) and the
+// weights' bias (128 * their sum) comes back off.
+static __m512 q8_chunk(__m512 acc, __m512i w, __m512i bias, __m512 w_scale, const int8_t *x, const float *x_lane_scale) {
+    __m512i x_unsigned = _mm512_xor_si512(_mm512_loadu_si512(x), _mm512_set1_epi8((char)0x80));
+    __m512i sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_unsigned, w), bias);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, _mm512_loadu_ps(x_lane_scale)), acc);
+}
+#endif
+
+// An int8 weight row (scales ws) dotted with token t's int8 activations: int32 sums per group,
+// scaled in fp32.
+static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size) {
+    const int8_t *x = xq->q + (size_t)t * n;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int shift = q8_simd_shift(group_size);
+    if (shift >= 0) {
+        const float *lanes = xq->lane_scale + (size_t)t * lane_scales_per_row(n);
         __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 64) { // two 32-value halves; each half lies in one group
-            __m512i wv = _mm512_loadu_si512(w + i), xv = _mm512_loadu_si512(x + i);
-            // dpbusd multiplies unsigned by signed bytes: move w's sign onto x, use |w|
-            __mmask64 negative = _mm512_movepi8_mask(wv);
-            __m512i x_signed = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-            __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), x_signed);
-            int g0 = i / group_size, g1 = (i + 32) / group_size;
-            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g0] * xs[g0]), _mm256_set1_ps(ws[g1] * xs[g1]), 1);
-            if (i + 64 > n) scale = _mm512_maskz_mov_ps(0x00FF, scale); // n is a multiple of 32: drop the half past the end
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+        for (int i = 0; i < n; i += 64) {
+            __m512i bias;
+            __m512 w_scale;
+            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+            acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
         }
         return _mm512_reduce_add_ps(acc);
     }
 #endif
+    const float *xs = xq->scale + (size_t)t * (n / group_size);
     float sum = 0;
     for (int g = 0; g < n / group_size; g++) {
         int32_t s = 0;
@@ -465,37 +518,84 @@ typedef struct {
 
 static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
     if (w.f) return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
-    int groups = in / w.group_size;
-    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * groups, xq->q + (size_t)t * in,
-                  xq->scale + (size_t)t * groups, in, w.group_size);
+    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * (in / w.group_size), xq, t, in, w.group_size);
 }
 
-// One int8 weight row against 4 tokens' int8 activations: |w| and w's sign are computed once per
-// load and reused for the 4 tokens (prefill). Needs group_size % 32 == 0.
+// One int8 weight row against tokens t..t+3: each 64 weights are loaded and prepared once for the
+// four tokens (prefill).
 static void dot4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size, float out[4]) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int groups = n / group_size;
-    for (int i = 0; i < n; i += 64) {
-        __m512i wv = _mm512_loadu_si512(w + i), w_abs = _mm512_abs_epi8(wv);
-        __mmask64 negative = _mm512_movepi8_mask(wv);
-        int g0 = i / group_size, g1 = (i + 32) / group_size;
-        __mmask16 lanes = i + 64 > n ? 0x00FF : 0xFFFF; // n is a multiple of 32: drop the half past the end
-        for (int k = 0; k < 4; k++) {
-            const int8_t *x = xq->q + (size_t)(t + k) * n;
-            const float *xs = xq->scale + (size_t)(t + k) * groups;
-            __m512i xv = _mm512_loadu_si512(x + i);
-            __m512i x_signed = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-            __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs, x_signed);
-            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(ws[g0] * xs[g0]), _mm256_set1_ps(ws[g1] * xs[g1]), 1);
-            acc[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[k], lanes);
+    int shift = q8_simd_shift(group_size);
+    if (shift >= 0) {
+        size_t lanes_per_row = lane_scales_per_row(n);
+        const int8_t *x = xq->q + (size_t)t * n;
+        const float *lanes = xq->lane_scale + (size_t)t * lanes_per_row;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < n; i += 64) {
+            __m512i bias;
+            __m512 w_scale;
+            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+            a0 = q8_chunk(a0, wv, bias, w_scale, x + i, lanes + i / 4);
+            a1 = q8_chunk(a1, wv, bias, w_scale, x + n + i, lanes + lanes_per_row + i / 4);
+            a2 = q8_chunk(a2, wv, bias, w_scale, x + 2 * n + i, lanes + 2 * lanes_per_row + i / 4);
+            a3 = q8_chunk(a3, wv, bias, w_scale, x + 3 * n + i, lanes + 3 * lanes_per_row + i / 4);
         }
+        out[0] = _mm512_reduce_add_ps(a0);
+        out[1] = _mm512_reduce_add_ps(a1);
+        out[2] = _mm512_reduce_add_ps(a2);
+        out[3] = _mm512_reduce_add_ps(a3);
+        return;
     }
-    for (int k = 0; k < 4; k++) out[k] = _mm512_reduce_add_ps(acc[k]);
+#endif
+    for (int k = 0; k < 4; k++) out[k] = dot_q8(w, ws, xq, t + k, n, group_size);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One prepared row of 64 weights against four tokens' prepared activations (x + 128 and their lane
+// scales), into four accumulators: the inner step of dot4x4_q8.
+static inline void q8_row_x4(const int8_t *w, const float *ws, int i, int n, int shift, const __m512i x[4],
+                             const __m512 x_scale[4], __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
+    __m512i bias;
+    __m512 w_scale;
+    __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+    __m512i neg_bias = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+    *a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[0], wv)), _mm512_mul_ps(w_scale, x_scale[0]), *a0);
+    *a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[1], wv)), _mm512_mul_ps(w_scale, x_scale[1]), *a1);
+    *a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[2], wv)), _mm512_mul_ps(w_scale, x_scale[2]), *a2);
+    *a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[3], wv)), _mm512_mul_ps(w_scale, x_scale[3]), *a3);
+}
+#endif
+
+// Four int8 weight rows (row stride n) against tokens t..t+3: each token's activations are
+// prepared once per 64 values for the four rows, so prefill streams them from L2 a quarter as often.
+// Returns 0 where there is no such kernel (no AVX-512 VNNI, or groups not a power of two >= 32).
+static int dot4x4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size,
+                     float out[4][4]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int shift = q8_simd_shift(group_size), groups = n / group_size;
+    if (shift < 0) return 0;
+    size_t lanes_per_row = lane_scales_per_row(n);
+    __m512 r00 = _mm512_setzero_ps(), r01 = r00, r02 = r00, r03 = r00, r10 = r00, r11 = r00, r12 = r00, r13 = r00,
+           r20 = r00, r21 = r00, r22 = r00, r23 = r00, r30 = r00, r31 = r00, r32 = r00, r33 = r00;
+    for (int i = 0; i < n; i += 64) {
+        __m512i x[4];
+        __m512 x_scale[4];
+        for (int k = 0; k < 4; k++) {
+            x[k] = _mm512_xor_si512(_mm512_loadu_si512(xq->q + (size_t)(t + k) * n + i), _mm512_set1_epi8((char)0x80));
+            x_scale[k] = _mm512_loadu_ps(xq->lane_scale + (size_t)(t + k) * lanes_per_row + i / 4);
+        }
+        q8_row_x4(w, ws, i, n, shift, x, x_scale, &r00, &r01, &r02, &r03);
+        q8_row_x4(w + n, ws + groups, i, n, shift, x, x_scale, &r10, &r11, &r12, &r13);
+        q8_row_x4(w + 2 * (size_t)n, ws + 2 * groups, i, n, shift, x, x_scale, &r20, &r21, &r22, &r23);
+        q8_row_x4(w + 3 * (size_t)n, ws + 3 * groups, i, n, shift, x, x_scale, &r30, &r31, &r32, &r33);
+    }
+    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
+    for (int r = 0; r < 4; r++)
+        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+    return 1;
 #else
-    int groups = n / group_size;
-    for (int k = 0; k < 4; k++)
-        out[k] = dot_q8(w, ws, xq->q + (size_t)(t + k) * n, xq->scale + (size_t)(t + k) * groups, n, group_size);
+    (void)w, (void)ws, (void)xq, (void)t, (void)n, (void)group_size, (void)out;
+    return 0;
 #endif
 }
 
@@ -539,7 +639,7 @@ static void store(const Projection *p, int t, int i, float value) {
 // Row i of W against tokens first..n-1: the row is loaded once and stays in L1 across the tokens.
 static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int first, int n, int in) {
     Matrix w = p->w;
-    int four = w.f || w.group_size % 32 == 0; // 4-token kernels exist for fp32 and 32-aligned groups
+    int four = w.f || q8_simd_shift(w.group_size) >= 0; // 4-token kernels: fp32, and int8 on AVX-512
     float r[4];
     for (int t = first; t < n;) {
         int k = four && n - t >= 4 ? 4 : 1;
@@ -550,15 +650,18 @@ static void matmul_row(const Projection *p, int i, const float *x, const Quantiz
     }
 }
 
-// Rows i..i+count-1 (count <= 4) of W against all n tokens; fp32 blocks of 4 x 4 use dot4x4.
+// Rows i..i+count-1 (count <= 4) of W against all n tokens, in blocks of 4 rows x 4 tokens where
+// a kernel exists for them.
 static void matmul_block(const Projection *p, int i, int count, const float *x, const QuantizedRows *xq, int n, int in) {
+    Matrix w = p->w;
     int t = 0;
-    if (p->w.f && count == 4)
-        for (float r[4][4]; n - t >= 4; t += 4) {
-            dot4x4(p->w.f + (size_t)i * in, x + (size_t)t * in, in, r);
-            for (int a = 0; a < 4; a++)
-                for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
-        }
+    for (float r[4][4]; count == 4 && n - t >= 4; t += 4) {
+        if (w.f) dot4x4(w.f + (size_t)i * in, x + (size_t)t * in, in, r);
+        else if (!dot4x4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r))
+            break;
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
+    }
     for (int a = 0; a < count; a++) matmul_row(p, i + a, x, xq, t, n, in);
 }
 
@@ -683,8 +786,8 @@ static const QuantizedRows *quantize_input(RunState *s, Matrix w, const float *x
     if (w.f) return NULL;
 #pragma omp for schedule(static)
     for (int t = 0; t < n; t++)
-        quantize_row(s->xq.q + (size_t)t * in, s->xq.scale + (size_t)t * (in / w.group_size), x + (size_t)t * in, in,
-                     w.group_size);
+        quantize_row(s->xq.q + (size_t)t * in, s->xq.scale + (size_t)t * (in / w.group_size),
+                     s->xq.lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
     return &s->xq;
 }
 
