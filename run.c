@@ -314,7 +314,7 @@ typedef struct {
 
 static size_t lane_scales_per_row(int n) { return 16 * (size_t)((n + 63) / 64); }
 
-typedef struct {
+typedef struct RunState {
     int threads;              // OpenMP threads of this model's parallel regions
     int batch;                // tokens per forward block
     float *x;                 // (batch, dim) residual stream
@@ -322,7 +322,8 @@ typedef struct {
     float *q;                 // (batch, q_dim) queries
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, n_heads / n_kv_heads, seq_len) attention weights
-    float *rope_cos, *rope_sin; // (batch, head_dim / 2) for the block's positions
+    int rope_half;            // head_dim / 2: RoPE rotates pairs (2j, 2j+1) of each head
+    float *rope_cos, *rope_sin; // (batch, rope_half) for the block's positions
     float *logits;            // (vocab) of the block's last token
     QuantizedRows xq;         // (batch, widest matmul input) activations for int8 weights
 } RunState;
@@ -337,6 +338,7 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->att = alloc_zeroed((size_t)s->threads * (p->n_heads / p->n_kv_heads) * p->seq_len, sizeof(float));
+    s->rope_half = p->head_dim / 2;
     s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
@@ -509,11 +511,13 @@ static void dot4(const float *w, const float *x, size_t stride, int n, float out
 }
 
 // A matmul's output: out (n x rows) = x W^T, or out += x W^T when accumulate (residual adds).
+// With rope set, each finished block of rows is rotated by RoPE (queries and keys).
 typedef struct {
     float *out;
     Matrix w;
     int rows;
     int accumulate;
+    const struct RunState *rope;
 } Projection;
 
 static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
@@ -665,8 +669,24 @@ static void matmul_block(const Projection *p, int i, int count, const float *x, 
     for (int a = 0; a < count; a++) matmul_row(p, i + a, x, xq, t, n, in);
 }
 
-// Matmuls that share their input (q, k, v; or w1, w3) as one loop over all their rows in blocks
-// of 4, so the threads split the work once and meet at one barrier.
+// Rotates output rows i..i+count-1 (whole pairs: blocks and heads start on even rows) of every
+// token by its position: pair (2j, 2j+1) of a head turns by position * theta^(-2j/head_dim).
+static void rope_rows(const Projection *p, int i, int count, int n) {
+    const struct RunState *s = p->rope;
+    for (int t = 0; t < n; t++) {
+        float *row = p->out + (size_t)t * p->rows;
+        const float *cos_t = s->rope_cos + (size_t)t * s->rope_half, *sin_t = s->rope_sin + (size_t)t * s->rope_half;
+        for (int r = i; r < i + count; r += 2) {
+            int j = (r / 2) % s->rope_half;
+            float a = row[r], b = row[r + 1];
+            row[r] = a * cos_t[j] - b * sin_t[j];
+            row[r + 1] = a * sin_t[j] + b * cos_t[j];
+        }
+    }
+}
+
+// Matmuls that share their input (q, k, v) as one loop over all their rows in blocks of 4, so the
+// threads split the work once and meet at one barrier.
 static void matmuls(const Projection *p, int count, const float *x, const QuantizedRows *xq, int n, int in) {
     int blocks = 0;
     for (int j = 0; j < count; j++) blocks += (p[j].rows + 3) / 4;
@@ -676,6 +696,7 @@ static void matmuls(const Projection *p, int count, const float *x, const Quanti
         while (i >= 4 * ((p[j].rows + 3) / 4)) i -= 4 * ((p[j++].rows + 3) / 4);
         int count_rows = p[j].rows - i < 4 ? p[j].rows - i : 4;
         matmul_block(&p[j], i, count_rows, x, xq, n, in);
+        if (p[j].rope) rope_rows(&p[j], i, count_rows, n);
     }
 }
 
@@ -751,34 +772,20 @@ static void rope_table(RunState *s, const Config *p, int pos, int n) {
     }
 }
 
-// Rotates interleaved pairs (2j, 2j+1) of every head of token t's vector.
-static void rope(float *v, int n_heads, const RunState *s, const Config *p, int t) {
-    int half = p->head_dim / 2;
-    const float *cos_t = s->rope_cos + t * half, *sin_t = s->rope_sin + t * half;
-    for (int h = 0; h < n_heads; h++) {
-        float *head = v + h * p->head_dim;
-        for (int j = 0; j < half; j++) {
-            float a = head[2 * j], b = head[2 * j + 1];
-            head[2 * j] = a * cos_t[j] - b * sin_t[j];
-            head[2 * j + 1] = a * sin_t[j] + b * cos_t[j];
-        }
-    }
-}
-
 // The steps below are worksharing loops ("omp for"), called by every thread of the one parallel
 // region forward_block opens: threads meet at a barrier per step instead of forking per matmul.
 
-static void rmsnorm_rows(float *out, const float *x, const float *weight, int n, int dim, float eps) {
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
-}
-
-static void rope_rows(const RunState *s, const Config *p, float *q, float *k, int n) {
+// RMSNorm of n rows of x into out, quantized as well when the next matmul's weights are int8.
+static const QuantizedRows *norm_rows(RunState *s, float *out, const float *x, const float *weight, Matrix next, int n,
+                                      int dim, float eps) {
 #pragma omp for schedule(static)
     for (int t = 0; t < n; t++) {
-        rope(q + (size_t)t * q_dim(p), p->n_heads, s, p, t);
-        rope(k + (size_t)t * kv_dim(p), p->n_kv_heads, s, p, t);
+        rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
+        if (next.q)
+            quantize_row(s->xq.q + (size_t)t * dim, s->xq.scale + (size_t)t * (dim / next.group_size),
+                         s->xq.lane_scale + t * lane_scales_per_row(dim), out + (size_t)t * dim, dim, next.group_size);
     }
+    return next.q ? &s->xq : NULL;
 }
 
 // For int8 weights, quantizes the matmul input x (n x in) into the state's buffer; NULL for fp32.
@@ -861,9 +868,21 @@ static void attention(Model *m, int layer, int n, int pos) {
         for (int h = 0; h < p->n_kv_heads; h++) attend(m, layer, t, h, pos, s->att + thread_index() * scores);
 }
 
-static void swiglu(float *gate, const float *up, size_t n) {
+// The feed-forward's two input matmuls and its gate in one loop: the thread that computes a block
+// of hidden rows for W1 and W3 also finishes it, hb = silu(x W1^T) * x W3^T.
+static void gate_up(RunState *s, Matrix w1, Matrix w3, const float *x, const QuantizedRows *xq, int n, int in, int hid) {
+    Projection gate = {s->hb, w1, hid, 0, NULL}, up = {s->hb2, w3, hid, 0, NULL};
 #pragma omp for schedule(static)
-    for (size_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i]; // silu(gate) * up
+    for (int b = 0; b < (hid + 3) / 4; b++) {
+        int i = 4 * b, count = hid - i < 4 ? hid - i : 4;
+        matmul_block(&gate, i, count, x, xq, n, in);
+        matmul_block(&up, i, count, x, xq, n, in);
+        for (int t = 0; t < n; t++)
+            for (int r = i; r < i + count; r++) {
+                float g = s->hb[(size_t)t * hid + r];
+                s->hb[(size_t)t * hid + r] = g / (1.0f + expf(-g)) * s->hb2[(size_t)t * hid + r];
+            }
+    }
 }
 
 // One layer for the block's n tokens at positions pos..: attention, then the SwiGLU feed-forward,
@@ -875,25 +894,22 @@ static void layer_forward(Model *m, int l, int n, int pos) {
     int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
     float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
 
-    rmsnorm_rows(s->xb, s->x, w->rms_att + (size_t)l * dim, n, dim, p->norm_eps);
-    const QuantizedRows *xq = quantize_input(s, w->wq, s->xb, n, dim);
-    Projection qkv[3] = {{s->q, matrix_at(w->wq, l, (size_t)qd * dim), qd, 0},
-                         {k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0},
-                         {v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0}};
+    Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
+    const QuantizedRows *xq = norm_rows(s, s->xb, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps);
+    Projection qkv[3] = {{s->q, wq, qd, 0, s},
+                         {k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, s},
+                         {v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
     matmuls(qkv, 3, s->xb, xq, n, dim);
-    rope_rows(s, p, s->q, k, n);
     attention(m, l, n, pos);
-    xq = quantize_input(s, w->wo, s->xb, n, qd);
-    matmul((Projection){s->x, matrix_at(w->wo, l, (size_t)dim * qd), dim, 1}, s->xb, xq, n, qd);
+    Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
+    xq = quantize_input(s, wo, s->xb, n, qd);
+    matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
 
-    rmsnorm_rows(s->xb, s->x, w->rms_ffn + (size_t)l * dim, n, dim, p->norm_eps);
-    xq = quantize_input(s, w->w1, s->xb, n, dim);
-    Projection gate_up[2] = {{s->hb, matrix_at(w->w1, l, (size_t)hid * dim), hid, 0},
-                             {s->hb2, matrix_at(w->w3, l, (size_t)hid * dim), hid, 0}};
-    matmuls(gate_up, 2, s->xb, xq, n, dim);
-    swiglu(s->hb, s->hb2, (size_t)n * hid);
-    xq = quantize_input(s, w->w2, s->hb, n, hid);
-    matmul((Projection){s->x, matrix_at(w->w2, l, (size_t)dim * hid), dim, 1}, s->hb, xq, n, hid);
+    Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
+    xq = norm_rows(s, s->xb, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps);
+    gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), s->xb, xq, n, dim, hid);
+    xq = quantize_input(s, w2, s->hb, n, hid);
+    matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
 }
 
 // Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
@@ -909,9 +925,9 @@ static void forward_block(Model *m, const int *tokens, int n, int pos, float *ou
     {
         for (int l = 0; l < p->n_layers; l++) layer_forward(m, l, n, pos);
         float *last = s->xb + (size_t)first * dim;
-        rmsnorm_rows(last, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps);
-        const QuantizedRows *xq = quantize_input(s, w->wcls, last, n - first, dim);
-        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0}, last, xq, n - first, dim);
+        const QuantizedRows *xq =
+            norm_rows(s, last, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps);
+        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, last, xq, n - first, dim);
     }
 }
 
