@@ -629,7 +629,9 @@ def _child(args: list[str], timeout: float) -> dict:
     used while it ran (other processes, or the hypervisor's steal): its numbers are skewed when high.
     """
     cmd = [sys.executable, "-m", "kvc.bench"] + args
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # numpy's OpenBLAS threads would otherwise spin beside kvc's OpenMP threads in the child
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OPENBLAS_NUM_THREADS="1")
     busy0, ru0, t0 = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
