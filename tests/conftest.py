@@ -71,3 +71,24 @@ def smollm2_bin(smollm2_gguf) -> Path:
 def smollm2_q8_bin(smollm2_gguf) -> Path:
     """SmolLM2 exported to Q8_0 (groups of 32), as `make bench` uses it."""
     return _exported(smollm2_gguf, "smollm2-135m-instruct.q8_0.bin", "q8_0")
+
+
+@pytest.fixture(scope="session")
+def hf_tok(smollm2_gguf):
+    """Hugging Face `tokenizers` built from the GGUF's own tokenizer data (the reference ids)."""
+    import tokenizers
+    from export.gguf import hf_tokenizer_json
+
+    return tokenizers.Tokenizer.from_str(hf_tokenizer_json(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def gguf_template(smollm2_gguf):
+    """The GGUF's own jinja chat template, in the sandbox transformers renders templates with."""
+    import gguf
+    from jinja2 import sandbox
+
+    field = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
+    source = bytes(field.parts[field.data[0]]).decode("utf-8")
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source)

@@ -56,7 +56,6 @@ def test_run_one_and_tables(tiny, tmp_path):
     text = bench.markdown_tables(results)
     assert "| kvc | f32 | None |" in text and "pos 40" in text and "top-1 agreement 90.0%" in text and "boom" in text
     json.dumps(results)  # what results.json gets
-    pytest.importorskip("matplotlib")
     assert bench.plot(results, tmp_path / "b.png") is None
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

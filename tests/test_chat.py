@@ -21,32 +21,12 @@ Q1, Q2 = "What is the capital of France?", "And of Germany?"
 NEXT_TURN = "\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def hf_tok(smollm2_gguf):
-    tokenizers = pytest.importorskip("tokenizers")
-    from export.gguf import hf_tokenizer_json
-
-    return tokenizers.Tokenizer.from_str(hf_tokenizer_json(smollm2_gguf))
-
-
-@pytest.fixture(scope="module")
-def template(smollm2_gguf):
-    """The GGUF's own jinja chat template, rendered as transformers does."""
-    gguf = pytest.importorskip("gguf")
-    sandbox = pytest.importorskip("jinja2.sandbox")
-
-    field = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
-    source = bytes(field.parts[field.data[0]]).decode("utf-8")
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(source)
-
-
 def n_tokens(hf_tok, text: str) -> int:
     return len(hf_tok.encode(text, add_special_tokens=False).ids)
 
 
-def rendered_len(hf_tok, template, messages) -> int:
-    return n_tokens(hf_tok, template.render(messages=messages, add_generation_prompt=True))
+def rendered_len(hf_tok, gguf_template, messages) -> int:
+    return n_tokens(hf_tok, gguf_template.render(messages=messages, add_generation_prompt=True))
 
 
 def run_chat(model_path, stdin: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -84,11 +64,11 @@ def test_cli_two_turns_answer(two_turns):
     assert [t["turn"] for t in turns] == [1, 2]
 
 
-def test_cli_second_turn_processes_only_new_tokens(two_turns, hf_tok, template):
+def test_cli_second_turn_processes_only_new_tokens(two_turns, hf_tok, gguf_template):
     _, replies, (t1, t2) = two_turns
     # turn 1: the whole rendered prompt (with the template's default system message), nothing cached
     assert t1["cached"] == 0
-    assert t1["processed"] == t1["prompt"] == rendered_len(hf_tok, template, [{"role": "user", "content": Q1}])
+    assert t1["processed"] == t1["prompt"] == rendered_len(hf_tok, gguf_template, [{"role": "user", "content": Q1}])
     assert 0 < t1["generated"] < 64
     # turn 2: turn 1's prompt, its reply and the reply's end-of-turn token are cached ...
     assert t2["cached"] == t1["processed"] + t1["generated"] + 1
@@ -97,10 +77,10 @@ def test_cli_second_turn_processes_only_new_tokens(two_turns, hf_tok, template):
     # together, exactly the whole conversation as the template renders it
     conversation = [{"role": "user", "content": Q1}, {"role": "assistant", "content": replies[0]},
                     {"role": "user", "content": Q2}]
-    assert t2["cached"] + t2["processed"] == rendered_len(hf_tok, template, conversation)
+    assert t2["cached"] + t2["processed"] == rendered_len(hf_tok, gguf_template, conversation)
 
 
-def test_cli_system_prompt_replaces_the_default(smollm2_bin, two_turns, hf_tok, template):
+def test_cli_system_prompt_replaces_the_default(smollm2_bin, two_turns, hf_tok, gguf_template):
     proc = run_chat(smollm2_bin, f"{Q1}\n", "-n", "16", "-y", "You are a pirate.")
     assert proc.returncode == 0, proc.stderr.decode()
     _, turns = parse(proc)
@@ -108,7 +88,7 @@ def test_cli_system_prompt_replaces_the_default(smollm2_bin, two_turns, hf_tok, 
     assert len(turns) == 1
     assert turns[0]["processed"] != default_t1["processed"]
     messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": Q1}]
-    assert turns[0]["processed"] == rendered_len(hf_tok, template, messages)
+    assert turns[0]["processed"] == rendered_len(hf_tok, gguf_template, messages)
 
 
 def test_cli_empty_stdin_exits_at_once(smollm2_bin):

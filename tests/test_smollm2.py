@@ -28,14 +28,6 @@ def model(smollm2_bin):
 
 
 @pytest.fixture(scope="module")
-def hf_tok(smollm2_gguf):
-    tokenizers = pytest.importorskip("tokenizers")
-    from export.gguf import hf_tokenizer_json
-
-    return tokenizers.Tokenizer.from_str(hf_tokenizer_json(smollm2_gguf))
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(model):
     ids = model.encode(SENTENCE, bos=False)
     assert len(ids) >= PROMPT_LEN
@@ -269,17 +261,6 @@ def test_model_close_and_context_manager(smollm2_bin):
 
 
 # -- chat template vs the GGUF's jinja template -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gguf_template(smollm2_gguf):
-    gguf = pytest.importorskip("gguf")
-    sandbox = pytest.importorskip("jinja2.sandbox")
-
-    field = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
-    source = bytes(field.parts[field.data[0]]).decode("utf-8")
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(source)
 
 
 TURNS = [
