@@ -1,8 +1,9 @@
 /* kvc: inference for Llama-architecture models in one C file, built around the KV cache.
 
-   Read it top to bottom: errors, the model (config, weights, loading), the KV cache and run
-   state, kernels, the forward pass, the tokenizer, the sampler, generation and chat, the library
-   API, and the command-line program. `main` is compiled out for the shared library (-DKVC_LIBRARY).
+   Read it top to bottom: errors; the model (config, weights) and the bounded reads that load it;
+   the tokenizer's data; the KV cache and the run state; kernels; the forward pass; the tokenizer's
+   algorithms; opening a checkpoint; the sampler; chat templates; generation; the library API; and
+   the command-line program. `main` is compiled out for the shared library (-DKVC_LIBRARY).
 */
 #include <errno.h>
 #include <fcntl.h>
@@ -2441,11 +2442,12 @@ static int cli_generate(Model *m, Sampler *sampler, const char *prompt, int step
 static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
     const Config *p = &m->config;
     if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
-    int pos = 0, turn = 0;
+    int pos = 0, turn = 0, rc = 0;
+    int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : p->eos_id;
     char *line = NULL;
     size_t cap = 0;
     const char *glue = ""; // what the template puts between the last reply's end and the next message
-    for (;;) {
+    for (;; turn++) {
         printf("User: ");
         fflush(stdout);
         ssize_t got = getline(&line, &cap, stdin);
@@ -2454,42 +2456,46 @@ static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
             break;
         }
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = 0;
-        if (got == 0) continue;
+        if (got == 0) {
+            turn--;
+            continue;
+        }
         Message msg[2];
         int n = 0;
         if (turn == 0 && system) msg[n++] = (Message){"system", system};
         msg[n++] = (Message){"user", line};
         int *ids, count = chat_encode(m, msg, n, turn == 0, 1, glue, &ids);
-        if (count < 0) break;
+        if ((rc = count < 0 ? -1 : 0)) break;
         if (count > p->seq_len - pos - 1) {
             free(ids);
-            fprintf(stderr, "\n[context full: %d of %d tokens used; this message needs %d more. Start a new chat.]\n", pos, p->seq_len, count);
+            fprintf(stderr, "\n[context full: %d of %d tokens used, and this message is %d tokens. Start a new chat.]\n",
+                    pos, p->seq_len, count);
             break;
         }
         printf("Assistant: ");
         GenerationStats stats;
-        int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : p->eos_id;
-        int max = steps > 0 && steps < p->seq_len - pos - count ? steps : p->seq_len - pos - count;
-        int rc = generate_from(m, sampler, ids, count, &pos, max, stop, &stats);
+        int room = p->seq_len - pos - count, max = steps > 0 && steps < room ? steps : room;
+        rc = generate_from(m, sampler, ids, count, &pos, max, stop, &stats);
         free(ids);
         if (rc) break;
         printf("\n");
-        int unfed = stats.last_token >= 0; // a reply cut short: its last token is not in the cache yet
+        // a reply cut short has its last token still to feed; then the template's end-of-turn token
+        int tail[2], n_tail = 0;
+        if (stats.last_token >= 0) tail[n_tail++] = stats.last_token;
+        if (stop >= 0) tail[n_tail++] = stop;
         fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens,
-                pos + unfed - stats.prompt_tokens - stats.generated_tokens);
+                pos - stats.prompt_tokens - stats.generated_tokens + (stats.last_token >= 0));
         print_stats(&stats);
-        // the reply's unfed token and its end-of-turn token belong in the cache before the next message
-        int tail[2] = {stats.last_token, stop};
-        if (pos + unfed >= p->seq_len || forward(m, tail + !unfed, 1 + unfed, pos, NULL)) {
+        if (n_tail > p->seq_len - pos) {
             fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", p->seq_len);
             break;
         }
-        pos += 1 + unfed;
+        if ((rc = forward(m, tail, n_tail, pos, NULL))) break;
+        pos += n_tail;
         glue = chat_after_reply(m);
-        turn++;
     }
     free(line);
-    return error_message[0] && pos < p->seq_len ? -1 : 0;
+    return rc;
 }
 
 int main(int argc, char **argv) {
