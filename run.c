@@ -2329,6 +2329,21 @@ int kvc_chat_encode(const Model *m, const char **roles, const char **contents, i
     return count;
 }
 
+// The same conversation as text, with special tokens spelled out; *text must be freed with kvc_free.
+int kvc_chat_render(const Model *m, const char **roles, const char **contents, int n, int generation_prompt,
+                    char **text) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
+    if (!msg) return fail("out of memory");
+    for (int i = 0; i < n; i++) msg[i] = (Message){roles[i], contents[i]};
+    Text out = {0};
+    int rc = text_add(&out, "") || chat_render(m, &out, msg, n, 1, generation_prompt) ? -1 : 0;
+    free(msg);
+    *text = out.s;
+    if (rc) free(out.s), *text = NULL;
+    return rc ? -1 : (int)out.len;
+}
+
 int kvc_chat_style(const Model *m) { return m->chat.style; }
 int kvc_end_of_turn(const Model *m) { return m->chat.end_of_turn; }
 void kvc_free(void *p) { free(p); }

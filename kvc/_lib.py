@@ -29,6 +29,8 @@ ffi.cdef(
     int kvc_token_text(const Model *m, int prev, int token, const char **text);
     int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
                         int generation_prompt, int **ids);
+    int kvc_chat_render(const Model *m, const char **roles, const char **contents, int n, int generation_prompt,
+                        char **text);
     int kvc_chat_style(const Model *m);
     int kvc_end_of_turn(const Model *m);
     void kvc_free(void *p);

@@ -241,8 +241,8 @@ class Model:
         stops = {self.config.eos_id} - {-1}
         return self._stream(ids, 0, max_tokens, stops, temperature, top_p, top_k, seed)
 
-    def chat_tokens(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def _messages(self, messages: Sequence[dict]) -> tuple:
+        """Messages as C string arrays (and the buffers that keep them alive)."""
         self._need_tokenizer()
         if self._lib.kvc_chat_style(self._handle()) == 0:
             raise ValueError("this model has no chat template")
@@ -256,13 +256,29 @@ class Model:
                     raise ValueError(f"message {i} contains a NUL character")
                 keep.append(ffi.new("char[]", data))
                 arr.append(keep[-1])
-        ids = ffi.new("int **")
-        n = self._lib.kvc_chat_encode(self._handle(), ffi.new("const char *[]", roles), ffi.new("const char *[]", contents),
-                                len(roles), 1, int(add_generation_prompt), ids)
-        if n < 0:
+        return ffi.new("const char *[]", roles), ffi.new("const char *[]", contents), len(roles), keep
+
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """A conversation rendered with the model's chat template, special tokens spelled out."""
+        roles, contents, n, _keep = self._messages(messages)
+        text = ffi.new("char **")
+        length = self._lib.kvc_chat_render(self._handle(), roles, contents, n, int(add_generation_prompt), text)
+        if length < 0:
             raise ValueError(last_error())
         try:
-            return list(ids[0][0:n])
+            return ffi.buffer(text[0], length)[:].decode("utf-8", "replace")
+        finally:
+            self._lib.kvc_free(text[0])
+
+    def chat_tokens(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        roles, contents, n, _keep = self._messages(messages)
+        ids = ffi.new("int **")
+        count = self._lib.kvc_chat_encode(self._handle(), roles, contents, n, 1, int(add_generation_prompt), ids)
+        if count < 0:
+            raise ValueError(last_error())
+        try:
+            return list(ids[0][0:count])
         finally:
             self._lib.kvc_free(ids[0])
 
