@@ -323,6 +323,8 @@ typedef struct RunState {
     float *q;                 // (batch, q_dim) queries
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, n_heads / n_kv_heads, seq_len) attention weights
+    float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
+    float *part_out;          // (split tasks, n_heads / n_kv_heads, head_dim) per range: unnormalized output
     int rope_half;            // head_dim / 2: RoPE rotates pairs (2j, 2j+1) of each head
     float *rope_cos, *rope_sin; // (batch, rope_half) for the block's positions
     float *logits;            // (vocab) of the block's last token
@@ -338,7 +340,12 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    s->att = alloc_zeroed((size_t)s->threads * (p->n_heads / p->n_kv_heads) * p->seq_len, sizeof(float));
+    size_t group = p->n_heads / p->n_kv_heads, split_tasks = 4 * (size_t)s->threads; // see attention_parts
+    size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
+    s->att = alloc_zeroed((size_t)s->threads * group * p->seq_len, sizeof(float));
+    s->part_max = alloc_zeroed(tasks * group, sizeof(float));
+    s->part_sum = alloc_zeroed(tasks * group, sizeof(float));
+    s->part_out = alloc_zeroed(split_tasks * group * p->head_dim, sizeof(float));
     s->rope_half = p->head_dim / 2;
     s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
@@ -347,13 +354,13 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->xq.q = alloc_zeroed(B * widest + 64, 1);
     s->xq.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
     s->xq.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
-    return s->xq.q && s->xq.scale && s->xq.lane_scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
+    return s->part_max && s->part_sum && s->part_out && s->xq.q && s->xq.scale && s->xq.lane_scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
                    s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->rope_cos); free(s->rope_sin); free(s->logits);
+    free(s->att); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope_cos); free(s->rope_sin); free(s->logits);
     free(s->xq.q); free(s->xq.scale); free(s->xq.lane_scale);
 }
 
@@ -727,10 +734,11 @@ static __m512 exp16(__m512 x) {
 }
 #endif
 
-static void softmax(float *x, int n) {
-    float max = x[0];
+// x[i] = e^(x[i] - max) in place; returns their sum and, in *max_out, the max. The pieces of a
+// softmax that attention split over several threads merges afterwards.
+static float exp_shifted(float *x, int n, float *max_out) {
+    float max = x[0], sum = 0;
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    float sum = 0;
     int i = 0;
 #if defined(__AVX512F__)
     __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(max);
@@ -743,8 +751,13 @@ static void softmax(float *x, int n) {
     sum = _mm512_reduce_add_ps(vsum);
 #endif
     for (; i < n; i++) sum += (x[i] = expf(x[i] - max));
-    float inv = 1.0f / sum;
-    for (i = 0; i < n; i++) x[i] *= inv;
+    *max_out = max;
+    return sum;
+}
+
+static void softmax(float *x, int n) {
+    float max, inv = 1.0f / exp_shifted(x, n, &max);
+    for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
 static void embed(float *out, Matrix table, int token, int dim) {
@@ -837,36 +850,74 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
     for (int i = 0; i < len && d < n; i++) axpy(out + d, weights[i], rows + (size_t)i * stride + d, n - d);
 }
 
-// Attention of token t's query heads that share kv head `kv_head` over cache rows 0..pos+t: each
-// cached key and value row is read once for the whole group. att holds group x seq_len scores.
-static void attend(Model *m, int layer, int t, int kv_head, int pos, float *att) {
+// Attention of the query heads (of token t) that share kv head `kv_head`, over cache positions
+// lo..hi-1; each cached key and value row is read once for the whole group. For each head g it
+// leaves the max score, the sum of e^(score - max), and out = that sum's terms times the values
+// (unnormalized, so that ranges computed apart can be merged). att holds group x (hi - lo) scores.
+static void attend_range(Model *m, int layer, int t, int kv_head, int lo, int hi, float *att, float *out, float *max,
+                         float *sum) {
     const Config *p = &m->config;
-    RunState *s = &m->state;
-    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = pos + t + 1;
+    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo;
     float scale = 1.0f / sqrtf((float)hd);
-    const float *q = s->q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
-    float *out = s->xb + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd;
-    for (int i = 0; i < len; i++) {
+    const float *q = m->state.q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
+    for (int i = lo; i < hi; i++) {
         const float *k = cache_keys(&m->cache, layer, i) + kv_head * hd;
-        if (i + PREFETCH_ROWS < len) prefetch(cache_keys(&m->cache, layer, i + PREFETCH_ROWS) + kv_head * hd, hd);
-        for (int g = 0; g < group; g++) att[(size_t)g * len + i] = dot(q + g * hd, k, hd) * scale;
+        if (i + PREFETCH_ROWS < hi) prefetch(cache_keys(&m->cache, layer, i + PREFETCH_ROWS) + kv_head * hd, hd);
+        for (int g = 0; g < group; g++) att[(size_t)g * len + i - lo] = dot(q + g * hd, k, hd) * scale;
     }
-    for (int g = 0; g < group; g++) softmax(att + (size_t)g * len, len);
+    const float *v = cache_values(&m->cache, layer, lo) + kv_head * hd;
     for (int g = 0; g < group; g++) {
-        const float *v = cache_values(&m->cache, layer, 0) + kv_head * hd;
+        sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
         weighted_sum(out + g * hd, att + (size_t)g * len, v, (size_t)kv_dim(p), len, hd);
     }
 }
 
+// How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
+// thread busy when there are few (decoding one token with a few kv heads), else 1.
+static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
+    int tasks = n * n_kv_heads, parts = tasks >= 2 * s->threads ? 1 : (2 * s->threads + tasks - 1) / tasks;
+    return len / parts >= 64 ? parts : 1; // short ranges are not worth a merge
+}
+
 // Causal attention of the block's queries over the cache; the block's own keys and values are
-// already in it. Query head h reads kv head h / (n_heads / n_kv_heads).
+// already in it. Query head h reads kv head h / (n_heads / n_kv_heads). Split ranges are merged as
+// in flash-decoding: out = sum over ranges of e^(max_r - max) out_r / sum of e^(max_r - max) sum_r.
 static void attention(Model *m, int layer, int n, int pos) {
     const Config *p = &m->config;
     RunState *s = &m->state;
-    size_t scores = (size_t)(p->n_heads / p->n_kv_heads) * p->seq_len;
-#pragma omp for collapse(2) schedule(static)
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < p->n_kv_heads; h++) attend(m, layer, t, h, pos, s->att + thread_index() * scores);
+    int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p);
+    int parts = attention_parts(s, n, kvh, pos + 1);
+    float *att = s->att + (size_t)thread_index() * group * p->seq_len;
+#pragma omp for schedule(static)
+    for (int task = 0; task < n * kvh * parts; task++) {
+        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = pos + t + 1;
+        int chunk = (len + parts - 1) / parts, lo = part * chunk, hi = lo + chunk < len ? lo + chunk : len;
+        float *max = s->part_max + (size_t)task * group, *sum = s->part_sum + (size_t)task * group;
+        float *out = parts == 1 ? s->xb + (size_t)t * qd + (size_t)h * group * hd : s->part_out + (size_t)task * group * hd;
+        if (lo >= hi) { // an empty range (a short causal row) adds nothing
+            for (int g = 0; g < group; g++) max[g] = -INFINITY, sum[g] = 0;
+            continue;
+        }
+        attend_range(m, layer, t, h, lo, hi, att, out, max, sum);
+        if (parts == 1)
+            for (int i = 0; i < group * hd; i++) out[i] /= sum[i / hd];
+    }
+    if (parts == 1) return;
+#pragma omp for schedule(static)
+    for (int head = 0; head < n * p->n_heads; head++) { // merge the ranges of each (token, query head)
+        int t = head / p->n_heads, h = head % p->n_heads, first = (t * kvh + h / group) * parts, g = h % group;
+        float max = -INFINITY, total = 0, *out = s->xb + (size_t)t * qd + (size_t)h * hd;
+        for (int r = 0; r < parts; r++) max = fmaxf(max, s->part_max[(size_t)(first + r) * group + g]);
+        memset(out, 0, hd * sizeof(float));
+        for (int r = 0; r < parts; r++) {
+            size_t at = (size_t)(first + r) * group + g;
+            if (s->part_sum[at] == 0) continue;
+            float w = expf(s->part_max[at] - max);
+            total += w * s->part_sum[at];
+            axpy(out, w, s->part_out + at * hd, hd);
+        }
+        for (int d = 0; d < hd; d++) out[d] /= total;
+    }
 }
 
 // The feed-forward's two input matmuls and its gate in one loop: the thread that computes a block

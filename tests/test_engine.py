@@ -124,3 +124,17 @@ def test_thread_count_does_not_change_results(tmp_path):
     one = kvc.Model(path, threads=1).forward(tokens)
     two = kvc.Model(path, threads=2).forward(tokens)
     assert np.abs(one - two).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_decode_split_over_threads_equals_full_recomputation(tmp_path, kv_heads):
+    """Decoding one token with few kv heads splits each head's positions across threads and merges
+    the partial softmaxes (flash-decoding); the result must equal the unsplit computation."""
+    path = tmp_path / "m.bin"
+    write_random_model(path, n_heads=4, n_kv_heads=kv_heads, seq_len=400)
+    model, ref = kvc.Model(path, threads=2), Llama.load(path)
+    tokens = prompt(330, 300, seed=9)
+    full = ref.forward_full(tokens)
+    model.forward(tokens[:300], 0)  # a long context: ranges of >= 64 positions per part
+    steps = np.concatenate([model.forward([t], 300 + i) for i, t in enumerate(tokens[300:])])
+    assert np.abs(steps - full[300:]).max() <= TOL
