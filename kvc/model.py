@@ -6,7 +6,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +24,6 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stop_reason: str = ""  # "stop" (end token), "length" (max_tokens) or "context" (cache full)
-    history: list[int] = field(default_factory=list, repr=False)
 
 
 class Model:
@@ -95,10 +94,16 @@ class Model:
         return arr.astype(np.int32)
 
     def _run(self, tokens: np.ndarray, pos: int, logits) -> None:
+        """Run checked tokens at pos.. and keep the record of what the cache holds (for chat reuse)."""
         m = self._handle()
         ptr = ffi.cast("const int *", ffi.from_buffer(tokens))
-        if self._lib.kvc_forward(m, ptr, len(tokens), pos, logits) != 0:
+        if tokens.size and self._lib.kvc_forward(m, ptr, len(tokens), pos, logits) != 0:
             raise ValueError(last_error())
+        if pos > len(self._history):  # a gap: the cache now holds positions the record does not know
+            self._history = []
+        else:
+            del self._history[pos:]
+            self._history.extend(tokens.tolist())
 
     def forward(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
         """Run tokens at positions pos, pos+1, ... using and filling the KV cache.
@@ -107,18 +112,12 @@ class Model:
         """
         arr = self._check_tokens(tokens, pos)
         out = np.empty((arr.size, self.config.vocab_size), dtype=np.float32)
-        if arr.size:
-            self._run(arr, pos, ffi.cast("float *", ffi.from_buffer(out)))
-        del self._history[pos:]
-        self._history.extend(arr.tolist()) if pos <= len(self._history) else self._history.clear()
+        self._run(arr, pos, ffi.cast("float *", ffi.from_buffer(out)))
         return out
 
     def _prefill(self, tokens: Sequence[int], pos: int) -> None:
         """Like forward, but only the last position's logits are computed (into the C state)."""
-        arr = self._check_tokens(tokens, pos)
-        self._run(arr, pos, ffi.NULL)
-        del self._history[pos:]
-        self._history.extend(arr.tolist())
+        self._run(self._check_tokens(tokens, pos), pos, ffi.NULL)
 
     def reset(self) -> None:
         """Forget the cached tokens: the next call starts from an empty cache (zeroed)."""
@@ -214,17 +213,15 @@ class Model:
             stats.generated_tokens += 1
             text = decoder.decode(self._token_bytes(prev, token))
             prev = token
-            if i + 1 < max_tokens:
-                if pos >= c.seq_len:
-                    stats.stop_reason = "context"
-                    if text:
-                        yield text
-                    break
-                self._prefill([token], pos)
-                pos += 1
-            stats.decode_seconds = time.perf_counter() - t0
             if text:
                 yield text
+            if i + 1 == max_tokens:
+                break
+            if pos >= c.seq_len:  # the last position's logits were used: no room to feed this token
+                stats.stop_reason = "context"
+                break
+            self._prefill([token], pos)
+            pos += 1
         tail = decoder.decode(b"", final=True)
         stats.decode_seconds = time.perf_counter() - t0
         if tail:
