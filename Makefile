@@ -55,8 +55,10 @@ $(MODEL): $(SMOLLM2_GGUF) | setup
 test: setup all data
 	$(VENV)/bin/pytest -q
 
+# SmolLM2's model card suggests a low temperature for its instruct model
+CHAT_ARGS ?= -t 0.3 -p 0.9
 chat: all model
-	./run $(MODEL) -m chat
+	./run $(MODEL) -m chat $(CHAT_ARGS)
 
 # prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0
 bench: all model

@@ -2545,6 +2545,7 @@ static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
         free(ids);
         if (rc) break;
         printf("\n");
+        fflush(stdout); // the turn's stats go to stderr after the reply, even when stdout is a pipe
         // a reply cut short has its last token still to feed; then the template's end-of-turn token
         int tail[2], n_tail = 0;
         if (stats.last_token >= 0) tail[n_tail++] = stats.last_token;
