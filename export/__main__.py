@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvc.format import FormatError
 
 from .common import ExportError
 from .convert import export_model
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         c = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
-    except (ExportError, FormatError, OSError) as e:
+    except (ExportError, ValueError, OSError) as e:  # FormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {args.dtype}")
