@@ -315,11 +315,18 @@ typedef struct {
 
 static size_t lane_scales_per_row(int n) { return 16 * (size_t)((n + 63) / 64); }
 
+// Each thread's own copy of a matmul's input, normalized (fp32) and quantized (int8): every thread
+// prepares the whole input itself, which costs little next to the matmul and saves a barrier.
+typedef struct {
+    float *x;           // (batch, max(dim, q_dim))
+    QuantizedRows q;    // (batch, widest matmul input)
+} ThreadInput;
+
 typedef struct RunState {
     int threads;              // OpenMP threads of this model's parallel regions
     int batch;                // tokens per forward block
     float *x;                 // (batch, dim) residual stream
-    float *xb;                // (batch, max(dim, q_dim)) normed input / attention output
+    float *xb;                // (batch, q_dim) attention output
     float *q;                 // (batch, q_dim) queries
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, n_heads / n_kv_heads, seq_len) attention weights
@@ -328,7 +335,7 @@ typedef struct RunState {
     int rope_half;            // head_dim / 2: RoPE rotates pairs (2j, 2j+1) of each head
     float *rope_cos, *rope_sin; // (batch, rope_half) for the block's positions
     float *logits;            // (vocab) of the block's last token
-    QuantizedRows xq;         // (batch, widest matmul input) activations for int8 weights
+    ThreadInput *input;       // (threads)
 } RunState;
 
 static int state_init(RunState *s, const Config *p, int threads) {
@@ -336,7 +343,7 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->batch = p->seq_len < 64 ? p->seq_len : 64;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = alloc_zeroed(B * p->dim, sizeof(float));
-    s->xb = alloc_zeroed(B * wide, sizeof(float));
+    s->xb = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
     s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
     s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
@@ -351,17 +358,26 @@ static int state_init(RunState *s, const Config *p, int threads) {
     s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
     s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
     size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
-    s->xq.q = alloc_zeroed(B * widest + 64, 1);
-    s->xq.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
-    s->xq.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
-    return s->part_max && s->part_sum && s->part_out && s->xq.q && s->xq.scale && s->xq.lane_scale && s->x && s->xb && s->q && s->hb && s->hb2 && s->att && s->rope_cos && s->rope_sin &&
-                   s->logits ? 0 : -1;
+    if (!(s->input = alloc_zeroed(s->threads, sizeof(ThreadInput)))) return -1;
+    for (int i = 0; i < s->threads; i++) {
+        ThreadInput *in = &s->input[i];
+        in->x = alloc_zeroed(B * wide, sizeof(float));
+        in->q.q = alloc_zeroed(B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
+        in->q.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
+        in->q.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
+        if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
+    }
+    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->hb && s->hb2 && s->att &&
+                   s->rope_cos && s->rope_sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->hb); free(s->hb2);
     free(s->att); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope_cos); free(s->rope_sin); free(s->logits);
-    free(s->xq.q); free(s->xq.scale); free(s->xq.lane_scale);
+    for (int i = 0; s->input && i < s->threads; i++) {
+        free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
+    }
+    free(s->input);
 }
 
 typedef struct {
@@ -786,30 +802,28 @@ static void rope_table(RunState *s, const Config *p, int pos, int n) {
     }
 }
 
-// The steps below are worksharing loops ("omp for"), called by every thread of the one parallel
-// region forward_block opens: threads meet at a barrier per step instead of forking per matmul.
+// The steps below run on every thread of the one parallel region forward_block opens. Work split
+// across threads is a worksharing loop ("omp for", a barrier at its end); the matmul inputs each
+// thread prepares for itself (ThreadInput) need no barrier.
 
-// RMSNorm of n rows of x into out, quantized as well when the next matmul's weights are int8.
-static const QuantizedRows *norm_rows(RunState *s, float *out, const float *x, const float *weight, Matrix next, int n,
-                                      int dim, float eps) {
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) {
-        rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
-        if (next.q)
-            quantize_row(s->xq.q + (size_t)t * dim, s->xq.scale + (size_t)t * (dim / next.group_size),
-                         s->xq.lane_scale + t * lane_scales_per_row(dim), out + (size_t)t * dim, dim, next.group_size);
-    }
-    return next.q ? &s->xq : NULL;
+// This thread's int8 copy of x (n x in) when the weights w are int8; NULL for fp32 weights.
+static const QuantizedRows *quantize_rows(RunState *s, Matrix w, const float *x, int n, int in) {
+    if (w.f) return NULL;
+    QuantizedRows *q = &s->input[thread_index()].q;
+    for (int t = 0; t < n; t++)
+        quantize_row(q->q + (size_t)t * in, q->scale + (size_t)t * (in / w.group_size),
+                     q->lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
+    return q;
 }
 
-// For int8 weights, quantizes the matmul input x (n x in) into the state's buffer; NULL for fp32.
-static const QuantizedRows *quantize_input(RunState *s, Matrix w, const float *x, int n, int in) {
-    if (w.f) return NULL;
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++)
-        quantize_row(s->xq.q + (size_t)t * in, s->xq.scale + (size_t)t * (in / w.group_size),
-                     s->xq.lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
-    return &s->xq;
+// RMSNorm of n rows of x into this thread's input (quantized into *xq too when the next matmul's
+// weights are int8). x must be complete: the step before ended in a barrier.
+static const float *norm_rows(RunState *s, const float *x, const float *weight, Matrix next, int n, int dim, float eps,
+                              const QuantizedRows **xq) {
+    float *out = s->input[thread_index()].x;
+    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
+    *xq = quantize_rows(s, next, out, n, dim);
+    return out;
 }
 
 // A head's slice of a cache row is a few cache lines every kv_dim floats: a stride the hardware
@@ -947,20 +961,21 @@ static void layer_forward(Model *m, int l, int n, int pos) {
     float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
 
     Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
-    const QuantizedRows *xq = norm_rows(s, s->xb, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps);
+    const QuantizedRows *xq;
+    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps, &xq);
     Projection qkv[3] = {{s->q, wq, qd, 0, s},
                          {k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, s},
                          {v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
-    matmuls(qkv, 3, s->xb, xq, n, dim);
+    matmuls(qkv, 3, xn, xq, n, dim);
     attention(m, l, n, pos);
     Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
-    xq = quantize_input(s, wo, s->xb, n, qd);
+    xq = quantize_rows(s, wo, s->xb, n, qd);
     matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
 
     Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
-    xq = norm_rows(s, s->xb, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps);
-    gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), s->xb, xq, n, dim, hid);
-    xq = quantize_input(s, w2, s->hb, n, hid);
+    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps, &xq);
+    gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), xn, xq, n, dim, hid);
+    xq = quantize_rows(s, w2, s->hb, n, hid);
     matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
 }
 
@@ -976,10 +991,9 @@ static void forward_block(Model *m, const int *tokens, int n, int pos, float *ou
 #pragma omp parallel num_threads(s->threads)
     {
         for (int l = 0; l < p->n_layers; l++) layer_forward(m, l, n, pos);
-        float *last = s->xb + (size_t)first * dim;
-        const QuantizedRows *xq =
-            norm_rows(s, last, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps);
-        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, last, xq, n - first, dim);
+        const QuantizedRows *xq;
+        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps, &xq);
+        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
     }
 }
 
