@@ -2382,14 +2382,20 @@ int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity) {
     return (int)decode(&m->tokenizer, ids, n, out);
 }
 
+// The binding's parallel arrays of roles and contents as Messages (malloc'd), or NULL.
+static Message *messages_from(const char **roles, const char **contents, int n) {
+    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
+    if (!msg) fail("out of memory");
+    for (int i = 0; msg && i < n; i++) msg[i] = (Message){roles[i], contents[i]};
+    return msg;
+}
+
 // A conversation rendered with the model's chat template and encoded; *ids must be freed with kvc_free.
 int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
                     int generation_prompt, int **ids) {
     if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
-    if (!msg) return fail("out of memory");
-    for (int i = 0; i < n; i++) msg[i] = (Message){roles[i], contents[i]};
-    int count = chat_encode(m, msg, n, start, generation_prompt, "", ids);
+    Message *msg = messages_from(roles, contents, n);
+    int count = msg ? chat_encode(m, msg, n, start, generation_prompt, "", ids) : -1;
     free(msg);
     return count;
 }
@@ -2398,15 +2404,13 @@ int kvc_chat_encode(const Model *m, const char **roles, const char **contents, i
 int kvc_chat_render(const Model *m, const char **roles, const char **contents, int n, int generation_prompt,
                     char **text) {
     if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
-    if (!msg) return fail("out of memory");
-    for (int i = 0; i < n; i++) msg[i] = (Message){roles[i], contents[i]};
+    Message *msg = messages_from(roles, contents, n);
     Text out = {0};
-    int rc = text_add(&out, "") || chat_render(m, &out, msg, n, 1, generation_prompt) ? -1 : 0;
+    int ok = msg && text_add(&out, "") == 0 && chat_render(m, &out, msg, n, 1, generation_prompt) == 0; // "": never NULL
     free(msg);
-    *text = out.s;
-    if (rc) free(out.s), *text = NULL;
-    return rc ? -1 : (int)out.len;
+    if (!ok) free(out.s);
+    *text = ok ? out.s : NULL;
+    return ok ? (int)out.len : -1;
 }
 
 int kvc_chat_style(const Model *m) { return m->chat.style; }
