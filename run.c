@@ -238,7 +238,8 @@ static int take_classifier(Cursor *c, const Config *p, Weights *w) {
 
 enum { TOK_SENTENCEPIECE = 1, TOK_BYTE_BPE = 2 };
 enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_SMOLLM = 2, PRETOK_LLAMA3 = 3 };
-enum { FLAG_ADD_DUMMY_PREFIX = 1, FLAG_REMOVE_EXTRA_WHITESPACES = 2, FLAG_BYTE_FALLBACK = 4, FLAG_ADD_BOS = 8 };
+enum { FLAG_ADD_DUMMY_PREFIX = 1, FLAG_REMOVE_EXTRA_WHITESPACES = 2, FLAG_BYTE_FALLBACK = 4, FLAG_ADD_BOS = 8,
+       FLAG_IGNORE_MERGES = 16 };
 enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER_DEFINED = 4, PIECE_UNUSED = 5,
        PIECE_BYTE = 6 };
 
@@ -1753,10 +1754,15 @@ typedef struct {
     int *out, count;
 } ByteBpeRun;
 
-// BPE over one pre-token: start from its bytes, merge by rank.
+// BPE over one pre-token: start from its bytes, merge by rank. With ignore_merges (Llama 3), a
+// pre-token the vocab holds whole is that token, whatever the merges would make of it.
 static void byte_bpe_piece(void *ctx, const char *piece, size_t len) {
     ByteBpeRun *r = ctx;
-    int n = (int)len;
+    int n = (int)len, whole = r->t->flags & FLAG_IGNORE_MERGES ? lookup_piece(r->t, piece, n) : -1;
+    if (mergeable(r->t, whole)) {
+        r->out[r->count++] = whole;
+        return;
+    }
     for (int i = 0; i < n; i++)
         r->sym[i] = (Symbol){i, 1, r->t->byte_token[(uint8_t)piece[i]], i - 1, i + 1 < n ? i + 1 : -1};
     bpe_merge(r->t, piece, r->sym, n, r->heap);

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from kvc.format import (
-    CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_REMOVE_EXTRA_WHITESPACES,
+    CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_IGNORE_MERGES,
+    FLAG_REMOVE_EXTRA_WHITESPACES,
     NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE, UNKNOWN,
     USER_DEFINED, Config, Tokenizer,
 )
@@ -109,7 +110,9 @@ def read_tokenizer(meta: _Meta) -> Tokenizer:
                 raise ExportError(f"GGUF merge {m!r} uses an unknown token")
             merges.append((index[a], index[b]))
         unk_id = int(unk) if unk is not None and types[int(unk)] == UNKNOWN else -1
-        return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, bos_flag, PRETOKENIZERS[pre_name], unk_id, merges)
+        # llama.cpp's rule: the Llama 3 pre-tokenizer comes with ignore_merges, as in its tokenizer.json
+        flags = bos_flag | (FLAG_IGNORE_MERGES if PRETOKENIZERS[pre_name] == PRETOK_LLAMA3 else 0)
+        return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, flags, PRETOKENIZERS[pre_name], unk_id, merges)
     if kind == "llama":
         scores = [float(s) for s in meta.need("tokenizer.ggml.scores")]
         if len(scores) != n:

@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvc.format import (
-    BYTE, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_REMOVE_EXTRA_WHITESPACES,
+    BYTE, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_IGNORE_MERGES,
+    FLAG_REMOVE_EXTRA_WHITESPACES,
     NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE,
     UNKNOWN, USER_DEFINED, FormatError, Tokenizer, read_tokenizer_bin,
 )
@@ -260,7 +261,8 @@ def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None)
         merge_ids = [(vocab[a], vocab[b]) for a, b in merges]
     except KeyError as e:
         raise ExportError(f"{path}: merge uses unknown token {e.args[0]!r}") from None
-    return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, bos_flag, pretok, unk, merge_ids)
+    flags = bos_flag | (FLAG_IGNORE_MERGES if model.get("ignore_merges") else 0)
+    return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, flags, pretok, unk, merge_ids)
 
 
 # ----------------------------------------------------------------------------------------------

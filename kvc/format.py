@@ -35,6 +35,7 @@ FLAG_ADD_DUMMY_PREFIX = 1
 FLAG_REMOVE_EXTRA_WHITESPACES = 2
 FLAG_BYTE_FALLBACK = 4
 FLAG_ADD_BOS = 8  # encoding a prompt starts with bos_id
+FLAG_IGNORE_MERGES = 16  # byte-level BPE: a pre-token that is itself in the vocab is one token (Llama 3)
 
 # pre-tokenizers for byte-level BPE
 PRETOK_NONE = 0
