@@ -138,3 +138,21 @@ def test_decode_split_over_threads_equals_full_recomputation(tmp_path, kv_heads)
     model.forward(tokens[:300], 0)  # a long context: ranges of >= 64 positions per part
     steps = np.concatenate([model.forward([t], 300 + i) for i, t in enumerate(tokens[300:])])
     assert np.abs(steps - full[300:]).max() <= TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_no_read_past_the_sequence(tmp_path, threads):
+    """Cache slots not yet written hold NaN (as vLLM's tests do): any read past the sequence, in
+    prefill blocks, token-by-token decode or split attention, would turn the logits into NaN."""
+    path = tmp_path / "m.bin"
+    write_random_model(path, n_heads=4, n_kv_heads=1, seq_len=400)
+    model, ref = kvc.Model(path, threads=threads), Llama.load(path)
+    keys, values = model.kv_cache
+    keys[:] = np.nan
+    values[:] = np.nan
+    tokens = prompt(330, 300, seed=11)
+    got = np.concatenate([model.forward(tokens[:70], 0), model.forward(tokens[70:300], 70)]
+                         + [model.forward([t], 300 + i) for i, t in enumerate(tokens[300:])])
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref.forward_full(tokens)).max() <= TOL
+    assert np.isnan(keys[:, 330:]).all()  # and nothing was written past it either
