@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from functools import lru_cache
 from pathlib import Path
 
@@ -127,32 +126,15 @@ def is_sentencepiece(path: str | os.PathLike) -> bool:
 # llama2.c tokenizer.bin
 
 
-def count_tokenizer_bin(path: str | os.PathLike) -> int:
-    """Number of tokens in a llama2.c tokenizer.bin; ExportError if it does not parse exactly."""
-    data = Path(path).read_bytes()
-    off, n = 4, 0
-    if len(data) < 4:
-        raise ExportError(f"{path} is not a llama2.c tokenizer.bin (too short)")
-    while off < len(data):
-        if off + 8 > len(data):
-            raise ExportError(f"{path} is not a llama2.c tokenizer.bin (truncated at token {n})")
-        (ln,) = struct.unpack_from("<I", data, off + 4)
-        off += 8 + ln
-        n += 1
-    if off != len(data):
-        raise ExportError(f"{path} is not a llama2.c tokenizer.bin (truncated at token {n - 1})")
-    return n
-
-
 def read_llama2c_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
     """llama2.c's tokenizer.bin, which must hold exactly `vocab_size` tokens."""
-    n = count_tokenizer_bin(path)
-    if n != vocab_size:
-        raise ExportError(f"tokenizer {path} has {n} tokens but the model's vocab is {vocab_size}")
     try:
-        return read_tokenizer_bin(path, vocab_size)
+        tok = read_tokenizer_bin(path)
     except FormatError as e:
-        raise ExportError(str(e)) from None
+        raise ExportError(f"{path} is not a llama2.c tokenizer.bin ({e})") from None
+    if len(tok.pieces) != vocab_size:
+        raise ExportError(f"tokenizer {path} has {len(tok.pieces)} tokens but the model's vocab is {vocab_size}")
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------

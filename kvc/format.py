@@ -408,21 +408,26 @@ def llama2c_piece_type(i: int, piece: bytes) -> int:
     return NORMAL
 
 
-def read_tokenizer_bin(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+def read_tokenizer_bin(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
     """llama2.c's tokenizer.bin: uint32 max_token_length, then per token f32 score, uint32 len, bytes.
 
-    Its pieces have U+2581 replaced by spaces; kvc keeps sentencepiece's U+2581, so it is put back.
+    Reads vocab_size tokens, or with None every record up to the end of the file (which must end
+    on a record boundary). Its pieces have U+2581 replaced by spaces; kvc keeps sentencepiece's
+    U+2581, so it is put back.
     """
     data = Path(path).read_bytes()
+    if len(data) < 4:
+        raise FormatError(f"tokenizer {path} is too short")
     off = 4
     pieces, scores, types = [], [], []
-    for i in range(vocab_size):
+    while (len(pieces) < vocab_size) if vocab_size is not None else (off < len(data)):
+        i = len(pieces)
         if off + 8 > len(data):
-            raise FormatError(f"tokenizer {path} ends after {i} of {vocab_size} tokens")
+            raise FormatError(f"tokenizer {path} ends after {i} of {vocab_size or 'its'} tokens")
         score, ln = struct.unpack_from("<fI", data, off)
         off += 8
         if off + ln > len(data):
-            raise FormatError(f"tokenizer {path} is truncated")
+            raise FormatError(f"tokenizer {path} is truncated at token {i}")
         piece = data[off:off + ln].replace(b" ", "\u2581".encode())
         off += ln
         pieces.append(piece)
