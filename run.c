@@ -1145,13 +1145,22 @@ static int tokenizer_index_merges(Tokenizer *t, const uint32_t *pairs, int n_mer
     return 0;
 }
 
+// Room for n tokens' pieces, lengths, scores and types.
+static int tokenizer_alloc(Tokenizer *t, int n) {
+    t->n_tokens = n;
+    t->piece = alloc_zeroed(n, sizeof(char *));
+    t->piece_len = alloc_zeroed(n, sizeof(int));
+    t->score = alloc_zeroed(n, sizeof(float));
+    t->type = alloc_zeroed(n, sizeof(int));
+    return t->piece && t->piece_len && t->score && t->type ? 0 : fail("out of memory for the tokenizer");
+}
+
 // The tokenizer section of a kvc file: a header of 8 uint32, then per token (f32 score, u32 type,
 // u32 length, bytes), then byte-level BPE merges as (u32 left, u32 right) pairs in rank order.
 static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
     uint32_t h[8];
     for (int i = 0; i < 8; i++) if (take_u32(c, &h[i], "tokenizer header")) return -1;
     t->kind = (int)h[0];
-    t->n_tokens = (int)h[1];
     t->flags = (int)h[2];
     t->pretokenizer = (int)h[3];
     t->unk_id = (int)h[4] - 1;
@@ -1160,12 +1169,8 @@ static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
     if (h[1] != (uint32_t)p->vocab_size)
         return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
     if (t->pretokenizer < 0 || t->pretokenizer > 3) return fail("tokenizer: unknown pre-tokenizer %d", t->pretokenizer);
-    if (t->unk_id < -1 || t->unk_id >= t->n_tokens) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
-    t->piece = alloc_zeroed(t->n_tokens, sizeof(char *));
-    t->piece_len = alloc_zeroed(t->n_tokens, sizeof(int));
-    t->score = alloc_zeroed(t->n_tokens, sizeof(float));
-    t->type = alloc_zeroed(t->n_tokens, sizeof(int));
-    if (!t->piece || !t->piece_len || !t->score || !t->type) return -1;
+    if (t->unk_id < -1 || t->unk_id >= (int)h[1]) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
+    if (tokenizer_alloc(t, (int)h[1])) return -1;
     for (int i = 0; i < t->n_tokens; i++) {
         const uint8_t *rec = take(c, 12, "token record");
         if (!rec) return -1;
@@ -1201,18 +1206,13 @@ static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size
     }
     fclose(f);
     // pieces are rewritten with spaces escaped as U+2581: at most 3x the file
-    char *pieces = malloc(3 * (size_t)size + 1);
-    t->piece_buffer = pieces;
+    char *pieces = t->piece_buffer = malloc(3 * (size_t)size + 1);
     t->kind = TOK_SENTENCEPIECE;
-    t->n_tokens = vocab_size;
     t->flags = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS;
     t->unk_id = 0;
-    t->piece = alloc_zeroed(vocab_size, sizeof(char *));
-    t->piece_len = alloc_zeroed(vocab_size, sizeof(int));
-    t->score = alloc_zeroed(vocab_size, sizeof(float));
-    t->type = alloc_zeroed(vocab_size, sizeof(int));
     int rc = -1;
-    if (!pieces || !t->piece || !t->piece_len || !t->score || !t->type) { fail("out of memory for the tokenizer"); goto done; }
+    if (tokenizer_alloc(t, vocab_size)) goto done;
+    if (!pieces) { fail("out of memory for the tokenizer"); goto done; }
     Cursor c = {data, (size_t)size, 4, 1, "tokenizer"};
     if (size < 4) { fail("tokenizer %s is truncated", path); goto done; }
     char *out = pieces;
@@ -1238,7 +1238,6 @@ static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size
     if (tokenizer_index(t) == 0) rc = 0;
 done:
     free(data);
-    t->piece_buffer = pieces;
     return rc;
 }
 
