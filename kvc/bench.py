@@ -231,27 +231,27 @@ def measure_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 3) -> 
     return {"threads": threads, "bytes": int(a.nbytes), "gb_s": results[kernel], "kernel": kernel, "by_kernel": results}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), MB of 2**20 bytes."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS), MB of 2**20 bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), MB of 2**20 bytes."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else float("nan")
 
 
 def run_one(path: str | os.PathLike, threads: int | None, sizes: Sizes = FULL) -> dict:
@@ -264,8 +264,6 @@ def run_one(path: str | os.PathLike, threads: int | None, sizes: Sizes = FULL) -
 
     rss_start = current_rss_mb()
     t_start = time.perf_counter()
-    # not `with Model(...)`: Model.close() is broken (cffi ffi.gc(ptr, None) returns None); dropping
-    # the last reference frees the model through its ffi.gc destructor instead
     model = Model(path, seq_len=sizes.seq_len, threads=threads)
     cfg = model.config
     dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(cfg.weight_type, str(cfg.weight_type))
@@ -280,7 +278,7 @@ def run_one(path: str | os.PathLike, threads: int | None, sizes: Sizes = FULL) -
     for row in by_pos:
         mid = row["pos"] + row["steps"] // 2
         row["gb_s"] = (wbytes + kv_bytes_read(cfg, mid)) / (row["ms_per_token"] / 1e3) / 1e9
-    del model
+    model.close()
     return {
         "engine": "kvc", "dtype": dtype, "threads": threads, "model": str(path),
         "weight_bytes_per_token": wbytes, "seq_len": sizes.seq_len,
@@ -324,17 +322,15 @@ def quality(ref_path: str | os.PathLike, test_path: str | os.PathLike, text: str
     position: top-1 agreement, mean/max KL(ref || test) in nats, perplexity of each on the text."""
     from .model import Model
 
-    ref = Model(ref_path, threads=threads)  # (freed by `del`: Model.close() is broken, see run_one)
-    tokens = ref.encode(text, bos=True)[:max_tokens]
-    if len(tokens) > ref.config.seq_len:
-        raise ValueError(f"text is {len(tokens)} tokens but the model's context is {ref.config.seq_len}")
-    ref_logits = ref.forward(tokens, 0)
-    del ref
-    test = Model(test_path, threads=threads)
-    if test.encode(text, bos=True)[:max_tokens] != tokens:
-        raise ValueError("the two models tokenize the text differently")
-    test_logits = test.forward(tokens, 0)
-    del test
+    with Model(ref_path, threads=threads) as ref:  # one model in memory at a time
+        tokens = ref.encode(text, bos=True)[:max_tokens]
+        if len(tokens) > ref.config.seq_len:
+            raise ValueError(f"text is {len(tokens)} tokens but the model's context is {ref.config.seq_len}")
+        ref_logits = ref.forward(tokens, 0)
+    with Model(test_path, threads=threads) as test:
+        if test.encode(text, bos=True)[:max_tokens] != tokens:
+            raise ValueError("the two models tokenize the text differently")
+        test_logits = test.forward(tokens, 0)
     out = compare_logits(ref_logits[:-1], test_logits[:-1], np.asarray(tokens[1:]))
     out["tokens"] = len(tokens)
     return out

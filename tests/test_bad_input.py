@@ -675,7 +675,8 @@ def test_asan_cli_misuse(run_asan, files, tmp_path):
 
 @pytest.fixture
 def model(files):
-    return Model(files["kvc"])  # not closed: see test_closed_model
+    with Model(files["kvc"]) as m:
+        yield m
 
 
 def test_forward_outside_context(model):
