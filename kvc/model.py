@@ -119,6 +119,17 @@ class Model:
         """Like forward, but only the last position's logits are computed (into the C state)."""
         self._run(self._check_tokens(tokens, pos), pos, ffi.NULL)
 
+    def prefill(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
+        """Run tokens at positions pos.. filling the KV cache, computing only the last position's logits.
+
+        Cheaper than forward() for prompts (the classifier runs once). Returns a float32 copy of those
+        logits, shape (vocab_size,).
+        """
+        self._prefill(tokens, pos)
+        vocab = self.config.vocab_size
+        logits = self._lib.kvc_logits(self._handle())
+        return np.frombuffer(ffi.buffer(logits, 4 * vocab), dtype=np.float32).copy()
+
     def reset(self) -> None:
         """Forget the cached tokens: the next call starts from an empty cache (zeroed)."""
         keys, values = self.kv_cache
