@@ -1845,14 +1845,26 @@ static size_t decode(const Tokenizer *t, const int *ids, int n, char *out) {
 // Opening a checkpoint: kvc files, llama2.c v0 (legacy) and v1/v2 (magic "ak42")
 
 #define KVC_MAGIC "KVCM"
-#define KVC_HEADER_BYTES 256
-#define LLAMA2C_MAGIC 0x616b3432u
+#define KVC_VERSION 1
+#define KVC_HEADER_BYTES 256         // the header's room in the file; KvcHeader uses the first 120
+#define LLAMA2C_MAGIC 0x616b3432u    // "ak42": llama2.c's v1/v2 files
+#define LLAMA2C_HEADER_BYTES 256     // v1/v2
+#define LLAMA2C_LEGACY_HEADER_BYTES 28 // v0: 7 int32
 
 typedef struct { uint64_t offset, size; } Section;
 
+// The kvc header as it lies in the file (little-endian). kvc/format.py's HEADER_FIELDS is the
+// source of this layout; tests/test_format_layout.py checks that the two agree, byte by byte.
+typedef struct {
+    char magic[4];           // KVC_MAGIC
+    uint32_t version;        // KVC_VERSION
+    Config config;           // the hyperparameters, in Config's field order
+    int32_t reserved;
+    Section tokenizer, chat, weights;
+} KvcHeader;
+_Static_assert(sizeof(KvcHeader) <= KVC_HEADER_BYTES, "the kvc header outgrew its room");
+
 static int read_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-static float read_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
-static uint64_t read_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 static int section_cursor(const Model *m, Section s, const char *name, size_t align, Cursor *c) {
     if (s.offset < KVC_HEADER_BYTES)
@@ -1888,13 +1900,13 @@ static int open_kvc(Model *m) {
     const uint8_t *h = m->map;
     Config *p = &m->config;
     if (m->map_size < KVC_HEADER_BYTES) return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
-    if (read_i32(h + 4) != 1) return fail("unsupported kvc file version %d (this build reads 1)", read_i32(h + 4));
-    *p = (Config){read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), read_i32(h + 20), read_i32(h + 24),
-                  read_i32(h + 28), read_i32(h + 32), read_i32(h + 36), read_f32(h + 40), read_f32(h + 44),
-                  read_i32(h + 48), read_i32(h + 52), read_i32(h + 56), read_i32(h + 60), read_i32(h + 64)};
+    KvcHeader hdr;
+    memcpy(&hdr, h, sizeof hdr);
+    if (hdr.version != KVC_VERSION)
+        return fail("unsupported kvc file version %d (this build reads %d)", (int)hdr.version, KVC_VERSION);
+    *p = hdr.config;
     if (check_config(p)) return -1;
-    Section tokenizer = {read_u64(h + 72), read_u64(h + 80)}, chat = {read_u64(h + 88), read_u64(h + 96)},
-            weights = {read_u64(h + 104), read_u64(h + 112)};
+    Section tokenizer = hdr.tokenizer, chat = hdr.chat, weights = hdr.weights;
     Cursor c;
     if (section_cursor(m, weights, "weights", 64, &c)) return -1;
     if (take_weights_embeddings_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
@@ -1914,7 +1926,8 @@ static int open_kvc(Model *m) {
 static int open_llama2c_versioned(Model *m) {
     const uint8_t *h = m->map;
     Config *p = &m->config;
-    if (m->map_size < 256) return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
+    if (m->map_size < LLAMA2C_HEADER_BYTES)
+        return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
     int version = read_i32(h + 4);
     if (version != 1 && version != 2) return fail("unsupported llama2.c file version %d", version);
     *p = (Config){read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), read_i32(h + 20), read_i32(h + 24), 0,
@@ -1926,7 +1939,7 @@ static int open_llama2c_versioned(Model *m) {
     if (p->n_heads <= 0 || p->dim % p->n_heads) return fail("bad header: dim %d is not a multiple of n_heads %d", p->dim, p->n_heads);
     p->head_dim = p->dim / p->n_heads;
     if (check_config(p)) return -1;
-    Cursor c = {m->map, m->map_size, 256, 1, "checkpoint"};
+    Cursor c = {m->map, m->map_size, LLAMA2C_HEADER_BYTES, 1, "checkpoint"};
     if (take_weights_norms_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
     if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
     return 0;
@@ -1936,7 +1949,8 @@ static int open_llama2c_versioned(Model *m) {
 static int open_llama2c_legacy(Model *m) {
     const uint8_t *h = m->map;
     Config *p = &m->config;
-    if (m->map_size < 28) return fail("checkpoint is truncated: %zu bytes, less than a llama2.c header", m->map_size);
+    if (m->map_size < LLAMA2C_LEGACY_HEADER_BYTES)
+        return fail("checkpoint is truncated: %zu bytes, less than a llama2.c header", m->map_size);
     int vocab = read_i32(h + 20);
     *p = (Config){read_i32(h), read_i32(h + 4), read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), 0,
                   vocab == INT32_MIN ? 0 : abs(vocab), read_i32(h + 24), 10000.0f, 1e-5f, vocab > 0, WEIGHT_F32, 0, 1, 2};
@@ -1944,7 +1958,7 @@ static int open_llama2c_legacy(Model *m) {
         return fail("not a kvc or llama2.c checkpoint (dim %d, n_heads %d)", p->dim, p->n_heads);
     p->head_dim = p->dim / p->n_heads;
     if (check_config(p)) return -1;
-    Cursor c = {m->map, m->map_size, 28, 1, "checkpoint"};
+    Cursor c = {m->map, m->map_size, LLAMA2C_LEGACY_HEADER_BYTES, 1, "checkpoint"};
     if (take_weights_embeddings_first(&c, p, &m->weights)) return -1;
     if (!take(&c, (size_t)p->seq_len * p->head_dim * sizeof(float), "freq_cis")) return -1; // unused RoPE tables
     if (take_classifier(&c, p, &m->weights)) return -1;
