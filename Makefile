@@ -3,7 +3,7 @@
 CC ?= gcc
 # `make ARCH=` builds a portable binary (plain C kernels instead of AVX-512)
 ARCH ?= -march=native
-CFLAGS ?= -O3 $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-function
+CFLAGS ?= -O3 $(ARCH) -fopenmp -Wall -Wextra
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +24,7 @@ libkvc.so: run.c
 	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< -lm
 
 asan: run.c
-	$(CC) -O1 -g -fopenmp -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wextra -Wno-unused-function -o run_asan $< -lm
+	$(CC) -O1 -g -fopenmp -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wextra -o run_asan $< -lm
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml

@@ -1,9 +1,16 @@
 /* kvc: inference for Llama-architecture models in one C file, built around the KV cache.
 
-   Read it top to bottom: errors; the model (config, weights) and the bounded reads that load it;
-   the tokenizer's data; the KV cache and the run state; kernels; the forward pass; the tokenizer's
-   algorithms; opening a checkpoint; the sampler; chat templates; generation; the library API; and
-   the command-line program. `main` is compiled out for the shared library (-DKVC_LIBRARY).
+   Read it top to bottom, one concern a section: errors; the model (hyperparameters, weights); the
+   tokenizer (vocabulary, pre-tokenizers, BPE, encoding and decoding); chat templates; file formats
+   and loading (kvc files, llama2.c files, tokenizer.bin) with the Model they produce; kernels; the
+   KV cache (one writer, one reader, typed row kernels); sequences (a cache plus the scratch its
+   forward passes use); the forward pass; the sampler; the library API; and the command-line
+   program with its generation loop. `main` and what only it uses are compiled out for the shared
+   library (-DKVC_LIBRARY).
+
+   A Model is read-only once open and shared; everything a running sequence writes lives in its
+   Sequence. The forward pass reaches threads, SIMD and the cache only below forward_block: the
+   seam a second backend implements.
 */
 #include <errno.h>
 #include <fcntl.h>
@@ -76,7 +83,7 @@ typedef struct {
     int n_kv_heads;        // key/value heads; n_heads is a multiple of it (GQA, MQA when 1)
     int head_dim;          // stored, not dim / n_heads: some models differ
     int vocab_size;
-    int seq_len;           // context length the KV cache holds
+    int seq_len;           // the model's context length: a sequence's cache holds at most this many positions
     float rope_theta;
     float norm_eps;
     int shared_classifier; // the classifier reuses tok_embeddings
@@ -149,92 +156,7 @@ static int check_config(const Config *p) {
 }
 
 // ----------------------------------------------------------------------------
-// Reading a mapped file: a cursor that refuses to step past the end
-
-typedef struct {
-    const uint8_t *base;
-    size_t size;   // bytes readable from base
-    size_t pos;
-    size_t align;  // tensors start on this boundary (64 in kvc files, 1 in llama2.c's)
-    const char *what;
-} Cursor;
-
-static const void *take(Cursor *c, size_t bytes, const char *name) {
-    size_t start = (c->pos + c->align - 1) / c->align * c->align;
-    if (start > c->size || bytes > c->size - start) {
-        fail("%s is truncated: %s needs %zu bytes at offset %zu, the %s has %zu", c->what, name, bytes,
-             start, c->what, c->size);
-        return NULL;
-    }
-    c->pos = start + bytes;
-    return c->base + start;
-}
-
-static int take_u32(Cursor *c, uint32_t *v, const char *name) {
-    const void *p = take(c, 4, name);
-    if (!p) return -1;
-    memcpy(v, p, 4);
-    return 0;
-}
-
-// Takes `count` matrices of rows x cols: fp32 values, or int8 values followed by their scales.
-static int take_matrix(Cursor *c, const Config *p, size_t count, size_t rows, size_t cols, const char *name,
-                       Matrix *m) {
-    size_t numel = count * rows * cols;
-    memset(m, 0, sizeof *m);
-    if (p->weight_type == WEIGHT_F32) return (m->f = take(c, numel * sizeof(float), name)) ? 0 : -1;
-    m->group_size = p->group_size;
-    if (!(m->q = take(c, numel, name))) return -1;
-    return (m->scale = take(c, numel / p->group_size * sizeof(float), name)) ? 0 : -1;
-}
-
-static int take_floats(Cursor *c, size_t n, const char *name, const float **out) {
-    return (*out = take(c, n * sizeof(float), name)) ? 0 : -1;
-}
-
-static int take_attention(Cursor *c, const Config *p, Weights *w) {
-    size_t L = p->n_layers, dim = p->dim;
-    if (take_matrix(c, p, L, q_dim(p), dim, "wq", &w->wq)) return -1;
-    if (take_matrix(c, p, L, kv_dim(p), dim, "wk", &w->wk)) return -1;
-    if (take_matrix(c, p, L, kv_dim(p), dim, "wv", &w->wv)) return -1;
-    return take_matrix(c, p, L, dim, q_dim(p), "wo", &w->wo);
-}
-
-static int take_ffn(Cursor *c, const Config *p, Weights *w) {
-    size_t L = p->n_layers, dim = p->dim, hid = p->hidden_dim;
-    if (take_matrix(c, p, L, hid, dim, "w1", &w->w1)) return -1;
-    if (take_matrix(c, p, L, dim, hid, "w2", &w->w2)) return -1;
-    return take_matrix(c, p, L, hid, dim, "w3", &w->w3);
-}
-
-// kvc files and llama2.c v0 store embeddings first and each norm before its matrices.
-static int take_weights_embeddings_first(Cursor *c, const Config *p, Weights *w) {
-    size_t norms = (size_t)p->n_layers * p->dim;
-    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
-    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_attention(c, p, w)) return -1;
-    if (take_floats(c, norms, "rms_ffn", &w->rms_ffn) || take_ffn(c, p, w)) return -1;
-    return take_floats(c, p->dim, "rms_final", &w->rms_final);
-}
-
-// llama2.c v1/v2 store the norms first.
-static int take_weights_norms_first(Cursor *c, const Config *p, Weights *w) {
-    size_t norms = (size_t)p->n_layers * p->dim;
-    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_floats(c, norms, "rms_ffn", &w->rms_ffn)) return -1;
-    if (take_floats(c, p->dim, "rms_final", &w->rms_final)) return -1;
-    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
-    return take_attention(c, p, w) || take_ffn(c, p, w) ? -1 : 0;
-}
-
-static int take_classifier(Cursor *c, const Config *p, Weights *w) {
-    if (p->shared_classifier) {
-        w->wcls = w->tok_embeddings;
-        return 0;
-    }
-    return take_matrix(c, p, 1, p->vocab_size, p->dim, "wcls", &w->wcls);
-}
-
-// ----------------------------------------------------------------------------
-// The tokenizer's data (the algorithms come after the forward pass)
+// Tokenizer: the vocabulary and its lookups (sentencepiece-style BPE and byte-level BPE)
 
 enum { TOK_SENTENCEPIECE = 1, TOK_BYTE_BPE = 2 };
 enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_SMOLLM = 2, PRETOK_LLAMA3 = 3 };
@@ -242,6 +164,8 @@ enum { FLAG_ADD_DUMMY_PREFIX = 1, FLAG_REMOVE_EXTRA_WHITESPACES = 2, FLAG_BYTE_F
        FLAG_IGNORE_MERGES = 16 };
 enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER_DEFINED = 4, PIECE_UNUSED = 5,
        PIECE_BYTE = 6 };
+
+#define MAX_PIECE_BYTES 1024 // the longest token piece a tokenizer may hold
 
 typedef struct { uint64_t key; int rank, result; } Merge; // byte-level BPE: (left, right) -> merged
 
@@ -263,761 +187,6 @@ typedef struct {
     int *special;         // control and user-defined tokens matched literally in text
     int n_special;
 } Tokenizer;
-
-enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA2 = 2, CHAT_LLAMA3 = 3 };
-
-typedef struct {
-    int style;             // one of CHAT_*
-    int end_of_turn;       // token that ends an assistant reply
-    char *default_system;  // used when no system prompt is given
-} ChatTemplate;
-
-// ----------------------------------------------------------------------------
-// The KV cache: keys and values of every layer at every position, (n_layers, seq_len, kv_dim)
-
-typedef struct {
-    int n_layers, seq_len, kv_dim;
-    float *keys, *values;
-} KVCache;
-
-static float *cache_keys(const KVCache *c, int layer, int pos) {
-    return c->keys + ((size_t)layer * c->seq_len + pos) * c->kv_dim;
-}
-
-static float *cache_values(const KVCache *c, int layer, int pos) {
-    return c->values + ((size_t)layer * c->seq_len + pos) * c->kv_dim;
-}
-
-static int cache_init(KVCache *c, const Config *p) {
-    c->n_layers = p->n_layers;
-    c->seq_len = p->seq_len;
-    c->kv_dim = kv_dim(p);
-    size_t n = (size_t)c->n_layers * c->seq_len * c->kv_dim;
-    c->keys = alloc_zeroed(n, sizeof(float));
-    c->values = alloc_zeroed(n, sizeof(float));
-    return c->keys && c->values ? 0 : -1;
-}
-
-static void cache_free(KVCache *c) {
-    free(c->keys);
-    free(c->values);
-}
-
-// ----------------------------------------------------------------------------
-// Run state: activation buffers for a block of up to `batch` tokens, allocated once
-
-// Activations quantized like Q8_0 weights: int8 values, one scale per group of the row's length.
-typedef struct {
-    int8_t *q;          // (tokens, in) values, padded by 64 bytes: the AVX-512 kernel reads whole 64s
-    float *scale;       // (tokens, in / group_size)
-    float *lane_scale;  // (tokens, 16 * ceil(in / 64)): for each 64 values, the scale of the first 32
-                        // in lanes 0-7 and of the next 32 in lanes 8-15, as the AVX-512 kernel uses them
-} QuantizedRows;
-
-static size_t lane_scales_per_row(int n) { return 16 * (size_t)((n + 63) / 64); }
-
-// Each thread's own copy of a matmul's input, normalized (fp32) and quantized (int8): every thread
-// prepares the whole input itself, which costs little next to the matmul and saves a barrier.
-typedef struct {
-    float *x;           // (batch, max(dim, q_dim))
-    QuantizedRows q;    // (batch, widest matmul input)
-} ThreadInput;
-
-typedef struct RunState {
-    int threads;              // OpenMP threads of this model's parallel regions
-    int batch;                // tokens per forward block
-    float *x;                 // (batch, dim) residual stream
-    float *xb;                // (batch, q_dim) attention output
-    float *q;                 // (batch, q_dim) queries
-    float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
-    float *att;               // (threads, n_heads / n_kv_heads, seq_len) attention weights
-    float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
-    float *part_out;          // (split tasks, n_heads / n_kv_heads, head_dim) per range: unnormalized output
-    int rope_half;            // head_dim / 2: RoPE rotates pairs (2j, 2j+1) of each head
-    float *rope_cos, *rope_sin; // (batch, rope_half) for the block's positions
-    float *logits;            // (vocab) of the block's last token
-    ThreadInput *input;       // (threads)
-} RunState;
-
-static int state_init(RunState *s, const Config *p, int threads) {
-    s->threads = threads > 0 ? threads : max_threads();
-    s->batch = p->seq_len < 64 ? p->seq_len : 64;
-    size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
-    s->x = alloc_zeroed(B * p->dim, sizeof(float));
-    s->xb = alloc_zeroed(B * q_dim(p), sizeof(float));
-    s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
-    s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    size_t group = p->n_heads / p->n_kv_heads, split_tasks = 4 * (size_t)s->threads; // see attention_parts
-    size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
-    s->att = alloc_zeroed((size_t)s->threads * group * p->seq_len, sizeof(float));
-    s->part_max = alloc_zeroed(tasks * group, sizeof(float));
-    s->part_sum = alloc_zeroed(tasks * group, sizeof(float));
-    s->part_out = alloc_zeroed(split_tasks * group * p->head_dim, sizeof(float));
-    s->rope_half = p->head_dim / 2;
-    s->rope_cos = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
-    s->rope_sin = alloc_zeroed(B * p->head_dim / 2, sizeof(float));
-    s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
-    size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
-    if (!(s->input = alloc_zeroed(s->threads, sizeof(ThreadInput)))) return -1;
-    for (int i = 0; i < s->threads; i++) {
-        ThreadInput *in = &s->input[i];
-        in->x = alloc_zeroed(B * wide, sizeof(float));
-        in->q.q = alloc_zeroed(B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
-        in->q.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
-        in->q.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
-        if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
-    }
-    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->hb && s->hb2 && s->att &&
-                   s->rope_cos && s->rope_sin && s->logits ? 0 : -1;
-}
-
-static void state_free(RunState *s) {
-    free(s->x); free(s->xb); free(s->q); free(s->hb); free(s->hb2);
-    free(s->att); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope_cos); free(s->rope_sin); free(s->logits);
-    for (int i = 0; s->input && i < s->threads; i++) {
-        free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
-    }
-    free(s->input);
-}
-
-typedef struct {
-    Config config;
-    Weights weights;
-    Tokenizer tokenizer;
-    int has_tokenizer;
-    ChatTemplate chat;
-    KVCache cache;
-    RunState state;
-    void *map;          // the mmap'd checkpoint
-    size_t map_size;
-} Model;
-
-// ----------------------------------------------------------------------------
-// Kernels
-
-static float dot(const float *a, const float *b, int n) {
-#if defined(__AVX512F__)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-    }
-    if (i + 16 <= n) {
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        i += 16;
-    }
-    if (i < n) { // masked tail: no scalar loop
-        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#else
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0; // independent sums let the compiler pipeline
-    int i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += a[i] * b[i];
-        s1 += a[i + 1] * b[i + 1];
-        s2 += a[i + 2] * b[i + 2];
-        s3 += a[i + 3] * b[i + 3];
-    }
-    for (; i < n; i++) s0 += a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
-#endif
-}
-
-// Quantizes one group: its scale is max|x| / 127 (0 for an all-zero group, which stays zero).
-static float quantize_group(int8_t *q, const float *x, int n) {
-    float amax = 0;
-    int j = 0;
-#if defined(__AVX512F__)
-    if (n % 16 == 0) {
-        __m512 m = _mm512_setzero_ps();
-        for (; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
-        amax = _mm512_reduce_max_ps(m);
-        float s = amax / 127.0f;
-        __m512 inv = _mm512_set1_ps(s > 0 ? 1.0f / s : 0.0f);
-        for (j = 0; j < n; j += 16) // rounds to nearest even, as lrintf does
-            _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), inv))));
-        return s;
-    }
-#endif
-    for (; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
-    float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
-    for (j = 0; j < n; j++) q[j] = (int8_t)lrintf(x[j] * inv);
-    return s;
-}
-
-static void quantize_row(int8_t *q, float *scale, float *lane_scale, const float *x, int n, int group_size) {
-    for (int g = 0; g < n / group_size; g++)
-        scale[g] = quantize_group(q + g * group_size, x + g * group_size, group_size);
-    for (int i = 0; i < n; i += 32) // lanes past the end stay 0
-        for (int lane = 0; lane < 8; lane++) lane_scale[i / 4 + lane] = scale[i / group_size];
-}
-
-// The AVX-512 int8 kernels take groups of 32, 64, 128... (a group index is then a shift away).
-static int q8_simd_shift(int group_size) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (group_size >= 32 && (group_size & (group_size - 1)) == 0) return __builtin_ctz(group_size);
-#endif
-    (void)group_size;
-    return -1;
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// 64 int8 weights at w + i (32 at the end of a row of n), 128 * their sums per 4 bytes, and their
-// group scales spread over lanes 0-7 (first 32 values) and 8-15 (next 32).
-static __m512i q8_weights(const int8_t *w, const float *ws, int i, int n, int shift, __m512i *bias, __m512 *scale) {
-    __m512i wv = _mm512_maskz_loadu_epi8(n - i >= 64 ? ~0ull : 0xFFFFFFFFull, w + i);
-    *bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wv);
-    float upper = n - i > 32 ? ws[(i + 32) >> shift] : 0.0f;
-    *scale = _mm512_insertf32x8(_mm512_set1_ps(ws[i >> shift]), _mm256_set1_ps(upper), 1);
-    return wv;
-}
-
-// acc + those 64 weights against 64 int8 activations, summed per 4 bytes and scaled. dpbusd
-// multiplies unsigned by signed bytes: x goes in as x + 128 (its sign bit flipped) and the
-// weights' bias (128 * their sum) comes back off.
-static __m512 q8_chunk(__m512 acc, __m512i w, __m512i bias, __m512 w_scale, const int8_t *x, const float *x_lane_scale) {
-    __m512i x_unsigned = _mm512_xor_si512(_mm512_loadu_si512(x), _mm512_set1_epi8((char)0x80));
-    __m512i sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_unsigned, w), bias);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, _mm512_loadu_ps(x_lane_scale)), acc);
-}
-#endif
-
-// An int8 weight row (scales ws) dotted with token t's int8 activations: int32 sums per group,
-// scaled in fp32.
-static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size) {
-    const int8_t *x = xq->q + (size_t)t * n;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    int shift = q8_simd_shift(group_size);
-    if (shift >= 0) {
-        const float *lanes = xq->lane_scale + (size_t)t * lane_scales_per_row(n);
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 64) {
-            __m512i bias;
-            __m512 w_scale;
-            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
-            acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
-        }
-        return _mm512_reduce_add_ps(acc);
-    }
-#endif
-    const float *xs = xq->scale + (size_t)t * (n / group_size);
-    float sum = 0;
-    for (int g = 0; g < n / group_size; g++) {
-        int32_t s = 0;
-        for (int j = g * group_size; j < (g + 1) * group_size; j++) s += w[j] * x[j];
-        sum += s * ws[g] * xs[g];
-    }
-    return sum;
-}
-
-// One weight row against 4 tokens' activations at once: each weight load feeds 4 FMAs (prefill).
-static void dot4(const float *w, const float *x, size_t stride, int n, float out[4]) {
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        __m512 wv = _mm512_maskz_loadu_ps(m, w + i);
-        a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + i), a0);
-        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + stride + i), a1);
-        a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 2 * stride + i), a2);
-        a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 3 * stride + i), a3);
-    }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
-#else
-    for (int t = 0; t < 4; t++) out[t] = dot(w, x + t * stride, n);
-#endif
-}
-
-// A matmul's output: out (n x rows) = x W^T, or out += x W^T when accumulate (residual adds).
-// With rope set, each finished block of rows is rotated by RoPE (queries and keys).
-typedef struct {
-    float *out;
-    Matrix w;
-    int rows;
-    int accumulate;
-    const struct RunState *rope;
-} Projection;
-
-static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
-    if (w.f) return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
-    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * (in / w.group_size), xq, t, in, w.group_size);
-}
-
-// One int8 weight row against tokens t..t+3: each 64 weights are loaded and prepared once for the
-// four tokens (prefill).
-static void dot4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size, float out[4]) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    int shift = q8_simd_shift(group_size);
-    if (shift >= 0) {
-        size_t lanes_per_row = lane_scales_per_row(n);
-        const int8_t *x = xq->q + (size_t)t * n;
-        const float *lanes = xq->lane_scale + (size_t)t * lanes_per_row;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int i = 0; i < n; i += 64) {
-            __m512i bias;
-            __m512 w_scale;
-            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
-            a0 = q8_chunk(a0, wv, bias, w_scale, x + i, lanes + i / 4);
-            a1 = q8_chunk(a1, wv, bias, w_scale, x + n + i, lanes + lanes_per_row + i / 4);
-            a2 = q8_chunk(a2, wv, bias, w_scale, x + 2 * n + i, lanes + 2 * lanes_per_row + i / 4);
-            a3 = q8_chunk(a3, wv, bias, w_scale, x + 3 * n + i, lanes + 3 * lanes_per_row + i / 4);
-        }
-        out[0] = _mm512_reduce_add_ps(a0);
-        out[1] = _mm512_reduce_add_ps(a1);
-        out[2] = _mm512_reduce_add_ps(a2);
-        out[3] = _mm512_reduce_add_ps(a3);
-        return;
-    }
-#endif
-    for (int k = 0; k < 4; k++) out[k] = dot_q8(w, ws, xq, t + k, n, group_size);
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// One prepared row of 64 weights against four tokens' prepared activations (x + 128 and their lane
-// scales), into four accumulators: the inner step of dot4x4_q8.
-static inline void q8_row_x4(const int8_t *w, const float *ws, int i, int n, int shift, const __m512i x[4],
-                             const __m512 x_scale[4], __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
-    __m512i bias;
-    __m512 w_scale;
-    __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
-    __m512i neg_bias = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
-    *a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[0], wv)), _mm512_mul_ps(w_scale, x_scale[0]), *a0);
-    *a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[1], wv)), _mm512_mul_ps(w_scale, x_scale[1]), *a1);
-    *a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[2], wv)), _mm512_mul_ps(w_scale, x_scale[2]), *a2);
-    *a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[3], wv)), _mm512_mul_ps(w_scale, x_scale[3]), *a3);
-}
-#endif
-
-// Four int8 weight rows (row stride n) against tokens t..t+3: each token's activations are
-// prepared once per 64 values for the four rows, so prefill streams them from L2 a quarter as often.
-// Returns 0 where there is no such kernel (no AVX-512 VNNI, or groups not a power of two >= 32).
-static int dot4x4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size,
-                     float out[4][4]) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    int shift = q8_simd_shift(group_size), groups = n / group_size;
-    if (shift < 0) return 0;
-    size_t lanes_per_row = lane_scales_per_row(n);
-    __m512 r00 = _mm512_setzero_ps(), r01 = r00, r02 = r00, r03 = r00, r10 = r00, r11 = r00, r12 = r00, r13 = r00,
-           r20 = r00, r21 = r00, r22 = r00, r23 = r00, r30 = r00, r31 = r00, r32 = r00, r33 = r00;
-    for (int i = 0; i < n; i += 64) {
-        __m512i x[4];
-        __m512 x_scale[4];
-        for (int k = 0; k < 4; k++) {
-            x[k] = _mm512_xor_si512(_mm512_loadu_si512(xq->q + (size_t)(t + k) * n + i), _mm512_set1_epi8((char)0x80));
-            x_scale[k] = _mm512_loadu_ps(xq->lane_scale + (size_t)(t + k) * lanes_per_row + i / 4);
-        }
-        q8_row_x4(w, ws, i, n, shift, x, x_scale, &r00, &r01, &r02, &r03);
-        q8_row_x4(w + n, ws + groups, i, n, shift, x, x_scale, &r10, &r11, &r12, &r13);
-        q8_row_x4(w + 2 * (size_t)n, ws + 2 * groups, i, n, shift, x, x_scale, &r20, &r21, &r22, &r23);
-        q8_row_x4(w + 3 * (size_t)n, ws + 3 * groups, i, n, shift, x, x_scale, &r30, &r31, &r32, &r33);
-    }
-    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
-    for (int r = 0; r < 4; r++)
-        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
-    return 1;
-#else
-    (void)w, (void)ws, (void)xq, (void)t, (void)n, (void)group_size, (void)out;
-    return 0;
-#endif
-}
-
-// Four weight rows against four tokens: 16 accumulators, so every load feeds four FMAs and the
-// block is compute-bound rather than bound by streaming activations from L2 (prefill).
-static void dot4x4(const float *w, const float *x, int n, float out[4][4]) {
-#if defined(__AVX512F__)
-    // named accumulators: gcc spills an array of them to the stack on every iteration
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00,
-           a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        __m512 x0 = _mm512_maskz_loadu_ps(m, x + i), x1 = _mm512_maskz_loadu_ps(m, x + n + i),
-               x2 = _mm512_maskz_loadu_ps(m, x + 2 * n + i), x3 = _mm512_maskz_loadu_ps(m, x + 3 * n + i);
-        __m512 w0 = _mm512_maskz_loadu_ps(m, w + i);
-        a00 = _mm512_fmadd_ps(w0, x0, a00); a01 = _mm512_fmadd_ps(w0, x1, a01);
-        a02 = _mm512_fmadd_ps(w0, x2, a02); a03 = _mm512_fmadd_ps(w0, x3, a03);
-        __m512 w1 = _mm512_maskz_loadu_ps(m, w + n + i);
-        a10 = _mm512_fmadd_ps(w1, x0, a10); a11 = _mm512_fmadd_ps(w1, x1, a11);
-        a12 = _mm512_fmadd_ps(w1, x2, a12); a13 = _mm512_fmadd_ps(w1, x3, a13);
-        __m512 w2 = _mm512_maskz_loadu_ps(m, w + 2 * n + i);
-        a20 = _mm512_fmadd_ps(w2, x0, a20); a21 = _mm512_fmadd_ps(w2, x1, a21);
-        a22 = _mm512_fmadd_ps(w2, x2, a22); a23 = _mm512_fmadd_ps(w2, x3, a23);
-        __m512 w3 = _mm512_maskz_loadu_ps(m, w + 3 * n + i);
-        a30 = _mm512_fmadd_ps(w3, x0, a30); a31 = _mm512_fmadd_ps(w3, x1, a31);
-        a32 = _mm512_fmadd_ps(w3, x2, a32); a33 = _mm512_fmadd_ps(w3, x3, a33);
-    }
-    __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 4; t++) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-#else
-    for (int r = 0; r < 4; r++) dot4(w + (size_t)r * n, x, n, n, out[r]);
-#endif
-}
-
-static void store(const Projection *p, int t, int i, float value) {
-    float *o = p->out + (size_t)t * p->rows + i;
-    *o = value + (p->accumulate ? *o : 0.0f);
-}
-
-// Row i of W against tokens first..n-1: the row is loaded once and stays in L1 across the tokens.
-static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int first, int n, int in) {
-    Matrix w = p->w;
-    int four = w.f || q8_simd_shift(w.group_size) >= 0; // 4-token kernels: fp32, and int8 on AVX-512
-    float r[4];
-    for (int t = first; t < n;) {
-        int k = four && n - t >= 4 ? 4 : 1;
-        if (k == 1) r[0] = dot_row(w, i, x, xq, t, in);
-        else if (w.f) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
-        else dot4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r);
-        for (int j = 0; j < k; j++, t++) store(p, t, i, r[j]);
-    }
-}
-
-// Rows i..i+count-1 (count <= 4) of W against all n tokens, in blocks of 4 rows x 4 tokens where
-// a kernel exists for them.
-static void matmul_block(const Projection *p, int i, int count, const float *x, const QuantizedRows *xq, int n, int in) {
-    Matrix w = p->w;
-    int t = 0;
-    for (float r[4][4]; count == 4 && n - t >= 4; t += 4) {
-        if (w.f) dot4x4(w.f + (size_t)i * in, x + (size_t)t * in, in, r);
-        else if (!dot4x4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r))
-            break;
-        for (int a = 0; a < 4; a++)
-            for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
-    }
-    for (int a = 0; a < count; a++) matmul_row(p, i + a, x, xq, t, n, in);
-}
-
-// Rotates output rows i..i+count-1 (whole pairs: blocks and heads start on even rows) of every
-// token by its position: pair (2j, 2j+1) of a head turns by position * theta^(-2j/head_dim).
-static void rope_rows(const Projection *p, int i, int count, int n) {
-    const struct RunState *s = p->rope;
-    for (int t = 0; t < n; t++) {
-        float *row = p->out + (size_t)t * p->rows;
-        const float *cos_t = s->rope_cos + (size_t)t * s->rope_half, *sin_t = s->rope_sin + (size_t)t * s->rope_half;
-        for (int r = i; r < i + count; r += 2) {
-            int j = (r / 2) % s->rope_half;
-            float a = row[r], b = row[r + 1];
-            row[r] = a * cos_t[j] - b * sin_t[j];
-            row[r + 1] = a * sin_t[j] + b * cos_t[j];
-        }
-    }
-}
-
-// Matmuls that share their input (q, k, v) as one loop over all their rows in blocks of 4, so the
-// threads split the work once and meet at one barrier.
-static void matmuls(const Projection *p, int count, const float *x, const QuantizedRows *xq, int n, int in) {
-    int blocks = 0;
-    for (int j = 0; j < count; j++) blocks += (p[j].rows + 3) / 4;
-#pragma omp for schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        int j = 0, i = 4 * b;
-        while (i >= 4 * ((p[j].rows + 3) / 4)) i -= 4 * ((p[j++].rows + 3) / 4);
-        int count_rows = p[j].rows - i < 4 ? p[j].rows - i : 4;
-        matmul_block(&p[j], i, count_rows, x, xq, n, in);
-        if (p[j].rope) rope_rows(&p[j], i, count_rows, n);
-    }
-}
-
-static void matmul(Projection p, const float *x, const QuantizedRows *xq, int n, int in) { matmuls(&p, 1, x, xq, n, in); }
-
-static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
-    float ss = dot(x, x, n) / n;
-    float scale = 1.0f / sqrtf(ss + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
-}
-
-#if defined(__AVX512F__)
-// e^x in 16 lanes: x = k ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative
-// error ~1e-7), times 2^k by vscalefps (which also takes care of underflow to 0).
-static __m512 exp16(__m512 x) {
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x); // ln2 split in two for precision
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, k);
-}
-#endif
-
-// x[i] = e^(x[i] - max) in place; returns their sum and, in *max_out, the max. The pieces of a
-// softmax that attention split over several threads merges afterwards.
-static float exp_shifted(float *x, int n, float *max_out) {
-    float max = x[0], sum = 0;
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    int i = 0;
-#if defined(__AVX512F__)
-    __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(max);
-    for (; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax));
-        _mm512_mask_storeu_ps(x + i, m, e);
-        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
-    }
-    sum = _mm512_reduce_add_ps(vsum);
-#endif
-    for (; i < n; i++) sum += (x[i] = expf(x[i] - max));
-    *max_out = max;
-    return sum;
-}
-
-static void softmax(float *x, int n) {
-    float max, inv = 1.0f / exp_shifted(x, n, &max);
-    for (int i = 0; i < n; i++) x[i] *= inv;
-}
-
-static void embed(float *out, Matrix table, int token, int dim) {
-    if (table.f) {
-        memcpy(out, table.f + (size_t)token * dim, dim * sizeof(float));
-        return;
-    }
-    const int8_t *q = table.q + (size_t)token * dim;
-    const float *scale = table.scale + (size_t)token * dim / table.group_size;
-    for (int i = 0; i < dim; i++) out[i] = q[i] * scale[i / table.group_size];
-}
-
-// ----------------------------------------------------------------------------
-// The forward pass
-
-// cos/sin of position * theta^(-2j/head_dim) for each token of the block, in double like the reference.
-static void rope_table(RunState *s, const Config *p, int pos, int n) {
-    int half = p->head_dim / 2;
-    for (int j = 0; j < half; j++) {
-        double freq = pow((double)p->rope_theta, -2.0 * j / p->head_dim);
-        for (int t = 0; t < n; t++) {
-            double angle = (double)(pos + t) * freq;
-            s->rope_cos[t * half + j] = (float)cos(angle);
-            s->rope_sin[t * half + j] = (float)sin(angle);
-        }
-    }
-}
-
-// The steps below run on every thread of the one parallel region forward_block opens. Work split
-// across threads is a worksharing loop ("omp for", a barrier at its end); the matmul inputs each
-// thread prepares for itself (ThreadInput) need no barrier.
-
-// This thread's int8 copy of x (n x in) when the weights w are int8; NULL for fp32 weights.
-static const QuantizedRows *quantize_rows(RunState *s, Matrix w, const float *x, int n, int in) {
-    if (w.f) return NULL;
-    QuantizedRows *q = &s->input[thread_index()].q;
-    for (int t = 0; t < n; t++)
-        quantize_row(q->q + (size_t)t * in, q->scale + (size_t)t * (in / w.group_size),
-                     q->lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
-    return q;
-}
-
-// RMSNorm of n rows of x into this thread's input (quantized into *xq too when the next matmul's
-// weights are int8). x must be complete: the step before ended in a barrier.
-static const float *norm_rows(RunState *s, const float *x, const float *weight, Matrix next, int n, int dim, float eps,
-                              const QuantizedRows **xq) {
-    float *out = s->input[thread_index()].x;
-    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
-    *xq = quantize_rows(s, next, out, n, dim);
-    return out;
-}
-
-// A head's slice of a cache row is a few cache lines every kv_dim floats: a stride the hardware
-// prefetcher does not follow, so ask for rows this far ahead ourselves.
-#define PREFETCH_ROWS 16
-
-static void prefetch(const float *p, int n) {
-    for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
-}
-
-// out += a * v over n values.
-static void axpy(float *restrict out, float a, const float *restrict v, int n) {
-    for (int d = 0; d < n; d++) out[d] += a * v[d];
-}
-
-// out = sum over i < len of weights[i] * rows[i * stride .. + n]: the values weighted by attention.
-static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
-    int d = 0;
-#if defined(__AVX512F__)
-    for (; d + 64 <= n; d += 64) { // 64 dims in 4 registers, accumulated over every row
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *v = rows + d;
-        for (int i = 0; i < len; i++, v += stride) {
-            if (i + PREFETCH_ROWS < len) prefetch(v + PREFETCH_ROWS * stride, 64);
-            __m512 w = _mm512_set1_ps(weights[i]);
-            a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), a0);
-            a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), a1);
-            a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 32), a2);
-            a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 48), a3);
-        }
-        _mm512_storeu_ps(out + d, a0);
-        _mm512_storeu_ps(out + d + 16, a1);
-        _mm512_storeu_ps(out + d + 32, a2);
-        _mm512_storeu_ps(out + d + 48, a3);
-    }
-#endif
-    for (int k = d; k < n; k++) out[k] = 0; // the rest (all of it without AVX-512), row by row
-    for (int i = 0; i < len && d < n; i++) axpy(out + d, weights[i], rows + (size_t)i * stride + d, n - d);
-}
-
-// Attention of the query heads (of token t) that share kv head `kv_head`, over cache positions
-// lo..hi-1; each cached key and value row is read once for the whole group. For each head g it
-// leaves the max score, the sum of e^(score - max), and out = that sum's terms times the values
-// (unnormalized, so that ranges computed apart can be merged). att holds group x (hi - lo) scores.
-static void attend_range(Model *m, int layer, int t, int kv_head, int lo, int hi, float *att, float *out, float *max,
-                         float *sum) {
-    const Config *p = &m->config;
-    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo;
-    float scale = 1.0f / sqrtf((float)hd);
-    const float *q = m->state.q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
-    for (int i = lo; i < hi; i++) {
-        const float *k = cache_keys(&m->cache, layer, i) + kv_head * hd;
-        if (i + PREFETCH_ROWS < hi) prefetch(cache_keys(&m->cache, layer, i + PREFETCH_ROWS) + kv_head * hd, hd);
-        for (int g = 0; g < group; g++) att[(size_t)g * len + i - lo] = dot(q + g * hd, k, hd) * scale;
-    }
-    const float *v = cache_values(&m->cache, layer, lo) + kv_head * hd;
-    for (int g = 0; g < group; g++) {
-        sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
-        weighted_sum(out + g * hd, att + (size_t)g * len, v, (size_t)kv_dim(p), len, hd);
-    }
-}
-
-// How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
-// thread busy when there are few (decoding one token with a few kv heads), else 1.
-static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
-    int tasks = n * n_kv_heads, parts = tasks >= 2 * s->threads ? 1 : (2 * s->threads + tasks - 1) / tasks;
-    return len / parts >= 64 ? parts : 1; // short ranges are not worth a merge
-}
-
-// Causal attention of the block's queries over the cache; the block's own keys and values are
-// already in it. Query head h reads kv head h / (n_heads / n_kv_heads). Split ranges are merged as
-// in flash-decoding: out = sum over ranges of e^(max_r - max) out_r / sum of e^(max_r - max) sum_r.
-static void attention(Model *m, int layer, int n, int pos) {
-    const Config *p = &m->config;
-    RunState *s = &m->state;
-    int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p);
-    int parts = attention_parts(s, n, kvh, pos + 1);
-    float *att = s->att + (size_t)thread_index() * group * p->seq_len;
-#pragma omp for schedule(static)
-    for (int task = 0; task < n * kvh * parts; task++) {
-        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = pos + t + 1;
-        int chunk = (len + parts - 1) / parts, lo = part * chunk, hi = lo + chunk < len ? lo + chunk : len;
-        float *max = s->part_max + (size_t)task * group, *sum = s->part_sum + (size_t)task * group;
-        float *out = parts == 1 ? s->xb + (size_t)t * qd + (size_t)h * group * hd : s->part_out + (size_t)task * group * hd;
-        if (lo >= hi) { // an empty range (a short causal row) adds nothing
-            for (int g = 0; g < group; g++) max[g] = -INFINITY, sum[g] = 0;
-            continue;
-        }
-        attend_range(m, layer, t, h, lo, hi, att, out, max, sum);
-        if (parts == 1)
-            for (int i = 0; i < group * hd; i++) out[i] /= sum[i / hd];
-    }
-    if (parts == 1) return;
-#pragma omp for schedule(static)
-    for (int head = 0; head < n * p->n_heads; head++) { // merge the ranges of each (token, query head)
-        int t = head / p->n_heads, h = head % p->n_heads, first = (t * kvh + h / group) * parts, g = h % group;
-        float max = -INFINITY, total = 0, *out = s->xb + (size_t)t * qd + (size_t)h * hd;
-        for (int r = 0; r < parts; r++) max = fmaxf(max, s->part_max[(size_t)(first + r) * group + g]);
-        memset(out, 0, hd * sizeof(float));
-        for (int r = 0; r < parts; r++) {
-            size_t at = (size_t)(first + r) * group + g;
-            if (s->part_sum[at] == 0) continue;
-            float w = expf(s->part_max[at] - max);
-            total += w * s->part_sum[at];
-            axpy(out, w, s->part_out + at * hd, hd);
-        }
-        for (int d = 0; d < hd; d++) out[d] /= total;
-    }
-}
-
-// The feed-forward's two input matmuls and its gate in one loop: the thread that computes a block
-// of hidden rows for W1 and W3 also finishes it, hb = silu(x W1^T) * x W3^T.
-static void gate_up(RunState *s, Matrix w1, Matrix w3, const float *x, const QuantizedRows *xq, int n, int in, int hid) {
-    Projection gate = {s->hb, w1, hid, 0, NULL}, up = {s->hb2, w3, hid, 0, NULL};
-#pragma omp for schedule(static)
-    for (int b = 0; b < (hid + 3) / 4; b++) {
-        int i = 4 * b, count = hid - i < 4 ? hid - i : 4;
-        matmul_block(&gate, i, count, x, xq, n, in);
-        matmul_block(&up, i, count, x, xq, n, in);
-        for (int t = 0; t < n; t++)
-            for (int r = i; r < i + count; r++) {
-                float g = s->hb[(size_t)t * hid + r];
-                s->hb[(size_t)t * hid + r] = g / (1.0f + expf(-g)) * s->hb2[(size_t)t * hid + r];
-            }
-    }
-}
-
-// One layer for the block's n tokens at positions pos..: attention, then the SwiGLU feed-forward,
-// each added to the residual stream x. K and V rows go straight into the cache.
-static void layer_forward(Model *m, int l, int n, int pos) {
-    const Config *p = &m->config;
-    const Weights *w = &m->weights;
-    RunState *s = &m->state;
-    int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
-    float *k = cache_keys(&m->cache, l, pos), *v = cache_values(&m->cache, l, pos);
-
-    Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
-    const QuantizedRows *xq;
-    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps, &xq);
-    Projection qkv[3] = {{s->q, wq, qd, 0, s},
-                         {k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, s},
-                         {v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
-    matmuls(qkv, 3, xn, xq, n, dim);
-    attention(m, l, n, pos);
-    Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
-    xq = quantize_rows(s, wo, s->xb, n, qd);
-    matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
-
-    Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
-    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps, &xq);
-    gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), xn, xq, n, dim, hid);
-    xq = quantize_rows(s, w2, s->hb, n, hid);
-    matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
-}
-
-// Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
-// Logits: every token's into out (n x vocab) when all_logits, else the last token's into state.logits.
-static void forward_block(Model *m, const int *tokens, int n, int pos, float *out, int all_logits) {
-    const Config *p = &m->config;
-    const Weights *w = &m->weights;
-    RunState *s = &m->state;
-    int dim = p->dim, first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
-    for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
-    rope_table(s, p, pos, n);
-#pragma omp parallel num_threads(s->threads)
-    {
-        for (int l = 0; l < p->n_layers; l++) layer_forward(m, l, n, pos);
-        const QuantizedRows *xq;
-        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps, &xq);
-        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
-    }
-}
-
-// Runs any number of tokens in blocks; out as in forward_block (NULL: only state.logits is written).
-static int forward(Model *m, const int *tokens, int n, int pos, float *out) {
-    const Config *p = &m->config;
-    if (n < 0 || pos < 0 || pos > p->seq_len || n > p->seq_len - pos)
-        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, p->seq_len);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= p->vocab_size)
-            return fail("token id %d is outside the vocab of %d", tokens[i], p->vocab_size);
-    for (int done = 0; done < n;) {
-        int chunk = n - done < m->state.batch ? n - done : m->state.batch;
-        float *chunk_out = out ? out + (size_t)done * p->vocab_size : NULL;
-        forward_block(m, tokens + done, chunk, pos + done, chunk_out, out != NULL);
-        done += chunk;
-    }
-    if (out && n > 0) memcpy(m->state.logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
-    return 0;
-}
-
-// ----------------------------------------------------------------------------
-// Tokenizer: loading and lookups
 
 static uint64_t hash_bytes(const char *s, int n) {
     uint64_t h = 1469598103934665603ull; // FNV-1a
@@ -1124,7 +293,7 @@ static int tokenizer_index_merges(Tokenizer *t, const uint32_t *pairs, int n_mer
     t->merges = malloc((t->merge_mask + 1) * sizeof(Merge));
     if (!t->merges) return fail("out of memory for %d merges", n_merges);
     for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].rank = -1;
-    char buf[1024];
+    char buf[MAX_PIECE_BYTES];
     for (int r = 0; r < n_merges; r++) {
         uint32_t a, b;
         memcpy(&a, pairs + 2 * r, 4);
@@ -1153,92 +322,6 @@ static int tokenizer_alloc(Tokenizer *t, int n) {
     t->score = alloc_zeroed(n, sizeof(float));
     t->type = alloc_zeroed(n, sizeof(int));
     return t->piece && t->piece_len && t->score && t->type ? 0 : fail("out of memory for the tokenizer");
-}
-
-// The tokenizer section of a kvc file: a header of 8 uint32, then per token (f32 score, u32 type,
-// u32 length, bytes), then byte-level BPE merges as (u32 left, u32 right) pairs in rank order.
-static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
-    uint32_t h[8];
-    for (int i = 0; i < 8; i++) if (take_u32(c, &h[i], "tokenizer header")) return -1;
-    t->kind = (int)h[0];
-    t->flags = (int)h[2];
-    t->pretokenizer = (int)h[3];
-    t->unk_id = (int)h[4] - 1;
-    uint32_t n_merges = h[5];
-    if (t->kind != TOK_SENTENCEPIECE && t->kind != TOK_BYTE_BPE) return fail("tokenizer: unknown kind %d", t->kind);
-    if (h[1] != (uint32_t)p->vocab_size)
-        return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
-    if (t->pretokenizer < 0 || t->pretokenizer > 3) return fail("tokenizer: unknown pre-tokenizer %d", t->pretokenizer);
-    if (t->unk_id < -1 || t->unk_id >= (int)h[1]) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
-    if (tokenizer_alloc(t, (int)h[1])) return -1;
-    for (int i = 0; i < t->n_tokens; i++) {
-        const uint8_t *rec = take(c, 12, "token record");
-        if (!rec) return -1;
-        uint32_t type, len;
-        memcpy(&t->score[i], rec, 4);
-        memcpy(&type, rec + 4, 4);
-        memcpy(&len, rec + 8, 4);
-        if (len > 1024) return fail("tokenizer: token %d claims %u bytes", i, len);
-        t->type[i] = (int)type;
-        t->piece_len[i] = (int)len;
-        if (!(t->piece[i] = take(c, len, "token bytes"))) return -1;
-    }
-    if (n_merges > (1u << 24)) return fail("tokenizer: %u merges is absurd", n_merges);
-    const uint32_t *pairs = take(c, (size_t)n_merges * 8, "merges");
-    if (!pairs) return -1;
-    if (tokenizer_index(t)) return -1;
-    return t->kind == TOK_BYTE_BPE ? tokenizer_index_merges(t, pairs, (int)n_merges) : 0;
-}
-
-// llama2.c's tokenizer.bin: u32 max_token_length, then per token (f32 score, u32 length, bytes).
-// It stores U+2581 as a plain space and has no types: ids 0/1/2 are unk/bos/eos, <0xNN> are bytes.
-static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("cannot open tokenizer %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *data = size > 0 ? malloc(size) : NULL;
-    if (!data || fread(data, 1, size, f) != (size_t)size) {
-        fclose(f);
-        free(data);
-        return fail("cannot read tokenizer %s (empty or unreadable)", path);
-    }
-    fclose(f);
-    // pieces are rewritten with spaces escaped as U+2581: at most 3x the file
-    char *pieces = t->piece_buffer = malloc(3 * (size_t)size + 1);
-    t->kind = TOK_SENTENCEPIECE;
-    t->flags = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS;
-    t->unk_id = 0;
-    int rc = -1;
-    if (tokenizer_alloc(t, vocab_size)) goto done;
-    if (!pieces) { fail("out of memory for the tokenizer"); goto done; }
-    Cursor c = {data, (size_t)size, 4, 1, "tokenizer"};
-    if (size < 4) { fail("tokenizer %s is truncated", path); goto done; }
-    char *out = pieces;
-    for (int i = 0; i < vocab_size; i++) {
-        const uint8_t *rec = take(&c, 8, "token record");
-        if (!rec) goto done;
-        uint32_t len;
-        memcpy(&t->score[i], rec, 4);
-        memcpy(&len, rec + 4, 4);
-        const char *s = take(&c, len, "token bytes");
-        if (!s) goto done;
-        if (len > 1024) { fail("tokenizer: token %d claims %u bytes", i, len); goto done; }
-        t->piece[i] = out;
-        for (uint32_t j = 0; j < len; j++) {
-            if (s[j] == ' ') { memcpy(out, SPACE_MARK, 3); out += 3; }
-            else *out++ = s[j];
-        }
-        t->piece_len[i] = (int)(out - t->piece[i]);
-        t->type[i] = i == 0 ? PIECE_UNKNOWN : i <= 2 ? PIECE_CONTROL
-                   : parse_byte_piece(t->piece[i], t->piece_len[i]) >= 0 ? PIECE_BYTE : PIECE_NORMAL;
-    }
-    if (c.pos != c.size) { fail("tokenizer %s has %zu bytes after its %d tokens: it does not fit this model", path, c.size - c.pos, vocab_size); goto done; }
-    if (tokenizer_index(t) == 0) rc = 0;
-done:
-    free(data);
-    return rc;
 }
 
 static void tokenizer_free(Tokenizer *t) {
@@ -1842,7 +925,310 @@ static size_t decode(const Tokenizer *t, const int *ids, int n, char *out) {
 }
 
 // ----------------------------------------------------------------------------
-// Opening a checkpoint: kvc files, llama2.c v0 (legacy) and v1/v2 (magic "ak42")
+// Chat templates: messages rendered as the model's template writes them (special tokens spelled
+// out), then encoded with special-token parsing. Rendering is append-only, so a chat can extend
+// the KV cache turn by turn.
+
+enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA2 = 2, CHAT_LLAMA3 = 3 };
+
+typedef struct {
+    int style;             // one of CHAT_*
+    int end_of_turn;       // token that ends an assistant reply
+    char *default_system;  // used when no system prompt is given
+} ChatTemplate;
+
+typedef struct { char *s; size_t len, cap; } Text; // a growable string
+
+static int text_append(Text *t, const char *s, size_t n) {
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = (t->len + n + 1) * 2;
+        char *p = realloc(t->s, cap);
+        if (!p) return fail("out of memory building a prompt");
+        t->s = p;
+        t->cap = cap;
+    }
+    memcpy(t->s + t->len, s, n);
+    t->len += n;
+    t->s[t->len] = 0;
+    return 0;
+}
+
+static int text_add(Text *t, const char *s) { return text_append(t, s, strlen(s)); }
+
+static int text_add_piece(Text *t, const Tokenizer *tok, int id) {
+    return id < 0 ? 0 : text_append(t, tok->piece[id], tok->piece_len[id]);
+}
+
+static int is_space_char(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+
+static int text_add_trimmed(Text *t, const char *s) { // like jinja's trim / Python's strip
+    size_t n = strlen(s);
+    while (n > 0 && is_space_char(*s)) s++, n--;
+    while (n > 0 && is_space_char(s[n - 1])) n--;
+    return text_append(t, s, n);
+}
+
+typedef struct { const char *role, *content; } Message;
+
+static int render_chatml(Text *out, const Message *msg, int n, const char *system, int generation_prompt) {
+    int rc = 0;
+    if (system) rc |= text_add(out, "<|im_start|>system\n") | text_add(out, system) | text_add(out, "<|im_end|>\n");
+    for (int i = 0; i < n; i++)
+        rc |= text_add(out, "<|im_start|>") | text_add(out, msg[i].role) | text_add(out, "\n") |
+              text_add(out, msg[i].content) | text_add(out, "<|im_end|>\n");
+    if (generation_prompt) rc |= text_add(out, "<|im_start|>assistant\n");
+    return rc ? -1 : 0;
+}
+
+// Llama 2: the system prompt goes inside the first [INST]; every exchange is wrapped in BOS/EOS.
+static int render_llama2(const Tokenizer *t, Text *out, const Message *msg, int n, const char *system) {
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        Text content = {0};
+        if (system && i == 0)
+            rc |= text_add(&content, "<<SYS>>\n") | text_add(&content, system) | text_add(&content, "\n<</SYS>>\n\n");
+        rc |= text_add(&content, msg[i].content);
+        if (!strcmp(msg[i].role, "assistant"))
+            rc |= text_add(out, " ") | text_add_trimmed(out, content.s) | text_add(out, " ") | text_add_piece(out, t, t->eos_id);
+        else
+            rc |= text_add_piece(out, t, t->bos_id) | text_add(out, "[INST] ") | text_add_trimmed(out, content.s) |
+                  text_add(out, " [/INST]");
+        free(content.s);
+    }
+    return rc ? -1 : 0;
+}
+
+static int render_llama3(const Tokenizer *t, Text *out, const Message *msg, int n, const char *system, int start,
+                         int generation_prompt) {
+    int rc = start ? text_add_piece(out, t, t->bos_id) : 0;
+    if (system) rc |= text_add(out, "<|start_header_id|>system<|end_header_id|>\n\n") | text_add_trimmed(out, system) |
+                      text_add(out, "<|eot_id|>");
+    for (int i = 0; i < n; i++)
+        rc |= text_add(out, "<|start_header_id|>") | text_add(out, msg[i].role) | text_add(out, "<|end_header_id|>\n\n") |
+              text_add_trimmed(out, msg[i].content) | text_add(out, "<|eot_id|>");
+    if (generation_prompt) rc |= text_add(out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    return rc ? -1 : 0;
+}
+
+// Renders messages as text; `start` when they begin the conversation (a leading system message,
+// or else the template's default system prompt, applies only there).
+static int chat_render(const ChatTemplate *chat, const Tokenizer *t, Text *out, const Message *msg, int n, int start,
+                       int generation_prompt) {
+    const char *system = NULL;
+    for (int i = 0; i < n; i++)
+        if (!msg[i].role || !msg[i].content) return fail("message %d has no role or no content", i);
+    if (start && n > 0 && !strcmp(msg[0].role, "system")) {
+        system = msg[0].content;
+        msg++;
+        n--;
+    } else if (start && chat->default_system && chat->default_system[0]) {
+        system = chat->default_system;
+    }
+    switch (chat->style) {
+    case CHAT_CHATML: return render_chatml(out, msg, n, system, generation_prompt);
+    case CHAT_LLAMA2: return render_llama2(t, out, msg, n, system);
+    case CHAT_LLAMA3: return render_llama3(t, out, msg, n, system, start, generation_prompt);
+    default: return fail("this model has no chat template");
+    }
+}
+
+// Renders and encodes messages; *ids is malloc'd. Returns the token count or -1.
+static int chat_encode(const ChatTemplate *chat, const Tokenizer *t, const Message *msg, int n, int start,
+                       int generation_prompt, const char *prefix, int **ids) {
+    Text text = {0};
+    int count = -1;
+    *ids = NULL;
+    if (text_add(&text, prefix) == 0 && chat_render(chat, t, &text, msg, n, start, generation_prompt) == 0) {
+        *ids = malloc(encode_capacity(text.len) * sizeof(int));
+        count = *ids ? encode(t, text.s, text.len, 0, 1, *ids) : fail("out of memory encoding a chat");
+    }
+    free(text.s);
+    return count;
+}
+
+// ----------------------------------------------------------------------------
+// File formats and loading: kvc files, llama2.c v0 (legacy) and v1/v2 (magic "ak42") checkpoints,
+// llama2.c's tokenizer.bin. Every read goes through a cursor that refuses to step past the end.
+
+// A model: what every sequence shares and nobody writes once it is open.
+typedef struct {
+    Config config;
+    Weights weights;    // pointers into the map
+    Tokenizer tokenizer;
+    int has_tokenizer;
+    ChatTemplate chat;
+    void *map;          // the mmap'd checkpoint
+    size_t map_size;
+} Model;
+
+// Bounded reads: every take() checks its extent first and fails with the section's name.
+typedef struct {
+    const uint8_t *base;
+    size_t size;   // bytes readable from base
+    size_t pos;
+    size_t align;  // tensors start on this boundary (64 in kvc files, 1 in llama2.c's)
+    const char *what;
+} Cursor;
+
+static const void *take(Cursor *c, size_t bytes, const char *name) {
+    size_t start = (c->pos + c->align - 1) / c->align * c->align;
+    if (start > c->size || bytes > c->size - start) {
+        fail("%s is truncated: %s needs %zu bytes at offset %zu, the %s has %zu", c->what, name, bytes,
+             start, c->what, c->size);
+        return NULL;
+    }
+    c->pos = start + bytes;
+    return c->base + start;
+}
+
+static int take_u32(Cursor *c, uint32_t *v, const char *name) {
+    const void *p = take(c, 4, name);
+    if (!p) return -1;
+    memcpy(v, p, 4);
+    return 0;
+}
+
+// Takes `count` matrices of rows x cols: fp32 values, or int8 values followed by their scales.
+static int take_matrix(Cursor *c, const Config *p, size_t count, size_t rows, size_t cols, const char *name,
+                       Matrix *m) {
+    size_t numel = count * rows * cols;
+    memset(m, 0, sizeof *m);
+    if (p->weight_type == WEIGHT_F32) return (m->f = take(c, numel * sizeof(float), name)) ? 0 : -1;
+    m->group_size = p->group_size;
+    if (!(m->q = take(c, numel, name))) return -1;
+    return (m->scale = take(c, numel / p->group_size * sizeof(float), name)) ? 0 : -1;
+}
+
+static int take_floats(Cursor *c, size_t n, const char *name, const float **out) {
+    return (*out = take(c, n * sizeof(float), name)) ? 0 : -1;
+}
+
+static int take_attention(Cursor *c, const Config *p, Weights *w) {
+    size_t L = p->n_layers, dim = p->dim;
+    if (take_matrix(c, p, L, q_dim(p), dim, "wq", &w->wq)) return -1;
+    if (take_matrix(c, p, L, kv_dim(p), dim, "wk", &w->wk)) return -1;
+    if (take_matrix(c, p, L, kv_dim(p), dim, "wv", &w->wv)) return -1;
+    return take_matrix(c, p, L, dim, q_dim(p), "wo", &w->wo);
+}
+
+static int take_ffn(Cursor *c, const Config *p, Weights *w) {
+    size_t L = p->n_layers, dim = p->dim, hid = p->hidden_dim;
+    if (take_matrix(c, p, L, hid, dim, "w1", &w->w1)) return -1;
+    if (take_matrix(c, p, L, dim, hid, "w2", &w->w2)) return -1;
+    return take_matrix(c, p, L, hid, dim, "w3", &w->w3);
+}
+
+// kvc files and llama2.c v0 store embeddings first and each norm before its matrices.
+static int take_weights_embeddings_first(Cursor *c, const Config *p, Weights *w) {
+    size_t norms = (size_t)p->n_layers * p->dim;
+    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
+    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_attention(c, p, w)) return -1;
+    if (take_floats(c, norms, "rms_ffn", &w->rms_ffn) || take_ffn(c, p, w)) return -1;
+    return take_floats(c, p->dim, "rms_final", &w->rms_final);
+}
+
+// llama2.c v1/v2 store the norms first.
+static int take_weights_norms_first(Cursor *c, const Config *p, Weights *w) {
+    size_t norms = (size_t)p->n_layers * p->dim;
+    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_floats(c, norms, "rms_ffn", &w->rms_ffn)) return -1;
+    if (take_floats(c, p->dim, "rms_final", &w->rms_final)) return -1;
+    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
+    return take_attention(c, p, w) || take_ffn(c, p, w) ? -1 : 0;
+}
+
+static int take_classifier(Cursor *c, const Config *p, Weights *w) {
+    if (p->shared_classifier) {
+        w->wcls = w->tok_embeddings;
+        return 0;
+    }
+    return take_matrix(c, p, 1, p->vocab_size, p->dim, "wcls", &w->wcls);
+}
+
+// The tokenizer section of a kvc file: a header of 8 uint32, then per token (f32 score, u32 type,
+// u32 length, bytes), then byte-level BPE merges as (u32 left, u32 right) pairs in rank order.
+static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
+    uint32_t h[8];
+    for (int i = 0; i < 8; i++) if (take_u32(c, &h[i], "tokenizer header")) return -1;
+    t->kind = (int)h[0];
+    t->flags = (int)h[2];
+    t->pretokenizer = (int)h[3];
+    t->unk_id = (int)h[4] - 1;
+    uint32_t n_merges = h[5];
+    if (t->kind != TOK_SENTENCEPIECE && t->kind != TOK_BYTE_BPE) return fail("tokenizer: unknown kind %d", t->kind);
+    if (h[1] != (uint32_t)p->vocab_size)
+        return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
+    if (t->pretokenizer < 0 || t->pretokenizer > 3) return fail("tokenizer: unknown pre-tokenizer %d", t->pretokenizer);
+    if (t->unk_id < -1 || t->unk_id >= (int)h[1]) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
+    if (tokenizer_alloc(t, (int)h[1])) return -1;
+    for (int i = 0; i < t->n_tokens; i++) {
+        const uint8_t *rec = take(c, 12, "token record");
+        if (!rec) return -1;
+        uint32_t type, len;
+        memcpy(&t->score[i], rec, 4);
+        memcpy(&type, rec + 4, 4);
+        memcpy(&len, rec + 8, 4);
+        if (len > MAX_PIECE_BYTES) return fail("tokenizer: token %d claims %u bytes", i, len);
+        t->type[i] = (int)type;
+        t->piece_len[i] = (int)len;
+        if (!(t->piece[i] = take(c, len, "token bytes"))) return -1;
+    }
+    if (n_merges > (1u << 24)) return fail("tokenizer: %u merges is absurd", n_merges);
+    const uint32_t *pairs = take(c, (size_t)n_merges * 8, "merges");
+    if (!pairs) return -1;
+    if (tokenizer_index(t)) return -1;
+    return t->kind == TOK_BYTE_BPE ? tokenizer_index_merges(t, pairs, (int)n_merges) : 0;
+}
+
+// llama2.c's tokenizer.bin: u32 max_token_length, then per token (f32 score, u32 length, bytes).
+// It stores U+2581 as a plain space and has no types: ids 0/1/2 are unk/bos/eos, <0xNN> are bytes.
+static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail("cannot open tokenizer %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *data = size > 0 ? malloc(size) : NULL;
+    if (!data || fread(data, 1, size, f) != (size_t)size) {
+        fclose(f);
+        free(data);
+        return fail("cannot read tokenizer %s (empty or unreadable)", path);
+    }
+    fclose(f);
+    // pieces are rewritten with spaces escaped as U+2581: at most 3x the file
+    char *pieces = t->piece_buffer = malloc(3 * (size_t)size + 1);
+    t->kind = TOK_SENTENCEPIECE;
+    t->flags = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS;
+    t->unk_id = 0;
+    int rc = -1;
+    if (tokenizer_alloc(t, vocab_size)) goto done;
+    if (!pieces) { fail("out of memory for the tokenizer"); goto done; }
+    Cursor c = {data, (size_t)size, 4, 1, "tokenizer"};
+    if (size < 4) { fail("tokenizer %s is truncated", path); goto done; }
+    char *out = pieces;
+    for (int i = 0; i < vocab_size; i++) {
+        const uint8_t *rec = take(&c, 8, "token record");
+        if (!rec) goto done;
+        uint32_t len;
+        memcpy(&t->score[i], rec, 4);
+        memcpy(&len, rec + 4, 4);
+        const char *s = take(&c, len, "token bytes");
+        if (!s) goto done;
+        if (len > MAX_PIECE_BYTES) { fail("tokenizer: token %d claims %u bytes", i, len); goto done; }
+        t->piece[i] = out;
+        for (uint32_t j = 0; j < len; j++) {
+            if (s[j] == ' ') { memcpy(out, SPACE_MARK, 3); out += 3; }
+            else *out++ = s[j];
+        }
+        t->piece_len[i] = (int)(out - t->piece[i]);
+        t->type[i] = i == 0 ? PIECE_UNKNOWN : i <= 2 ? PIECE_CONTROL
+                   : parse_byte_piece(t->piece[i], t->piece_len[i]) >= 0 ? PIECE_BYTE : PIECE_NORMAL;
+    }
+    if (c.pos != c.size) { fail("tokenizer %s has %zu bytes after its %d tokens: it does not fit this model", path, c.size - c.pos, vocab_size); goto done; }
+    if (tokenizer_index(t) == 0) rc = 0;
+done:
+    free(data);
+    return rc;
+}
 
 #define KVC_MAGIC "KVCM"
 #define KVC_VERSION 1
@@ -1970,14 +1356,12 @@ static void model_close(Model *m) {
     if (m->map && m->map != MAP_FAILED) munmap(m->map, m->map_size);
     tokenizer_free(&m->tokenizer);
     free(m->chat.default_system);
-    cache_free(&m->cache);
-    state_free(&m->state);
     memset(m, 0, sizeof *m);
 }
 
-// Maps the checkpoint, checks every header value and extent, then allocates the cache and state.
-// context > 0 shortens the context (and so the cache) below the model's; threads 0 means all cores.
-static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path, int context, int threads) {
+// Maps the checkpoint and checks every header value and extent; tokenizer_path (or NULL) names a
+// llama2.c tokenizer.bin.
+static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path) {
     memset(m, 0, sizeof *m);
     int fd = open(checkpoint, O_RDONLY);
     if (fd < 0) return fail("cannot open checkpoint %s: %s", checkpoint, strerror(errno));
@@ -2005,11 +1389,6 @@ static int model_open(Model *m, const char *checkpoint, const char *tokenizer_pa
         rc = tokenizer_read_llama2c(&m->tokenizer, tokenizer_path, m->config.vocab_size);
         m->has_tokenizer = rc == 0;
     }
-    if (rc == 0 && context > 0) {
-        if (context > m->config.seq_len) rc = fail("context %d is longer than the model's %d", context, m->config.seq_len);
-        else m->config.seq_len = context;
-    }
-    if (rc == 0) rc = cache_init(&m->cache, &m->config) || state_init(&m->state, &m->config, threads) ? -1 : 0;
     if (rc) {
         char message[sizeof error_message]; // closing must not lose the reason
         snprintf(message, sizeof message, "%s", error_message);
@@ -2017,6 +1396,847 @@ static int model_open(Model *m, const char *checkpoint, const char *tokenizer_pa
         snprintf(error_message, sizeof error_message, "%s", message);
     }
     return rc;
+}
+
+// ----------------------------------------------------------------------------
+// Kernels: dot products, matmuls (fp32 and int8), norms, softmax; SIMD with portable fallbacks
+
+// Activations quantized like Q8_0 weights: int8 values, one scale per group of the row's length.
+typedef struct {
+    int8_t *q;          // (tokens, in) values, padded by 64 bytes: the AVX-512 kernel reads whole 64s
+    float *scale;       // (tokens, in / group_size)
+    float *lane_scale;  // (tokens, 16 * ceil(in / 64)): for each 64 values, the scale of the first 32
+                        // in lanes 0-7 and of the next 32 in lanes 8-15, as the AVX-512 kernel uses them
+} QuantizedRows;
+
+static size_t lane_scales_per_row(int n) { return 16 * (size_t)((n + 63) / 64); }
+
+static float dot(const float *a, const float *b, int n) {
+#if defined(__AVX512F__)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    if (i + 16 <= n) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        i += 16;
+    }
+    if (i < n) { // masked tail: no scalar loop
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0; // independent sums let the compiler pipeline
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+#endif
+}
+
+// Quantizes one group: its scale is max|x| / 127 (0 for an all-zero group, which stays zero).
+static float quantize_group(int8_t *q, const float *x, int n) {
+    float amax = 0;
+    int j = 0;
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        __m512 m = _mm512_setzero_ps();
+        for (; j < n; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + j)));
+        amax = _mm512_reduce_max_ps(m);
+        float s = amax / 127.0f;
+        __m512 inv = _mm512_set1_ps(s > 0 ? 1.0f / s : 0.0f);
+        for (j = 0; j < n; j += 16) // rounds to nearest even, as lrintf does
+            _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), inv))));
+        return s;
+    }
+#endif
+    for (; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float s = amax / 127.0f, inv = s > 0 ? 1.0f / s : 0.0f;
+    for (j = 0; j < n; j++) q[j] = (int8_t)lrintf(x[j] * inv);
+    return s;
+}
+
+static void quantize_row(int8_t *q, float *scale, float *lane_scale, const float *x, int n, int group_size) {
+    for (int g = 0; g < n / group_size; g++)
+        scale[g] = quantize_group(q + g * group_size, x + g * group_size, group_size);
+    for (int i = 0; i < n; i += 32) // lanes past the end stay 0
+        for (int lane = 0; lane < 8; lane++) lane_scale[i / 4 + lane] = scale[i / group_size];
+}
+
+// The AVX-512 int8 kernels take groups of 32, 64, 128... (a group index is then a shift away).
+static int q8_simd_shift(int group_size) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (group_size >= 32 && (group_size & (group_size - 1)) == 0) return __builtin_ctz(group_size);
+#endif
+    (void)group_size;
+    return -1;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 64 int8 weights at w + i (32 at the end of a row of n), 128 * their sums per 4 bytes, and their
+// group scales spread over lanes 0-7 (first 32 values) and 8-15 (next 32).
+static __m512i q8_weights(const int8_t *w, const float *ws, int i, int n, int shift, __m512i *bias, __m512 *scale) {
+    __m512i wv = _mm512_maskz_loadu_epi8(n - i >= 64 ? ~0ull : 0xFFFFFFFFull, w + i);
+    *bias = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wv);
+    float upper = n - i > 32 ? ws[(i + 32) >> shift] : 0.0f;
+    *scale = _mm512_insertf32x8(_mm512_set1_ps(ws[i >> shift]), _mm256_set1_ps(upper), 1);
+    return wv;
+}
+
+// acc + those 64 weights against 64 int8 activations, summed per 4 bytes and scaled. dpbusd
+// multiplies unsigned by signed bytes: x goes in as x + 128 (its sign bit flipped) and the
+// weights' bias (128 * their sum) comes back off.
+static __m512 q8_chunk(__m512 acc, __m512i w, __m512i bias, __m512 w_scale, const int8_t *x, const float *x_lane_scale) {
+    __m512i x_unsigned = _mm512_xor_si512(_mm512_loadu_si512(x), _mm512_set1_epi8((char)0x80));
+    __m512i sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x_unsigned, w), bias);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, _mm512_loadu_ps(x_lane_scale)), acc);
+}
+#endif
+
+// An int8 weight row (scales ws) dotted with token t's int8 activations: int32 sums per group,
+// scaled in fp32.
+static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size) {
+    const int8_t *x = xq->q + (size_t)t * n;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int shift = q8_simd_shift(group_size);
+    if (shift >= 0) {
+        const float *lanes = xq->lane_scale + (size_t)t * lane_scales_per_row(n);
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 64) {
+            __m512i bias;
+            __m512 w_scale;
+            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+            acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    const float *xs = xq->scale + (size_t)t * (n / group_size);
+    float sum = 0;
+    for (int g = 0; g < n / group_size; g++) {
+        int32_t s = 0;
+        for (int j = g * group_size; j < (g + 1) * group_size; j++) s += w[j] * x[j];
+        sum += s * ws[g] * xs[g];
+    }
+    return sum;
+}
+
+// One weight row against 4 tokens' activations at once: each weight load feeds 4 FMAs (prefill).
+static void dot4(const float *w, const float *x, size_t stride, int n, float out[4]) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 wv = _mm512_maskz_loadu_ps(m, w + i);
+        a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + i), a0);
+        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + stride + i), a1);
+        a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 2 * stride + i), a2);
+        a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + 3 * stride + i), a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+#else
+    for (int t = 0; t < 4; t++) out[t] = dot(w, x + t * stride, n);
+#endif
+}
+
+// A matmul's output: out (n x rows) = x W^T, or out += x W^T when accumulate (residual adds).
+// With rope set, each finished block of rows is rotated by RoPE (queries and keys).
+typedef struct {
+    int half;             // head_dim / 2: RoPE rotates pairs (2j, 2j+1) of each head
+    float *cos, *sin;     // (tokens, half) for a block's positions
+} Rope;
+
+typedef struct {
+    float *out;
+    Matrix w;
+    int rows;
+    int accumulate;
+    const Rope *rope;
+} Projection;
+
+static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
+    if (w.f) return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
+    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * (in / w.group_size), xq, t, in, w.group_size);
+}
+
+// One int8 weight row against tokens t..t+3: each 64 weights are loaded and prepared once for the
+// four tokens (prefill).
+static void dot4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size, float out[4]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int shift = q8_simd_shift(group_size);
+    if (shift >= 0) {
+        size_t lanes_per_row = lane_scales_per_row(n);
+        const int8_t *x = xq->q + (size_t)t * n;
+        const float *lanes = xq->lane_scale + (size_t)t * lanes_per_row;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < n; i += 64) {
+            __m512i bias;
+            __m512 w_scale;
+            __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+            a0 = q8_chunk(a0, wv, bias, w_scale, x + i, lanes + i / 4);
+            a1 = q8_chunk(a1, wv, bias, w_scale, x + n + i, lanes + lanes_per_row + i / 4);
+            a2 = q8_chunk(a2, wv, bias, w_scale, x + 2 * n + i, lanes + 2 * lanes_per_row + i / 4);
+            a3 = q8_chunk(a3, wv, bias, w_scale, x + 3 * n + i, lanes + 3 * lanes_per_row + i / 4);
+        }
+        out[0] = _mm512_reduce_add_ps(a0);
+        out[1] = _mm512_reduce_add_ps(a1);
+        out[2] = _mm512_reduce_add_ps(a2);
+        out[3] = _mm512_reduce_add_ps(a3);
+        return;
+    }
+#endif
+    for (int k = 0; k < 4; k++) out[k] = dot_q8(w, ws, xq, t + k, n, group_size);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One prepared row of 64 weights against four tokens' prepared activations (x + 128 and their lane
+// scales), into four accumulators: the inner step of dot4x4_q8.
+static inline void q8_row_x4(const int8_t *w, const float *ws, int i, int n, int shift, const __m512i x[4],
+                             const __m512 x_scale[4], __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
+    __m512i bias;
+    __m512 w_scale;
+    __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
+    __m512i neg_bias = _mm512_sub_epi32(_mm512_setzero_si512(), bias);
+    *a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[0], wv)), _mm512_mul_ps(w_scale, x_scale[0]), *a0);
+    *a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[1], wv)), _mm512_mul_ps(w_scale, x_scale[1]), *a1);
+    *a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[2], wv)), _mm512_mul_ps(w_scale, x_scale[2]), *a2);
+    *a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg_bias, x[3], wv)), _mm512_mul_ps(w_scale, x_scale[3]), *a3);
+}
+#endif
+
+// Four int8 weight rows (row stride n) against tokens t..t+3: each token's activations are
+// prepared once per 64 values for the four rows, so prefill streams them from L2 a quarter as often.
+// Returns 0 where there is no such kernel (no AVX-512 VNNI, or groups not a power of two >= 32).
+static int dot4x4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size,
+                     float out[4][4]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int shift = q8_simd_shift(group_size), groups = n / group_size;
+    if (shift < 0) return 0;
+    size_t lanes_per_row = lane_scales_per_row(n);
+    __m512 r00 = _mm512_setzero_ps(), r01 = r00, r02 = r00, r03 = r00, r10 = r00, r11 = r00, r12 = r00, r13 = r00,
+           r20 = r00, r21 = r00, r22 = r00, r23 = r00, r30 = r00, r31 = r00, r32 = r00, r33 = r00;
+    for (int i = 0; i < n; i += 64) {
+        __m512i x[4];
+        __m512 x_scale[4];
+        for (int k = 0; k < 4; k++) {
+            x[k] = _mm512_xor_si512(_mm512_loadu_si512(xq->q + (size_t)(t + k) * n + i), _mm512_set1_epi8((char)0x80));
+            x_scale[k] = _mm512_loadu_ps(xq->lane_scale + (size_t)(t + k) * lanes_per_row + i / 4);
+        }
+        q8_row_x4(w, ws, i, n, shift, x, x_scale, &r00, &r01, &r02, &r03);
+        q8_row_x4(w + n, ws + groups, i, n, shift, x, x_scale, &r10, &r11, &r12, &r13);
+        q8_row_x4(w + 2 * (size_t)n, ws + 2 * groups, i, n, shift, x, x_scale, &r20, &r21, &r22, &r23);
+        q8_row_x4(w + 3 * (size_t)n, ws + 3 * groups, i, n, shift, x, x_scale, &r30, &r31, &r32, &r33);
+    }
+    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
+    for (int r = 0; r < 4; r++)
+        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+    return 1;
+#else
+    (void)w, (void)ws, (void)xq, (void)t, (void)n, (void)group_size, (void)out;
+    return 0;
+#endif
+}
+
+// Four weight rows against four tokens: 16 accumulators, so every load feeds four FMAs and the
+// block is compute-bound rather than bound by streaming activations from L2 (prefill).
+static void dot4x4(const float *w, const float *x, int n, float out[4][4]) {
+#if defined(__AVX512F__)
+    // named accumulators: gcc spills an array of them to the stack on every iteration
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00,
+           a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x0 = _mm512_maskz_loadu_ps(m, x + i), x1 = _mm512_maskz_loadu_ps(m, x + n + i),
+               x2 = _mm512_maskz_loadu_ps(m, x + 2 * n + i), x3 = _mm512_maskz_loadu_ps(m, x + 3 * n + i);
+        __m512 w0 = _mm512_maskz_loadu_ps(m, w + i);
+        a00 = _mm512_fmadd_ps(w0, x0, a00); a01 = _mm512_fmadd_ps(w0, x1, a01);
+        a02 = _mm512_fmadd_ps(w0, x2, a02); a03 = _mm512_fmadd_ps(w0, x3, a03);
+        __m512 w1 = _mm512_maskz_loadu_ps(m, w + n + i);
+        a10 = _mm512_fmadd_ps(w1, x0, a10); a11 = _mm512_fmadd_ps(w1, x1, a11);
+        a12 = _mm512_fmadd_ps(w1, x2, a12); a13 = _mm512_fmadd_ps(w1, x3, a13);
+        __m512 w2 = _mm512_maskz_loadu_ps(m, w + 2 * n + i);
+        a20 = _mm512_fmadd_ps(w2, x0, a20); a21 = _mm512_fmadd_ps(w2, x1, a21);
+        a22 = _mm512_fmadd_ps(w2, x2, a22); a23 = _mm512_fmadd_ps(w2, x3, a23);
+        __m512 w3 = _mm512_maskz_loadu_ps(m, w + 3 * n + i);
+        a30 = _mm512_fmadd_ps(w3, x0, a30); a31 = _mm512_fmadd_ps(w3, x1, a31);
+        a32 = _mm512_fmadd_ps(w3, x2, a32); a33 = _mm512_fmadd_ps(w3, x3, a33);
+    }
+    __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < 4; t++) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+    for (int r = 0; r < 4; r++) dot4(w + (size_t)r * n, x, n, n, out[r]);
+#endif
+}
+
+static void store(const Projection *p, int t, int i, float value) {
+    float *o = p->out + (size_t)t * p->rows + i;
+    *o = value + (p->accumulate ? *o : 0.0f);
+}
+
+// Row i of W against tokens first..n-1: the row is loaded once and stays in L1 across the tokens.
+static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int first, int n, int in) {
+    Matrix w = p->w;
+    int four = w.f || q8_simd_shift(w.group_size) >= 0; // 4-token kernels: fp32, and int8 on AVX-512
+    float r[4];
+    for (int t = first; t < n;) {
+        int k = four && n - t >= 4 ? 4 : 1;
+        if (k == 1) r[0] = dot_row(w, i, x, xq, t, in);
+        else if (w.f) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
+        else dot4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r);
+        for (int j = 0; j < k; j++, t++) store(p, t, i, r[j]);
+    }
+}
+
+// Rows i..i+count-1 (count <= 4) of W against all n tokens, in blocks of 4 rows x 4 tokens where
+// a kernel exists for them.
+static void matmul_block(const Projection *p, int i, int count, const float *x, const QuantizedRows *xq, int n, int in) {
+    Matrix w = p->w;
+    int t = 0;
+    for (float r[4][4]; count == 4 && n - t >= 4; t += 4) {
+        if (w.f) dot4x4(w.f + (size_t)i * in, x + (size_t)t * in, in, r);
+        else if (!dot4x4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r))
+            break;
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
+    }
+    for (int a = 0; a < count; a++) matmul_row(p, i + a, x, xq, t, n, in);
+}
+
+// Rotates output rows i..i+count-1 (whole pairs: blocks and heads start on even rows) of every
+// token by its position: pair (2j, 2j+1) of a head turns by position * theta^(-2j/head_dim).
+static void rope_rows(const Projection *p, int i, int count, int n) {
+    const Rope *rope = p->rope;
+    for (int t = 0; t < n; t++) {
+        float *row = p->out + (size_t)t * p->rows;
+        const float *cos_t = rope->cos + (size_t)t * rope->half, *sin_t = rope->sin + (size_t)t * rope->half;
+        for (int r = i; r < i + count; r += 2) {
+            int j = (r / 2) % rope->half;
+            float a = row[r], b = row[r + 1];
+            row[r] = a * cos_t[j] - b * sin_t[j];
+            row[r + 1] = a * sin_t[j] + b * cos_t[j];
+        }
+    }
+}
+
+// Matmuls that share their input (q, k, v) as one loop over all their rows in blocks of 4, so the
+// threads split the work once and meet at one barrier.
+static void matmuls(const Projection *p, int count, const float *x, const QuantizedRows *xq, int n, int in) {
+    int blocks = 0;
+    for (int j = 0; j < count; j++) blocks += (p[j].rows + 3) / 4;
+#pragma omp for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int j = 0, i = 4 * b;
+        while (i >= 4 * ((p[j].rows + 3) / 4)) i -= 4 * ((p[j++].rows + 3) / 4);
+        int count_rows = p[j].rows - i < 4 ? p[j].rows - i : 4;
+        matmul_block(&p[j], i, count_rows, x, xq, n, in);
+        if (p[j].rope) rope_rows(&p[j], i, count_rows, n);
+    }
+}
+
+static void matmul(Projection p, const float *x, const QuantizedRows *xq, int n, int in) { matmuls(&p, 1, x, xq, n, in); }
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = dot(x, x, n) / n;
+    float scale = 1.0f / sqrtf(ss + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+#if defined(__AVX512F__)
+// e^x in 16 lanes: x = k ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative
+// error ~1e-7), times 2^k by vscalefps (which also takes care of underflow to 0).
+static __m512 exp16(__m512 x) {
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x); // ln2 split in two for precision
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// x[i] = e^(x[i] - max) in place; returns their sum and, in *max_out, the max. The pieces of a
+// softmax that attention split over several threads merges afterwards.
+static float exp_shifted(float *x, int n, float *max_out) {
+    float max = x[0], sum = 0;
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(max);
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; i < n; i++) sum += (x[i] = expf(x[i] - max));
+    *max_out = max;
+    return sum;
+}
+
+static void softmax(float *x, int n) {
+    float max, inv = 1.0f / exp_shifted(x, n, &max);
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+static void embed(float *out, Matrix table, int token, int dim) {
+    if (table.f) {
+        memcpy(out, table.f + (size_t)token * dim, dim * sizeof(float));
+        return;
+    }
+    const int8_t *q = table.q + (size_t)token * dim;
+    const float *scale = table.scale + (size_t)token * dim / table.group_size;
+    for (int i = 0; i < dim; i++) out[i] = q[i] * scale[i / table.group_size];
+}
+
+// A head's slice of a cache row is a few cache lines every kv_dim floats: a stride the hardware
+// prefetcher does not follow, so ask for rows this far ahead ourselves.
+#define PREFETCH_ROWS 16
+
+static void prefetch(const float *p, int n) {
+    for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+// out += a * v over n values.
+static void axpy(float *restrict out, float a, const float *restrict v, int n) {
+    for (int d = 0; d < n; d++) out[d] += a * v[d];
+}
+
+// out += sum over i < len of weights[i] * rows[i * stride .. + n]: values weighted by attention.
+static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
+    int d = 0;
+#if defined(__AVX512F__)
+    for (; d + 64 <= n; d += 64) { // 64 dims in 4 registers, accumulated over every row
+        __m512 a0 = _mm512_loadu_ps(out + d), a1 = _mm512_loadu_ps(out + d + 16), a2 = _mm512_loadu_ps(out + d + 32),
+               a3 = _mm512_loadu_ps(out + d + 48);
+        const float *v = rows + d;
+        for (int i = 0; i < len; i++, v += stride) {
+            if (i + PREFETCH_ROWS < len) prefetch(v + PREFETCH_ROWS * stride, 64);
+            __m512 w = _mm512_set1_ps(weights[i]);
+            a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), a0);
+            a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), a1);
+            a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 32), a2);
+            a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 48), a3);
+        }
+        _mm512_storeu_ps(out + d, a0);
+        _mm512_storeu_ps(out + d + 16, a1);
+        _mm512_storeu_ps(out + d + 32, a2);
+        _mm512_storeu_ps(out + d + 48, a3);
+    }
+#endif
+    // the rest (all of it without AVX-512), row by row
+    for (int i = 0; i < len && d < n; i++) axpy(out + d, weights[i], rows + (size_t)i * stride + d, n - d);
+}
+
+// ----------------------------------------------------------------------------
+// The KV cache: the keys and values of every layer at every position a sequence has run.
+//
+// Picture two arrays (n_layers, capacity, kv_dim), one of keys and one of values: row (layer, pos)
+// holds position pos's kv_dim values, kv head h in columns h * head_dim .. (h + 1) * head_dim.
+// capacity is the positions this cache holds (its sequence's context, at most the model's).
+//
+// The cache is an object: one writer (cache_write stores a block's rows), one reader (cache_run
+// hands out runs of consecutive positions) and the typed run kernels that read rows (kv_dot,
+// kv_axpy). Nothing outside this section knows the layout or the element type, so a quantized
+// type, a ring buffer or a block table changes this section only.
+
+enum { CACHE_F32 = 0 }; // element types
+
+typedef struct {
+    int type;                       // CACHE_*
+    int n_layers, capacity, kv_dim;
+    float *keys, *values;           // (n_layers, capacity, kv_dim)
+} KVCache;
+
+// Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
+typedef struct {
+    int type;                       // the cache's CACHE_*
+    const void *keys, *values;      // the run's first row
+    size_t stride;                  // elements from one position's row to the next
+    int n;                          // positions in the run
+} KVRun;
+
+static int cache_init(KVCache *c, const Config *p, int capacity) {
+    c->type = CACHE_F32;
+    c->n_layers = p->n_layers;
+    c->capacity = capacity;
+    c->kv_dim = kv_dim(p);
+    size_t n = (size_t)c->n_layers * c->capacity * c->kv_dim;
+    c->keys = alloc_zeroed(n, sizeof(float));
+    c->values = alloc_zeroed(n, sizeof(float));
+    return c->keys && c->values ? 0 : -1;
+}
+
+static void cache_free(KVCache *c) {
+    free(c->keys);
+    free(c->values);
+}
+
+static size_t cache_row(const KVCache *c, int layer, int pos) {
+    return ((size_t)layer * c->capacity + pos) * c->kv_dim;
+}
+
+// Stores n positions' keys and values, k and v (n, kv_dim), at positions pos.. of a layer.
+static void cache_write(KVCache *c, int layer, int pos, int n, const float *k, const float *v) {
+    size_t at = cache_row(c, layer, pos), count = (size_t)n * c->kv_dim;
+    memcpy(c->keys + at, k, count * sizeof(float));
+    memcpy(c->values + at, v, count * sizeof(float));
+}
+
+// The run of positions pos.. of a layer, at most n long (ranges are read run after run).
+static KVRun cache_run(const KVCache *c, int layer, int pos, int n) {
+    size_t at = cache_row(c, layer, pos);
+    return (KVRun){c->type, c->keys + at, c->values + at, (size_t)c->kv_dim, n};
+}
+
+// Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each.
+static void cache_read(const KVCache *c, int layer, int pos, int n, float *keys, float *values) {
+    size_t at = cache_row(c, layer, pos), count = (size_t)n * c->kv_dim;
+    memcpy(keys, c->keys + at, count * sizeof(float));
+    memcpy(values, c->values + at, count * sizeof(float));
+}
+
+// Sets every slot to `fill`: 0 to forget, NaN so that any read of a slot never written shows.
+static void cache_reset(KVCache *c, float fill) {
+    size_t n = (size_t)c->n_layers * c->capacity * c->kv_dim;
+    for (size_t i = 0; i < n; i++) c->keys[i] = c->values[i] = fill;
+}
+
+// Scores of `group` query heads (q: group x hd, adjacent) against the run's keys in columns
+// col..col+hd: att[g * att_stride + i] = scale * q_g . k_i. Each key row is read once for the group.
+static void kv_dot(const KVRun *r, int col, const float *q, int group, int hd, float scale, float *att,
+                   size_t att_stride) {
+    const float *k = (const float *)r->keys + col;
+    for (int i = 0; i < r->n; i++, k += r->stride) {
+        if (i + PREFETCH_ROWS < r->n) prefetch(k + PREFETCH_ROWS * r->stride, hd);
+        for (int g = 0; g < group; g++) att[(size_t)g * att_stride + i] = dot(q + g * hd, k, hd) * scale;
+    }
+}
+
+// out (hd) += sum over the run's rows i of weights[i] * v_i in columns col..col+hd.
+static void kv_axpy(const KVRun *r, int col, const float *weights, int hd, float *out) {
+    weighted_sum(out, weights, (const float *)r->values + col, r->stride, r->n, hd);
+}
+
+// ----------------------------------------------------------------------------
+// Sequences: one running sequence's KV cache and the activation scratch of its forward blocks
+
+#define MAX_BATCH 64                 // tokens a forward block runs together: each weight is read once per block
+#define ATTENTION_TASKS_PER_THREAD 2 // attention splits positions into ranges until it has this many tasks a thread,
+#define ATTENTION_MIN_RANGE 64       // but never into ranges shorter than this
+
+// Each thread's own copy of a matmul's input, normalized (fp32) and quantized (int8): every thread
+// prepares the whole input itself, which costs little next to the matmul and saves a barrier.
+typedef struct {
+    float *x;           // (batch, max(dim, q_dim))
+    QuantizedRows q;    // (batch, widest matmul input)
+} ThreadInput;
+
+typedef struct {
+    int threads;              // OpenMP threads of this model's parallel regions
+    int batch;                // tokens per forward block
+    float *x;                 // (batch, dim) residual stream
+    float *xb;                // (batch, q_dim) attention output
+    float *q;                 // (batch, q_dim) queries
+    float *k, *v;             // (batch, kv_dim) the block's keys and values, until cache_write stores them
+    float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
+    float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
+    float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
+    float *part_out;          // (split tasks, n_heads / n_kv_heads, head_dim) per range: unnormalized output
+    Rope rope;                // (batch, head_dim / 2) cos/sin of the block's positions
+    float *logits;            // (vocab) of the block's last token
+    ThreadInput *input;       // (threads)
+} RunState;
+
+// Scratch for blocks of up to MAX_BATCH tokens attending over up to `capacity` positions.
+static int state_init(RunState *s, const Config *p, int threads, int capacity) {
+    s->threads = threads > 0 ? threads : max_threads();
+    s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
+    size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
+    s->x = alloc_zeroed(B * p->dim, sizeof(float));
+    s->xb = alloc_zeroed(B * q_dim(p), sizeof(float));
+    s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
+    s->k = alloc_zeroed(B * kv_dim(p), sizeof(float));
+    s->v = alloc_zeroed(B * kv_dim(p), sizeof(float));
+    s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
+    s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
+    // attention_parts splits fewer tasks than its target into under twice the target
+    size_t group = p->n_heads / p->n_kv_heads, split_tasks = 2 * ATTENTION_TASKS_PER_THREAD * (size_t)s->threads;
+    size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
+    s->att = alloc_zeroed((size_t)s->threads * group * capacity, sizeof(float));
+    s->part_max = alloc_zeroed(tasks * group, sizeof(float));
+    s->part_sum = alloc_zeroed(tasks * group, sizeof(float));
+    s->part_out = alloc_zeroed(split_tasks * group * p->head_dim, sizeof(float));
+    s->rope.half = p->head_dim / 2;
+    s->rope.cos = alloc_zeroed(B * s->rope.half, sizeof(float));
+    s->rope.sin = alloc_zeroed(B * s->rope.half, sizeof(float));
+    s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
+    size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
+    if (!(s->input = alloc_zeroed(s->threads, sizeof(ThreadInput)))) return -1;
+    for (int i = 0; i < s->threads; i++) {
+        ThreadInput *in = &s->input[i];
+        in->x = alloc_zeroed(B * wide, sizeof(float));
+        in->q.q = alloc_zeroed(B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
+        in->q.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
+        in->q.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
+        if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
+    }
+    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att &&
+                   s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
+}
+
+static void state_free(RunState *s) {
+    free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
+    free(s->att); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    for (int i = 0; s->input && i < s->threads; i++) {
+        free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
+    }
+    free(s->input);
+}
+
+// One running sequence: its KV cache and the scratch its forward passes use.
+typedef struct {
+    KVCache cache;
+    RunState state;
+    int len;            // positions 0..len-1 hold the sequence's tokens; the next one goes at len
+} Sequence;
+
+static void sequence_free(Sequence *seq) {
+    cache_free(&seq->cache);
+    state_free(&seq->state);
+    memset(seq, 0, sizeof *seq);
+}
+
+// A sequence of up to `context` positions (0: the model's) for m, run on `threads` threads (0: all).
+static int sequence_init(Sequence *seq, const Model *m, int context, int threads) {
+    memset(seq, 0, sizeof *seq);
+    if (context < 0 || context > m->config.seq_len)
+        return fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
+    int capacity = context > 0 ? context : m->config.seq_len;
+    if (cache_init(&seq->cache, &m->config, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
+        sequence_free(seq);
+        return -1;
+    }
+    return 0;
+}
+
+
+// ----------------------------------------------------------------------------
+// The forward pass
+
+// cos/sin of position * theta^(-2j/head_dim) for each token of the block, in double like the reference.
+static void rope_table(RunState *s, const Config *p, int pos, int n) {
+    int half = p->head_dim / 2;
+    for (int j = 0; j < half; j++) {
+        double freq = pow((double)p->rope_theta, -2.0 * j / p->head_dim);
+        for (int t = 0; t < n; t++) {
+            double angle = (double)(pos + t) * freq;
+            s->rope.cos[t * half + j] = (float)cos(angle);
+            s->rope.sin[t * half + j] = (float)sin(angle);
+        }
+    }
+}
+
+// The steps below run on every thread of the one parallel region forward_block opens. Work split
+// across threads is a worksharing loop ("omp for", a barrier at its end); the matmul inputs each
+// thread prepares for itself (ThreadInput) need no barrier.
+
+// This thread's int8 copy of x (n x in) when the weights w are int8; NULL for fp32 weights.
+static const QuantizedRows *quantize_rows(RunState *s, Matrix w, const float *x, int n, int in) {
+    if (w.f) return NULL;
+    QuantizedRows *q = &s->input[thread_index()].q;
+    for (int t = 0; t < n; t++)
+        quantize_row(q->q + (size_t)t * in, q->scale + (size_t)t * (in / w.group_size),
+                     q->lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
+    return q;
+}
+
+// RMSNorm of n rows of x into this thread's input (quantized into *xq too when the next matmul's
+// weights are int8). x must be complete: the step before ended in a barrier.
+static const float *norm_rows(RunState *s, const float *x, const float *weight, Matrix next, int n, int dim, float eps,
+                              const QuantizedRows **xq) {
+    float *out = s->input[thread_index()].x;
+    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
+    *xq = quantize_rows(s, next, out, n, dim);
+    return out;
+}
+
+// Attention of the query heads (of token t) that share kv head `kv_head`, over cache positions
+// lo..hi-1, read run by run. For each head g it leaves the max score, the sum of e^(score - max),
+// and out = that sum's terms times the values (unnormalized, so that ranges computed apart can be
+// merged). att holds group x (hi - lo) scores.
+static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv_head, int lo, int hi, float *att,
+                         float *out, float *max, float *sum) {
+    const Config *p = &m->config;
+    int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo, col = kv_head * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q = seq->state.q + (size_t)t * q_dim(p) + (size_t)col * group; // the group's heads are adjacent
+    for (int i = lo; i < hi;) {
+        KVRun run = cache_run(&seq->cache, layer, i, hi - i);
+        kv_dot(&run, col, q, group, hd, scale, att + (i - lo), (size_t)len);
+        i += run.n;
+    }
+    for (int g = 0; g < group; g++) sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
+    memset(out, 0, (size_t)group * hd * sizeof(float));
+    for (int i = lo; i < hi;) {
+        KVRun run = cache_run(&seq->cache, layer, i, hi - i);
+        for (int g = 0; g < group; g++) kv_axpy(&run, col, att + (size_t)g * len + (i - lo), hd, out + g * hd);
+        i += run.n;
+    }
+}
+
+// How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
+// thread busy when there are few (decoding one token with a few kv heads), else 1.
+static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
+    int tasks = n * n_kv_heads, target = ATTENTION_TASKS_PER_THREAD * s->threads;
+    int parts = tasks >= target ? 1 : (target + tasks - 1) / tasks;
+    return len / parts >= ATTENTION_MIN_RANGE ? parts : 1; // short ranges are not worth a merge
+}
+
+// Causal attention of the block's queries over the cache; the block's own keys and values are
+// already in it. Query head h reads kv head h / (n_heads / n_kv_heads). Split ranges are merged as
+// in flash-decoding: out = sum over ranges of e^(max_r - max) out_r / sum of e^(max_r - max) sum_r.
+static void attention(const Model *m, Sequence *seq, int layer, int n, int pos) {
+    const Config *p = &m->config;
+    RunState *s = &seq->state;
+    int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p);
+    int parts = attention_parts(s, n, kvh, pos + 1);
+    float *att = s->att + (size_t)thread_index() * group * seq->cache.capacity;
+#pragma omp for schedule(static)
+    for (int task = 0; task < n * kvh * parts; task++) {
+        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = pos + t + 1;
+        int chunk = (len + parts - 1) / parts, lo = part * chunk, hi = lo + chunk < len ? lo + chunk : len;
+        float *max = s->part_max + (size_t)task * group, *sum = s->part_sum + (size_t)task * group;
+        float *out = parts == 1 ? s->xb + (size_t)t * qd + (size_t)h * group * hd : s->part_out + (size_t)task * group * hd;
+        if (lo >= hi) { // an empty range (a short causal row) adds nothing
+            for (int g = 0; g < group; g++) max[g] = -INFINITY, sum[g] = 0;
+            continue;
+        }
+        attend_range(m, seq, layer, t, h, lo, hi, att, out, max, sum);
+        if (parts == 1)
+            for (int i = 0; i < group * hd; i++) out[i] /= sum[i / hd];
+    }
+    if (parts == 1) return;
+#pragma omp for schedule(static)
+    for (int head = 0; head < n * p->n_heads; head++) { // merge the ranges of each (token, query head)
+        int t = head / p->n_heads, h = head % p->n_heads, first = (t * kvh + h / group) * parts, g = h % group;
+        float max = -INFINITY, total = 0, *out = s->xb + (size_t)t * qd + (size_t)h * hd;
+        for (int r = 0; r < parts; r++) max = fmaxf(max, s->part_max[(size_t)(first + r) * group + g]);
+        memset(out, 0, hd * sizeof(float));
+        for (int r = 0; r < parts; r++) {
+            size_t at = (size_t)(first + r) * group + g;
+            if (s->part_sum[at] == 0) continue;
+            float w = expf(s->part_max[at] - max);
+            total += w * s->part_sum[at];
+            axpy(out, w, s->part_out + at * hd, hd);
+        }
+        for (int d = 0; d < hd; d++) out[d] /= total;
+    }
+}
+
+// The feed-forward's two input matmuls and its gate in one loop: the thread that computes a block
+// of hidden rows for W1 and W3 also finishes it, hb = silu(x W1^T) * x W3^T.
+static void gate_up(RunState *s, Matrix w1, Matrix w3, const float *x, const QuantizedRows *xq, int n, int in, int hid) {
+    Projection gate = {s->hb, w1, hid, 0, NULL}, up = {s->hb2, w3, hid, 0, NULL};
+#pragma omp for schedule(static)
+    for (int b = 0; b < (hid + 3) / 4; b++) {
+        int i = 4 * b, count = hid - i < 4 ? hid - i : 4;
+        matmul_block(&gate, i, count, x, xq, n, in);
+        matmul_block(&up, i, count, x, xq, n, in);
+        for (int t = 0; t < n; t++)
+            for (int r = i; r < i + count; r++) {
+                float g = s->hb[(size_t)t * hid + r];
+                s->hb[(size_t)t * hid + r] = g / (1.0f + expf(-g)) * s->hb2[(size_t)t * hid + r];
+            }
+    }
+}
+
+// One layer for the block's n tokens at positions pos..: attention, then the SwiGLU feed-forward,
+// each added to the residual stream x. The block's keys and values go into the cache before
+// attention reads it.
+static void layer_forward(const Model *m, Sequence *seq, int l, int n, int pos) {
+    const Config *p = &m->config;
+    const Weights *w = &m->weights;
+    RunState *s = &seq->state;
+    int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
+
+    Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
+    const QuantizedRows *xq;
+    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps, &xq);
+    Projection qkv[3] = {{s->q, wq, qd, 0, &s->rope},
+                         {s->k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, &s->rope},
+                         {s->v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
+    matmuls(qkv, 3, xn, xq, n, dim);
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) cache_write(&seq->cache, l, pos + t, 1, s->k + (size_t)t * kvd, s->v + (size_t)t * kvd);
+    attention(m, seq, l, n, pos);
+    Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
+    xq = quantize_rows(s, wo, s->xb, n, qd);
+    matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
+
+    Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
+    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps, &xq);
+    gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), xn, xq, n, dim, hid);
+    xq = quantize_rows(s, w2, s->hb, n, hid);
+    matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
+}
+
+// Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
+// Logits: every token's into out (n x vocab) when all_logits, else the last token's into state.logits.
+static void forward_block(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out,
+                          int all_logits) {
+    const Config *p = &m->config;
+    const Weights *w = &m->weights;
+    RunState *s = &seq->state;
+    int dim = p->dim, first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
+    for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
+    rope_table(s, p, pos, n);
+#pragma omp parallel num_threads(s->threads)
+    {
+        for (int l = 0; l < p->n_layers; l++) layer_forward(m, seq, l, n, pos);
+        const QuantizedRows *xq;
+        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps, &xq);
+        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
+    }
+}
+
+// Runs any number of tokens at positions pos.. in blocks; out as in forward_block (NULL: only
+// state.logits is written). The sequence then holds positions 0..pos+n-1.
+static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
+    const Config *p = &m->config;
+    int context = seq->cache.capacity, batch = seq->state.batch;
+    if (n < 0 || pos < 0 || pos > context || n > context - pos)
+        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, context);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= p->vocab_size)
+            return fail("token id %d is outside the vocab of %d", tokens[i], p->vocab_size);
+    for (int done = 0; done < n;) {
+        int chunk = n - done < batch ? n - done : batch;
+        float *chunk_out = out ? out + (size_t)done * p->vocab_size : NULL;
+        forward_block(m, seq, tokens + done, chunk, pos + done, chunk_out, out != NULL);
+        done += chunk;
+    }
+    if (out && n > 0) memcpy(seq->state.logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
+    seq->len = pos + n;
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -2137,125 +2357,177 @@ static int sample(Sampler *s, float *logits) {
 }
 
 // ----------------------------------------------------------------------------
-// Chat templates: messages rendered as the model's template writes them (special tokens spelled
-// out), then encoded with special-token parsing. Rendering is append-only, so a chat can extend
-// the KV cache turn by turn.
+// Library API (libkvc.so): what the Python binding calls. Errors return -1 / NULL and leave a
+// message for kvc_last_error().
 
-typedef struct { char *s; size_t len, cap; } Text; // a growable string
-
-static int text_append(Text *t, const char *s, size_t n) {
-    if (t->len + n + 1 > t->cap) {
-        size_t cap = (t->len + n + 1) * 2;
-        char *p = realloc(t->s, cap);
-        if (!p) return fail("out of memory building a prompt");
-        t->s = p;
-        t->cap = cap;
+// A model: weights, tokenizer and chat template, read-only once open (tokenizer: a llama2.c
+// tokenizer.bin, or NULL). Any number of sequences can run on it.
+Model *kvc_open(const char *checkpoint, const char *tokenizer) {
+    Model *m = malloc(sizeof *m);
+    if (!m) {
+        fail("out of memory");
+        return NULL;
     }
-    memcpy(t->s + t->len, s, n);
-    t->len += n;
-    t->s[t->len] = 0;
+    if (model_open(m, checkpoint, tokenizer)) {
+        free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void kvc_close(Model *m) {
+    if (!m) return;
+    model_close(m);
+    free(m);
+}
+
+const Config *kvc_config(const Model *m) { return &m->config; }
+
+int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
+
+// A sequence on m: its own KV cache of `context` positions (0: the model's) and scratch for
+// `threads` threads (0: all cores). Free it (kvc_sequence_free) before its model.
+Sequence *kvc_sequence_new(const Model *m, int context, int threads) {
+    Sequence *seq = malloc(sizeof *seq);
+    if (!seq) {
+        fail("out of memory");
+        return NULL;
+    }
+    if (sequence_init(seq, m, context, threads)) {
+        free(seq);
+        return NULL;
+    }
+    return seq;
+}
+
+void kvc_sequence_free(Sequence *seq) {
+    if (!seq) return;
+    sequence_free(seq);
+    free(seq);
+}
+
+int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
+
+// Runs tokens at positions pos.. (filling the cache); logits (n x vocab) of every position, or NULL.
+int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits) {
+    return forward(m, seq, tokens, n, pos, logits);
+}
+
+// The last forwarded token's logits (vocab), owned by the sequence.
+float *kvc_logits(Sequence *seq) { return seq->state.logits; }
+
+// Copies positions pos..pos+n-1 of a layer's cache out as float32, keys and values (n, kv_dim) each.
+int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values) {
+    const KVCache *c = &seq->cache;
+    if (layer < 0 || layer >= c->n_layers) return fail("layer %d is outside 0..%d", layer, c->n_layers - 1);
+    if (n < 0 || pos < 0 || pos > c->capacity || n > c->capacity - pos)
+        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, c->capacity);
+    cache_read(c, layer, pos, n, keys, values);
     return 0;
 }
 
-static int text_add(Text *t, const char *s) { return text_append(t, s, strlen(s)); }
-
-static int text_add_piece(Text *t, const Tokenizer *tok, int id) {
-    return id < 0 ? 0 : text_append(t, tok->piece[id], tok->piece_len[id]);
+// Empties the sequence; every cache slot is set to `fill` (0, or NaN so that a stray read shows).
+void kvc_cache_reset(Sequence *seq, float fill) {
+    cache_reset(&seq->cache, fill);
+    seq->len = 0;
 }
 
-static int is_space_char(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
-
-static int text_add_trimmed(Text *t, const char *s) { // like jinja's trim / Python's strip
-    size_t n = strlen(s);
-    while (n > 0 && is_space_char(*s)) s++, n--;
-    while (n > 0 && is_space_char(s[n - 1])) n--;
-    return text_append(t, s, n);
+int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    size_t len = strlen(text);
+    if ((size_t)capacity < encode_capacity(len)) return fail("encode needs room for %zu ids", encode_capacity(len));
+    return encode(&m->tokenizer, text, len, add_bos, 0, out);
 }
 
-typedef struct { const char *role, *content; } Message;
+int kvc_encode_capacity(int text_bytes) { return (int)encode_capacity((size_t)text_bytes); }
 
-static int render_chatml(const Model *m, Text *out, const Message *msg, int n, const char *system, int generation_prompt) {
-    int rc = 0;
-    if (system) rc |= text_add(out, "<|im_start|>system\n") | text_add(out, system) | text_add(out, "<|im_end|>\n");
-    for (int i = 0; i < n; i++)
-        rc |= text_add(out, "<|im_start|>") | text_add(out, msg[i].role) | text_add(out, "\n") |
-              text_add(out, msg[i].content) | text_add(out, "<|im_end|>\n");
-    if (generation_prompt) rc |= text_add(out, "<|im_start|>assistant\n");
-    (void)m;
-    return rc ? -1 : 0;
+// The bytes token decodes to after prev (-1 at the start of a text); returns their length.
+int kvc_token_text(const Model *m, int prev, int token, const char **text) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    if (token < 0 || token >= m->config.vocab_size) return fail("token id %d is outside the vocab", token);
+    int len;
+    *text = token_text(&m->tokenizer, prev, token, &len);
+    return len;
 }
 
-// Llama 2: the system prompt goes inside the first [INST]; every exchange is wrapped in BOS/EOS.
-static int render_llama2(const Model *m, Text *out, const Message *msg, int n, const char *system) {
-    const Tokenizer *t = &m->tokenizer;
-    int rc = 0;
+// Text of n token ids into out (room for capacity bytes). Returns the text's length; when that is
+// more than capacity nothing is written, and the caller asks again with that much room.
+int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    size_t need = 0;
     for (int i = 0; i < n; i++) {
-        Text content = {0};
-        if (system && i == 0)
-            rc |= text_add(&content, "<<SYS>>\n") | text_add(&content, system) | text_add(&content, "\n<</SYS>>\n\n");
-        rc |= text_add(&content, msg[i].content);
-        if (!strcmp(msg[i].role, "assistant"))
-            rc |= text_add(out, " ") | text_add_trimmed(out, content.s) | text_add(out, " ") | text_add_piece(out, t, t->eos_id);
-        else
-            rc |= text_add_piece(out, t, t->bos_id) | text_add(out, "[INST] ") | text_add_trimmed(out, content.s) |
-                  text_add(out, " [/INST]");
-        free(content.s);
+        if (ids[i] < 0 || ids[i] >= m->config.vocab_size) return fail("token id %d is outside the vocab", ids[i]);
+        need += m->tokenizer.text_len[ids[i]];
     }
-    return rc ? -1 : 0;
+    if (need > INT_MAX) return fail("the text of %d tokens is too long", n);
+    return need > (size_t)capacity ? (int)need : (int)decode(&m->tokenizer, ids, n, out);
 }
 
-static int render_llama3(const Model *m, Text *out, const Message *msg, int n, const char *system, int start,
-                         int generation_prompt) {
-    int rc = start ? text_add_piece(out, &m->tokenizer, m->tokenizer.bos_id) : 0;
-    if (system) rc |= text_add(out, "<|start_header_id|>system<|end_header_id|>\n\n") | text_add_trimmed(out, system) |
-                      text_add(out, "<|eot_id|>");
-    for (int i = 0; i < n; i++)
-        rc |= text_add(out, "<|start_header_id|>") | text_add(out, msg[i].role) | text_add(out, "<|end_header_id|>\n\n") |
-              text_add_trimmed(out, msg[i].content) | text_add(out, "<|eot_id|>");
-    if (generation_prompt) rc |= text_add(out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
-    return rc ? -1 : 0;
+// The binding's parallel arrays of roles and contents as Messages (malloc'd), or NULL.
+static Message *messages_from(const char **roles, const char **contents, int n) {
+    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
+    if (!msg) fail("out of memory");
+    for (int i = 0; msg && i < n; i++) msg[i] = (Message){roles[i], contents[i]};
+    return msg;
 }
 
-// Renders messages as text; `start` when they begin the conversation (a leading system message,
-// or else the template's default system prompt, applies only there).
-static int chat_render(const Model *m, Text *out, const Message *msg, int n, int start, int generation_prompt) {
-    const char *system = NULL;
-    for (int i = 0; i < n; i++)
-        if (!msg[i].role || !msg[i].content) return fail("message %d has no role or no content", i);
-    if (start && n > 0 && !strcmp(msg[0].role, "system")) {
-        system = msg[0].content;
-        msg++;
-        n--;
-    } else if (start && m->chat.default_system && m->chat.default_system[0]) {
-        system = m->chat.default_system;
-    }
-    switch (m->chat.style) {
-    case CHAT_CHATML: return render_chatml(m, out, msg, n, system, generation_prompt);
-    case CHAT_LLAMA2: return render_llama2(m, out, msg, n, system);
-    case CHAT_LLAMA3: return render_llama3(m, out, msg, n, system, start, generation_prompt);
-    default: return fail("this model has no chat template");
-    }
-}
-
-// What follows an assistant's end-of-turn token before the next message (ChatML ends lines).
-static const char *chat_after_reply(const Model *m) { return m->chat.style == CHAT_CHATML ? "\n" : ""; }
-
-// Renders and encodes messages; *ids is malloc'd. Returns the token count or -1.
-static int chat_encode(const Model *m, const Message *msg, int n, int start, int generation_prompt,
-                       const char *prefix, int **ids) {
-    Text text = {0};
-    int count = -1;
-    *ids = NULL;
-    if (text_add(&text, prefix) == 0 && chat_render(m, &text, msg, n, start, generation_prompt) == 0) {
-        *ids = malloc(encode_capacity(text.len) * sizeof(int));
-        count = *ids ? encode(&m->tokenizer, text.s, text.len, 0, 1, *ids) : fail("out of memory encoding a chat");
-    }
-    free(text.s);
+// A conversation rendered with the model's chat template and encoded; *ids must be freed with kvc_free.
+int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
+                    int generation_prompt, int **ids) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    Message *msg = messages_from(roles, contents, n);
+    int count = msg ? chat_encode(&m->chat, &m->tokenizer, msg, n, start, generation_prompt, "", ids) : -1;
+    free(msg);
     return count;
 }
 
+// The same conversation as text, with special tokens spelled out; *text must be freed with kvc_free.
+int kvc_chat_render(const Model *m, const char **roles, const char **contents, int n, int generation_prompt,
+                    char **text) {
+    if (!m->has_tokenizer) return fail("this model has no tokenizer");
+    Message *msg = messages_from(roles, contents, n);
+    Text out = {0};
+    int ok = msg && text_add(&out, "") == 0 && chat_render(&m->chat, &m->tokenizer, &out, msg, n, 1, generation_prompt) == 0; // "": never NULL
+    free(msg);
+    if (!ok) free(out.s);
+    *text = ok ? out.s : NULL;
+    return ok ? (int)out.len : -1;
+}
+
+int kvc_chat_style(const Model *m) { return m->chat.style; }
+int kvc_end_of_turn(const Model *m) { return m->chat.end_of_turn; }
+void kvc_free(void *p) { free(p); }
+
+Sampler *kvc_sampler_new(int vocab_size, float temperature, float topp, int topk, unsigned long long seed) {
+    Sampler *s = malloc(sizeof *s);
+    if (!s) {
+        fail("out of memory");
+        return NULL;
+    }
+    if (sampler_init(s, vocab_size, temperature, topp, topk, seed)) {
+        sampler_free(s);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void kvc_sampler_free(Sampler *s) {
+    if (!s) return;
+    sampler_free(s);
+    free(s);
+}
+
+// Samples from logits (vocab_size of them, overwritten).
+int kvc_sample(Sampler *s, float *logits) { return sample(s, logits); }
+
 // ----------------------------------------------------------------------------
-// Generation: streaming text out as tokens are sampled
+// Command-line program, and the generation loop that streams its text
+#ifndef KVC_LIBRARY
+
+// What follows an assistant's end-of-turn token before the next message (ChatML ends lines).
+static const char *chat_after_reply(const ChatTemplate *chat) { return chat->style == CHAT_CHATML ? "\n" : ""; }
+
 
 typedef struct { char pending[4]; int n; } Utf8Stream; // holds a character split across tokens
 
@@ -2298,21 +2570,20 @@ typedef struct {
     int last_token;  // the last token generated (not yet in the cache), -1 if none
 } GenerationStats;
 
-// Feeds `prompt` at *pos, then samples up to max_tokens, streaming text, until `stop` (or eos).
-// The stop token is sampled but not fed: the caller decides what follows it.
-static int generate_from(Model *m, Sampler *sampler, const int *prompt, int n_prompt, int *pos, int max_tokens,
-                         int stop, GenerationStats *stats) {
+// Feeds `prompt` after what the sequence holds, then samples up to max_tokens, streaming text,
+// until `stop` (or eos). The stop token is sampled but not fed: the caller decides what follows it.
+static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const int *prompt, int n_prompt,
+                         int max_tokens, int stop, GenerationStats *stats) {
     const Config *p = &m->config;
     *stats = (GenerationStats){n_prompt, 0, 0, 0, -1, -1};
     double start = now_seconds();
-    if (forward(m, prompt, n_prompt, *pos, NULL)) return -1;
-    *pos += n_prompt;
+    if (forward(m, seq, prompt, n_prompt, seq->len, NULL)) return -1;
     stats->prefill_seconds = now_seconds() - start;
     start = now_seconds();
     Utf8Stream out = {0};
     int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
     for (int i = 0; i < max_tokens; i++) {
-        int next = sample(sampler, m->state.logits);
+        int next = sample(sampler, seq->state.logits);
         if (next == stop || next == p->eos_id) {
             stats->stop_token = next;
             break;
@@ -2323,9 +2594,8 @@ static int generate_from(Model *m, Sampler *sampler, const int *prompt, int n_pr
         stats->generated_tokens++;
         stats->last_token = next;
         prev = next;
-        if (*pos >= p->seq_len || i + 1 == max_tokens) break; // nothing will read its logits
-        if (forward(m, &next, 1, *pos, NULL)) return -1;
-        (*pos)++;
+        if (seq->len >= seq->cache.capacity || i + 1 == max_tokens) break; // nothing will read its logits
+        if (forward(m, seq, &next, 1, seq->len, NULL)) return -1;
         stats->last_token = -1;
     }
     stream_flush(&out);
@@ -2338,133 +2608,6 @@ static void print_stats(const GenerationStats *s) {
             s->prefill_seconds > 0 ? s->prompt_tokens / s->prefill_seconds : 0.0, s->generated_tokens,
             s->decode_seconds > 0 ? s->generated_tokens / s->decode_seconds : 0.0);
 }
-
-// ----------------------------------------------------------------------------
-// Library API (libkvc.so): what the Python binding calls. Errors return -1 / NULL and leave a
-// message for kvc_last_error().
-
-Model *kvc_open(const char *checkpoint, const char *tokenizer, int context, int threads) {
-    Model *m = malloc(sizeof *m);
-    if (!m) {
-        fail("out of memory");
-        return NULL;
-    }
-    if (model_open(m, checkpoint, tokenizer, context, threads)) {
-        free(m);
-        return NULL;
-    }
-    return m;
-}
-
-void kvc_close(Model *m) {
-    if (!m) return;
-    model_close(m);
-    free(m);
-}
-
-const Config *kvc_config(const Model *m) { return &m->config; }
-
-int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
-
-// Runs tokens at positions pos.. (filling the cache); logits (n x vocab) of every position, or NULL.
-int kvc_forward(Model *m, const int *tokens, int n, int pos, float *logits) {
-    return forward(m, tokens, n, pos, logits);
-}
-
-int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity) {
-    if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    size_t len = strlen(text);
-    if ((size_t)capacity < encode_capacity(len)) return fail("encode needs room for %zu ids", encode_capacity(len));
-    return encode(&m->tokenizer, text, len, add_bos, 0, out);
-}
-
-int kvc_encode_capacity(int text_bytes) { return (int)encode_capacity((size_t)text_bytes); }
-
-// The bytes token decodes to after prev (-1 at the start of a text); returns their length.
-int kvc_token_text(const Model *m, int prev, int token, const char **text) {
-    if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    if (token < 0 || token >= m->config.vocab_size) return fail("token id %d is outside the vocab", token);
-    int len;
-    *text = token_text(&m->tokenizer, prev, token, &len);
-    return len;
-}
-
-// Text of n token ids into out, which has room for kvc_decode_capacity(m, ids, n) bytes; returns its length.
-int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity) {
-    if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    size_t need = 0;
-    for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= m->config.vocab_size) return fail("token id %d is outside the vocab", ids[i]);
-        need += m->tokenizer.text_len[ids[i]];
-    }
-    if (need > (size_t)capacity) return fail("decode needs room for %zu bytes", need);
-    return (int)decode(&m->tokenizer, ids, n, out);
-}
-
-// The binding's parallel arrays of roles and contents as Messages (malloc'd), or NULL.
-static Message *messages_from(const char **roles, const char **contents, int n) {
-    Message *msg = malloc((n > 0 ? n : 1) * sizeof(Message));
-    if (!msg) fail("out of memory");
-    for (int i = 0; msg && i < n; i++) msg[i] = (Message){roles[i], contents[i]};
-    return msg;
-}
-
-// A conversation rendered with the model's chat template and encoded; *ids must be freed with kvc_free.
-int kvc_chat_encode(const Model *m, const char **roles, const char **contents, int n, int start,
-                    int generation_prompt, int **ids) {
-    if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    Message *msg = messages_from(roles, contents, n);
-    int count = msg ? chat_encode(m, msg, n, start, generation_prompt, "", ids) : -1;
-    free(msg);
-    return count;
-}
-
-// The same conversation as text, with special tokens spelled out; *text must be freed with kvc_free.
-int kvc_chat_render(const Model *m, const char **roles, const char **contents, int n, int generation_prompt,
-                    char **text) {
-    if (!m->has_tokenizer) return fail("this model has no tokenizer");
-    Message *msg = messages_from(roles, contents, n);
-    Text out = {0};
-    int ok = msg && text_add(&out, "") == 0 && chat_render(m, &out, msg, n, 1, generation_prompt) == 0; // "": never NULL
-    free(msg);
-    if (!ok) free(out.s);
-    *text = ok ? out.s : NULL;
-    return ok ? (int)out.len : -1;
-}
-
-int kvc_chat_style(const Model *m) { return m->chat.style; }
-int kvc_end_of_turn(const Model *m) { return m->chat.end_of_turn; }
-void kvc_free(void *p) { free(p); }
-float *kvc_logits(Model *m) { return m->state.logits; }  // the last forwarded token's
-float *kvc_keys(Model *m) { return m->cache.keys; }
-float *kvc_values(Model *m) { return m->cache.values; }
-
-Sampler *kvc_sampler_new(int vocab_size, float temperature, float topp, int topk, unsigned long long seed) {
-    Sampler *s = malloc(sizeof *s);
-    if (!s) {
-        fail("out of memory");
-        return NULL;
-    }
-    if (sampler_init(s, vocab_size, temperature, topp, topk, seed)) {
-        sampler_free(s);
-        free(s);
-        return NULL;
-    }
-    return s;
-}
-
-void kvc_sampler_free(Sampler *s) {
-    if (!s) return;
-    sampler_free(s);
-    free(s);
-}
-
-// Samples from logits (vocab_size of them, overwritten).
-int kvc_sample(Sampler *s, float *logits) { return sample(s, logits); }
-
-// ----------------------------------------------------------------------------
-// Command-line program
-#ifndef KVC_LIBRARY
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -2513,27 +2656,26 @@ static float parse_float(const char *flag, const char *s) {
     return v;
 }
 
-static int cli_generate(Model *m, Sampler *sampler, const char *prompt, int steps) {
-    const Config *p = &m->config;
+static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps) {
+    int context = seq->cache.capacity;
     size_t len = strlen(prompt);
     int *ids = malloc(encode_capacity(len) * sizeof(int));
     if (!ids) return fail("out of memory");
     int n = encode(&m->tokenizer, prompt, len, 1, 0, ids);
     if (n == 0) fail("nothing to start from: give a prompt with -i");
-    else if (n >= p->seq_len) fail("the prompt is %d tokens but the context holds %d", n, p->seq_len);
-    if (n <= 0 || n >= p->seq_len) {
+    else if (n >= context) fail("the prompt is %d tokens but the context holds %d", n, context);
+    if (n <= 0 || n >= context) {
         free(ids);
         return -1;
     }
-    int room = p->seq_len - n + 1; // the last token sampled needs no cache slot
+    int room = context - n + 1; // the last token sampled needs no cache slot
     if (steps <= 0 || steps > room) {
         if (steps > room) fprintf(stderr, "note: -n %d is more than the context leaves (%d); generating up to %d\n", steps, room, room);
         steps = room;
     }
     fwrite(prompt, 1, len, stdout);
-    int pos = 0;
     GenerationStats stats;
-    int rc = generate_from(m, sampler, ids, n, &pos, steps, -1, &stats);
+    int rc = generate_from(m, seq, sampler, ids, n, steps, -1, &stats);
     free(ids);
     if (rc) return -1;
     printf("\n");
@@ -2542,11 +2684,10 @@ static int cli_generate(Model *m, Sampler *sampler, const char *prompt, int step
 }
 
 // Multi-turn chat: each turn adds only its new tokens to the KV cache.
-static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
-    const Config *p = &m->config;
+static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char *system, int steps) {
     if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
-    int pos = 0, turn = 0, rc = 0;
-    int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : p->eos_id;
+    int turn = 0, rc = 0, context = seq->cache.capacity;
+    int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : m->config.eos_id;
     char *line = NULL;
     size_t cap = 0;
     const char *glue = ""; // what the template puts between the last reply's end and the next message
@@ -2567,18 +2708,19 @@ static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
         int n = 0;
         if (turn == 0 && system) msg[n++] = (Message){"system", system};
         msg[n++] = (Message){"user", line};
-        int *ids, count = chat_encode(m, msg, n, turn == 0, 1, glue, &ids);
+        int *ids, count = chat_encode(&m->chat, &m->tokenizer, msg, n, turn == 0, 1, glue, &ids);
         if ((rc = count < 0 ? -1 : 0)) break;
-        if (count > p->seq_len - pos - 1) {
+        int cached = seq->len;
+        if (count > context - cached - 1) {
             free(ids);
             fprintf(stderr, "\n[context full: %d of %d tokens used, and this message is %d tokens. Start a new chat.]\n",
-                    pos, p->seq_len, count);
+                    cached, context, count);
             break;
         }
         printf("Assistant: ");
         GenerationStats stats;
-        int room = p->seq_len - pos - count, max = steps > 0 && steps < room ? steps : room;
-        rc = generate_from(m, sampler, ids, count, &pos, max, stop, &stats);
+        int room = context - cached - count, max = steps > 0 && steps < room ? steps : room;
+        rc = generate_from(m, seq, sampler, ids, count, max, stop, &stats);
         free(ids);
         if (rc) break;
         printf("\n");
@@ -2587,16 +2729,14 @@ static int cli_chat(Model *m, Sampler *sampler, const char *system, int steps) {
         int tail[2], n_tail = 0;
         if (stats.last_token >= 0) tail[n_tail++] = stats.last_token;
         if (stop >= 0) tail[n_tail++] = stop;
-        fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens,
-                pos - stats.prompt_tokens - stats.generated_tokens + (stats.last_token >= 0));
+        fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens, cached);
         print_stats(&stats);
-        if (n_tail > p->seq_len - pos) {
-            fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", p->seq_len);
+        if (n_tail > context - seq->len) {
+            fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", context);
             break;
         }
-        if ((rc = forward(m, tail, n_tail, pos, NULL))) break;
-        pos += n_tail;
-        glue = chat_after_reply(m);
+        if ((rc = forward(m, seq, tail, n_tail, seq->len, NULL))) break;
+        glue = chat_after_reply(&m->chat);
     }
     free(line);
     return rc;
@@ -2641,14 +2781,18 @@ int main(int argc, char **argv) {
     if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
     if (!seed) seed = (unsigned long long)time(NULL);
 
-    Model *m = kvc_open(checkpoint, tokenizer, context, threads);
+    Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
+    Sequence *seq = kvc_sequence_new(m, context, threads);
+    if (!seq) die(kvc_last_error());
     Sampler sampler;
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
     error_message[0] = 0;
-    int rc = !strcmp(mode, "chat") ? cli_chat(m, &sampler, system, steps) : cli_generate(m, &sampler, prompt, steps);
+    int rc = !strcmp(mode, "chat") ? cli_chat(m, seq, &sampler, system, steps)
+                                   : cli_generate(m, seq, &sampler, prompt, steps);
     sampler_free(&sampler);
+    kvc_sequence_free(seq);
     kvc_close(m);
     if (rc) die(kvc_last_error());
     return 0;

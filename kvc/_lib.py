@@ -15,14 +15,21 @@ ffi.cdef(
         int shared_classifier, weight_type, group_size, bos_id, eos_id;
     } Config;
     typedef struct Model Model;
+    typedef struct Sequence Sequence;
     typedef struct Sampler Sampler;
 
     const char *kvc_last_error(void);
-    Model *kvc_open(const char *checkpoint, const char *tokenizer, int context, int threads);
+    Model *kvc_open(const char *checkpoint, const char *tokenizer);
     void kvc_close(Model *m);
     const Config *kvc_config(const Model *m);
     int kvc_has_tokenizer(const Model *m);
-    int kvc_forward(Model *m, const int *tokens, int n, int pos, float *logits);
+    Sequence *kvc_sequence_new(const Model *m, int context, int threads);
+    void kvc_sequence_free(Sequence *seq);
+    int kvc_context(const Sequence *seq);
+    int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits);
+    float *kvc_logits(Sequence *seq);
+    int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values);
+    void kvc_cache_reset(Sequence *seq, float fill);
     int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity);
     int kvc_encode_capacity(int text_bytes);
     int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity);
@@ -34,9 +41,6 @@ ffi.cdef(
     int kvc_chat_style(const Model *m);
     int kvc_end_of_turn(const Model *m);
     void kvc_free(void *p);
-    float *kvc_logits(Model *m);
-    float *kvc_keys(Model *m);
-    float *kvc_values(Model *m);
     Sampler *kvc_sampler_new(int vocab_size, float temperature, float topp, int topk, unsigned long long seed);
     void kvc_sampler_free(Sampler *s);
     int kvc_sample(Sampler *s, float *logits);

@@ -27,10 +27,11 @@ class GenerationStats:
 
 
 class Model:
-    """A checkpoint loaded by the C engine, with its KV cache.
+    """A checkpoint loaded by the C engine, with one sequence: its KV cache and run state.
 
     path: a kvc `.bin` (or a llama2.c checkpoint, with `tokenizer` naming its tokenizer.bin).
     seq_len: a context shorter than the model's, to shrink the KV cache. threads: OpenMP threads.
+    config.seq_len is this sequence's context.
     """
 
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -45,16 +46,21 @@ class Model:
         if threads is not None and threads <= 0:
             raise ValueError(f"threads must be positive, got {threads}")
         self._lib = load()
-        self._m = None
+        self._m = self._seq = None
         tok = ffi.NULL if tokenizer is None else os.fsencode(tokenizer)
-        handle = self._lib.kvc_open(os.fsencode(path), tok, seq_len or 0, threads or 0)
+        handle = self._lib.kvc_open(os.fsencode(path), tok)
         if handle == ffi.NULL:
             raise ValueError(last_error())
         self._m = ffi.gc(handle, self._lib.kvc_close)
+        seq = self._lib.kvc_sequence_new(self._m, seq_len or 0, threads or 0)
+        if seq == ffi.NULL:
+            self.close()
+            raise ValueError(last_error())
+        self._seq = ffi.gc(seq, self._lib.kvc_sequence_free)
         c = self._lib.kvc_config(self._m)
         self.config = Config(
-            dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size, seq_len=c.seq_len, head_dim=c.head_dim,
+            dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+            vocab_size=c.vocab_size, seq_len=self._lib.kvc_context(self._seq), head_dim=c.head_dim,
             rope_theta=c.rope_theta, norm_eps=c.norm_eps, shared_classifier=bool(c.shared_classifier),
             weight_type=c.weight_type, group_size=c.group_size, bos_id=c.bos_id, eos_id=c.eos_id,
         )
@@ -66,10 +72,14 @@ class Model:
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the model and its cache now (views from kv_cache become invalid)."""
+        """Free the model and its cache now; later calls raise ValueError."""
+        if self._seq is not None:  # the sequence goes first: it was made for this model
+            seq, self._seq = self._seq, None
+            ffi.gc(seq, None)  # detaches the finalizer, so kvc_sequence_free runs once
+            self._lib.kvc_sequence_free(seq)
         if self._m is not None:
             m, self._m = self._m, None
-            ffi.gc(m, None)  # detaches the finalizer (and returns None), so kvc_close runs once
+            ffi.gc(m, None)
             self._lib.kvc_close(m)
 
     def __enter__(self) -> "Model":
@@ -83,6 +93,11 @@ class Model:
             raise ValueError("the model is closed")
         return self._m
 
+    def _sequence(self):
+        if self._seq is None:
+            raise ValueError("the model is closed")
+        return self._seq
+
     # -- the forward pass -----------------------------------------------------------------------
 
     def _check_tokens(self, tokens: Sequence[int], pos: int) -> np.ndarray:
@@ -95,9 +110,9 @@ class Model:
 
     def _run(self, tokens: np.ndarray, pos: int, logits) -> None:
         """Run checked tokens at pos.. and keep the record of what the cache holds (for chat reuse)."""
-        m = self._handle()
+        m, seq = self._handle(), self._sequence()
         ptr = ffi.cast("const int *", ffi.from_buffer(tokens))
-        if tokens.size and self._lib.kvc_forward(m, ptr, len(tokens), pos, logits) != 0:
+        if tokens.size and self._lib.kvc_forward(m, seq, ptr, len(tokens), pos, logits) != 0:
             raise ValueError(last_error())
         if pos > len(self._history):  # a gap: the cache now holds positions the record does not know
             self._history = []
@@ -126,25 +141,33 @@ class Model:
         logits, shape (vocab_size,).
         """
         self._prefill(tokens, pos)
-        vocab = self.config.vocab_size
-        logits = self._lib.kvc_logits(self._handle())
-        return np.frombuffer(ffi.buffer(logits, 4 * vocab), dtype=np.float32).copy()
+        logits = self._lib.kvc_logits(self._sequence())
+        return np.frombuffer(ffi.buffer(logits, 4 * self.config.vocab_size), dtype=np.float32).copy()
 
-    def reset(self) -> None:
-        """Forget the cached tokens: the next call starts from an empty cache (zeroed)."""
-        keys, values = self.kv_cache
-        keys[:] = 0
-        values[:] = 0
+    def reset(self, fill: float = 0.0) -> None:
+        """Forget the cached tokens: the next call starts from an empty cache.
+
+        Every cache slot is set to `fill`: 0 by default; NaN makes any read of a position that was
+        never written show up as NaN logits (what the tests use to catch stray reads).
+        """
+        self._lib.kvc_cache_reset(self._sequence(), float(fill))
         self._history = []
 
     @property
     def kv_cache(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, values): float32 views (n_layers, seq_len, kv_dim) on the C cache, not copies."""
-        m, c = self._handle(), self.config
-        shape = (c.n_layers, c.seq_len, c.kv_dim)
-        nbytes = 4 * int(np.prod(shape))
-        keys = np.frombuffer(ffi.buffer(self._lib.kvc_keys(m), nbytes), dtype=np.float32).reshape(shape)
-        values = np.frombuffer(ffi.buffer(self._lib.kvc_values(m), nbytes), dtype=np.float32).reshape(shape)
+        """(keys, values): float32 copies (n_layers, seq_len, kv_dim) of the C cache, every slot.
+
+        A copy, not a view: the cache's own storage is the engine's business (its element type and
+        layout may differ from float32 rows), so writing to these arrays changes nothing.
+        """
+        seq, c = self._sequence(), self.config
+        keys = np.empty((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
+        values = np.empty_like(keys)
+        for layer in range(c.n_layers):
+            k = ffi.cast("float *", ffi.from_buffer(keys[layer]))
+            v = ffi.cast("float *", ffi.from_buffer(values[layer]))
+            if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
+                raise ValueError(last_error())
         return keys, values
 
     # -- text -----------------------------------------------------------------------------------
@@ -179,16 +202,18 @@ class Model:
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        arr = arr.astype(np.int32)
-        cap = 16 * arr.size + 16  # a token's text is at most its piece (<= 1024 bytes); grown below if needed
-        while True:
+        ids32 = arr.astype(np.int32)  # stays referenced while C reads it
+        ids_ptr = ffi.cast("const int *", ffi.from_buffer(ids32))
+        cap = 16 * arr.size + 16  # a guess; kvc_decode says how much room the text needs
+        for _ in range(2):
             out = ffi.new("char[]", cap)
-            n = self._lib.kvc_decode(self._handle(), ffi.cast("const int *", ffi.from_buffer(arr)), arr.size, out, cap)
-            if n >= 0:
-                return ffi.buffer(out, n)[:].decode("utf-8", "replace")
-            if cap >= 1024 * arr.size + 16:
+            n = self._lib.kvc_decode(self._handle(), ids_ptr, arr.size, out, cap)
+            if n < 0:
                 raise ValueError(last_error())
-            cap = 1024 * arr.size + 16
+            if n <= cap:
+                return ffi.buffer(out, n)[:].decode("utf-8", "replace")
+            cap = n
+        raise AssertionError("kvc_decode asked for more room twice")
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -217,7 +242,7 @@ class Model:
         t0 = time.perf_counter()
         stats.stop_reason = "length"
         for i in range(max_tokens):
-            token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(self._handle()))
+            token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(self._sequence()))
             if token in stops:
                 stats.stop_reason = "stop"
                 break

@@ -60,7 +60,18 @@ def test_reset_clears_the_cache(model_path):
     keys, values = model.kv_cache
     assert keys[:, :3].any() and values[:, :3].any()
     model.reset()
-    assert not keys.any() and not values.any()  # the views see the same C buffers
+    keys, values = model.kv_cache  # copies: read again
+    assert not keys.any() and not values.any()
+
+
+def test_kv_cache_is_a_copy(model_path):
+    model = kvc.Model(model_path)
+    model.forward([5, 6, 7], 0)
+    keys, values = model.kv_cache
+    before = keys.copy()
+    keys[:] = 0
+    values[:] = 0
+    assert np.array_equal(model.kv_cache[0], before)  # the engine's cache is untouched
 
 
 def test_sampler_arguments_are_checked(model_path):
