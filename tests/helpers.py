@@ -125,3 +125,17 @@ def write_tokenizer_bin(path: Path, pieces: list[bytes], scores: list[float], ex
         out += struct.pack("<fI", score, len(piece)) + piece
     path.write_bytes(out + extra)
 
+
+# ----------------------------------------------------------------------------------------------
+# chat
+
+
+def conversation(exchanges: list[tuple[str, str]], system: str | None) -> list[dict]:
+    """Chat messages: the system message (if any), then each (user, reply) exchange, the last one
+    without its reply (the model's turn)."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for i, (user, reply) in enumerate(exchanges):
+        msgs.append({"role": "user", "content": user})
+        if i + 1 < len(exchanges):
+            msgs.append({"role": "assistant", "content": reply})
+    return msgs
