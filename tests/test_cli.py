@@ -112,15 +112,30 @@ def test_seeded_sampling(model_path):
 
 
 def test_top_k_and_top_p(model_path):
+    """-k and -p change what is sampled: at a fixed seed and a temperature above 0, a filter that keeps only
+    the most probable token gives exactly the greedy output, while the same run without it does not."""
     greedy, _ = ok(run_cli(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
-    for flags in (["-k", "5"], ["-p", "0.5"], ["-k", "5", "-p", "0.5"], ["-k", "100000"], ["-p", "1"]):
-        out, err = ok(run_cli(model_path, "-t", "1", "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
+
+    def sampled(*flags: str, temperature: str = "1.5") -> bytes:
+        out, err = ok(run_cli(model_path, "-t", temperature, "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
         generated(out)
         assert 1 <= stats_of(err)[1] <= STEPS, (flags, err)
-    # a filter that keeps only the most probable token is greedy whatever the temperature
-    for flags in (["-k", "1"], ["-p", "0.000001"]):
-        out, _ = ok(run_cli(model_path, "-t", "1.5", "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
-        assert out == greedy, flags
+        return out
+
+    for flags in (["-k", "5"], ["-p", "0.5"], ["-k", "5", "-p", "0.5"], ["-k", "100000"], ["-p", "1"]):
+        sampled(*flags, temperature="1")
+    # no filter (top-k 0 and top-p 1 are off) samples away from greedy at this seed, and so does the
+    # default top-p 0.9, differently: a -k or -p that were ignored could not give the greedy output below
+    unfiltered, default = sampled("-k", "0", "-p", "1"), sampled()
+    assert unfiltered != greedy and default != greedy and default != unfiltered
+    # a filter that keeps only the most probable token is greedy whatever the temperature: -k alone with
+    # top-p off, -p alone with top-k off (1% of the mass is only the top token on this model), and each
+    # with the other at its default
+    for flags in (["-k", "1", "-p", "1"], ["-k", "0", "-p", "0.01"], ["-k", "1"], ["-p", "0.000001"]):
+        assert sampled(*flags) == greedy, flags
+    # filters in between keep more than the top token: neither greedy nor unfiltered, nor each other
+    top5, nucleus = sampled("-k", "5", "-p", "1"), sampled("-k", "0", "-p", "0.5")
+    assert len({greedy, unfiltered, top5, nucleus}) == 4
 
 
 def test_threads_do_not_change_the_output(model_path):
