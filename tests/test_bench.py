@@ -1,7 +1,8 @@
 """kvc.bench's measurements run and report sane structure on a tiny random model (no timing thresholds).
 
-In-process models open with the default thread count: a count would stick for the rest of the
-session (OpenMP's setting is process-global), slowing the tests that run after these.
+In-process models open with the engine's default thread count. A count given to one model affects
+no other (run.c's parallel regions take each model's own count), so nothing here leaks into the
+tests that run after these.
 """
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 
 import kvc
-from kvc import bench
 from kvc import format as fmt
+from kvc.bench import files, kvc_run, logit_quality, machine, tables, traffic
+from kvc.bench.bandwidth import measure_bandwidth
+from kvc.bench.plot import plot
+from kvc.bench.workload import Sizes
 from helpers import write_random_model
 
-TINY = bench.Sizes(prefill=[8, 24], decode=6, positions=[0, 16, 40], steps=3, repeats=1, prompt=5)
+TINY = Sizes(prefill=[8, 24], decode=6, positions=[0, 16, 40], steps=3, repeats=1, prompt=5)
 
 
 @pytest.fixture(scope="module")
@@ -29,34 +33,34 @@ def tiny(tmp_path_factory):
 
 def test_measurements(tiny):
     m = kvc.Model(tiny, seq_len=TINY.seq_len)
-    toks = bench.text_tokens(m, TINY.seq_len)
+    toks = kvc_run.text_tokens(m, TINY.seq_len)
     assert len(toks) == TINY.seq_len and all(0 <= t < m.config.vocab_size for t in toks)
-    pre = bench.measure_prefill(m, toks[:24], repeats=2)
+    pre = kvc_run.measure_prefill(m, toks[:24], repeats=2)
     assert pre["tokens"] == 24 and pre["seconds"] > 0 and pre["tok_s"] > 0
-    dec = bench.measure_decode(m, toks[:5], 6)
+    dec = kvc_run.measure_decode(m, toks[:5], 6)
     assert dec["tokens"] == 6 and dec["start_pos"] == 5 and dec["tok_s"] > 0
-    rows = bench.measure_decode_by_position(m, [0, 16, 40], 3, toks)
+    rows = kvc_run.measure_decode_by_position(m, [0, 16, 40], 3, toks)
     assert [r["pos"] for r in rows] == [0, 16, 40]
     assert all(r["steps"] == 3 and r["ms_per_token"] > 0 and r["ms_mean"] > 0 for r in rows)
 
 
 def test_run_one_and_tables(tiny, tmp_path):
-    res = bench.run_one(tiny, None, TINY)
+    res = kvc_run.run_one(tiny, None, TINY)
     assert res["engine"] == "kvc" and res["dtype"] == "f32" and res["threads"] is None
     assert [p["tokens"] for p in res["prefill"]] == [8, 24]
     assert res["decode"]["tokens"] == 6 and res["decode"]["gb_s"] > 0
     assert [b["pos"] for b in res["by_position"]] == [0, 16, 40] and all(b["gb_s"] > 0 for b in res["by_position"])
     assert res["peak_rss_mb"] > 0 and res["weight_bytes_per_token"] > 0
-    bw = bench.measure_bandwidth(1, 8 << 20, repeats=1)
+    bw = measure_bandwidth(1, 8 << 20, repeats=1)
     assert bw["gb_s"] > 0 and bw["threads"] == 1 and bw["kernel"] in bw["by_kernel"]
-    results = {"mode": "test", "machine": bench.machine_info(), "sizes": {}, "roofline": {"1": bw},
+    results = {"mode": "test", "machine": machine.machine_info(), "sizes": {}, "roofline": {"1": bw},
                "runs": [res, {"engine": "kvc", "dtype": "q8_0", "threads": 2, "error": "boom"}],
                "quality": {"tokens": 10, "positions": 9, "top1_agreement": 0.9, "mean_kl": 0.01, "max_kl": 0.1,
                            "ppl_ref": 5.0, "ppl_test": 5.1}}
-    text = bench.markdown_tables(results)
+    text = tables.markdown_tables(results)
     assert "| kvc | f32 | None |" in text and "pos 40" in text and "top-1 agreement 90.0%" in text and "boom" in text
     json.dumps(results)  # what results.json gets
-    assert bench.plot(results, tmp_path / "b.png") is None
+    assert plot(results, tmp_path / "b.png") is None
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,7 +68,7 @@ def test_child_prints_one_json_line(tiny):
     args = ["--one", str(tiny), "1", "--prefill", "8", "--decode", "4", "--positions", "0,8", "--steps", "2",
             "--repeats", "1"]
     out = subprocess.run([sys.executable, "-m", "kvc.bench"] + args, capture_output=True, text=True, timeout=60,
-                         cwd=bench.ROOT, check=True).stdout
+                         cwd=files.ROOT, check=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     assert res["threads"] == 1 and res["decode"]["tokens"] == 4 and res["peak_rss_mb"] > 0
 
@@ -72,31 +76,31 @@ def test_child_prints_one_json_line(tiny):
 def test_weight_bytes_per_token():
     c = fmt.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
     n_all = sum(int(np.prod(s)) for _, s in fmt.tensor_shapes(c))
-    assert bench.weight_bytes_per_token(c) == 4 * n_all  # tied: the embedding table is the classifier
+    assert traffic.weight_bytes_per_token(c) == 4 * n_all  # tied: the embedding table is the classifier
     untied = fmt.Config(**{**c.__dict__, "shared_classifier": False})
-    assert bench.weight_bytes_per_token(untied) == 4 * n_all + 4 * 64  # + classifier - table + one row
+    assert traffic.weight_bytes_per_token(untied) == 4 * n_all + 4 * 64  # + classifier - table + one row
     q = fmt.Config(**{**c.__dict__, "weight_type": fmt.Q8_0, "group_size": 32})
     n_norm = sum(int(np.prod(s)) for name, s in fmt.tensor_shapes(c) if fmt.is_norm(name))
-    assert bench.weight_bytes_per_token(q) == 4 * n_norm + (n_all - n_norm) * (1 + 4 / 32)
-    assert bench.kv_bytes_read(c, 0) == 2 * 2 * 1 * 32 * 4
+    assert traffic.weight_bytes_per_token(q) == 4 * n_norm + (n_all - n_norm) * (1 + 4 / 32)
+    assert traffic.kv_bytes_read(c, 0) == 2 * 2 * 1 * 32 * 4
 
 
 def test_quality(tiny, tmp_path):
-    same = bench.quality(tiny, tiny, max_tokens=100)
+    same = logit_quality.quality(tiny, tiny, max_tokens=100)
     assert same["tokens"] == 100 and same["positions"] == 99
     assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-9 and same["ppl_ref"] == same["ppl_test"]
     other = tmp_path / "other.bin"
     write_random_model(other, seed=4, n_heads=4, n_kv_heads=2)
-    diff = bench.quality(tiny, other, max_tokens=100)
+    diff = logit_quality.quality(tiny, other, max_tokens=100)
     assert 0 <= diff["top1_agreement"] < 1 and diff["mean_kl"] > 0 and diff["max_kl"] >= diff["mean_kl"]
 
 
 def test_compare_logits_known_values():
     ref = np.log(np.array([[0.5, 0.25, 0.25]], dtype=np.float32))
     test = np.log(np.array([[0.25, 0.5, 0.25]], dtype=np.float32))
-    r = bench.compare_logits(ref, test, np.array([0]))
+    r = logit_quality.compare_logits(ref, test, np.array([0]))
     assert r["top1_agreement"] == 0.0
     assert r["mean_kl"] == pytest.approx(0.5 * np.log(2) - 0.25 * np.log(2), rel=1e-6)
     assert r["ppl_ref"] == pytest.approx(2.0) and r["ppl_test"] == pytest.approx(4.0)
     with pytest.raises(ValueError):
-        bench.compare_logits(ref, test[:, :2])
+        logit_quality.compare_logits(ref, test[:, :2])

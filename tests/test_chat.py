@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import kvc
+from helpers import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "run"
 TURN_LINE = re.compile(r"\[turn (\d+): (-?\d+) new prompt tokens processed, (-?\d+) cached\] "
                        r"prompt (\d+) tokens, [\d.]+ tok/s \| generated (\d+) tokens")
 Q1, Q2 = "What is the capital of France?", "And of Germany?"
@@ -30,10 +28,9 @@ def rendered_len(hf_tok, gguf_template, messages) -> int:
 
 
 def run_chat(model_path, stdin: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    assert RUN.is_file(), "run `make all` first"
-    # -j 1: OpenMP's spinning threads collapse (~20x slower) when other processes share the 2 cores
-    return subprocess.run([str(RUN), str(model_path), "-m", "chat", "-t", "0", "-j", "1", *args], input=stdin.encode(),
-                          capture_output=True, timeout=timeout, cwd=ROOT)
+    """A greedy `./run -m chat` session fed `stdin`. -j 1: OpenMP's spinning threads collapse (~20x slower)
+    when other processes share the 2 cores."""
+    return run_cli(model_path, "-m", "chat", "-t", "0", "-j", "1", *args, stdin=stdin.encode(), timeout=timeout)
 
 
 def parse(proc: subprocess.CompletedProcess) -> tuple[list[str], list[dict]]:

@@ -6,7 +6,7 @@ from jinja2 import sandbox
 
 import kvc
 from kvc import format as fmt
-from helpers import byte_tokenizer, random_tensors
+from helpers import byte_tokenizer, conversation, random_tensors
 
 # The templates as the models' tokenizer_config.json files carry them.
 LLAMA2_JINJA = (
@@ -45,15 +45,6 @@ TURNS = [
 ]
 
 
-def conversation(turns: int, system: str | None) -> list[dict]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    for i, (user, reply) in enumerate(TURNS[:turns]):
-        msgs.append({"role": "user", "content": user})
-        if i + 1 < turns:
-            msgs.append({"role": "assistant", "content": reply})
-    return msgs
-
-
 @pytest.fixture(scope="module", params=sorted(STYLES), ids=lambda s: {1: "chatml", 2: "llama2", 3: "llama3"}[s])
 def styled(request, tmp_path_factory):
     """A tiny model whose tokenizer has the style's special tokens and whose template is that style."""
@@ -76,7 +67,7 @@ def styled(request, tmp_path_factory):
 @pytest.mark.parametrize("system", [None, "You are terse.\nAnswer briefly."])
 def test_rendering_matches_jinja(styled, turns, system):
     model, jinja, bos, eos = styled
-    msgs = conversation(turns, system)
+    msgs = conversation(TURNS[:turns], system)
     expected = jinja.render(messages=msgs, add_generation_prompt=True, bos_token=bos, eos_token=eos)
     assert model.chat_prompt(msgs) == expected
 
@@ -84,7 +75,7 @@ def test_rendering_matches_jinja(styled, turns, system):
 def test_special_tokens_in_the_prompt_become_single_ids(styled):
     """chat_tokens() encodes the rendered prompt with each spelled-out special token as its id."""
     model, jinja, bos, eos = styled
-    msgs = conversation(3, "Be kind.")
+    msgs = conversation(TURNS[:3], "Be kind.")
     ids, text = model.chat_tokens(msgs), model.chat_prompt(msgs)
     pieces = {1: bos, 2: eos, 259: "<|start_header_id|>", 260: "<|end_header_id|>", 261: "<|eot_id|>"}
     found = 0
@@ -98,7 +89,7 @@ def test_special_tokens_in_the_prompt_become_single_ids(styled):
 
 def test_generation_prompt_is_appended_only_when_asked(styled):
     model, *_ = styled
-    msgs = conversation(1, None)
+    msgs = conversation(TURNS[:1], None)
     with_prompt, without = model.chat_prompt(msgs, True), model.chat_prompt(msgs, False)
     assert with_prompt.startswith(without)
     if model.chat_prompt(msgs, True) != without:  # Llama 2 has no generation prompt

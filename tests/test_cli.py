@@ -4,34 +4,21 @@ Greedy output is checked token for token against the torch reference (kvc.refere
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import byte_tokenizer, random_tensors, write_random_model
+from helpers import byte_tokenizer, random_tensors, run_cli, write_random_model
 from kvc import Model
 from kvc import format as fmt
 from kvc.reference import Llama
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "run"
-TIMEOUT = 20
 PROMPT = "Once upon a time, a café"
 STEPS = 20
 CFG = dict(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=128)
 STATS = re.compile(r"^prompt (\d+) tokens, (\d+(?:\.\d+)?) tok/s \| generated (\d+) tokens, (\d+(?:\.\d+)?) tok/s$")
-
-
-def run(*args, stdin: bytes = b"", threads: int = 1) -> subprocess.CompletedProcess:
-    """./run with args. One OpenMP thread by default: on a busy 2-core box spinning threads stall for seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    try:
-        return subprocess.run([str(RUN), *map(str, args)], input=stdin, capture_output=True, timeout=TIMEOUT, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"./run {' '.join(map(str, args))} hung for more than {TIMEOUT} s")
 
 
 def ok(proc: subprocess.CompletedProcess) -> tuple[bytes, str]:
@@ -93,8 +80,8 @@ def reference_greedy(model_path) -> tuple[list[int], list[int], bytes]:
 def test_greedy_generation(model_path, reference_greedy):
     ids, gen, text = reference_greedy
     assert len(gen) >= 5 and len(set(gen)) > 2  # a real continuation, not EOS or one token repeated
-    out1, err1 = ok(run(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
-    out2, _ = ok(run(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
+    out1, err1 = ok(run_cli(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
+    out2, _ = ok(run_cli(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
     assert out1 == out2  # deterministic
     assert generated(out1) == text  # the reference's greedy tokens, byte for byte
     assert stats_of(err1) == (len(ids), len(gen))
@@ -111,10 +98,10 @@ def test_greedy_generate_python_matches_reference(model_path, reference_greedy):
 
 def test_seeded_sampling(model_path):
     args = (model_path, "-t", "1", "-n", STEPS, "-i", PROMPT)
-    a, err = ok(run(*args, "-s", "42"))
-    b, _ = ok(run(*args, "-s", "42"))
-    c, _ = ok(run(*args, "-s", "43"))
-    greedy, _ = ok(run(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
+    a, err = ok(run_cli(*args, "-s", "42"))
+    b, _ = ok(run_cli(*args, "-s", "42"))
+    c, _ = ok(run_cli(*args, "-s", "43"))
+    greedy, _ = ok(run_cli(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
     assert a == b
     assert a != c and a != greedy
     # the library's sampler with the same seed gives the same text
@@ -125,25 +112,40 @@ def test_seeded_sampling(model_path):
 
 
 def test_top_k_and_top_p(model_path):
-    greedy, _ = ok(run(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
-    for flags in (["-k", "5"], ["-p", "0.5"], ["-k", "5", "-p", "0.5"], ["-k", "100000"], ["-p", "1"]):
-        out, err = ok(run(model_path, "-t", "1", "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
+    """-k and -p change what is sampled: at a fixed seed and a temperature above 0, a filter that keeps only
+    the most probable token gives exactly the greedy output, while the same run without it does not."""
+    greedy, _ = ok(run_cli(model_path, "-t", "0", "-n", STEPS, "-i", PROMPT))
+
+    def sampled(*flags: str, temperature: str = "1.5") -> bytes:
+        out, err = ok(run_cli(model_path, "-t", temperature, "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
         generated(out)
         assert 1 <= stats_of(err)[1] <= STEPS, (flags, err)
-    # a filter that keeps only the most probable token is greedy whatever the temperature
-    for flags in (["-k", "1"], ["-p", "0.000001"]):
-        out, _ = ok(run(model_path, "-t", "1.5", "-s", "7", "-n", STEPS, "-i", PROMPT, *flags))
-        assert out == greedy, flags
+        return out
+
+    for flags in (["-k", "5"], ["-p", "0.5"], ["-k", "5", "-p", "0.5"], ["-k", "100000"], ["-p", "1"]):
+        sampled(*flags, temperature="1")
+    # no filter (top-k 0 and top-p 1 are off) samples away from greedy at this seed, and so does the
+    # default top-p 0.9, differently: a -k or -p that were ignored could not give the greedy output below
+    unfiltered, default = sampled("-k", "0", "-p", "1"), sampled()
+    assert unfiltered != greedy and default != greedy and default != unfiltered
+    # a filter that keeps only the most probable token is greedy whatever the temperature: -k alone with
+    # top-p off, -p alone with top-k off (1% of the mass is only the top token on this model), and each
+    # with the other at its default
+    for flags in (["-k", "1", "-p", "1"], ["-k", "0", "-p", "0.01"], ["-k", "1"], ["-p", "0.000001"]):
+        assert sampled(*flags) == greedy, flags
+    # filters in between keep more than the top token: neither greedy nor unfiltered, nor each other
+    top5, nucleus = sampled("-k", "5", "-p", "1"), sampled("-k", "0", "-p", "0.5")
+    assert len({greedy, unfiltered, top5, nucleus}) == 4
 
 
 def test_threads_do_not_change_the_output(model_path):
-    one, _ = ok(run(model_path, "-t", "1", "-s", "5", "-n", STEPS, "-i", PROMPT, "-j", "1"))
-    two, _ = ok(run(model_path, "-t", "1", "-s", "5", "-n", STEPS, "-i", PROMPT, "-j", "2", threads=2))
+    one, _ = ok(run_cli(model_path, "-t", "1", "-s", "5", "-n", STEPS, "-i", PROMPT, "-j", "1"))
+    two, _ = ok(run_cli(model_path, "-t", "1", "-s", "5", "-n", STEPS, "-i", PROMPT, "-j", "2", threads=2))
     assert one == two
 
 
 def test_help():
-    proc = run("-h")
+    proc = run_cli("-h")
     assert proc.returncode == 0
     assert proc.stdout.startswith(b"usage: run") and b"-t <float>" in proc.stdout
     assert proc.stderr == b""
@@ -155,7 +157,7 @@ def test_help():
     ["-j", "0"], ["-s", "-3"], ["--temperature", "1"], ["-tt", "1"], ["other.bin"],
 ], ids=lambda a: " ".join(a))
 def test_bad_usage(model_path, args):
-    proc = run(model_path, *args)
+    proc = run_cli(model_path, *args)
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
     assert err.startswith("error: ") and "usage: run" in err, err
@@ -164,12 +166,12 @@ def test_bad_usage(model_path, args):
 
 def test_no_checkpoint():
     for args in ([], ["-n", "5"]):
-        proc = run(*args)
+        proc = run_cli(*args)
         assert proc.returncode == 1 and b"usage: run" in proc.stderr, proc.stderr
 
 
 def test_chat_mode_without_template(model_path):
-    proc = run(model_path, "-m", "chat", "-n", "5", stdin=b"hello\n")
+    proc = run_cli(model_path, "-m", "chat", "-n", "5", stdin=b"hello\n")
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "template" in err, err
@@ -180,7 +182,7 @@ TURN = re.compile(r"\[turn (\d+): (\d+) new prompt tokens processed, (-?\d+) cac
 
 def chat_turns(chat_path, n: int) -> tuple[list[tuple[int, int, int]], list[int]]:
     """Two greedy turns with -n n: ([(turn, new, cached)], generated count of each turn)."""
-    out, err = ok(run(chat_path, "-m", "chat", "-t", "0", "-n", n, stdin=b"hello\nand again\n"))
+    out, err = ok(run_cli(chat_path, "-m", "chat", "-t", "0", "-n", n, stdin=b"hello\nand again\n"))
     assert out.startswith(b"User: Assistant: ") and out.count(b"Assistant: ") == 2, out
     assert out.endswith(b"User: \n"), out[-50:]  # EOF ends the chat
     turns = [tuple(map(int, t)) for t in TURN.findall(err)]

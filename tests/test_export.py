@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,14 @@ from export import export_model
 from export.__main__ import main
 from export.common import permute_hf_rope
 from export.tokenizers import bytes_to_unicode, read_sentencepiece
+from helpers import ROOT, random_tensors, write_llama2c, write_tokenizer_bin
 from kvc.format import (
-    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, LLAMA2C_MAGIC, NORMAL,
+    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, NORMAL,
     PRETOK_SMOLLM, TOK_BYTE_BPE, UNKNOWN, ChatTemplate, Checkpoint, Config, quantize_q8_0, read_model,
     tensor_shapes,
 )
 from kvc.reference import Llama
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKENS = [0, 5, 17, 3, 99, 42, 7, 250, 1, 64, 128, 31]  # 12 positions, ids < every test vocab
 
 # ----------------------------------------------------------------------------------------------
@@ -354,60 +353,23 @@ L2C = Config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_s
 L2C_WORDS = [" the", " a", "hello", " world", "in", "er"]
 
 
-def l2c_tensors(c: Config, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {name: (1 + 0.1 * rng.standard_normal(s) if name.startswith("rms") else 0.2 * rng.standard_normal(s))
-            .astype(np.float32) for name, s in tensor_shapes(c)}
-
-
-def write_llama2c(path: Path, c: Config, t: dict[str, np.ndarray], version: int, gs: int = 32) -> None:
-    """llama2.c's export.py byte layouts: v0 legacy, v1 fp32, v2 q8_0."""
-    with open(path, "wb") as f:
-        if version == 0:
-            V = c.vocab_size if c.shared_classifier else -c.vocab_size
-            f.write(struct.pack("<7i", c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, V, c.seq_len))
-            for n in ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]:
-                f.write(t[n].astype("<f4").tobytes())
-            f.write(np.full(c.seq_len * c.head_dim, 7.0, "<f4").tobytes())  # freq_cis_real + imag, unused
-            if not c.shared_classifier:
-                f.write(t["wcls"].astype("<f4").tobytes())
-            return
-        hdr = struct.pack("<Ii7iB", LLAMA2C_MAGIC, version, c.dim, c.hidden_dim, c.n_layers, c.n_heads,
-                          c.n_kv_heads, c.vocab_size, c.seq_len, int(c.shared_classifier))
-        if version == 2:
-            hdr += struct.pack("<i", gs)
-        f.write(hdr + b"\0" * (256 - len(hdr)))
-        names = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-        if not c.shared_classifier:
-            names.append("wcls")
-        for n in names:
-            if version == 2 and not n.startswith("rms"):
-                q, s = quantize_q8_0(t[n], gs)
-                f.write(q.tobytes() + s.astype("<f4").tobytes())
-            else:
-                f.write(t[n].astype("<f4").tobytes())
-
-
-def write_tokenizer_bin(path: Path, vocab: int) -> list[tuple[bytes, float]]:
-    """llama2.c's tokenizer.bin (spaces, not U+2581); returns (piece, score) as written."""
+def write_l2c_tokenizer(path: Path, vocab: int) -> list[tuple[bytes, float]]:
+    """llama2.c's tokenizer.bin of `vocab` pieces (spaces, not U+2581); returns (piece, score) as written."""
     toks = [(b"<unk>", 0.0), (b"\n<s>\n", 0.0), (b"\n</s>\n", 0.0)]
     toks += [(f"<0x{b:02X}>".encode(), 0.0) for b in range(256)]
     toks += [(w.encode(), -float(i)) for i, w in enumerate(L2C_WORDS)]
     toks += [(f"tok{i}".encode(), -100.0 - i) for i in range(vocab - len(toks))]
-    with open(path, "wb") as f:
-        f.write(struct.pack("<I", max(len(p) for p, _ in toks)))
-        for p, s in toks:
-            f.write(struct.pack("<fI", s, len(p)) + p)
+    write_tokenizer_bin(path, [p for p, _ in toks], [s for _, s in toks])
     return toks
 
 
 @pytest.mark.parametrize("version,shared", [(0, True), (0, False), (1, False), (1, True), (2, False)])
 def test_llama2c(tmp_path, version, shared):
     c = Config(**{**L2C.__dict__, "shared_classifier": shared})
-    t = l2c_tensors(c, seed=version)
+    t = random_tensors(c, seed=version)
     src, tokbin, out = tmp_path / "model.bin", tmp_path / "tokenizer.bin", tmp_path / "out.bin"
     write_llama2c(src, c, t, version)
-    toks = write_tokenizer_bin(tokbin, c.vocab_size)
+    toks = write_l2c_tokenizer(tokbin, c.vocab_size)
     export_model(src, out, tokenizer=tokbin)
     ck = read_model(out)
     assert (ck.config.dim, ck.config.n_kv_heads, ck.config.rope_theta, ck.config.norm_eps) == (64, 2, 1e4, np.float32(1e-5))
@@ -429,7 +391,7 @@ def test_llama2c(tmp_path, version, shared):
 
 def test_llama2c_with_sentencepiece_tokenizer(tmp_path, sp_model):
     c = Config(**{**L2C.__dict__, "vocab_size": 32000})
-    write_llama2c(tmp_path / "model.bin", c, l2c_tensors(c, seed=5), 1)
+    write_llama2c(tmp_path / "model.bin", c, random_tensors(c, seed=5), version=1)
     export_model(tmp_path / "model.bin", tmp_path / "out.bin", tokenizer=sp_model)
     tok = read_model(tmp_path / "out.bin").tokenizer
     assert len(tok.pieces) == 32000 and tok.pieces[22557] == "\u2581Hello".encode()
@@ -531,7 +493,7 @@ def test_error_wrong_shape(hf_folder, capsys):
 
 def test_error_tokenizer_vocab_mismatch(hf_folder, tmp_path, capsys):
     out = tmp_path / "out" / "m.bin"
-    write_tokenizer_bin(tmp_path / "tok.bin", 300)
+    write_l2c_tokenizer(tmp_path / "tok.bin", 300)
     err = _run_main(capsys, [str(hf_folder), str(out), "--tokenizer", str(tmp_path / "tok.bin")])
     assert "300 tokens" in err and f"vocab is {HF_VOCAB}" in err
     _nothing_written(out)
@@ -546,12 +508,12 @@ def test_error_tokenizer_vocab_mismatch(hf_folder, tmp_path, capsys):
 
 
 def test_error_llama2c_without_tokenizer(tmp_path, capsys):
-    write_llama2c(tmp_path / "model.bin", L2C, l2c_tensors(L2C, 0), 1)
+    write_llama2c(tmp_path / "model.bin", L2C, random_tensors(L2C, 0), version=1)
     out = tmp_path / "out.bin"
     assert "--tokenizer" in _run_main(capsys, [str(tmp_path / "model.bin"), str(out)])
     _nothing_written(out)
     (tmp_path / "trunc.bin").write_bytes((tmp_path / "model.bin").read_bytes()[:-10])
-    write_tokenizer_bin(tmp_path / "tok.bin", 300)
+    write_l2c_tokenizer(tmp_path / "tok.bin", 300)
     assert "bytes" in _run_main(capsys, [str(tmp_path / "trunc.bin"), str(out), "--tokenizer", str(tmp_path / "tok.bin")])
     _nothing_written(out)
 

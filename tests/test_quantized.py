@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,7 @@ import pytest
 import kvc
 from kvc import format as fmt
 from kvc.reference import Llama
-from helpers import byte_tokenizer, random_tensors
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, byte_tokenizer, random_tensors, write_llama2c, write_random_model
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -29,13 +26,10 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 def write_q8(path: Path, gs: int = 32, seed: int = 0, **kw) -> tuple[fmt.Config, dict]:
-    cfg = fmt.Config(**{**dict(dim=64, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
-                               seq_len=128), **kw})
-    tensors = random_tensors(cfg, seed)
-    fmt.write_model(path.with_suffix(".f32.bin"), cfg, tensors, byte_tokenizer(cfg.vocab_size))
-    cfg.weight_type, cfg.group_size = fmt.Q8_0, gs
-    fmt.write_model(path, cfg, tensors, byte_tokenizer(cfg.vocab_size))
-    return cfg, tensors
+    """A random Q8_0 model at path, and the same weights in f32 at path.f32.bin."""
+    kw = {**dict(dim=64, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=128), **kw}
+    write_random_model(path.with_suffix(".f32.bin"), seed, **kw)
+    return write_random_model(path, seed, weight_type=fmt.Q8_0, group_size=gs, **kw)
 
 
 TOKENS = np.random.default_rng(0).integers(0, 300, 100).tolist()
@@ -76,26 +70,12 @@ def test_all_zero_group_does_not_divide_by_zero(tmp_path):
     assert np.isfinite(logits).all()
 
 
-def write_llama2c_v2(path: Path, cfg: fmt.Config, tensors: dict, gs: int) -> None:
-    """llama2.c's version 2: 256-byte header, fp32 norms, then int8 values + fp32 scales per tensor."""
-    header = struct.pack("<Ii7iB", 0x616B3432, 2, cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
-                         cfg.vocab_size, cfg.seq_len, int(cfg.shared_classifier)) + struct.pack("<i", gs)
-    with open(path, "wb") as f:
-        f.write(header + b"\0" * (256 - len(header)))
-        for name in ["rms_att", "rms_ffn", "rms_final"]:
-            f.write(tensors[name].astype("<f4").tobytes())
-        names = ["tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"] + ([] if cfg.shared_classifier else ["wcls"])
-        for name in names:
-            q, s = fmt.quantize_q8_0(tensors[name], gs)
-            f.write(q.tobytes() + s.astype("<f4").tobytes())
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_llama2c_v2_files_load(tmp_path, shared):
     cfg = fmt.Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300, seq_len=64,
                      shared_classifier=shared)
     tensors = random_tensors(cfg, 3)
-    write_llama2c_v2(tmp_path / "v2.bin", cfg, tensors, 64)
+    write_llama2c(tmp_path / "v2.bin", cfg, tensors, version=2, group_size=64)
     model = kvc.Model(tmp_path / "v2.bin")
     assert model.config.weight_type == fmt.Q8_0 and model.config.group_size == 64
     tokens = TOKENS[:60]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kvc
+from helpers import conversation
 
 # A real sentence; its first 32 tokens are the prompt of the reference comparison.
 SENTENCE = ("Once upon a time, in a small village nestled between rolling hills and a quiet river, there lived "
@@ -270,20 +271,10 @@ TURNS = [
 ]
 
 
-def conversation(turns: int, system: str | None) -> list[dict]:
-    msgs = [{"role": "system", "content": system}] if system is not None else []
-    for i in range(turns):
-        user, reply = TURNS[i]
-        msgs.append({"role": "user", "content": user})
-        if i + 1 < turns:
-            msgs.append({"role": "assistant", "content": reply})
-    return msgs
-
-
 @pytest.mark.parametrize("system", [None, "You are a pirate. Answer\tin pirate speak."], ids=["default-system", "system"])
 @pytest.mark.parametrize("turns", [1, 2, 3])
 def test_chat_tokens_match_the_gguf_template(model, hf_tok, gguf_template, turns, system):
-    msgs = conversation(turns, system)
+    msgs = conversation(TURNS[:turns], system)
     text = gguf_template.render(messages=msgs, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     if system is None:
@@ -293,6 +284,6 @@ def test_chat_tokens_match_the_gguf_template(model, hf_tok, gguf_template, turns
 
 
 def test_chat_tokens_without_generation_prompt(model, hf_tok, gguf_template):
-    msgs = conversation(2, None) + [{"role": "assistant", "content": "Berlin."}]
+    msgs = conversation(TURNS[:2], None) + [{"role": "assistant", "content": "Berlin."}]
     text = gguf_template.render(messages=msgs, add_generation_prompt=False)
     assert model.chat_tokens(msgs, add_generation_prompt=False) == hf_tok.encode(text, add_special_tokens=False).ids

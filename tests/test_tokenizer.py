@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import random
-import struct
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 
 import kvc
 from export.tokenizers import read_sentencepiece
 from kvc import format as fmt
-from helpers import random_tensors
+from helpers import random_tensors, write_llama2c, write_tokenizer_bin
 
 CORPUS = [
     "Hello world", "Hello, world!", "hello   world", "  leading spaces", "trailing spaces   ", " ", "   ", "",
@@ -107,18 +105,9 @@ def test_llama2c_tokenizer_bin_gives_the_same_ids(mistral, sp_model, tmp_path):
     """The same vocab written as llama2.c's tokenizer.bin (spaces for U+2581) and loaded with -z."""
     model, sp = mistral
     tok = read_sentencepiece(sp_model)
-    with open(tmp_path / "tokenizer.bin", "wb") as f:
-        f.write(struct.pack("<I", max(len(p) for p in tok.pieces)))
-        for piece, score in zip(tok.pieces, tok.scores):
-            piece = piece.replace("\u2581".encode(), b" ")
-            f.write(struct.pack("<fI", score, len(piece)) + piece)
+    write_tokenizer_bin(tmp_path / "tokenizer.bin", tok.pieces, tok.scores)
     cfg = fmt.Config(dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32000, seq_len=32)
-    t = random_tensors(cfg, 0)
-    with open(tmp_path / "v0.bin", "wb") as f:  # llama2.c's legacy layout, shared classifier
-        f.write(struct.pack("<7i", 16, 32, 1, 2, 2, 32000, 32))
-        for name in ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]:
-            f.write(t[name].astype("<f4").tobytes())
-        f.write(np.zeros(32 * 8, "<f4").tobytes())  # freq_cis tables
+    write_llama2c(tmp_path / "v0.bin", cfg, random_tensors(cfg, 0), version=0)  # legacy layout, shared classifier
     legacy = kvc.Model(tmp_path / "v0.bin", tokenizer=tmp_path / "tokenizer.bin")
     for s in CORPUS:
         assert legacy.encode(s, bos=False) == sp.encode(s), s

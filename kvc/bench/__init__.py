@@ -1,0 +1,29 @@
+"""`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, and how close Q8_0 stays to f32.
+
+For each weight type (f32, q8_0) and thread count (1, 2) a fresh subprocess measures prefill tok/s
+for 128- and 512-token prompts, greedy decode tok/s over 256 tokens, ms per decoded token as the
+position grows to 2,048, and its own peak RSS (the peak only grows within a process, so each
+configuration gets its own). Decode reads every weight once per token, so tok/s times the bytes
+read per token is an effective memory bandwidth, set beside a read bandwidth the bench measures
+itself. The f32 and Q8_0 models' logits on a fixed English text give Q8_0's quality. If
+llama-cpp-python is importable, llama.cpp is measured the same way on GGUFs of the same precisions.
+
+The modules, one job each:
+
+- `__main__`: the command line (and the hidden child mode that measures one configuration);
+- `suite`: the whole run: roofline, every configuration in a child process, quality, llama.cpp;
+- `child`: runs one configuration in a child process and reads back its JSON line;
+- `files`: where the models, the source GGUF and the outputs are;
+- `workload`: what is measured: the sizes and the fixed text;
+- `timing`: engine-neutral timing loops and the records they produce;
+- `kvc_run`: every measurement of one kvc configuration (kvc.Model's public API);
+- `llama`: the same with llama.cpp (llama-cpp-python), and its GGUFs;
+- `traffic`: bytes a decode step reads; `bandwidth`: the measured read bandwidth (roofline);
+- `rss`: this process's resident memory;
+- `logit_quality`: top-1 agreement, KL and perplexity of two models' logits;
+- `machine`: what the machine is and how busy it is;
+- `tables` and `plot`: the markdown tables and the PNG.
+"""
+from .logit_quality import quality  # kvc.bench.quality: what tests/test_quantized.py checks on SmolLM2
+
+__all__ = ["quality"]

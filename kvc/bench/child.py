@@ -1,0 +1,51 @@
+"""One configuration in a child process: `python -m kvc.bench --one MODEL THREADS` (or --one-llama),
+which prints one JSON line. A fresh process per configuration keeps each peak RSS its own (a
+process's peak only grows); thread counts alone would not need it (each model has its own)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from .files import ROOT
+from .machine import cpu_busy_seconds, usable_cores
+from .workload import Sizes
+
+
+def size_args(sizes: Sizes) -> list[str]:
+    """The command-line options that give a child these sizes."""
+    return ["--prefill", ",".join(map(str, sizes.prefill)), "--decode", str(sizes.decode),
+            "--positions", ",".join(map(str, sizes.positions)), "--steps", str(sizes.steps),
+            "--repeats", str(sizes.repeats)]
+
+
+def run_child(engine: str, path: str | os.PathLike, threads: int, sizes: Sizes, timeout: float) -> dict:
+    """Measure one configuration (engine "kvc" or "llama.cpp") in a child process; its JSON record.
+
+    A failure is a record with "error". Adds other_cpu_pct: the share of the machine's CPU time that
+    something other than the child used while it ran (other processes, or the hypervisor's steal):
+    its numbers are skewed when high.
+    """
+    flag = {"kvc": "--one", "llama.cpp": "--one-llama"}[engine]
+    cmd = [sys.executable, "-m", "kvc.bench", flag, os.fspath(path), str(threads)] + size_args(sizes)
+    # numpy's OpenBLAS threads would otherwise spin beside kvc's OpenMP threads in the child
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OPENBLAS_NUM_THREADS="1")
+    busy0, ru0, t0 = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall, busy1, ru1 = time.perf_counter() - t0, cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' / '.join(tail)}"}
+    res = json.loads(lines[-1])
+    if busy0 is not None and busy1 is not None:
+        own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        res["other_cpu_pct"] = max(0.0, 100 * (busy1 - busy0 - own) / (wall * usable_cores()))
+    return res

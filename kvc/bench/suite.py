@@ -1,0 +1,97 @@
+"""The whole bench: the read-bandwidth roofline, every kvc configuration in a child process, Q8_0's
+quality against f32, and llama.cpp when it is installed; one results dict (results.json)."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bandwidth import measure_bandwidth
+from .child import run_child
+from .files import find_gguf
+from .llama import have_llama_cpp, llama_gguf
+from .logit_quality import quality
+from .machine import machine_info, wait_for_quiet
+from .workload import BANDWIDTH_BYTES, Sizes
+
+
+@dataclass
+class Plan:
+    """What to run: the kvc model of each dtype, thread counts, sizes, and how."""
+
+    models: dict[str, Path]  # dtype -> kvc model file
+    threads: list[int]
+    sizes: Sizes
+    mode: str  # "full" or "quick" (names the sizes and the bandwidth array size)
+    gguf: Path | None = None  # llama.cpp's source GGUF (None: find_gguf())
+    llama: bool = True  # measure llama.cpp if llama-cpp-python is installed
+    wait_idle: float = 0  # seconds to wait for a quiet CPU before each configuration
+    timeout: float = 1200  # seconds allowed per configuration
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _settle(plan: Plan) -> None:
+    if plan.wait_idle:
+        wait_for_quiet(plan.wait_idle)
+
+
+def _llama_runs(plan: Plan, runs: list[dict]) -> str:
+    """llama.cpp on GGUFs of the plan's dtypes, appended to runs; the line results.json keeps about it."""
+    if not plan.llama:
+        return "skipped (--no-llama)"
+    if not have_llama_cpp():
+        return "skipped (llama-cpp-python is not installed)"
+    try:
+        src = plan.gguf or find_gguf()
+    except FileNotFoundError as e:
+        return f"skipped ({e})"
+    notes = []
+    for d in plan.models:
+        try:
+            g = llama_gguf(src, d)
+        except Exception as e:
+            notes.append(f"{d}: {type(e).__name__}: {e}")
+            continue
+        for t in plan.threads:
+            _settle(plan)
+            _say(f"llama.cpp {d}, {t} thread(s)...")
+            res = run_child("llama.cpp", g, t, plan.sizes, plan.timeout)
+            res.update(engine="llama.cpp", dtype=d, threads=t)
+            runs.append(res)
+    return "; ".join(notes) or f"measured on GGUFs requantized from {src.name}"
+
+
+def run_bench(plan: Plan) -> dict:
+    """Every measurement of the plan, with the machine's description: what results.json holds."""
+    results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes), "roofline": {}, "runs": []}
+    t0 = time.perf_counter()
+    load = results["machine"]["load_avg_before"][0]
+    if load > 0.5:
+        _say(f"warning: load average {load} — other work on this machine will skew the numbers")
+    for t in plan.threads:
+        _settle(plan)
+        bw = measure_bandwidth(t, BANDWIDTH_BYTES[plan.mode])
+        results["roofline"][str(t)] = bw
+        _say(f"read bandwidth, {t} thread(s): {bw['gb_s']:.1f} GB/s ({bw['kernel']})")
+    for d, path in plan.models.items():
+        for t in plan.threads:
+            _settle(plan)
+            _say(f"kvc {d}, {t} thread(s)...")
+            res = run_child("kvc", path, t, plan.sizes, plan.timeout)
+            res.setdefault("engine", "kvc")
+            res.setdefault("dtype", d)
+            res.setdefault("threads", t)
+            results["runs"].append(res)
+    if "f32" in plan.models and "q8_0" in plan.models:
+        _say("q8_0 quality...")
+        try:
+            results["quality"] = quality(plan.models["f32"], plan.models["q8_0"])
+        except Exception as e:  # report it with the rest rather than lose the timings
+            results["quality"] = {"error": f"{type(e).__name__}: {e}"}
+    results["llama_cpp"] = _llama_runs(plan, results["runs"])
+    results["seconds"] = time.perf_counter() - t0
+    return results

@@ -1,0 +1,61 @@
+"""What the bench measures: the sizes of one configuration's runs and the fixed text it feeds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Fixed English text for the quality check and as prompt material (cycled when a prompt is longer).
+# Written for this bench; about 400 SmolLM2 tokens.
+FIXED_TEXT = """\
+The lighthouse at the end of the harbour was built in the spring of a very dry year, when the \
+river had fallen so low that the barges could not reach the town. The stone came instead by cart \
+from a quarry in the hills, and every load was checked by the master mason, a careful man who \
+measured each block twice before he let it be lifted into place. He believed that a tower was only \
+as straight as its worst stone, and he told the apprentices so every morning.
+
+The lamp itself arrived in the autumn. It was packed in straw inside three wooden crates, and the \
+glass prisms were wrapped one by one in cloth. When the keeper opened the last crate he found a \
+short letter from the workshop that had ground the lenses. It explained how to clean the glass with \
+soft cotton and a little vinegar, how to trim the wick so that the flame would not smoke, and why \
+the clockwork that turned the lens had to be wound every four hours through the night.
+
+For the first winter the keeper kept a notebook. He wrote down the weather at dusk and at dawn, the \
+ships he saw passing, and the number of times the clockwork had to be wound. Most nights were quiet. \
+On a few, the fog rolled in so thickly that the beam seemed to stop a short distance from the glass, \
+and he rang the bell by hand until his arms ached. In the spring he counted the entries and found \
+that the light had not failed once, although the oil had frozen twice and a gull had broken a pane.
+
+Years later, when the town replaced the lamp with an electric one, the notebook was found in a \
+drawer of the keeper's desk. The museum now keeps it in a glass case next to one of the old prisms, \
+and children who visit are asked to guess how many hours of winding it took to keep one ship safe.
+"""
+
+
+@dataclass
+class Sizes:
+    """What one configuration measures: prompt lengths, decode length, cache positions, repeats."""
+
+    prefill: list[int] = field(default_factory=lambda: [128, 512])
+    decode: int = 256
+    positions: list[int] = field(default_factory=lambda: [0, 256, 512, 1024, 2048])
+    steps: int = 16  # decode steps timed at each position
+    repeats: int = 2  # prefill runs per length (best kept)
+    prompt: int = 32  # prompt before the decode run
+
+    @property
+    def seq_len(self) -> int:
+        """The context to open the model with: room for every measurement, and no more."""
+        return max(max(self.prefill, default=1), self.prompt + self.decode,
+                   max(self.positions, default=0) + self.steps) + 8
+
+
+FULL = Sizes()
+QUICK = Sizes(prefill=[32, 128], decode=32, positions=[0, 128, 256, 512], steps=8, repeats=1, prompt=16)
+BANDWIDTH_BYTES = {"full": 1 << 30, "quick": 256 << 20}  # array size of the read-bandwidth measurement
+
+
+def cycle_tokens(first: list[int], rest: list[int], n: int) -> list[int]:
+    """n tokens: first (the text with BOS), then rest (the text without) as often as needed."""
+    out = list(first)
+    while len(out) < n:
+        out.extend(rest)
+    return out[:n]
