@@ -18,7 +18,7 @@ from kvc.format import (
     USER_DEFINED, Config, Tokenizer,
 )
 
-from .common import ExportError, Model, check_shape, empty_tensors, positive_int, progress_bar
+from .common import ExportError, SourceModel, check_shape, empty_tensors, positive_int, progress_bar
 from .tokenizers import LLAMA3_REGEX, PRETOKENIZERS, byte_level_decode
 
 GGUF_MAGIC = b"GGUF"
@@ -128,7 +128,7 @@ def read_tokenizer(meta: _Meta) -> Tokenizer:
     raise ExportError(f"unsupported GGUF tokenizer model {kind!r}")
 
 
-def read_gguf(path: Path, with_tokenizer: bool = True) -> Model:
+def read_gguf(path: Path, with_tokenizer: bool = True) -> SourceModel:
     """Read a llama-architecture GGUF file, dequantizing every tensor to float32."""
     reader = _open(path)
     meta = _Meta(reader)
@@ -181,7 +181,7 @@ def read_gguf(path: Path, with_tokenizer: bool = True) -> Model:
                 t[name][layer] = a
             bar.update()
     tok = read_tokenizer(meta) if with_tokenizer and tokens is not None else None
-    return Model(c, t, tok, jinja=meta.get("tokenizer.chat_template"))
+    return SourceModel(c, t, tok, jinja=meta.get("tokenizer.chat_template"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kvc.format import MAGIC, FormatError, read_llama2c_header, read_model
 
-from .common import ExportError, Model
+from .common import ExportError, SourceModel
 
 
 def is_kvc_file(path: Path) -> bool:
@@ -24,7 +24,7 @@ def _expected_size(data: bytes) -> int:
     return size
 
 
-def read_llama2c(path: Path) -> Model:
+def read_llama2c(path: Path) -> SourceModel:
     """Read a llama2.c checkpoint (bos 1, eos 2, theta 10000, eps 1e-5; tokenizer comes separately),
     or a kvc file with its tokenizer and chat template."""
     if is_kvc_file(path):
@@ -32,7 +32,7 @@ def read_llama2c(path: Path) -> Model:
             ck = read_model(path)
         except (FormatError, ValueError, struct.error) as e:
             raise ExportError(f"{path}: invalid kvc file ({e})") from None
-        return Model(ck.config, dict(ck.tensors), ck.tokenizer, ck.template, ck.template.jinja or None)
+        return SourceModel(ck.config, dict(ck.tensors), ck.tokenizer, ck.template, ck.template.jinja or None)
     data = path.read_bytes()
     want = _expected_size(data)
     if len(data) != want:
@@ -41,4 +41,4 @@ def read_llama2c(path: Path) -> Model:
         ck = read_model(path)
     except (FormatError, ValueError, struct.error) as e:
         raise ExportError(f"{path}: invalid llama2.c checkpoint ({e})") from None
-    return Model(ck.config, dict(ck.tensors), None)
+    return SourceModel(ck.config, dict(ck.tensors), None)
