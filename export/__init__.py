@@ -1,5 +1,5 @@
 """Checkpoint export: Hugging Face, Meta, GGUF and llama2.c models -> one kvc .bin file."""
-from .common import ExportError, Model
+from .common import ExportError, SourceModel
 from .convert import export_model, load_source
 
-__all__ = ["ExportError", "Model", "export_model", "load_source"]
+__all__ = ["ExportError", "SourceModel", "export_model", "load_source"]

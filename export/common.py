@@ -14,8 +14,9 @@ class ExportError(Exception):
 
 
 @dataclass
-class Model:
-    """A model read from some source, ready for kvc.format.write_model.
+class SourceModel:
+    """A model as read from a source (HF, Meta, GGUF, llama2.c or kvc file), ready for
+    kvc.format.write_model; not the engine's kvc.Model, which runs a written file.
 
     `tensors` holds float32 arrays named and shaped as kvc.format.tensor_shapes(config);
     `tokenizer` is None when the source carries none (then --tokenizer is required);

@@ -7,7 +7,7 @@ from pathlib import Path
 from kvc.format import WEIGHT_TYPES, Config, write_model
 
 from .chat import detect_template, token_text
-from .common import ExportError, Model, progress_bar
+from .common import ExportError, SourceModel, progress_bar
 from .gguf import is_gguf, read_gguf
 from .hf import is_hf_folder, read_hf
 from .llama2c import read_llama2c
@@ -31,8 +31,8 @@ def source_kind(src: Path) -> str:
 
 
 def load_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                seq_len: int | None = None) -> Model:
-    """Read any supported source into a Model with its tokenizer and chat template resolved.
+                seq_len: int | None = None) -> SourceModel:
+    """Read any supported source into a SourceModel with its tokenizer and chat template resolved.
 
     `tokenizer` (a sentencepiece .model, llama2.c tokenizer.bin or HF tokenizer.json) replaces
     the source's own; `seq_len` overrides the context length.

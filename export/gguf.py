@@ -14,11 +14,11 @@ import numpy as np
 from kvc.format import (
     CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_IGNORE_MERGES,
     FLAG_REMOVE_EXTRA_WHITESPACES,
-    NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE, UNKNOWN,
+    NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_NONE, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE, UNKNOWN,
     USER_DEFINED, Config, Tokenizer,
 )
 
-from .common import ExportError, Model, check_shape, empty_tensors, positive_int, progress_bar
+from .common import ExportError, SourceModel, check_shape, empty_tensors, positive_int, progress_bar
 from .tokenizers import LLAMA3_REGEX, PRETOKENIZERS, byte_level_decode
 
 GGUF_MAGIC = b"GGUF"
@@ -83,6 +83,17 @@ def _tensor(t) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).reshape(shape)
 
 
+def _bos_flag(meta: _Meta, kind: str, pretokenizer: int = PRETOK_NONE) -> int:
+    """FLAG_ADD_BOS per tokenizer.ggml.add_bos_token, or llama.cpp's default when the key is absent.
+
+    llama.cpp (src/llama-vocab.cpp, llama_vocab::impl::load) starts from add_bos = false, sets it
+    for the sentencepiece model ("llama") and, among byte-level BPE pre-tokenizers, for the Llama 3
+    family ("llama3", "llama-bpe", ...: LLAMA_VOCAB_PRE_TYPE_LLAMA3); the key then overrides it.
+    """
+    default = kind == "llama" or pretokenizer == PRETOK_LLAMA3
+    return FLAG_ADD_BOS if meta.get("tokenizer.ggml.add_bos_token", default) else 0
+
+
 def read_tokenizer(meta: _Meta) -> Tokenizer:
     """The kvc Tokenizer from GGUF metadata (tokenizer.ggml.*)."""
     kind = meta.need("tokenizer.ggml.model")
@@ -92,12 +103,11 @@ def read_tokenizer(meta: _Meta) -> Tokenizer:
     if len(types) != n:
         raise ExportError(f"GGUF token_type has {len(types)} entries for {n} tokens")
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    # llama.cpp's defaults when the key is absent: sentencepiece adds BOS, byte-level BPE does not
-    bos_flag = FLAG_ADD_BOS if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") else 0
     if kind == "gpt2":
         pre_name = meta.get("tokenizer.ggml.pre", "gpt2")
         if pre_name not in PRETOKENIZERS:
             raise ExportError(f"unsupported GGUF pre-tokenizer {pre_name!r}")
+        pretok = PRETOKENIZERS[pre_name]
         pieces = [
             tok.encode("utf-8") if types[i] in (CONTROL, USER_DEFINED) else byte_level_decode(tok)
             for i, tok in enumerate(tokens)
@@ -111,14 +121,14 @@ def read_tokenizer(meta: _Meta) -> Tokenizer:
             merges.append((index[a], index[b]))
         unk_id = int(unk) if unk is not None and types[int(unk)] == UNKNOWN else -1
         # llama.cpp's rule: the Llama 3 pre-tokenizer comes with ignore_merges, as in its tokenizer.json
-        flags = bos_flag | (FLAG_IGNORE_MERGES if PRETOKENIZERS[pre_name] == PRETOK_LLAMA3 else 0)
-        return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, flags, PRETOKENIZERS[pre_name], unk_id, merges)
+        flags = _bos_flag(meta, kind, pretok) | (FLAG_IGNORE_MERGES if pretok == PRETOK_LLAMA3 else 0)
+        return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, flags, pretok, unk_id, merges)
     if kind == "llama":
         scores = [float(s) for s in meta.need("tokenizer.ggml.scores")]
         if len(scores) != n:
             raise ExportError(f"GGUF scores has {len(scores)} entries for {n} tokens")
-        flags = FLAG_BYTE_FALLBACK | bos_flag
-        if meta.get("tokenizer.ggml.add_space_prefix", True):
+        flags = FLAG_BYTE_FALLBACK | _bos_flag(meta, kind)
+        if meta.get("tokenizer.ggml.add_space_prefix", True):  # llama.cpp's default for sentencepiece
             flags |= FLAG_ADD_DUMMY_PREFIX
         if meta.get("tokenizer.ggml.remove_extra_whitespaces", False):
             flags |= FLAG_REMOVE_EXTRA_WHITESPACES
@@ -128,7 +138,7 @@ def read_tokenizer(meta: _Meta) -> Tokenizer:
     raise ExportError(f"unsupported GGUF tokenizer model {kind!r}")
 
 
-def read_gguf(path: Path, with_tokenizer: bool = True) -> Model:
+def read_gguf(path: Path, with_tokenizer: bool = True) -> SourceModel:
     """Read a llama-architecture GGUF file, dequantizing every tensor to float32."""
     reader = _open(path)
     meta = _Meta(reader)
@@ -181,7 +191,7 @@ def read_gguf(path: Path, with_tokenizer: bool = True) -> Model:
                 t[name][layer] = a
             bar.update()
     tok = read_tokenizer(meta) if with_tokenizer and tokens is not None else None
-    return Model(c, t, tok, jinja=meta.get("tokenizer.chat_template"))
+    return SourceModel(c, t, tok, jinja=meta.get("tokenizer.chat_template"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from kvc.format import Config
 
-from .common import ExportError, Model, check_shape, empty_tensors, permute_hf_rope, positive_int, progress_bar
+from .common import ExportError, SourceModel, check_shape, empty_tensors, permute_hf_rope, positive_int, progress_bar
 from .tokenizers import read_hf_tokenizer_json, read_sentencepiece
 
 ARCHITECTURES = {"LlamaForCausalLM", "LLaMAForCausalLM"}
@@ -141,7 +141,7 @@ class _Weights:
         return t.float().numpy()
 
 
-def read_hf(folder: Path, with_tokenizer: bool = True) -> Model:
+def read_hf(folder: Path, with_tokenizer: bool = True) -> SourceModel:
     """Read a Hugging Face Llama folder; q/k rows are permuted to the interleaved RoPE layout.
 
     The folder's tokenizer.model or tokenizer.json is read unless `with_tokenizer` is False.
@@ -185,7 +185,7 @@ def read_hf(folder: Path, with_tokenizer: bool = True) -> Model:
                 t[name][layer] = a
                 bar.update()
     tok = _folder_tokenizer(folder) if with_tokenizer else None
-    return Model(c, t, tok, jinja=_chat_template(folder))
+    return SourceModel(c, t, tok, jinja=_chat_template(folder))
 
 
 def _folder_tokenizer(folder: Path):

@@ -8,7 +8,7 @@ import numpy as np
 
 from kvc.format import Config
 
-from .common import ExportError, Model, check_shape, empty_tensors, positive_int, progress_bar
+from .common import ExportError, SourceModel, check_shape, empty_tensors, positive_int, progress_bar
 from .tokenizers import read_sentencepiece
 
 DEFAULT_SEQ_LEN = 2048  # params.json rarely says; override with --seq-len
@@ -77,7 +77,7 @@ def _gather(shards: list[dict], name: str, axis: int | None) -> np.ndarray:
         raise ExportError(f"tensor {name}: shards have incompatible shapes {[p.shape for p in parts]}") from None
 
 
-def read_meta(folder: Path, with_tokenizer: bool = True) -> Model:
+def read_meta(folder: Path, with_tokenizer: bool = True) -> SourceModel:
     """Read a Meta Llama folder. Its q/k rows are already in the interleaved RoPE layout.
 
     The tokenizer is tokenizer.model in the folder or its parent unless `with_tokenizer` is False.
@@ -136,4 +136,4 @@ def read_meta(folder: Path, with_tokenizer: bool = True) -> Model:
             if f.is_file():
                 tok = read_sentencepiece(f)
                 break
-    return Model(c, t, tok)
+    return SourceModel(c, t, tok)

@@ -1,17 +1,18 @@
 """kvc's checkpoint file: the one place in Python that knows its bytes.
 
 A kvc file is a 256-byte little-endian header, then three sections, each starting on a 64-byte
-boundary: the tokenizer, the chat template and the weights. README.md documents the layout byte
-by byte; `write_model` and `read_model` below are its executable definition, and run.c's loader
-reads exactly this. llama2.c's v0/v1/v2 checkpoints and its tokenizer.bin are read here too, so
-the torch reference can load every file the C engine loads.
+boundary: the tokenizer, the chat template and the weights. HEADER_FIELDS below defines the header
+(run.c's KvcHeader, README.md's table and kvc/_lib.py's Config are tested against it); `write_model`
+and `read_model` are the sections' executable definition, and run.c's loader reads exactly this.
+llama2.c's v0/v1/v2 checkpoints and its tokenizer.bin are read here too (`read_llama2c_header` is
+the one parser of their headers), so the torch reference can load every file the C engine loads.
 """
 from __future__ import annotations
 
 import os
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,25 +53,56 @@ CHAT_CHATML = 1
 CHAT_LLAMA2 = 2
 CHAT_LLAMA3 = 3
 
-# header: magic, version, 8 int32 dims, theta, eps, 5 int32, reserved, 3 x (offset, size)
-HEADER = struct.Struct("<4sI8iff5ii6Q")
-assert HEADER.size == 120
+# The header, in file order: (field, struct code). This list is the layout's one definition:
+# HEADER is built from it, and tests/test_format_layout.py checks run.c's KvcHeader, kvc/_lib.py's
+# Config and README's table against it. Field names are KvcHeader's members: `config.*` is run.c's
+# Config, whose fields are format.Config's, in the same order.
+HEADER_FIELDS: list[tuple[str, str]] = [
+    ("magic", "4s"),
+    ("version", "I"),
+    ("config.dim", "i"),
+    ("config.hidden_dim", "i"),
+    ("config.n_layers", "i"),
+    ("config.n_heads", "i"),
+    ("config.n_kv_heads", "i"),
+    ("config.head_dim", "i"),
+    ("config.vocab_size", "i"),
+    ("config.seq_len", "i"),
+    ("config.rope_theta", "f"),
+    ("config.norm_eps", "f"),
+    ("config.shared_classifier", "i"),
+    ("config.weight_type", "i"),
+    ("config.group_size", "i"),
+    ("config.bos_id", "i"),
+    ("config.eos_id", "i"),
+    ("reserved", "i"),
+    ("tokenizer.offset", "Q"),
+    ("tokenizer.size", "Q"),
+    ("chat.offset", "Q"),
+    ("chat.size", "Q"),
+    ("weights.offset", "Q"),
+    ("weights.size", "Q"),
+]
+HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+CONFIG_FIELDS = [name.removeprefix("config.") for name, _ in HEADER_FIELDS if name.startswith("config.")]
+SECTIONS = ("tokenizer", "chat", "weights")  # in file order
+assert HEADER.size <= HEADER_BYTES
 
 TOKENIZER_HEADER = struct.Struct("<8I")  # kind, n_tokens, flags, pretokenizer, unk+1, n_merges, 0, 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
-    """Hyperparameters of a Llama model, as stored in the header."""
+    """Hyperparameters of a Llama model: the header's `config.*` fields, in their order."""
 
     dim: int
     hidden_dim: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    head_dim: int = 0  # 0: dim // n_heads
     vocab_size: int
     seq_len: int
-    head_dim: int = 0  # 0: dim // n_heads
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     shared_classifier: bool = True
@@ -82,6 +114,7 @@ class Config:
     def __post_init__(self) -> None:
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
+        self.shared_classifier = bool(self.shared_classifier)
 
     @property
     def kv_dim(self) -> int:
@@ -90,6 +123,9 @@ class Config:
     @property
     def q_dim(self) -> int:
         return self.n_heads * self.head_dim
+
+
+assert [f.name for f in fields(Config)] == CONFIG_FIELDS, "Config's fields must be the header's, in its order"
 
 
 @dataclass
@@ -149,12 +185,13 @@ def is_norm(name: str) -> bool:
     return name.startswith("rms_")
 
 
+def is_quantized(c: Config, name: str) -> bool:
+    """Whether tensor `name` is stored as int8 values + scales (q8_0 matrices; norms stay float32)."""
+    return c.weight_type == Q8_0 and not is_norm(name)
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
-
-
-def _pad(buf: bytearray) -> None:
-    buf.extend(b"\0" * (-len(buf) % ALIGN))
 
 
 def quantize_q8_0(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +278,7 @@ def write_model(
             f.write(b"\0" * (w_off - f.tell()))
             for name, shape in tensor_shapes(config):
                 arr = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))
-                if config.weight_type == Q8_0 and not is_norm(name):
+                if is_quantized(config, name):
                     q, s = quantize_q8_0(arr, config.group_size)
                     _write_aligned(f, q.tobytes())
                     _write_aligned(f, s.astype("<f4").tobytes())
@@ -251,22 +288,26 @@ def write_model(
                     progress(name)
             w_size = f.tell() - w_off
             f.seek(0)
-            f.write(
-                HEADER.pack(
-                    MAGIC, VERSION,
-                    config.dim, config.hidden_dim, config.n_layers, config.n_heads,
-                    config.n_kv_heads, config.head_dim, config.vocab_size, config.seq_len,
-                    config.rope_theta, config.norm_eps,
-                    int(config.shared_classifier), config.weight_type, config.group_size,
-                    config.bos_id, config.eos_id, 0,
-                    tok_off, len(tok_bytes), tmpl_off, len(tmpl_bytes), w_off, w_size,
-                )
-            )
+            f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)]))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def pack_header(config: Config, sections: list[tuple[int, int]]) -> bytes:
+    """The header's HEADER.size bytes: `config`, and (offset, size) for each of SECTIONS."""
+    values = {"magic": MAGIC, "version": VERSION, "reserved": 0}
+    values.update((f"config.{name}", getattr(config, name)) for name in CONFIG_FIELDS)
+    for name, (offset, size) in zip(SECTIONS, sections, strict=True):
+        values[f"{name}.offset"], values[f"{name}.size"] = offset, size
+    return HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
+
+
+def unpack_header(data) -> dict:
+    """The header at the start of `data` as {field: value}, fields named as in HEADER_FIELDS."""
+    return dict(zip((name for name, _ in HEADER_FIELDS), HEADER.unpack_from(data, 0)))
 
 
 def _write_aligned(f, data: bytes) -> None:
@@ -302,32 +343,39 @@ def read_model(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None
 def _read_kvc(data: memoryview) -> Checkpoint:
     if len(data) < HEADER_BYTES:
         raise FormatError("file too short for a kvc header")
-    (_, version, dim, hid, L, nh, nkv, hd, V, T, theta, eps, shared, wtype, gs, bos, eos, _,
-     tok_off, tok_size, tmpl_off, tmpl_size, w_off, w_size) = HEADER.unpack_from(data, 0)
-    if version != VERSION:
-        raise FormatError(f"unsupported kvc version {version}")
-    cfg = Config(dim, hid, L, nh, nkv, V, T, hd, theta, eps, bool(shared), wtype, gs, bos, eos)
-    for off, size in ((tok_off, tok_size), (tmpl_off, tmpl_size), (w_off, w_size)):
+    h = unpack_header(data)
+    if h["version"] != VERSION:
+        raise FormatError(f"unsupported kvc version {h['version']}")
+    cfg = Config(**{name: h[f"config.{name}"] for name in CONFIG_FIELDS})
+    sections = {}
+    for name in SECTIONS:
+        off, size = h[f"{name}.offset"], h[f"{name}.size"]
         if off + size > len(data):
             raise FormatError("section extends past the end of the file")
-    tok = _decode_tokenizer(data[tok_off:tok_off + tok_size])
-    tmpl = _decode_template(data[tmpl_off:tmpl_off + tmpl_size])
+        sections[name] = data[off:off + size]
+    tok = _decode_tokenizer(sections["tokenizer"])
+    tmpl = _decode_template(sections["chat"])
     tensors = {}
-    off = w_off
+    off = h["weights.offset"]
     for name, shape in tensor_shapes(cfg):
         n = int(np.prod(shape))
         off += -off % ALIGN
-        if wtype == Q8_0 and not is_norm(name):
-            q = np.frombuffer(data, np.int8, n, off).astype(np.float32)
-            off += n
-            off += -off % ALIGN
-            s = np.frombuffer(data, "<f4", n // gs, off)
-            off += 4 * (n // gs)
-            tensors[name] = (q.reshape(-1, gs) * s[:, None]).reshape(shape)
+        if is_quantized(cfg, name):  # int8 values, then the scales on the next 64-byte boundary
+            scales = off + n + (-(off + n) % ALIGN)
+            tensors[name] = _dequantize(data, off, scales, shape, cfg.group_size)
+            off = scales + 4 * (n // cfg.group_size)
         else:
             tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shape)
             off += 4 * n
     return Checkpoint(cfg, tensors, tok, tmpl)
+
+
+def _dequantize(data, values: int, scales: int, shape: tuple[int, ...], group_size: int) -> np.ndarray:
+    """A q8_0 tensor as float32: int8 values at offset `values`, one float32 scale per group at `scales`."""
+    n = int(np.prod(shape))
+    q = np.frombuffer(data, np.int8, n, values).astype(np.float32)
+    s = np.frombuffer(data, "<f4", n // group_size, scales)
+    return (q.reshape(-1, group_size) * s[:, None]).reshape(shape)
 
 
 def _decode_tokenizer(buf: memoryview) -> Tokenizer:
@@ -354,47 +402,86 @@ def _decode_template(buf: memoryview) -> ChatTemplate:
     return ChatTemplate(style, eot, system, jinja)
 
 
-LLAMA2C_MAGIC = 0x616B3432
+LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's v1/v2 files
+LLAMA2C_HEADER_BYTES = 256  # v1/v2
+LLAMA2C_LEGACY_HEADER_BYTES = 28  # v0: 7 int32
+
+
+# tensor order in llama2.c files; the classifier follows when unshared (v0: after the freq_cis tables)
+LLAMA2C_V0_ORDER = ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]
+LLAMA2C_V1_ORDER = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+@dataclass
+class Llama2cHeader:
+    """What a llama2.c checkpoint's header says, checked to describe a loadable model."""
+
+    config: Config  # llama2.c's fixed theta 1e4, eps 1e-5, bos 1, eos 2; v2: Q8_0 and its group size
+    version: int  # 0 legacy (fp32, embeddings first), 1 fp32 (norms first), 2 int8 groups (norms first)
+    size: int  # header bytes before the first tensor
+
+    def layout(self) -> tuple[list[tuple[str, tuple[int, ...], int]], int]:
+        """(name, shape, offset) of each tensor in file order, and the file size they add up to."""
+        c = self.config
+        shapes = dict(tensor_shapes(c))
+        names = LLAMA2C_V0_ORDER + ["freq_cis"] if self.version == 0 else LLAMA2C_V1_ORDER
+        if not c.shared_classifier:
+            names = names + ["wcls"]
+        tensors, off = [], self.size
+        for name in names:
+            if name == "freq_cis":  # v0's two unused RoPE tables, (seq_len, head_dim / 2) each
+                off += 4 * c.seq_len * c.head_dim
+                continue
+            tensors.append((name, shapes[name], off))
+            n = int(np.prod(shapes[name]))
+            off += n + 4 * (n // c.group_size) if is_quantized(c, name) else 4 * n  # no padding
+        return tensors, off
+
+
+def read_llama2c_header(data: bytes | memoryview) -> Llama2cHeader:
+    """Parse llama2.c's v0 header (7 int32; a negative vocab means an unshared classifier) or its
+    v1/v2 one (magic "ak42", version, 7 int32, uint8 shared classifier, v2: int32 group size).
+
+    FormatError for a short file, an unknown version or dims that describe no model.
+    """
+    if len(data) >= 8 and struct.unpack_from("<I", data, 0)[0] == LLAMA2C_MAGIC:
+        version = struct.unpack_from("<i", data, 4)[0]
+        if version not in (1, 2):
+            raise FormatError(f"unsupported llama2.c version {version}")
+        if len(data) < LLAMA2C_HEADER_BYTES:
+            raise FormatError("file too short for a llama2.c checkpoint")
+        dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 8)
+        shared = data[36] != 0
+        gs = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
+        size = LLAMA2C_HEADER_BYTES
+    else:
+        if len(data) < LLAMA2C_LEGACY_HEADER_BYTES:
+            raise FormatError("file too short for a llama2.c checkpoint")
+        dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 0)
+        version, shared, gs, size = 0, V > 0, 0, LLAMA2C_LEGACY_HEADER_BYTES
+        V = abs(V)
+    if min(dim, hid, L, nh, nkv, V, T) <= 0 or dim % nh or nh % nkv or (dim // nh) % 2:
+        raise FormatError(f"not a llama2.c checkpoint (header dim={dim} hidden={hid} layers={L} "
+                          f"heads={nh} kv_heads={nkv} vocab={V} seq_len={T})")
+    if version == 2 and (gs <= 0 or dim % gs or hid % gs):
+        raise FormatError(f"llama2.c v2 checkpoint has invalid group size {gs}")
+    config = Config(dim=dim, hidden_dim=hid, n_layers=L, n_heads=nh, n_kv_heads=nkv, vocab_size=V, seq_len=T,
+                    rope_theta=10000.0, norm_eps=1e-5, shared_classifier=shared,
+                    weight_type=Q8_0 if version == 2 else F32, group_size=gs, bos_id=1, eos_id=2)
+    return Llama2cHeader(config, version, size)
 
 
 def _read_llama2c(data: memoryview) -> Checkpoint:
     """llama2.c v0 (legacy, 28-byte header) and v1/v2 (256-byte header, magic "ak42")."""
-    if len(data) >= 8 and struct.unpack_from("<I", data, 0)[0] == LLAMA2C_MAGIC:
-        version = struct.unpack_from("<i", data, 4)[0]
-        dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 8)
-        shared = data[36] != 0
-        gs = struct.unpack_from("<i", data, 37)[0] if version == 2 else 0
-        if version not in (1, 2):
-            raise FormatError(f"unsupported llama2.c version {version}")
-        cfg = Config(dim, hid, L, nh, nkv, V, T, shared_classifier=shared)
-        names = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-        if not shared:
-            names.append("wcls")
-        shapes = dict(tensor_shapes(cfg))
-        tensors, off = {}, 256
-        for name in names:
-            n = int(np.prod(shapes[name]))
-            if version == 2 and not is_norm(name):
-                q = np.frombuffer(data, np.int8, n, off).astype(np.float32)
-                s = np.frombuffer(data, "<f4", n // gs, off + n)
-                off += n + 4 * (n // gs)
-                tensors[name] = (q.reshape(-1, gs) * s[:, None]).reshape(shapes[name])
-            else:
-                tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shapes[name])
-                off += 4 * n
-        return Checkpoint(cfg, tensors, None, ChatTemplate())
-    dim, hid, L, nh, nkv, V, T = struct.unpack_from("<7i", data, 0)
-    cfg = Config(dim, hid, L, nh, nkv, abs(V), T, shared_classifier=V > 0)
-    shapes = dict(tensor_shapes(cfg))
-    tensors, off = {}, 28
-    for name in ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]:
-        n = int(np.prod(shapes[name]))
-        tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shapes[name])
-        off += 4 * n
-    off += 4 * T * cfg.head_dim  # the two unused freq_cis tables, (seq_len, head_dim/2) each
-    if not cfg.shared_classifier:
-        tensors["wcls"] = np.frombuffer(data, "<f4", V * -1 * dim, off).reshape(-V, dim)
-    return Checkpoint(cfg, tensors, None, ChatTemplate())
+    h = read_llama2c_header(data)
+    c = h.config
+    tensors = {}
+    for name, shape, off in h.layout()[0]:
+        if is_quantized(c, name):  # llama2.c's scales follow the int8 values without padding
+            tensors[name] = _dequantize(data, off, off + int(np.prod(shape)), shape, c.group_size)
+        else:
+            tensors[name] = np.frombuffer(data, "<f4", int(np.prod(shape)), off).reshape(shape)
+    return Checkpoint(c, tensors, None, ChatTemplate())
 
 
 def llama2c_piece_type(i: int, piece: bytes) -> int:
@@ -420,8 +507,13 @@ def read_tokenizer_bin(path: str | os.PathLike, vocab_size: int | None = None) -
         raise FormatError(f"tokenizer {path} is too short")
     off = 4
     pieces, scores, types = [], [], []
-    while (len(pieces) < vocab_size) if vocab_size is not None else (off < len(data)):
+    while True:
         i = len(pieces)
+        if vocab_size is None:
+            if off >= len(data):
+                break
+        elif i >= vocab_size:
+            break
         if off + 8 > len(data):
             raise FormatError(f"tokenizer {path} ends after {i} of {vocab_size or 'its'} tokens")
         score, ln = struct.unpack_from("<fI", data, off)

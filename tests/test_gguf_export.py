@@ -106,10 +106,11 @@ def small_vocab(kind: str) -> tuple[list[str], list[int], list[str], list[float]
     return tokens, types, [], [0.0] * 259 + [-1.0, -2.0, -3.0]
 
 
-def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", drop: str | None = None,
-                     seed: int = 0) -> tuple[Config, dict[str, np.ndarray]]:
+def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", drop: str | None = None, seed: int = 0,
+                     pre: str = "smollm", add_bos: bool | None = None) -> tuple[Config, dict[str, np.ndarray]]:
     """A random llama GGUF (f32 norms, Q8_0 token_embd, f32 or f16 matrices); returns the tensors it
-    holds, as dequantized float32 in kvc names."""
+    holds, as dequantized float32 in kvc names. `pre` is the gpt2 pre-tokenizer; `add_bos` None
+    leaves tokenizer.ggml.add_bos_token out."""
     tokens, types, merges, scores = small_vocab(kind)
     c = Config(**{**SMALL.__dict__, "vocab_size": len(tokens), "shared_classifier": tied})
     rng = np.random.default_rng(seed)
@@ -130,7 +131,7 @@ def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", 
     w.add_token_list(tokens)
     w.add_token_types(types)
     if kind == "gpt2":
-        w.add_tokenizer_pre("smollm")
+        w.add_tokenizer_pre(pre)
         w.add_token_merges(merges)
         w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
     else:
@@ -138,6 +139,8 @@ def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", 
         w.add_add_space_prefix(True)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
 
     def add(name: str, a: np.ndarray, quant: str) -> np.ndarray:
         if name == drop:
@@ -181,7 +184,7 @@ def test_small_gguf(tmp_path, kind, tied):
     assert d == 0.0
     tok = ck.tokenizer
     if kind == "gpt2":
-        assert tok.flags == 0  # no tokenizer.ggml.add_bos_token: llama.cpp's default for gpt2 is no BOS
+        assert tok.flags == 0  # no tokenizer.ggml.add_bos_token: llama.cpp's default for smollm is no BOS
         assert tok.kind == TOK_BYTE_BPE and tok.pieces[3 + 256:] == [b" t", b"he", b" the"]
         assert tok.merges == [(3 + 32, 3 + ord("t")), (3 + ord("h"), 3 + ord("e")), (259, 260)]
         assert (ck.template.style, ck.template.end_of_turn, ck.template.default_system) == (CHAT_CHATML, 2, "")
@@ -190,6 +193,24 @@ def test_small_gguf(tmp_path, kind, tied):
         assert tok.pieces[-1] == "▁the".encode() and tok.scores[-3:] == [-1.0, -2.0, -3.0]
         assert tok.types[:4] == [2, CONTROL, CONTROL, BYTE] and tok.unk_id == 0
         assert ck.template.style == CHAT_NONE
+
+
+@pytest.mark.parametrize("kind,pre,add_bos,want", [
+    ("gpt2", "smollm", None, False),  # llama.cpp: byte-level BPE adds no BOS by default...
+    ("gpt2", "gpt-2", None, False),
+    ("gpt2", "llama-bpe", None, True),  # ...except the Llama 3 pre-tokenizers (llama-vocab.cpp)
+    ("gpt2", "llama3", None, True),
+    ("gpt2", "llama-bpe", False, False),  # the key, when present, decides
+    ("gpt2", "smollm", True, True),
+    ("llama", "", None, True),  # sentencepiece adds BOS by default
+    ("llama", "", False, False),
+])
+def test_gguf_add_bos_default(tmp_path, kind, pre, add_bos, want):
+    """Without tokenizer.ggml.add_bos_token, kvc adds BOS to prompts exactly when llama.cpp would."""
+    src, out = tmp_path / "m.gguf", tmp_path / "m.bin"
+    write_small_gguf(src, kind, True, pre=pre, add_bos=add_bos)
+    export_model(src, out)
+    assert bool(read_model(out).tokenizer.flags & FLAG_ADD_BOS) == want
 
 
 def _fails(capsys, argv: list[str]) -> str:
