@@ -80,8 +80,6 @@ def write_random_model(path: Path, seed: int = 0, **kw) -> tuple[fmt.Config, dic
 # ----------------------------------------------------------------------------------------------
 # llama2.c checkpoints and tokenizer.bin
 
-LLAMA2C_V0_ORDER = ["tok_embeddings", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final"]
-LLAMA2C_V1_ORDER = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
 def _f32(a) -> bytes:
@@ -95,7 +93,7 @@ def write_llama2c(path: Path, cfg: fmt.Config, t: dict[str, np.ndarray], version
     if version == 0:
         vocab = cfg.vocab_size if cfg.shared_classifier else -cfg.vocab_size
         out = struct.pack("<7i", cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab, cfg.seq_len)
-        out += b"".join(_f32(t[n]) for n in LLAMA2C_V0_ORDER)
+        out += b"".join(_f32(t[n]) for n in fmt.LLAMA2C_V0_ORDER)
         # freq_cis_real + freq_cis_imag: unused, and not zero, so a reader that used them would show
         out += _f32(np.full(cfg.seq_len * cfg.head_dim, 7.0))
         out += b"".join(_f32(t[n]) for n in classifier)
@@ -106,7 +104,7 @@ def write_llama2c(path: Path, cfg: fmt.Config, t: dict[str, np.ndarray], version
     if version == 2:
         head += struct.pack("<i", group_size)
     out = head + bytes(256 - len(head))
-    for n in LLAMA2C_V1_ORDER + classifier:
+    for n in fmt.LLAMA2C_V1_ORDER + classifier:
         if version == 2 and not fmt.is_norm(n):
             q, s = fmt.quantize_q8_0(t[n], group_size)
             out += q.tobytes() + _f32(s)
