@@ -1308,23 +1308,31 @@ static int open_kvc(Model *m) {
     return 0;
 }
 
+// Both llama2.c headers hold 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
+// seq_len) at `dims`; the rest is llama2.c's fixed choice: theta 1e4, eps 1e-5, bos 1, eos 2, fp32,
+// head_dim = dim / n_heads. A negative vocab_size means an unshared classifier in v0 files.
+static int llama2c_config(Config *p, const uint8_t *dims, int shared_classifier, int weight_type, int group_size) {
+    int vocab = read_i32(dims + 20);
+    *p = (Config){read_i32(dims), read_i32(dims + 4), read_i32(dims + 8), read_i32(dims + 12), read_i32(dims + 16), 0,
+                  vocab == INT32_MIN ? 0 : abs(vocab), read_i32(dims + 24), 10000.0f, 1e-5f, shared_classifier,
+                  weight_type, group_size, 1, 2};
+    if (p->n_heads <= 0 || p->dim % p->n_heads)
+        return fail("not a kvc or llama2.c checkpoint (dim %d, n_heads %d)", p->dim, p->n_heads);
+    p->head_dim = p->dim / p->n_heads;
+    return check_config(p);
+}
+
 // llama2.c's v1 (fp32) and v2 (int8, groups) files: a 256-byte header, norms first, no padding.
 static int open_llama2c_versioned(Model *m) {
     const uint8_t *h = m->map;
-    Config *p = &m->config;
     if (m->map_size < LLAMA2C_HEADER_BYTES)
         return fail("checkpoint is truncated: %zu bytes, less than its header", m->map_size);
     int version = read_i32(h + 4);
     if (version != 1 && version != 2) return fail("unsupported llama2.c file version %d", version);
-    *p = (Config){read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), read_i32(h + 20), read_i32(h + 24), 0,
-                  read_i32(h + 28), read_i32(h + 32), 10000.0f, 1e-5f, h[36], WEIGHT_F32, 0, 1, 2};
-    if (version == 2) {
-        p->weight_type = WEIGHT_Q8_0;
-        p->group_size = read_i32(h + 37);
-    }
-    if (p->n_heads <= 0 || p->dim % p->n_heads) return fail("bad header: dim %d is not a multiple of n_heads %d", p->dim, p->n_heads);
-    p->head_dim = p->dim / p->n_heads;
-    if (check_config(p)) return -1;
+    Config *p = &m->config;
+    if (version == 1 ? llama2c_config(p, h + 8, h[36], WEIGHT_F32, 0)
+                     : llama2c_config(p, h + 8, h[36], WEIGHT_Q8_0, read_i32(h + 37)))
+        return -1;
     Cursor c = {m->map, m->map_size, LLAMA2C_HEADER_BYTES, 1, "checkpoint"};
     if (take_weights_norms_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
     if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
@@ -1337,13 +1345,7 @@ static int open_llama2c_legacy(Model *m) {
     Config *p = &m->config;
     if (m->map_size < LLAMA2C_LEGACY_HEADER_BYTES)
         return fail("checkpoint is truncated: %zu bytes, less than a llama2.c header", m->map_size);
-    int vocab = read_i32(h + 20);
-    *p = (Config){read_i32(h), read_i32(h + 4), read_i32(h + 8), read_i32(h + 12), read_i32(h + 16), 0,
-                  vocab == INT32_MIN ? 0 : abs(vocab), read_i32(h + 24), 10000.0f, 1e-5f, vocab > 0, WEIGHT_F32, 0, 1, 2};
-    if (p->n_heads <= 0 || p->dim % p->n_heads)
-        return fail("not a kvc or llama2.c checkpoint (dim %d, n_heads %d)", p->dim, p->n_heads);
-    p->head_dim = p->dim / p->n_heads;
-    if (check_config(p)) return -1;
+    if (llama2c_config(p, h, read_i32(h + 20) > 0, WEIGHT_F32, 0)) return -1;
     Cursor c = {m->map, m->map_size, LLAMA2C_LEGACY_HEADER_BYTES, 1, "checkpoint"};
     if (take_weights_embeddings_first(&c, p, &m->weights)) return -1;
     if (!take(&c, (size_t)p->seq_len * p->head_dim * sizeof(float), "freq_cis")) return -1; // unused RoPE tables
