@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -162,12 +163,15 @@ enum { TOK_SENTENCEPIECE = 1, TOK_BYTE_BPE = 2 };
 enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_SMOLLM = 2, PRETOK_LLAMA3 = 3 };
 enum { FLAG_ADD_DUMMY_PREFIX = 1, FLAG_REMOVE_EXTRA_WHITESPACES = 2, FLAG_BYTE_FALLBACK = 4, FLAG_ADD_BOS = 8,
        FLAG_IGNORE_MERGES = 16 };
+#define KNOWN_TOKENIZER_FLAGS 31u // the FLAG_* bits: a file with others is from a newer kvc
 enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER_DEFINED = 4, PIECE_UNUSED = 5,
        PIECE_BYTE = 6 };
 
 #define MAX_PIECE_BYTES 1024 // the longest token piece a tokenizer may hold
 
 typedef struct { uint64_t key; int rank, result; } Merge; // byte-level BPE: (left, right) -> merged
+
+typedef struct { size_t start, end; } Span; // bytes start..end-1 of a text
 
 typedef struct {
     int kind, n_tokens, flags, pretokenizer, unk_id, bos_id, eos_id;
@@ -256,7 +260,6 @@ static int tokenizer_index(Tokenizer *t) {
     for (int id = 0; id < n; id++) {
         const char *s = t->piece[id];
         int len = t->piece_len[id], type = t->type[id];
-        if (type < PIECE_NORMAL || type > PIECE_BYTE) return fail("tokenizer: token %d has unknown type %d", id, type);
         size_t slot = hash_bytes(s, len) & t->lookup_mask;
         while (t->lookup[slot] >= 0 && !(t->piece_len[t->lookup[slot]] == len && !memcmp(t->piece[t->lookup[slot]], s, len)))
             slot = (slot + 1) & t->lookup_mask;
@@ -870,15 +873,24 @@ static int encode_segment(const Tokenizer *t, const char *text, size_t len, int 
 static size_t encode_capacity(size_t len) { return 3 * len + 8; }
 
 // Text -> token ids in out (encode_capacity(len) of room), with a leading BOS if asked and the
-// tokenizer adds one. Special tokens spelled in the text become their ids, as Hugging Face does,
-// for byte-level BPE always; for sentencepiece (which reads "<s>" as text) only if parse_control.
-static int encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int parse_control, int *out) {
+// tokenizer adds one. With `special`, control tokens spelled in the text (e.g. "<|im_end|>") become
+// their ids, as Hugging Face does by default; without it, text is only text. Byte-level BPE's
+// user-defined tokens match either way (as in HF and llama.cpp): they are not control tokens.
+// `plain` lists n_plain sorted, disjoint byte ranges where no control token may match even with
+// `special`: in a chat, the users' text, so that nobody can type a turn's end.
+static int encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int special, const Span *plain,
+                  int n_plain, int *out) {
     int count = 0;
     if (add_bos && (t->flags & FLAG_ADD_BOS) && t->bos_id >= 0) out[count++] = t->bos_id;
-    int mask = t->kind == TOK_BYTE_BPE ? 1 << PIECE_CONTROL | 1 << PIECE_USER_DEFINED : parse_control ? 1 << PIECE_CONTROL : 0;
+    int text_mask = t->kind == TOK_BYTE_BPE ? 1 << PIECE_USER_DEFINED : 0;
+    int control_mask = special ? text_mask | 1 << PIECE_CONTROL : text_mask;
     size_t segment = 0;
-    for (size_t i = 0; i <= len;) {
-        int special_len, id = mask && i < len ? match_special(t, text + i, len - i, mask, &special_len) : -1;
+    for (size_t i = 0, p = 0; i <= len;) {
+        while (p < (size_t)n_plain && plain[p].end <= i) p++;
+        int in_plain = p < (size_t)n_plain && plain[p].start <= i;
+        size_t stop = in_plain ? plain[p].end : p < (size_t)n_plain ? plain[p].start : len; // matches stay inside
+        int mask = in_plain ? text_mask : control_mask;
+        int special_len, id = mask && i < len ? match_special(t, text + i, stop - i, mask, &special_len) : -1;
         if (id < 0 && i < len) {
             i++;
             continue;
@@ -926,8 +938,9 @@ static size_t decode(const Tokenizer *t, const int *ids, int n, char *out) {
 
 // ----------------------------------------------------------------------------
 // Chat templates: messages rendered as the model's template writes them (special tokens spelled
-// out), then encoded with special-token parsing. Rendering is append-only, so a chat can extend
-// the KV cache turn by turn.
+// out), then encoded with special-token parsing for the template's own markers only: what users
+// wrote (roles, contents, system prompts) stays text. Rendering is append-only, so a chat can
+// extend the KV cache turn by turn.
 
 enum { CHAT_NONE = 0, CHAT_CHATML = 1, CHAT_LLAMA2 = 2, CHAT_LLAMA3 = 3 };
 
@@ -937,7 +950,18 @@ typedef struct {
     char *default_system;  // used when no system prompt is given
 } ChatTemplate;
 
-typedef struct { char *s; size_t len, cap; } Text; // a growable string
+// A growable string that remembers which of its bytes users wrote.
+typedef struct {
+    char *s;
+    size_t len, cap;
+    Span *user;            // (n_user) sorted, disjoint: where encode() matches no control token
+    int n_user, user_cap;
+} Text;
+
+static void text_free(Text *t) {
+    free(t->s);
+    free(t->user);
+}
 
 static int text_append(Text *t, const char *s, size_t n) {
     if (t->len + n + 1 > t->cap) {
@@ -953,7 +977,23 @@ static int text_append(Text *t, const char *s, size_t n) {
     return 0;
 }
 
+// Appends n bytes a user wrote.
+static int text_append_user(Text *t, const char *s, size_t n) {
+    if (n == 0) return 0;
+    if (t->n_user == t->user_cap) {
+        int cap = t->user_cap ? 2 * t->user_cap : 8;
+        Span *p = realloc(t->user, cap * sizeof *p);
+        if (!p) return fail("out of memory building a prompt");
+        t->user = p;
+        t->user_cap = cap;
+    }
+    t->user[t->n_user++] = (Span){t->len, t->len + n};
+    return text_append(t, s, n);
+}
+
 static int text_add(Text *t, const char *s) { return text_append(t, s, strlen(s)); }
+
+static int text_add_user(Text *t, const char *s) { return text_append_user(t, s, strlen(s)); }
 
 static int text_add_piece(Text *t, const Tokenizer *tok, int id) {
     return id < 0 ? 0 : text_append(t, tok->piece[id], tok->piece_len[id]);
@@ -961,21 +1001,43 @@ static int text_add_piece(Text *t, const Tokenizer *tok, int id) {
 
 static int is_space_char(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
-static int text_add_trimmed(Text *t, const char *s) { // like jinja's trim / Python's strip
-    size_t n = strlen(s);
-    while (n > 0 && is_space_char(*s)) s++, n--;
-    while (n > 0 && is_space_char(s[n - 1])) n--;
-    return text_append(t, s, n);
+// Appends src without its leading and trailing whitespace (jinja's trim, Python's strip), keeping
+// which of its bytes users wrote.
+static int text_add_trimmed(Text *out, const Text *src) {
+    size_t a = 0, b = src->len;
+    while (a < b && is_space_char(src->s[a])) a++;
+    while (b > a && is_space_char(src->s[b - 1])) b--;
+    for (size_t at = a; at < b;) { // template and user pieces in order
+        size_t next = b;
+        int user = 0;
+        for (int k = 0; k < src->n_user; k++) {
+            Span u = src->user[k];
+            if (u.end <= at || u.start >= b) continue;
+            if (u.start <= at) { user = 1, next = u.end < b ? u.end : b; break; }
+            if (u.start < next) next = u.start;
+        }
+        if ((user ? text_append_user : text_append)(out, src->s + at, next - at)) return -1;
+        at = next;
+    }
+    return 0;
+}
+
+// A user's string, trimmed.
+static int text_add_user_trimmed(Text *out, const char *s) {
+    Text t = {0};
+    int rc = text_add_user(&t, s) || text_add_trimmed(out, &t) ? -1 : 0;
+    text_free(&t);
+    return rc;
 }
 
 typedef struct { const char *role, *content; } Message;
 
 static int render_chatml(Text *out, const Message *msg, int n, const char *system, int generation_prompt) {
     int rc = 0;
-    if (system) rc |= text_add(out, "<|im_start|>system\n") | text_add(out, system) | text_add(out, "<|im_end|>\n");
+    if (system) rc |= text_add(out, "<|im_start|>system\n") | text_add_user(out, system) | text_add(out, "<|im_end|>\n");
     for (int i = 0; i < n; i++)
-        rc |= text_add(out, "<|im_start|>") | text_add(out, msg[i].role) | text_add(out, "\n") |
-              text_add(out, msg[i].content) | text_add(out, "<|im_end|>\n");
+        rc |= text_add(out, "<|im_start|>") | text_add_user(out, msg[i].role) | text_add(out, "\n") |
+              text_add_user(out, msg[i].content) | text_add(out, "<|im_end|>\n");
     if (generation_prompt) rc |= text_add(out, "<|im_start|>assistant\n");
     return rc ? -1 : 0;
 }
@@ -986,14 +1048,14 @@ static int render_llama2(const Tokenizer *t, Text *out, const Message *msg, int 
     for (int i = 0; i < n; i++) {
         Text content = {0};
         if (system && i == 0)
-            rc |= text_add(&content, "<<SYS>>\n") | text_add(&content, system) | text_add(&content, "\n<</SYS>>\n\n");
-        rc |= text_add(&content, msg[i].content);
+            rc |= text_add(&content, "<<SYS>>\n") | text_add_user(&content, system) | text_add(&content, "\n<</SYS>>\n\n");
+        rc |= text_add_user(&content, msg[i].content);
         if (!strcmp(msg[i].role, "assistant"))
-            rc |= text_add(out, " ") | text_add_trimmed(out, content.s) | text_add(out, " ") | text_add_piece(out, t, t->eos_id);
+            rc |= text_add(out, " ") | text_add_trimmed(out, &content) | text_add(out, " ") | text_add_piece(out, t, t->eos_id);
         else
-            rc |= text_add_piece(out, t, t->bos_id) | text_add(out, "[INST] ") | text_add_trimmed(out, content.s) |
+            rc |= text_add_piece(out, t, t->bos_id) | text_add(out, "[INST] ") | text_add_trimmed(out, &content) |
                   text_add(out, " [/INST]");
-        free(content.s);
+        text_free(&content);
     }
     return rc ? -1 : 0;
 }
@@ -1001,11 +1063,13 @@ static int render_llama2(const Tokenizer *t, Text *out, const Message *msg, int 
 static int render_llama3(const Tokenizer *t, Text *out, const Message *msg, int n, const char *system, int start,
                          int generation_prompt) {
     int rc = start ? text_add_piece(out, t, t->bos_id) : 0;
-    if (system) rc |= text_add(out, "<|start_header_id|>system<|end_header_id|>\n\n") | text_add_trimmed(out, system) |
-                      text_add(out, "<|eot_id|>");
+    if (system)
+        rc |= text_add(out, "<|start_header_id|>system<|end_header_id|>\n\n") | text_add_user_trimmed(out, system) |
+              text_add(out, "<|eot_id|>");
     for (int i = 0; i < n; i++)
-        rc |= text_add(out, "<|start_header_id|>") | text_add(out, msg[i].role) | text_add(out, "<|end_header_id|>\n\n") |
-              text_add_trimmed(out, msg[i].content) | text_add(out, "<|eot_id|>");
+        rc |= text_add(out, "<|start_header_id|>") | text_add_user(out, msg[i].role) |
+              text_add(out, "<|end_header_id|>\n\n") | text_add_user_trimmed(out, msg[i].content) |
+              text_add(out, "<|eot_id|>");
     if (generation_prompt) rc |= text_add(out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
     return rc ? -1 : 0;
 }
@@ -1032,7 +1096,8 @@ static int chat_render(const ChatTemplate *chat, const Tokenizer *t, Text *out, 
     }
 }
 
-// Renders and encodes messages; *ids is malloc'd. Returns the token count or -1.
+// Renders and encodes messages after `prefix` (template text); *ids is malloc'd. Returns the token
+// count or -1. Only the template's markers become control tokens.
 static int chat_encode(const ChatTemplate *chat, const Tokenizer *t, const Message *msg, int n, int start,
                        int generation_prompt, const char *prefix, int **ids) {
     Text text = {0};
@@ -1040,9 +1105,9 @@ static int chat_encode(const ChatTemplate *chat, const Tokenizer *t, const Messa
     *ids = NULL;
     if (text_add(&text, prefix) == 0 && chat_render(chat, t, &text, msg, n, start, generation_prompt) == 0) {
         *ids = malloc(encode_capacity(text.len) * sizeof(int));
-        count = *ids ? encode(t, text.s, text.len, 0, 1, *ids) : fail("out of memory encoding a chat");
+        count = *ids ? encode(t, text.s, text.len, 0, 1, text.user, text.n_user, *ids) : fail("out of memory encoding a chat");
     }
-    free(text.s);
+    text_free(&text);
     return count;
 }
 
@@ -1060,6 +1125,27 @@ typedef struct {
     void *map;          // the mmap'd checkpoint
     size_t map_size;
 } Model;
+
+// Maps a regular, non-empty file read-only. Anything else (a directory, a FIFO, a device) is refused
+// before a byte is read, so it can neither block nor be asked for an absurd size.
+static void *map_file(const char *path, const char *what, size_t *size) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); // O_NONBLOCK: opening a FIFO must not wait
+    if (fd < 0) {
+        fail("cannot open %s %s: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    void *map = NULL;
+    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) fail("%s %s is not a regular file", what, path);
+    else if (st.st_size == 0) fail("%s %s is empty", what, path);
+    else if ((map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)) == MAP_FAILED) {
+        fail("cannot map %s %s: %s", what, path, strerror(errno));
+        map = NULL;
+    }
+    close(fd);
+    *size = map ? (size_t)st.st_size : 0;
+    return map;
+}
 
 // Bounded reads: every take() checks its extent first and fails with the section's name.
 typedef struct {
@@ -1149,16 +1235,18 @@ static int take_classifier(Cursor *c, const Config *p, Weights *w) {
 static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
     uint32_t h[8];
     for (int i = 0; i < 8; i++) if (take_u32(c, &h[i], "tokenizer header")) return -1;
+    // every value is checked as the unsigned it is stored as, before any becomes an int
+    if (h[0] != TOK_SENTENCEPIECE && h[0] != TOK_BYTE_BPE) return fail("tokenizer: unknown kind %u", h[0]);
+    if (h[1] != (uint32_t)p->vocab_size)
+        return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
+    if (h[2] & ~KNOWN_TOKENIZER_FLAGS) return fail("tokenizer: unknown flags 0x%x", h[2]);
+    if (h[3] > PRETOK_LLAMA3) return fail("tokenizer: unknown pre-tokenizer %u", h[3]);
+    if (h[4] > h[1]) return fail("tokenizer: unk id %u outside the vocab", h[4] - 1); // stored as id + 1, 0: none
+    uint32_t n_merges = h[5];
     t->kind = (int)h[0];
     t->flags = (int)h[2];
     t->pretokenizer = (int)h[3];
     t->unk_id = (int)h[4] - 1;
-    uint32_t n_merges = h[5];
-    if (t->kind != TOK_SENTENCEPIECE && t->kind != TOK_BYTE_BPE) return fail("tokenizer: unknown kind %d", t->kind);
-    if (h[1] != (uint32_t)p->vocab_size)
-        return fail("tokenizer has %u tokens but the model's vocab is %d", h[1], p->vocab_size);
-    if (t->pretokenizer < 0 || t->pretokenizer > 3) return fail("tokenizer: unknown pre-tokenizer %d", t->pretokenizer);
-    if (t->unk_id < -1 || t->unk_id >= (int)h[1]) return fail("tokenizer: unk id %d outside the vocab", t->unk_id);
     if (tokenizer_alloc(t, (int)h[1])) return -1;
     for (int i = 0; i < t->n_tokens; i++) {
         const uint8_t *rec = take(c, 12, "token record");
@@ -1168,6 +1256,7 @@ static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
         memcpy(&type, rec + 4, 4);
         memcpy(&len, rec + 8, 4);
         if (len > MAX_PIECE_BYTES) return fail("tokenizer: token %d claims %u bytes", i, len);
+        if (type < PIECE_NORMAL || type > PIECE_BYTE) return fail("tokenizer: token %d has unknown type %u", i, type);
         t->type[i] = (int)type;
         t->piece_len[i] = (int)len;
         if (!(t->piece[i] = take(c, len, "token bytes"))) return -1;
@@ -1182,28 +1271,24 @@ static int tokenizer_read_section(Tokenizer *t, Cursor *c, const Config *p) {
 // llama2.c's tokenizer.bin: u32 max_token_length, then per token (f32 score, u32 length, bytes).
 // It stores U+2581 as a plain space and has no types: ids 0/1/2 are unk/bos/eos, <0xNN> are bytes.
 static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail("cannot open tokenizer %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *data = size > 0 ? malloc(size) : NULL;
-    if (!data || fread(data, 1, size, f) != (size_t)size) {
-        fclose(f);
-        free(data);
-        return fail("cannot read tokenizer %s (empty or unreadable)", path);
+    size_t size;
+    const uint8_t *data = map_file(path, "tokenizer", &size);
+    if (!data) return -1;
+    if (size < 4 || (size - 4) / (8 + MAX_PIECE_BYTES) > (size_t)vocab_size) { // before the 3x allocation below
+        munmap((void *)data, size);
+        return size < 4 ? fail("tokenizer %s is truncated", path)
+                        : fail("tokenizer %s is %zu bytes, more than %d tokens can take: it does not fit this model",
+                               path, size, vocab_size);
     }
-    fclose(f);
     // pieces are rewritten with spaces escaped as U+2581: at most 3x the file
-    char *pieces = t->piece_buffer = malloc(3 * (size_t)size + 1);
+    char *pieces = t->piece_buffer = malloc(3 * size + 1);
     t->kind = TOK_SENTENCEPIECE;
     t->flags = FLAG_ADD_DUMMY_PREFIX | FLAG_BYTE_FALLBACK | FLAG_ADD_BOS;
     t->unk_id = 0;
     int rc = -1;
     if (tokenizer_alloc(t, vocab_size)) goto done;
     if (!pieces) { fail("out of memory for the tokenizer"); goto done; }
-    Cursor c = {data, (size_t)size, 4, 1, "tokenizer"};
-    if (size < 4) { fail("tokenizer %s is truncated", path); goto done; }
+    Cursor c = {data, size, 4, 1, "tokenizer"};
     char *out = pieces;
     for (int i = 0; i < vocab_size; i++) {
         const uint8_t *rec = take(&c, 8, "token record");
@@ -1213,12 +1298,12 @@ static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size
         memcpy(&len, rec + 4, 4);
         const char *s = take(&c, len, "token bytes");
         if (!s) goto done;
-        if (len > MAX_PIECE_BYTES) { fail("tokenizer: token %d claims %u bytes", i, len); goto done; }
         t->piece[i] = out;
         for (uint32_t j = 0; j < len; j++) {
             if (s[j] == ' ') { memcpy(out, SPACE_MARK, 3); out += 3; }
             else *out++ = s[j];
         }
+        if (out - t->piece[i] > MAX_PIECE_BYTES) { fail("tokenizer: token %d is longer than %d bytes", i, MAX_PIECE_BYTES); goto done; }
         t->piece_len[i] = (int)(out - t->piece[i]);
         t->type[i] = i == 0 ? PIECE_UNKNOWN : i <= 2 ? PIECE_CONTROL
                    : parse_byte_piece(t->piece[i], t->piece_len[i]) >= 0 ? PIECE_BYTE : PIECE_NORMAL;
@@ -1226,7 +1311,7 @@ static int tokenizer_read_llama2c(Tokenizer *t, const char *path, int vocab_size
     if (c.pos != c.size) { fail("tokenizer %s has %zu bytes after its %d tokens: it does not fit this model", path, c.size - c.pos, vocab_size); goto done; }
     if (tokenizer_index(t) == 0) rc = 0;
 done:
-    free(data);
+    munmap((void *)data, size);
     return rc;
 }
 
@@ -1273,8 +1358,8 @@ static int chat_read_section(ChatTemplate *chat, Cursor *c, const Config *p) {
     const char *system = take(c, len, "system prompt");
     if (!system) return -1;
     if (style > CHAT_LLAMA3) return fail("chat template: unknown style %u", style);
-    if ((int)end_of_turn < -1 || (int)end_of_turn >= p->vocab_size)
-        return fail("chat template: end-of-turn token %d outside the vocab", (int)end_of_turn);
+    if (end_of_turn != UINT32_MAX && end_of_turn >= (uint32_t)p->vocab_size) // UINT32_MAX: -1, none
+        return fail("chat template: end-of-turn token %u outside the vocab", end_of_turn);
     chat->style = (int)style;
     chat->end_of_turn = (int)end_of_turn;
     if (!(chat->default_system = alloc_zeroed(len + 1, 1))) return -1;
@@ -1355,7 +1440,7 @@ static int open_llama2c_legacy(Model *m) {
 }
 
 static void model_close(Model *m) {
-    if (m->map && m->map != MAP_FAILED) munmap(m->map, m->map_size);
+    if (m->map) munmap(m->map, m->map_size);
     tokenizer_free(&m->tokenizer);
     free(m->chat.default_system);
     memset(m, 0, sizeof *m);
@@ -1365,21 +1450,7 @@ static void model_close(Model *m) {
 // llama2.c tokenizer.bin.
 static int model_open(Model *m, const char *checkpoint, const char *tokenizer_path) {
     memset(m, 0, sizeof *m);
-    int fd = open(checkpoint, O_RDONLY);
-    if (fd < 0) return fail("cannot open checkpoint %s: %s", checkpoint, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fail("checkpoint %s is not a regular file", checkpoint);
-    }
-    if (st.st_size == 0) {
-        close(fd);
-        return fail("checkpoint %s is empty", checkpoint);
-    }
-    m->map_size = (size_t)st.st_size;
-    m->map = mmap(NULL, m->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (m->map == MAP_FAILED) return fail("cannot map checkpoint %s: %s", checkpoint, strerror(errno));
+    if (!(m->map = map_file(checkpoint, "checkpoint", &m->map_size))) return -1;
     const uint8_t *h = m->map;
     uint32_t magic = m->map_size >= 4 ? (uint32_t)read_i32(h) : 0;
     int rc = m->map_size >= 4 && !memcmp(h, KVC_MAGIC, 4) ? open_kvc(m)
@@ -1876,6 +1947,11 @@ typedef struct {
     int n;                          // positions in the run
 } KVRun;
 
+// Bytes a cache of `capacity` positions takes, keys and values.
+static double cache_bytes(const Config *p, int capacity) {
+    return 2.0 * p->n_layers * capacity * kv_dim(p) * sizeof(float);
+}
+
 static int cache_init(KVCache *c, const Config *p, int capacity) {
     c->type = CACHE_F32;
     c->n_layers = p->n_layers;
@@ -1942,6 +2018,7 @@ static void kv_axpy(const KVRun *r, int col, const float *weights, int hd, float
 // Sequences: one running sequence's KV cache and the activation scratch of its forward blocks
 
 #define MAX_BATCH 64                 // tokens a forward block runs together: each weight is read once per block
+#define MAX_THREADS 512              // threads a sequence may ask for (each has its own scratch and stack)
 #define ATTENTION_TASKS_PER_THREAD 2 // attention splits positions into ranges until it has this many tasks a thread,
 #define ATTENTION_MIN_RANGE 64       // but never into ranges shorter than this
 
@@ -1970,7 +2047,7 @@ typedef struct {
 
 // Scratch for blocks of up to MAX_BATCH tokens attending over up to `capacity` positions.
 static int state_init(RunState *s, const Config *p, int threads, int capacity) {
-    s->threads = threads > 0 ? threads : max_threads();
+    s->threads = threads > 0 ? threads : max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = alloc_zeroed(B * p->dim, sizeof(float));
@@ -2027,12 +2104,26 @@ static void sequence_free(Sequence *seq) {
     memset(seq, 0, sizeof *seq);
 }
 
-// A sequence of up to `context` positions (0: the model's) for m, run on `threads` threads (0: all).
+// Refuses a sequence whose KV cache and attention scratch (the parts that grow with the context)
+// would not fit in this machine's memory, before anything is allocated.
+static int check_sequence_size(const Config *p, int capacity, int threads) {
+    double need = cache_bytes(p, capacity) + (double)threads * (p->n_heads / p->n_kv_heads) * capacity * sizeof(float);
+    double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE), gib = 1024.0 * 1024 * 1024;
+    if (ram > 0 && need > ram)
+        return fail("a context of %d positions needs %.1f GiB for its KV cache, more than this machine's %.1f GiB: "
+                    "ask for a shorter one (-c, or seq_len= in Python)", capacity, need / gib, ram / gib);
+    return 0;
+}
+
+// A sequence of up to `context` positions (0: the model's) for m, run on `threads` threads (0: all
+// cores, at most MAX_THREADS).
 static int sequence_init(Sequence *seq, const Model *m, int context, int threads) {
     memset(seq, 0, sizeof *seq);
     if (context < 0 || context > m->config.seq_len)
         return fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
+    if (threads < 0 || threads > MAX_THREADS) return fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
     int capacity = context > 0 ? context : m->config.seq_len;
+    if (check_sequence_size(&m->config, capacity, threads > 0 ? threads : MAX_THREADS)) return -1;
     if (cache_init(&seq->cache, &m->config, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
         sequence_free(seq);
         return -1;
@@ -2301,10 +2392,16 @@ static int top_k(const float *probs, int n, int k, ProbIndex *out) {
 }
 
 // Candidates above the smallest probability top-p could keep, most probable first (llama2.c's trick).
+// The most probable token is always kept, even when every probability is under the cutoff (top-p
+// below 1/vocab over near-uniform probabilities).
 static int top_p_candidates(const float *probs, int n, float topp, ProbIndex *out) {
     float cutoff = (1.0f - topp) / (n - 1);
     int size = 0;
     for (int i = 0; i < n; i++) if (probs[i] >= cutoff) out[size++] = (ProbIndex){probs[i], i};
+    if (size == 0) {
+        int best = argmax(probs, n);
+        out[size++] = (ProbIndex){probs[best], best};
+    }
     qsort(out, size, sizeof *out, by_prob_desc);
     return size;
 }
@@ -2340,11 +2437,15 @@ static int sampler_init(Sampler *s, int vocab_size, float temperature, float top
 
 static void sampler_free(Sampler *s) { free(s->candidates); }
 
-// Picks the next token from logits (which it overwrites with probabilities).
+// Picks the next token from logits (which it overwrites with probabilities); -1 if a logit is NaN
+// or infinite (broken weights), which no rule can sample from.
 static int sample(Sampler *s, float *logits) {
     int n = s->vocab_size;
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i])) return fail("the logits hold NaN or Inf (token %d): the model's weights are broken", i);
     if (s->temperature == 0) return argmax(logits, n);
-    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
+    float max = logits[argmax(logits, n)];
+    for (int i = 0; i < n; i++) logits[i] = (logits[i] - max) / s->temperature; // <= 0: no overflow at tiny temperatures
     softmax(logits, n);
     float coin = random_f32(&s->rng_state);
     int count;
@@ -2434,11 +2535,12 @@ void kvc_cache_reset(Sequence *seq, float fill) {
     seq->len = 0;
 }
 
-int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity) {
+// Text -> token ids; with `special`, spelled-out control tokens become their ids (else text is text).
+int kvc_encode(const Model *m, const char *text, int add_bos, int special, int *out, int capacity) {
     if (!m->has_tokenizer) return fail("this model has no tokenizer");
     size_t len = strlen(text);
     if ((size_t)capacity < encode_capacity(len)) return fail("encode needs room for %zu ids", encode_capacity(len));
-    return encode(&m->tokenizer, text, len, add_bos, 0, out);
+    return encode(&m->tokenizer, text, len, add_bos, special, NULL, 0, out);
 }
 
 int kvc_encode_capacity(int text_bytes) { return (int)encode_capacity((size_t)text_bytes); }
@@ -2491,6 +2593,7 @@ int kvc_chat_render(const Model *m, const char **roles, const char **contents, i
     Text out = {0};
     int ok = msg && text_add(&out, "") == 0 && chat_render(&m->chat, &m->tokenizer, &out, msg, n, 1, generation_prompt) == 0; // "": never NULL
     free(msg);
+    free(out.user); // the caller gets the string alone
     if (!ok) free(out.s);
     *text = ok ? out.s : NULL;
     return ok ? (int)out.len : -1;
@@ -2520,7 +2623,7 @@ void kvc_sampler_free(Sampler *s) {
     free(s);
 }
 
-// Samples from logits (vocab_size of them, overwritten).
+// Samples from logits (vocab_size of them, overwritten); -1 if they hold NaN or Inf.
 int kvc_sample(Sampler *s, float *logits) { return sample(s, logits); }
 
 // ----------------------------------------------------------------------------
@@ -2586,6 +2689,7 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
     int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
     for (int i = 0; i < max_tokens; i++) {
         int next = sample(sampler, seq->state.logits);
+        if (next < 0) return -1;
         if (next == stop || next == p->eos_id) {
             stats->stop_token = next;
             break;
@@ -2626,8 +2730,20 @@ static void usage(FILE *f) {
             "  -m <string> mode: generate|chat, default generate\n"
             "  -y <string> system prompt in chat mode (default: the model's own)\n"
             "  -c <int>    context length (KV cache size), default the model's\n"
-            "  -j <int>    threads, default all cores\n"
-            "  -h          this help\n");
+            "  -j <int>    threads (1..%d), default all cores\n"
+            "  -h          this help\n", MAX_THREADS);
+}
+
+// The checkpoint is mapped, not read: if another program truncates or rewrites it in place while
+// this one runs, the next read of a vanished page raises SIGBUS. Say so in one line instead of dying
+// silently (replacing the file atomically, as kvc's exporter does, is always safe).
+static void on_sigbus(int sig) {
+    static const char message[] = "error: the checkpoint file was truncated or overwritten while in use "
+                                  "(replace model files atomically: write elsewhere, then rename)\n";
+    (void)sig;
+    ssize_t ignored = write(STDERR_FILENO, message, sizeof message - 1); // async-signal-safe, unlike stdio
+    (void)ignored;
+    _exit(1);
 }
 
 static void die(const char *message) {
@@ -2663,7 +2779,7 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
     size_t len = strlen(prompt);
     int *ids = malloc(encode_capacity(len) * sizeof(int));
     if (!ids) return fail("out of memory");
-    int n = encode(&m->tokenizer, prompt, len, 1, 0, ids);
+    int n = encode(&m->tokenizer, prompt, len, 1, 0, NULL, 0, ids); // what the user typed is text
     if (n == 0) fail("nothing to start from: give a prompt with -i");
     else if (n >= context) fail("the prompt is %d tokens but the context holds %d", n, context);
     if (n <= 0 || n >= context) {
@@ -2774,7 +2890,7 @@ int main(int argc, char **argv) {
         case 'm': mode = v; break;
         case 'y': system = v; break;
         case 'c': context = (int)parse_long(a, v, 1, INT32_MAX); break;
-        case 'j': threads = (int)parse_long(a, v, 1, 4096); break;
+        case 'j': threads = (int)parse_long(a, v, 1, MAX_THREADS); break;
         }
     }
     if (!checkpoint) bad_usage("%s", "no checkpoint given");
@@ -2782,6 +2898,7 @@ int main(int argc, char **argv) {
     if (temperature < 0) bad_usage("%s", "temperature must be >= 0");
     if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
     if (!seed) seed = (unsigned long long)time(NULL);
+    signal(SIGBUS, on_sigbus);
 
     Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());

@@ -30,7 +30,7 @@ ffi.cdef(
     float *kvc_logits(Sequence *seq);
     int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values);
     void kvc_cache_reset(Sequence *seq, float fill);
-    int kvc_encode(const Model *m, const char *text, int add_bos, int *out, int capacity);
+    int kvc_encode(const Model *m, const char *text, int add_bos, int special, int *out, int capacity);
     int kvc_encode_capacity(int text_bytes);
     int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity);
     int kvc_token_text(const Model *m, int prev, int token, const char **text);

@@ -176,15 +176,20 @@ class Model:
         if not self.has_tokenizer:
             raise ValueError("this model has no tokenizer (pass tokenizer= for llama2.c checkpoints)")
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        """Token ids of text; with bos, a leading BOS when the model's tokenizer adds one."""
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of text; with bos, a leading BOS when the model's tokenizer adds one.
+
+        special=False (the default) treats all of text as text: a spelled-out control token such as
+        "<|im_end|>" is encoded as its characters. special=True turns such spellings into their token
+        ids, as Hugging Face's encode does: for raw prompts you wrote yourself, never for user input.
+        """
         self._need_tokenizer()
         data = text.encode("utf-8")
         if b"\0" in data:
             raise ValueError("text contains a NUL character")
         cap = self._lib.kvc_encode_capacity(len(data))
         out = ffi.new("int[]", cap)
-        n = self._lib.kvc_encode(self._handle(), data, int(bos), out, cap)
+        n = self._lib.kvc_encode(self._handle(), data, int(bos), int(special), out, cap)
         if n < 0:
             raise ValueError(last_error())
         return list(out[0:n])
@@ -243,6 +248,8 @@ class Model:
         stats.stop_reason = "length"
         for i in range(max_tokens):
             token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(self._sequence()))
+            if token < 0:
+                raise ValueError(last_error())
             if token in stops:
                 stats.stop_reason = "stop"
                 break

@@ -9,6 +9,7 @@ kvc headers, corrupt tokenizer and chat template sections, and tokenizer.bin fil
 from __future__ import annotations
 
 import json
+import os
 import math
 import struct
 import subprocess
@@ -736,3 +737,107 @@ def test_cli_n_beyond_context_clamps(files):
     generated = int(stats[0].split("generated ")[1].split()[0])
     assert generated <= room
     assert generated == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The hardening audit's reproducers (each failed before its fix)
+
+
+def nan_model(files, tmp_path) -> Path:
+    """files["kvc"] with rms_final (the weights section's last tensor) patched to NaN in place."""
+    data = bytearray(files["kvc"].read_bytes())
+    h = header(files["kvc"])
+    end = h["weights_offset"] + h["weights_size"]
+    data[end - 4 * CFG["dim"]:end] = np.full(CFG["dim"], np.nan, np.float32).tobytes()
+    path = tmp_path / "nan.bin"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("sampling", [["-t", "1", "-p", "0.9"], ["-t", "1", "-p", "1"], ["-t", "1", "-k", "5"],
+                                      ["-t", "0"]])
+def test_nan_logits_are_an_error(files, tmp_path, run_asan, sampling):
+    """NaN weights give NaN logits: a one-line error, not c[-1] read by the top-p sampler nor token 0."""
+    path = nan_model(files, tmp_path)
+    for exe, env in ((RUN, None), (run_asan, SANITIZER_ENV)):
+        err = assert_error(run_cli(path, "-n", "4", "-s", "1", *sampling, "-i", "hi", exe=exe, env=env))
+        assert "NaN" in err
+    with pytest.raises(ValueError, match="NaN"):
+        list(Model(path).generate("hi", max_tokens=4, temperature=1.0, top_p=0.9, seed=1))
+
+
+def test_top_p_below_one_over_vocab(files, run_asan):
+    """temperature 1e30 makes the probabilities uniform, top-p 0.001 then keeps no token above the
+    cutoff: the most probable token is kept (the lowest id among equals), with no out-of-bounds read."""
+    proc = run_cli(files["kvc"], "-n", "4", "-t", "1e30", "-p", "0.001", "-s", "1", "-i", "hi", exe=run_asan,
+                   env=SANITIZER_ENV)
+    assert proc.returncode == 0, proc.stderr.decode()
+    m = Model(files["kvc"])
+    out = list(m.generate("hi", max_tokens=4, temperature=1e30, top_p=0.001, seed=1))
+    assert m.stats.generated_tokens + (m.stats.stop_reason == "stop") == 4 and isinstance("".join(out), str)
+
+
+def test_tokenizer_header_values_are_checked_unsigned(files, tmp_path, run_asan):
+    """Header integers past INT32_MAX: (int)h[4] - 1 with h[4] = 0x80000000 was a signed overflow."""
+    t0 = header(files["kvc"])["tokenizer_offset"]
+    first_type = t0 + fmt.TOKENIZER_HEADER.size + 4  # the first token record's type
+    cases = [(name, patched(files["kvc"], tmp_path / f"{name}.bin", at, struct.pack("<I", value)), None)
+             for name, at, value in [("unk_2_31", t0 + 16, 0x80000000), ("unk_max", t0 + 16, 0xFFFFFFFF),
+                                     ("kind_2_31", t0, 0x80000000), ("pretok_2_31", t0 + 12, 0x80000000),
+                                     ("flags_unknown", t0 + 8, 1 << 31), ("type_2_31", first_type, 0x80000000)]]
+    sweep(RUN, cases)
+    sweep(run_asan, cases, env=SANITIZER_ENV)
+    assert_python_errors(cases, python_open(cases))
+
+
+def test_tokenizer_bin_must_be_a_regular_file(files, tmp_path):
+    """-z a directory asked malloc for LONG_MAX bytes; -z a FIFO blocked forever."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for tok in (tmp_path, fifo):
+        err = assert_error(run_cli(files["v0"], "-z", tok, "-n", "2", "-i", "hi", timeout=10))
+        assert "not a regular file" in err
+        with pytest.raises(ValueError, match="not a regular file"):
+            Model(files["v0"], tokenizer=tok)
+    err = assert_error(run_cli(fifo, "-n", "2", "-i", "hi", timeout=10))  # and the checkpoint
+    assert "not a regular file" in err
+
+
+def test_thread_count_is_bounded(files):
+    """threads=100000 overflowed the OpenMP runtime's stack (SIGSEGV); the bound is 512."""
+    code = f"import kvc\ntry:\n kvc.Model({str(files['kvc'])!r}, threads=100000).forward([1])\nexcept ValueError as e:\n print(e)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0 and "threads must be 1..512" in proc.stdout, proc.stderr
+    bad = run_cli(files["kvc"], "-j", "513", "-i", "hi")  # a bad flag: its error, then the usage
+    assert bad.returncode == 1 and bad.stderr.decode().startswith("error: bad value for -j")
+    assert run_cli(files["kvc"], "-j", "512", "-n", "2", "-i", "hi", threads=512).returncode == 0
+
+
+def test_a_cache_larger_than_memory_is_refused(tmp_path, run_asan):
+    """A 4 MB file whose header asks for a 512 GiB KV cache: a one-line error naming -c, before
+    anything is allocated (ASan's allocator aborted on the request)."""
+    path = tmp_path / "huge_context.bin"
+    write_random_model(path, dim=16, hidden_dim=16, n_layers=4, n_heads=1, n_kv_heads=1, head_dim=4096,
+                       seq_len=1 << 22)
+    assert path.stat().st_size < 5 << 20
+    for exe, env in ((RUN, None), (run_asan, SANITIZER_ENV)):
+        err = assert_error(run_cli(path, "-n", "2", "-i", "hi", exe=exe, env=env))
+        assert "-c" in err and "GiB" in err
+        assert run_cli(path, "-c", "64", "-n", "2", "-i", "hi", exe=exe, env=env).returncode == 0
+    with pytest.raises(ValueError, match="seq_len="):
+        Model(path)
+    assert Model(path, seq_len=64).config.seq_len == 64
+
+
+def test_checkpoint_truncated_while_running(tmp_path):
+    """Truncating the mapped checkpoint mid-generation raised SIGBUS; now one line and exit 1."""
+    path = tmp_path / "big.bin"
+    write_random_model(path, dim=256, hidden_dim=768, n_layers=4, n_heads=4, n_kv_heads=4, seq_len=4096)
+    proc = subprocess.Popen([str(RUN), str(path), "-n", "0", "-t", "1", "-s", "1", "-j", "1", "-i", "hi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(16)  # generating: the weights are mapped and being read
+    os.truncate(path, 0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err.decode()
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "overwritten" in lines[0]

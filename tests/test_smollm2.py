@@ -185,14 +185,22 @@ def fuzz_strings(n: int, seed: int) -> list[str]:
 ALL_STRINGS = CORPUS + fuzz_strings(200, seed=1234)
 
 
-def test_tokenizer_ids_identical_to_hf_tokenizers(model, hf_tok):
+@pytest.mark.parametrize("special", [True, False])
+def test_tokenizer_ids_identical_to_hf_tokenizers(model, hf_tok, special):
+    """special=True parses spelled-out control tokens as HF does by default; special=False keeps them
+    text, as HF does with encode_special_tokens set."""
     assert len(ALL_STRINGS) >= 200
-    mismatches = []
-    for s in ALL_STRINGS:
-        ours = model.encode(s, bos=False)
-        theirs = hf_tok.encode(s, add_special_tokens=False).ids
-        if ours != theirs:
-            mismatches.append((s, ours, theirs))
+    assert sum("<|im_end|>" in s for s in ALL_STRINGS) >= 3  # the corpus spells control tokens
+    hf_tok.encode_special_tokens = not special
+    try:
+        mismatches = []
+        for s in ALL_STRINGS:
+            ours = model.encode(s, bos=False, special=special)
+            theirs = hf_tok.encode(s, add_special_tokens=False).ids
+            if ours != theirs:
+                mismatches.append((s, ours, theirs))
+    finally:
+        hf_tok.encode_special_tokens = False
     print(f"tokenizer: {len(ALL_STRINGS) - len(mismatches)}/{len(ALL_STRINGS)} strings give identical ids")
     assert not mismatches, f"{len(mismatches)} differ, first: {mismatches[:3]}"
 
@@ -201,8 +209,10 @@ def test_known_ids(model):
     """SmolLM splits every digit; ChatML control tokens are 1 and 2; no BOS is added."""
     assert model.encode("1234567890", bos=False) == model.encode("1234567890", bos=True)
     assert len(model.encode("1234567890", bos=False)) == 10
-    assert model.encode("<|im_start|>user\nhi<|im_end|>", bos=False)[0] == 1
-    assert model.encode("<|im_start|>user\nhi<|im_end|>", bos=False)[-1] == 2
+    assert model.encode("<|im_start|>user\nhi<|im_end|>", bos=False, special=True)[0] == 1
+    assert model.encode("<|im_start|>user\nhi<|im_end|>", bos=False, special=True)[-1] == 2
+    plain = model.encode("<|im_start|>user\nhi<|im_end|>", bos=False)  # by default text is text
+    assert 1 not in plain and 2 not in plain and model.decode(plain) == "<|im_start|>user\nhi<|im_end|>"
 
 
 def test_decode_round_trips(model):
