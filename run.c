@@ -1013,7 +1013,11 @@ static int text_add_trimmed(Text *out, const Text *src) {
         for (int k = 0; k < src->n_user; k++) {
             Span u = src->user[k];
             if (u.end <= at || u.start >= b) continue;
-            if (u.start <= at) { user = 1, next = u.end < b ? u.end : b; break; }
+            if (u.start <= at) { // at is inside this span
+                user = 1;
+                next = u.end < b ? u.end : b;
+                break;
+            }
             if (u.start < next) next = u.start;
         }
         if ((user ? text_append_user : text_append)(out, src->s + at, next - at)) return -1;
@@ -2045,9 +2049,9 @@ typedef struct {
     ThreadInput *input;       // (threads)
 } RunState;
 
-// Scratch for blocks of up to MAX_BATCH tokens attending over up to `capacity` positions.
+// Scratch for `threads` threads running blocks of up to MAX_BATCH tokens over up to `capacity` positions.
 static int state_init(RunState *s, const Config *p, int threads, int capacity) {
-    s->threads = threads > 0 ? threads : max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
+    s->threads = threads;
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = alloc_zeroed(B * p->dim, sizeof(float));
@@ -2122,8 +2126,9 @@ static int sequence_init(Sequence *seq, const Model *m, int context, int threads
     if (context < 0 || context > m->config.seq_len)
         return fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
     if (threads < 0 || threads > MAX_THREADS) return fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
+    if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     int capacity = context > 0 ? context : m->config.seq_len;
-    if (check_sequence_size(&m->config, capacity, threads > 0 ? threads : MAX_THREADS)) return -1;
+    if (check_sequence_size(&m->config, capacity, threads)) return -1;
     if (cache_init(&seq->cache, &m->config, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
         sequence_free(seq);
         return -1;
