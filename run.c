@@ -1935,35 +1935,218 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
 // kv_axpy). Nothing outside this section knows the layout or the element type, so a quantized
 // type, a ring buffer or a block table changes this section only.
 
-enum { CACHE_F32 = 0 }; // element types
+enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_BF16 = 2, CACHE_Q8_0 = 3, CACHE_Q4_0 = 4, N_CACHE_TYPES = 5 };
+#define CACHE_GROUP 32 // values per fp16 scale in q8_0 and q4_0 blocks
+
+// A row is stored in blocks of `values` values in `bytes` bytes. q8_0: an fp16 scale d, then 32
+// int8 q, x = q * d. q4_0: an fp16 scale d, then 16 bytes holding value j in the low nibble of
+// byte j and value j + 16 in its high nibble, x = (q - 8) * d (GGML's blocks, so the numbers compare).
+static const struct { const char *name; int values, bytes; } CACHE_TYPES[N_CACHE_TYPES] = {
+    [CACHE_F32] = {"f32", 1, 4},
+    [CACHE_F16] = {"f16", 1, 2},
+    [CACHE_BF16] = {"bf16", 1, 2},
+    [CACHE_Q8_0] = {"q8_0", CACHE_GROUP, 2 + CACHE_GROUP},
+    [CACHE_Q4_0] = {"q4_0", CACHE_GROUP, 2 + CACHE_GROUP / 2},
+};
+
+// What a sequence's cache stores: element types of keys and values, and whether each head's keys
+// (and queries) and values (and attention output) are turned by an orthonormal Hadamard rotation
+// first, which spreads outlier channels before quantization and leaves attention unchanged.
+typedef struct {
+    int type_k, type_v;  // CACHE_*
+    int rotate;
+} CacheSpec;
 
 typedef struct {
-    int type;                       // CACHE_*
-    int n_layers, capacity, kv_dim;
-    float *keys, *values;           // (n_layers, capacity, kv_dim)
+    CacheSpec spec;
+    int n_layers, capacity, kv_dim, head_dim;
+    size_t key_row, value_row;      // bytes of one position's keys, values
+    uint8_t *keys, *values;         // (n_layers, capacity, key_row / value_row bytes)
 } KVCache;
 
 // Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
 typedef struct {
-    int type;                       // the cache's CACHE_*
-    const void *keys, *values;      // the run's first row
-    size_t stride;                  // elements from one position's row to the next
+    int type_k, type_v;
+    const uint8_t *keys, *values;   // the run's first row
+    size_t key_stride, value_stride; // bytes from one position's row to the next
     int n;                          // positions in the run
 } KVRun;
 
-// Bytes a cache of `capacity` positions takes, keys and values.
-static double cache_bytes(const Config *p, int capacity) {
-    return 2.0 * p->n_layers * capacity * kv_dim(p) * sizeof(float);
+static int cache_type_by_name(const char *name) {
+    for (int t = 0; t < N_CACHE_TYPES; t++)
+        if (!strcmp(name, CACHE_TYPES[t].name)) return t;
+    return -1;
 }
 
-static int cache_init(KVCache *c, const Config *p, int capacity) {
-    c->type = CACHE_F32;
+static size_t row_bytes(int type, int n) { return (size_t)n / CACHE_TYPES[type].values * CACHE_TYPES[type].bytes; }
+
+// IEEE half <-> float, rounding to nearest even (the FP16 library's branch-free method): the
+// reference and the F16C instructions round the same way, so every build stores the same bits.
+static uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static uint16_t f32_to_f16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f; // rounds at half's precision, saturates to inf
+    uint32_t w = float_bits(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_float((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = float_bits(base), nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_float(sign | float_bits(two_w < (1u << 27) ? denormalized : normalized));
+}
+
+static uint16_t f32_to_bf16(float f) { // round to nearest even, as torch does
+    uint32_t u = float_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(u >> 16 | 0x40); // NaN stays NaN
+    return (uint16_t)((u + 0x7FFFu + (u >> 16 & 1)) >> 16);
+}
+
+static float bf16_to_f32(uint16_t h) { return bits_float((uint32_t)h << 16); }
+
+static void store_q8_0(uint8_t *b, const float *x) {
+    float amax = 0;
+    for (int j = 0; j < CACHE_GROUP; j++) amax = fmaxf(amax, fabsf(x[j]));
+    uint16_t d16 = f32_to_f16(amax / 127.0f);
+    float d = f16_to_f32(d16), inv = d > 0 ? 1.0f / d : 0.0f;
+    memcpy(b, &d16, 2);
+    for (int j = 0; j < CACHE_GROUP; j++) {
+        float q = rintf(x[j] * inv); // nearest even
+        b[2 + j] = (uint8_t)(int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+    }
+}
+
+static void store_q4_0(uint8_t *b, const float *x) {
+    float max = 0; // the value of largest magnitude, with its sign: it becomes -8 * d
+    for (int j = 0; j < CACHE_GROUP; j++) if (fabsf(x[j]) > fabsf(max)) max = x[j];
+    uint16_t d16 = f32_to_f16(max / -8.0f);
+    float d = f16_to_f32(d16), inv = d != 0 ? 1.0f / d : 0.0f;
+    memcpy(b, &d16, 2);
+    uint8_t q[CACHE_GROUP];
+    for (int j = 0; j < CACHE_GROUP; j++) {
+        float v = floorf(x[j] * inv + 8.5f);
+        q[j] = (uint8_t)(v < 0 ? 0 : v > 15 ? 15 : v);
+    }
+    for (int j = 0; j < CACHE_GROUP / 2; j++) b[2 + j] = (uint8_t)(q[j] | q[j + CACHE_GROUP / 2] << 4);
+}
+
+// n values of x stored as `type` at dst.
+static void store_row(int type, uint8_t *dst, const float *x, int n) {
+    switch (type) {
+    case CACHE_F32: memcpy(dst, x, n * sizeof(float)); break;
+    case CACHE_F16: for (int i = 0; i < n; i++) { uint16_t h = f32_to_f16(x[i]); memcpy(dst + 2 * i, &h, 2); } break;
+    case CACHE_BF16: for (int i = 0; i < n; i++) { uint16_t h = f32_to_bf16(x[i]); memcpy(dst + 2 * i, &h, 2); } break;
+    case CACHE_Q8_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q8_0(dst + row_bytes(type, i), x + i); break;
+    case CACHE_Q4_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q4_0(dst + row_bytes(type, i), x + i); break;
+    }
+}
+
+// n values stored as `type` at src, as float32 into out: every build gives the same bits.
+static void load_row(int type, const uint8_t *src, float *out, int n) {
+    int i = 0;
+    switch (type) {
+    case CACHE_F32: memcpy(out, src, n * sizeof(float)); return;
+    case CACHE_F16:
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * i))));
+#endif
+        for (uint16_t h; i < n; i++) memcpy(&h, src + 2 * i, 2), out[i] = f16_to_f32(h);
+        return;
+    case CACHE_BF16:
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16) {
+            __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 2 * i)));
+            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+        }
+#endif
+        for (uint16_t h; i < n; i++) memcpy(&h, src + 2 * i, 2), out[i] = bf16_to_f32(h);
+        return;
+    case CACHE_Q8_0:
+    case CACHE_Q4_0:
+        for (; i < n; i += CACHE_GROUP, src += CACHE_TYPES[type].bytes) {
+            uint16_t d16;
+            memcpy(&d16, src, 2);
+            float d = f16_to_f32(d16);
+            const uint8_t *q = src + 2;
+#if defined(__AVX512F__)
+            __m512 vd = _mm512_set1_ps(d);
+            __m512i lo, hi;
+            if (type == CACHE_Q8_0) {
+                lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+                hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            } else {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), eight = _mm512_set1_epi32(8);
+                lo = _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), eight);
+                hi = _mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight);
+            }
+            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), vd));
+            _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), vd));
+#else
+            for (int j = 0; j < CACHE_GROUP; j++)
+                out[i + j] = d * (type == CACHE_Q8_0 ? (float)(int8_t)q[j]
+                                  : (float)((j < CACHE_GROUP / 2 ? q[j] & 15 : q[j - CACHE_GROUP / 2] >> 4) - 8));
+#endif
+        }
+        return;
+    }
+}
+
+// x (n, a power of two) turned by the orthonormal Hadamard matrix H / sqrt(n), in place. H is
+// symmetric and orthonormal, so the same call undoes it. The butterflies run in this fixed order in
+// float32, as the reference runs them.
+static void hadamard(float *x, int n) {
+    for (int h = 1; h < n; h *= 2)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    float scale = 1.0f / sqrtf((float)n);
+    for (int i = 0; i < n; i++) x[i] *= scale;
+}
+
+// A spec; rotate < 0 picks the default: rotate when a type is 4-bit, where it matters most.
+static CacheSpec cache_spec(int type_k, int type_v, int rotate) {
+    if (rotate < 0) rotate = type_k == CACHE_Q4_0 || type_v == CACHE_Q4_0;
+    return (CacheSpec){type_k, type_v, rotate != 0};
+}
+
+// Why spec cannot be a cache for this model, or NULL.
+static const char *cache_spec_problem(const CacheSpec *spec, int head_dim) {
+    for (int i = 0; i < 2; i++) {
+        int type = i ? spec->type_v : spec->type_k;
+        if (type < 0 || type >= N_CACHE_TYPES) return "unknown cache type";
+        if (head_dim % CACHE_TYPES[type].values) return "the cache type's group of 32 does not divide head_dim";
+    }
+    if (spec->rotate && (head_dim & (head_dim - 1))) return "rotation needs head_dim to be a power of two";
+    return NULL;
+}
+
+// Bytes a cache of `capacity` positions takes, keys and values.
+static double cache_bytes(const Config *p, const CacheSpec *spec, int capacity) {
+    return (double)p->n_layers * capacity * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p)));
+}
+
+static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int capacity) {
+    const char *problem = cache_spec_problem(spec, p->head_dim);
+    if (problem) return fail("cache types %s/%s: %s (%d)", spec->type_k >= 0 && spec->type_k < N_CACHE_TYPES ?
+                             CACHE_TYPES[spec->type_k].name : "?", spec->type_v >= 0 && spec->type_v < N_CACHE_TYPES ?
+                             CACHE_TYPES[spec->type_v].name : "?", problem, p->head_dim);
+    c->spec = *spec;
     c->n_layers = p->n_layers;
     c->capacity = capacity;
     c->kv_dim = kv_dim(p);
-    size_t n = (size_t)c->n_layers * c->capacity * c->kv_dim;
-    c->keys = alloc_zeroed(n, sizeof(float));
-    c->values = alloc_zeroed(n, sizeof(float));
+    c->head_dim = p->head_dim;
+    c->key_row = row_bytes(spec->type_k, c->kv_dim);
+    c->value_row = row_bytes(spec->type_v, c->kv_dim);
+    c->keys = alloc_zeroed((size_t)c->n_layers * capacity, c->key_row);
+    c->values = alloc_zeroed((size_t)c->n_layers * capacity, c->value_row);
     return c->keys && c->values ? 0 : -1;
 }
 
@@ -1972,50 +2155,119 @@ static void cache_free(KVCache *c) {
     free(c->values);
 }
 
-static size_t cache_row(const KVCache *c, int layer, int pos) {
-    return ((size_t)layer * c->capacity + pos) * c->kv_dim;
+static size_t cache_slot(const KVCache *c, int layer, int pos) { return (size_t)layer * c->capacity + pos; }
+
+// One row of kv_dim values stored as `type`, rotated head by head first when the cache rotates.
+static void store_rotated(const KVCache *c, int type, uint8_t *dst, const float *x) {
+    if (!c->spec.rotate) {
+        store_row(type, dst, x, c->kv_dim);
+        return;
+    }
+    float head[c->head_dim]; // head_dim <= 4096 (check_config): 16 KB at most
+    for (int h = 0; h < c->kv_dim; h += c->head_dim) {
+        memcpy(head, x + h, sizeof head);
+        hadamard(head, c->head_dim);
+        store_row(type, dst + row_bytes(type, h), head, c->head_dim);
+    }
 }
 
-// Stores n positions' keys and values, k and v (n, kv_dim), at positions pos.. of a layer.
+// Stores n positions' keys and values, k and v (n, kv_dim), at positions pos.. of a layer: the one
+// place rows are converted to the cache's types.
 static void cache_write(KVCache *c, int layer, int pos, int n, const float *k, const float *v) {
-    size_t at = cache_row(c, layer, pos), count = (size_t)n * c->kv_dim;
-    memcpy(c->keys + at, k, count * sizeof(float));
-    memcpy(c->values + at, v, count * sizeof(float));
+    for (int t = 0; t < n; t++) {
+        size_t slot = cache_slot(c, layer, pos + t);
+        store_rotated(c, c->spec.type_k, c->keys + slot * c->key_row, k + (size_t)t * c->kv_dim);
+        store_rotated(c, c->spec.type_v, c->values + slot * c->value_row, v + (size_t)t * c->kv_dim);
+    }
 }
 
 // The run of positions pos.. of a layer, at most n long (ranges are read run after run).
 static KVRun cache_run(const KVCache *c, int layer, int pos, int n) {
-    size_t at = cache_row(c, layer, pos);
-    return (KVRun){c->type, c->keys + at, c->values + at, (size_t)c->kv_dim, n};
+    size_t slot = cache_slot(c, layer, pos);
+    return (KVRun){c->spec.type_k, c->spec.type_v, c->keys + slot * c->key_row, c->values + slot * c->value_row,
+                   c->key_row, c->value_row, n};
 }
 
-// Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each.
+// The group of query heads q (group x head_dim) as this cache's keys need them: rotated into buf
+// when the keys are, else q itself.
+static const float *cache_query(const KVCache *c, const float *q, int group, float *buf) {
+    if (!c->spec.rotate) return q;
+    memcpy(buf, q, (size_t)group * c->head_dim * sizeof(float));
+    for (int g = 0; g < group; g++) hadamard(buf + (size_t)g * c->head_dim, c->head_dim);
+    return buf;
+}
+
+// Attention outputs of `group` heads (a weighted sum of stored values) turned back from the values'
+// rotation, in place.
+static void cache_output(const KVCache *c, float *out, int group) {
+    if (c->spec.rotate)
+        for (int g = 0; g < group; g++) hadamard(out + (size_t)g * c->head_dim, c->head_dim);
+}
+
+// One stored row as float32 kv_dim values, rotated back.
+static void load_unrotated(const KVCache *c, int type, const uint8_t *src, float *out) {
+    load_row(type, src, out, c->kv_dim);
+    if (c->spec.rotate)
+        for (int h = 0; h < c->kv_dim; h += c->head_dim) hadamard(out + h, c->head_dim);
+}
+
+// Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each: what the cache
+// holds, dequantized and rotated back.
 static void cache_read(const KVCache *c, int layer, int pos, int n, float *keys, float *values) {
-    size_t at = cache_row(c, layer, pos), count = (size_t)n * c->kv_dim;
-    memcpy(keys, c->keys + at, count * sizeof(float));
-    memcpy(values, c->values + at, count * sizeof(float));
+    for (int t = 0; t < n; t++) {
+        size_t slot = cache_slot(c, layer, pos + t);
+        load_unrotated(c, c->spec.type_k, c->keys + slot * c->key_row, keys + (size_t)t * c->kv_dim);
+        load_unrotated(c, c->spec.type_v, c->values + slot * c->value_row, values + (size_t)t * c->kv_dim);
+    }
 }
 
-// Sets every slot to `fill`: 0 to forget, NaN so that any read of a slot never written shows.
+// Sets every slot to `fill`: 0 to forget, NaN so that any read of a slot never written shows (in
+// every type: NaN stores as a NaN scale in the q types).
 static void cache_reset(KVCache *c, float fill) {
-    size_t n = (size_t)c->n_layers * c->capacity * c->kv_dim;
-    for (size_t i = 0; i < n; i++) c->keys[i] = c->values[i] = fill;
+    size_t slots = (size_t)c->n_layers * c->capacity;
+    if (fill == 0) { // all-zero bytes are 0 in every type
+        memset(c->keys, 0, slots * c->key_row);
+        memset(c->values, 0, slots * c->value_row);
+        return;
+    }
+    float row[c->kv_dim];
+    for (int i = 0; i < c->kv_dim; i++) row[i] = fill;
+    store_row(c->spec.type_k, c->keys, row, c->kv_dim);
+    store_row(c->spec.type_v, c->values, row, c->kv_dim);
+    for (size_t s = 1; s < slots; s++) {
+        memcpy(c->keys + s * c->key_row, c->keys, c->key_row);
+        memcpy(c->values + s * c->value_row, c->values, c->value_row);
+    }
 }
 
-// Scores of `group` query heads (q: group x hd, adjacent) against the run's keys in columns
-// col..col+hd: att[g * att_stride + i] = scale * q_g . k_i. Each key row is read once for the group.
+// Scores of `group` query heads (q: group x hd, adjacent, as cache_query gives them) against the
+// run's keys in columns col..col+hd: att[g * att_stride + i] = scale * q_g . k_i. Each key row is
+// read (and, if stored narrower, widened) once for the group.
 static void kv_dot(const KVRun *r, int col, const float *q, int group, int hd, float scale, float *att,
                    size_t att_stride) {
-    const float *k = (const float *)r->keys + col;
-    for (int i = 0; i < r->n; i++, k += r->stride) {
-        if (i + PREFETCH_ROWS < r->n) prefetch(k + PREFETCH_ROWS * r->stride, hd);
-        for (int g = 0; g < group; g++) att[(size_t)g * att_stride + i] = dot(q + g * hd, k, hd) * scale;
+    const uint8_t *k = r->keys + row_bytes(r->type_k, col);
+    size_t prefetch_bytes = row_bytes(r->type_k, hd);
+    float row[r->type_k == CACHE_F32 ? 1 : hd];
+    for (int i = 0; i < r->n; i++, k += r->key_stride) {
+        if (i + PREFETCH_ROWS < r->n) prefetch((const float *)(k + PREFETCH_ROWS * r->key_stride), (int)(prefetch_bytes / 4));
+        const float *kf = (const float *)k;
+        if (r->type_k != CACHE_F32) load_row(r->type_k, k, row, hd), kf = row;
+        for (int g = 0; g < group; g++) att[(size_t)g * att_stride + i] = dot(q + g * hd, kf, hd) * scale;
     }
 }
 
 // out (hd) += sum over the run's rows i of weights[i] * v_i in columns col..col+hd.
 static void kv_axpy(const KVRun *r, int col, const float *weights, int hd, float *out) {
-    weighted_sum(out, weights, (const float *)r->values + col, r->stride, r->n, hd);
+    const uint8_t *v = r->values + row_bytes(r->type_v, col);
+    if (r->type_v == CACHE_F32) {
+        weighted_sum(out, weights, (const float *)v, r->value_stride / sizeof(float), r->n, hd);
+        return;
+    }
+    float row[hd];
+    for (int i = 0; i < r->n; i++, v += r->value_stride) {
+        load_row(r->type_v, v, row, hd);
+        axpy(out, weights[i], row, hd);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -2042,6 +2294,7 @@ typedef struct {
     float *k, *v;             // (batch, kv_dim) the block's keys and values, until cache_write stores them
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
+    float *query;             // (threads, n_heads / n_kv_heads, head_dim) a kv head's queries as the cache wants them
     float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
     float *part_out;          // (split tasks, n_heads / n_kv_heads, head_dim) per range: unnormalized output
     Rope rope;                // (batch, head_dim / 2) cos/sin of the block's positions
@@ -2065,6 +2318,7 @@ static int state_init(RunState *s, const Config *p, int threads, int capacity) {
     size_t group = p->n_heads / p->n_kv_heads, split_tasks = 2 * ATTENTION_TASKS_PER_THREAD * (size_t)s->threads;
     size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
     s->att = alloc_zeroed((size_t)s->threads * group * capacity, sizeof(float));
+    s->query = alloc_zeroed((size_t)s->threads * group * p->head_dim, sizeof(float));
     s->part_max = alloc_zeroed(tasks * group, sizeof(float));
     s->part_sum = alloc_zeroed(tasks * group, sizeof(float));
     s->part_out = alloc_zeroed(split_tasks * group * p->head_dim, sizeof(float));
@@ -2082,13 +2336,13 @@ static int state_init(RunState *s, const Config *p, int threads, int capacity) {
         in->q.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
     }
-    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att &&
+    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->att); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->att); free(s->query); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
     }
@@ -2110,8 +2364,8 @@ static void sequence_free(Sequence *seq) {
 
 // Refuses a sequence whose KV cache and attention scratch (the parts that grow with the context)
 // would not fit in this machine's memory, before anything is allocated.
-static int check_sequence_size(const Config *p, int capacity, int threads) {
-    double need = cache_bytes(p, capacity) + (double)threads * (p->n_heads / p->n_kv_heads) * capacity * sizeof(float);
+static int check_sequence_size(const Config *p, const CacheSpec *spec, int capacity, int threads) {
+    double need = cache_bytes(p, spec, capacity) + (double)threads * (p->n_heads / p->n_kv_heads) * capacity * sizeof(float);
     double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE), gib = 1024.0 * 1024 * 1024;
     if (ram > 0 && need > ram)
         return fail("a context of %d positions needs %.1f GiB for its KV cache, more than this machine's %.1f GiB: "
@@ -2120,16 +2374,16 @@ static int check_sequence_size(const Config *p, int capacity, int threads) {
 }
 
 // A sequence of up to `context` positions (0: the model's) for m, run on `threads` threads (0: all
-// cores, at most MAX_THREADS).
-static int sequence_init(Sequence *seq, const Model *m, int context, int threads) {
+// cores, at most MAX_THREADS), its cache stored as spec says.
+static int sequence_init(Sequence *seq, const Model *m, int context, int threads, const CacheSpec *spec) {
     memset(seq, 0, sizeof *seq);
     if (context < 0 || context > m->config.seq_len)
         return fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
     if (threads < 0 || threads > MAX_THREADS) return fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
     if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     int capacity = context > 0 ? context : m->config.seq_len;
-    if (check_sequence_size(&m->config, capacity, threads)) return -1;
-    if (cache_init(&seq->cache, &m->config, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
+    if (check_sequence_size(&m->config, spec, capacity, threads)) return -1;
+    if (cache_init(&seq->cache, &m->config, spec, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
         sequence_free(seq);
         return -1;
     }
@@ -2187,6 +2441,7 @@ static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv
     int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo, col = kv_head * hd;
     float scale = 1.0f / sqrtf((float)hd);
     const float *q = seq->state.q + (size_t)t * q_dim(p) + (size_t)col * group; // the group's heads are adjacent
+    q = cache_query(&seq->cache, q, group, seq->state.query + (size_t)thread_index() * group * hd);
     for (int i = lo; i < hi;) {
         KVRun run = cache_run(&seq->cache, layer, i, hi - i);
         kv_dot(&run, col, q, group, hd, scale, att + (i - lo), (size_t)len);
@@ -2199,6 +2454,7 @@ static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv
         for (int g = 0; g < group; g++) kv_axpy(&run, col, att + (size_t)g * len + (i - lo), hd, out + g * hd);
         i += run.n;
     }
+    cache_output(&seq->cache, out, group);
 }
 
 // How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
@@ -2493,15 +2749,17 @@ const Config *kvc_config(const Model *m) { return &m->config; }
 
 int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
 
-// A sequence on m: its own KV cache of `context` positions (0: the model's) and scratch for
-// `threads` threads (0: all cores). Free it (kvc_sequence_free) before its model.
-Sequence *kvc_sequence_new(const Model *m, int context, int threads) {
+// A sequence on m: its own KV cache of `context` positions (0: the model's), keys and values
+// stored as type_k and type_v (kvc_cache_type), rotated or not (rotate -1: only for a 4-bit type),
+// and scratch for `threads` threads (0: all cores). Free it (kvc_sequence_free) before its model.
+Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate) {
     Sequence *seq = malloc(sizeof *seq);
     if (!seq) {
         fail("out of memory");
         return NULL;
     }
-    if (sequence_init(seq, m, context, threads)) {
+    CacheSpec spec = cache_spec(type_k, type_v, rotate);
+    if (sequence_init(seq, m, context, threads, &spec)) {
         free(seq);
         return NULL;
     }
@@ -2515,6 +2773,12 @@ void kvc_sequence_free(Sequence *seq) {
 }
 
 int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
+
+// The cache type called `name` ("f32", "f16", "bf16", "q8_0", "q4_0"), or -1.
+int kvc_cache_type(const char *name) { return cache_type_by_name(name); }
+
+// Whether the sequence's cache rotates its heads (after the default was resolved).
+int kvc_cache_rotates(const Sequence *seq) { return seq->cache.spec.rotate; }
 
 // Runs tokens at positions pos.. (filling the cache); logits (n x vocab) of every position, or NULL.
 int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits) {
@@ -2736,6 +3000,9 @@ static void usage(FILE *f) {
             "  -y <string> system prompt in chat mode (default: the model's own)\n"
             "  -c <int>    context length (KV cache size), default the model's\n"
             "  -j <int>    threads (1..%d), default all cores\n"
+            "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0\n"
+            "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
+            "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0)\n"
             "  -h          this help\n", MAX_THREADS);
 }
 
@@ -2777,6 +3044,17 @@ static float parse_float(const char *flag, const char *s) {
     float v = strtof(s, &end);
     if (end == s || *end || !isfinite(v)) bad_usage("bad value for %s", flag);
     return v;
+}
+
+// Long flags, as llama.cpp's users know them, each standing for a code of the switch in main.
+static const struct { const char *name; char code; } LONG_FLAGS[] = {
+    {"-ctk", 'K'}, {"--cache-type-k", 'K'}, {"-ctv", 'V'}, {"--cache-type-v", 'V'}, {"--cache-rotate", 'R'},
+};
+
+static int parse_cache_type(const char *flag, const char *s) {
+    int type = cache_type_by_name(s);
+    if (type < 0) bad_usage("bad value for %s (f32|f16|bf16|q8_0|q4_0)", flag);
+    return type;
 }
 
 static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps) {
@@ -2868,7 +3146,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
 int main(int argc, char **argv) {
     const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL;
     float temperature = 1.0f, topp = 0.9f;
-    int topk = 0, steps = 256, context = 0, threads = 0;
+    int topk = 0, steps = 256, context = 0, threads = 0, type_k = CACHE_F32, type_v = CACHE_F32, rotate = -1;
     unsigned long long seed = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -2881,10 +3159,19 @@ int main(int argc, char **argv) {
             checkpoint = a;
             continue;
         }
-        if (strlen(a) != 2 || !strchr("tpksnizmycj", a[1])) bad_usage("unknown flag %s", a);
+        char code = strlen(a) == 2 && strchr("tpksnizmycj", a[1]) ? a[1] : 0;
+        for (size_t f = 0; !code && f < sizeof LONG_FLAGS / sizeof LONG_FLAGS[0]; f++)
+            if (!strcmp(a, LONG_FLAGS[f].name)) code = LONG_FLAGS[f].code;
+        if (!code) bad_usage("unknown flag %s", a);
         if (i + 1 >= argc) bad_usage("flag %s needs a value", a);
         const char *v = argv[++i];
-        switch (a[1]) {
+        switch (code) {
+        case 'K': type_k = parse_cache_type(a, v); break;
+        case 'V': type_v = parse_cache_type(a, v); break;
+        case 'R':
+            if (strcmp(v, "on") && strcmp(v, "off")) bad_usage("%s takes on or off", a);
+            rotate = !strcmp(v, "on");
+            break;
         case 't': temperature = parse_float(a, v); break;
         case 'p': topp = parse_float(a, v); break;
         case 'k': topk = (int)parse_long(a, v, 0, INT32_MAX); break;
@@ -2908,7 +3195,7 @@ int main(int argc, char **argv) {
     Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
-    Sequence *seq = kvc_sequence_new(m, context, threads);
+    Sequence *seq = kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
     Sampler sampler;
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());

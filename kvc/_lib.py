@@ -23,7 +23,9 @@ ffi.cdef(
     void kvc_close(Model *m);
     const Config *kvc_config(const Model *m);
     int kvc_has_tokenizer(const Model *m);
-    Sequence *kvc_sequence_new(const Model *m, int context, int threads);
+    Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
+    int kvc_cache_type(const char *name);
+    int kvc_cache_rotates(const Sequence *seq);
     void kvc_sequence_free(Sequence *seq);
     int kvc_context(const Sequence *seq);
     int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits);

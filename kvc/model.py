@@ -32,10 +32,14 @@ class Model:
     path: a kvc `.bin` (or a llama2.c checkpoint, with `tokenizer` naming its tokenizer.bin).
     seq_len: a context shorter than the model's, to shrink the KV cache. threads: OpenMP threads.
     config.seq_len is this sequence's context.
+    cache_type_k, cache_type_v: how the KV cache stores keys and values: "f32" (default), "f16",
+    "bf16", "q8_0" or "q4_0" (int8 / 4-bit, one fp16 scale per 32 values). cache_rotate: turn each
+    head by a Hadamard rotation before storing (None: only when a type is q4_0).
     """
 
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                 seq_len: int | None = None, threads: int | None = None):
+                 seq_len: int | None = None, threads: int | None = None, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32", cache_rotate: bool | None = None):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -52,11 +56,18 @@ class Model:
         if handle == ffi.NULL:
             raise ValueError(last_error())
         self._m = ffi.gc(handle, self._lib.kvc_close)
-        seq = self._lib.kvc_sequence_new(self._m, seq_len or 0, threads or 0)
+        types = [self._lib.kvc_cache_type(str(t).encode()) for t in (cache_type_k, cache_type_v)]
+        if min(types) < 0:
+            self.close()
+            raise ValueError(f"unknown cache type in {cache_type_k!r}/{cache_type_v!r} (f32, f16, bf16, q8_0, q4_0)")
+        rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
+        seq = self._lib.kvc_sequence_new(self._m, seq_len or 0, threads or 0, types[0], types[1], rotate)
         if seq == ffi.NULL:
             self.close()
             raise ValueError(last_error())
         self._seq = ffi.gc(seq, self._lib.kvc_sequence_free)
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        self.cache_rotate = bool(self._lib.kvc_cache_rotates(self._seq))
         c = self._lib.kvc_config(self._m)
         self.config = Config(
             dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,

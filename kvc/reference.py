@@ -3,6 +3,8 @@
 It loads the same files the C engine loads (via kvc.format) and computes in float32 by default.
 `forward(tokens, pos)` uses and fills a KV cache shaped like the C one, (n_layers, seq_len, kv_dim);
 `forward_full(tokens)` recomputes everything from scratch with no cache. The two must agree.
+With cache types (kvc.kvtypes), keys and values pass through the same rounding run.c's cache applies,
+in both paths.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from .format import Checkpoint, Config, read_model
+from .kvtypes import default_rotate, stored
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,9 +41,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 class Llama:
     """Llama forward pass over a kvc Checkpoint's float32 weights."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32", cache_rotate: bool | None = None):
         self.config: Config = checkpoint.config
         self.dtype = dtype
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        self.cache_rotate = default_rotate(cache_type_k, cache_type_v) if cache_rotate is None else cache_rotate
         self.w = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in checkpoint.tensors.items()}
         if "wcls" not in self.w:
             self.w["wcls"] = self.w["tok_embeddings"]
@@ -73,6 +79,8 @@ class Llama:
             q = rope((h @ w["wq"][l].T).view(T, c.n_heads, c.head_dim), positions, c.rope_theta)
             k = rope((h @ w["wk"][l].T).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
             v = (h @ w["wv"][l].T).view(T, c.n_kv_heads, c.head_dim)
+            k = stored(k, self.cache_type_k, self.cache_rotate).to(self.dtype)  # what the cache gives back
+            v = stored(v, self.cache_type_v, self.cache_rotate).to(self.dtype)
             keys, values = kv_source(l, k, v)
             att = self.attention(q, keys, values, positions).reshape(T, c.q_dim)
             x = x + att @ w["wo"][l].T
