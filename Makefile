@@ -15,7 +15,7 @@ MODEL := models/smollm2-135m-instruct.bin
 MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 export KVC_DATA
 
-.PHONY: all setup data model test chat bench asan clean
+.PHONY: all setup data model test chat bench asan clean fuzz fuzz-build fuzz-seeds
 all: run libkvc.so
 
 run: run.c
@@ -69,6 +69,33 @@ $(MODEL_Q8): $(SMOLLM2_GGUF) | setup
 # (kvc.bench only reads the models; they are made here)
 bench: all model $(MODEL_Q8)
 	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+
+# ----------------------------------------------------------------------------
+# Fuzzing (README: "Fuzzing and sanitizers")
+
+# libFuzzer targets (fuzz/*.c, clang only), their seeds (fuzz/seeds.py) and a run of each for
+# FUZZ_SECONDS; FUZZ_TARGETS picks some, FUZZ_ARGS adds libFuzzer flags. Everything goes to fuzz/build.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= load tokenizer encode decode chat
+FUZZ_ARGS ?=
+FUZZ_OUT := fuzz/build
+FUZZ_FLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(FUZZ_OUT)/fuzz_%)
+
+fuzz: fuzz-build fuzz-seeds
+	FUZZ_ARGS="$(FUZZ_ARGS)" fuzz/run.sh $(FUZZ_OUT) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-build: $(FUZZ_BINS)
+$(FUZZ_OUT)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h run.c
+	@command -v $(FUZZ_CC) >/dev/null || { echo "make fuzz needs clang and its libFuzzer: apt-get install clang libclang-rt-dev" >&2; exit 1; }
+	@mkdir -p $(FUZZ_OUT)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm || { echo "(libFuzzer missing? apt-get install libclang-rt-dev)" >&2; exit 1; }
+
+fuzz-seeds: $(FUZZ_OUT)/seeds/.done
+$(FUZZ_OUT)/seeds/.done: fuzz/seeds.py kvc/format.py tests/helpers.py | setup
+	$(PY) fuzz/seeds.py $(FUZZ_OUT)
+	touch $@
 
 clean:
 	rm -f run run_asan libkvc.so
