@@ -15,7 +15,7 @@ MODEL := models/smollm2-135m-instruct.bin
 MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 export KVC_DATA
 
-.PHONY: all setup data model test chat bench asan clean
+.PHONY: all setup data model test chat bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds
 all: run libkvc.so
 
 run: run.c
@@ -24,8 +24,10 @@ run: run.c
 libkvc.so: run.c
 	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< -lm
 
+# AddressSanitizer + UBSan; any report stops the program (-fno-sanitize-recover=all)
+SANITIZE := -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra
 asan: run.c
-	$(CC) -O1 -g -fopenmp -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wextra -o run_asan $< -lm
+	$(CC) $(SANITIZE) -o run_asan $< -lm
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -69,6 +71,56 @@ $(MODEL_Q8): $(SMOLLM2_GGUF) | setup
 # (kvc.bench only reads the models; they are made here)
 bench: all model $(MODEL_Q8)
 	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+
+# ----------------------------------------------------------------------------
+# Sanitizers, valgrind and fuzzing (README: "Fuzzing and sanitizers")
+
+libkvc_asan.so: run.c
+	$(CC) $(SANITIZE) -DKVC_LIBRARY -shared -fPIC -o $@ $< -lm
+
+# the portable build (plain C kernels, as `make ARCH=` builds) with symbols, under its own name
+run_portable: ARCH =
+run_portable: run.c
+	$(CC) $(CFLAGS) -g -o $@ $< -lm
+
+# The C-facing tests against the sanitized builds: the CLI tests with KVC_RUN=run_asan (see
+# tests/helpers.py), the Python-binding tests on libkvc_asan.so (gcc's libasan preloaded into Python,
+# leaks not checked there), then tests/test_sanitize.py (valgrind on run_portable, fuzz regressions).
+LIBASAN = $(shell $(CC) -print-file-name=libasan.so)
+SANITIZE_PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider
+SANITIZE_CLI_TESTS := tests/test_cli.py tests/test_chat.py tests/test_bad_input.py
+SANITIZE_LIB_TESTS := tests/test_python_api.py tests/test_engine.py tests/test_tokenizer.py tests/test_byte_bpe.py \
+	tests/test_chat_templates.py tests/test_chat.py tests/test_bad_input.py
+test-sanitize: setup all data asan libkvc_asan.so run_portable
+	KVC_RUN=run_asan $(SANITIZE_PYTEST) $(SANITIZE_CLI_TESTS) -k "not python and not asan"
+	KVC_LIB=$(CURDIR)/libkvc_asan.so LD_PRELOAD=$(LIBASAN) \
+	ASAN_OPTIONS=detect_leaks=0:exitcode=86 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=87 \
+	$(SANITIZE_PYTEST) $(SANITIZE_LIB_TESTS) -k "not cli and not asan"
+	$(SANITIZE_PYTEST) tests/test_sanitize.py
+
+# libFuzzer targets (fuzz/*.c, clang only), their seeds (fuzz/seeds.py) and a run of each for
+# FUZZ_SECONDS; FUZZ_TARGETS picks some, FUZZ_ARGS adds libFuzzer flags. Everything goes to fuzz/build.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= load tokenizer encode decode chat
+FUZZ_ARGS ?=
+FUZZ_OUT := fuzz/build
+FUZZ_FLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(FUZZ_OUT)/fuzz_%)
+
+fuzz: fuzz-build fuzz-seeds
+	FUZZ_ARGS="$(FUZZ_ARGS)" fuzz/run.sh $(FUZZ_OUT) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-build: $(FUZZ_BINS)
+$(FUZZ_OUT)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h run.c
+	@command -v $(FUZZ_CC) >/dev/null || { echo "make fuzz needs clang and its libFuzzer: apt-get install clang libclang-rt-dev" >&2; exit 1; }
+	@mkdir -p $(FUZZ_OUT)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm || { echo "(libFuzzer missing? apt-get install libclang-rt-dev)" >&2; exit 1; }
+
+fuzz-seeds: $(FUZZ_OUT)/seeds/.done
+$(FUZZ_OUT)/seeds/.done: fuzz/seeds.py kvc/format.py tests/helpers.py | setup
+	$(PY) fuzz/seeds.py $(FUZZ_OUT)
+	touch $@
 
 clean:
 	rm -f run run_asan libkvc.so

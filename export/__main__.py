@@ -2,15 +2,63 @@
 
 SRC is a Hugging Face Llama folder, a Meta Llama folder, a GGUF file, a llama2.c checkpoint
 (v0/v1/v2) or a kvc file; OUT is the kvc .bin to write.
+
+Expected errors print one `error: ...` line and exit 1. SIGINT, SIGTERM and SIGHUP (unless
+ignored, as under nohup) stop the export: the temp file is removed, one line says so and the exit
+code is 128 + the signal's number (130, 143, 129).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .common import ExportError
 from .convert import export_model
+
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal turned exception, so that the writer's cleanup runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        return "interrupted" if name == "SIGINT" else f"interrupted by {name}"
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    for name in SIGNALS:  # the first signal wins: a second one must not cut the cleanup short
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """While in the block, SIGINT, SIGTERM and SIGHUP raise Interrupted; ignored ones stay ignored.
+
+    The process's handlers come back afterwards. Outside the main thread (where Python cannot
+    set handlers) this does nothing.
+    """
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,14 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; expected errors print one `error: ...` line and return 1."""
+    """Run the CLI; errors print one `error: ...` line and return 1, a signal 128 + its number."""
     args = parse_args(argv)
     try:
-        c = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
+        with signals_raise():
+            c = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
+            print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {args.dtype}")
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ExportError, ValueError, OSError) as e:  # FormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {args.dtype}")
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return 1
     return 0
 
 

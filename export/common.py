@@ -1,12 +1,16 @@
 """Pieces shared by every source reader: the error type, the in-memory model, small helpers."""
 from __future__ import annotations
 
+import json
+import math
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from kvc.format import ChatTemplate, Config, Tokenizer, tensor_shapes
+from kvc.format import INT32_MAX, ChatTemplate, Config, Tokenizer, tensor_shapes
 
 
 class ExportError(Exception):
@@ -48,10 +52,70 @@ def empty_tensors(config: Config) -> dict[str, np.ndarray]:
 
 
 def check_shape(name: str, arr, shape: tuple[int, ...]) -> None:
-    """Raise ExportError naming the source tensor `name` if `arr` does not have `shape`."""
-    got = tuple(int(s) for s in arr.shape)
+    """Raise ExportError naming the source tensor `name` if `arr` (or a shape tuple) does not have `shape`."""
+    got = tuple(int(s) for s in (arr if isinstance(arr, tuple) else arr.shape))
     if got != tuple(shape):
         raise ExportError(f"tensor {name} has shape {got}, expected {tuple(shape)}")
+
+
+def check_float(name: str, dtype: str, is_float: bool) -> None:
+    """Raise ExportError naming the source tensor `name` unless its type `dtype` is a float type."""
+    if not is_float:
+        raise ExportError(f"tensor {name} has dtype {dtype}, expected a float type")
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+    """Raise ExportError naming the tensor `name` if `arr` holds a NaN or an infinity."""
+    if not np.isfinite(arr).all():
+        raise ExportError(f"tensor {name} has NaN or Inf values")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One source tensor and where it goes: kvc tensor `name`, whole or, with `layer`, one layer of it."""
+
+    source: str
+    name: str
+    layer: int | None = None
+
+
+def slots(c: Config, top: dict[str, str], per_layer: dict[str, str]) -> Iterator[Slot]:
+    """The source tensors of `c` in reading order. `top` and `per_layer` map kvc names to source names;
+    per-layer names hold a `{layer}` field; wcls is skipped when the classifier is shared."""
+    for name, source in top.items():
+        if name != "wcls" or not c.shared_classifier:
+            yield Slot(source, name)
+    for layer in range(c.n_layers):
+        for name, source in per_layer.items():
+            yield Slot(source.format(layer=layer), name, layer)
+
+
+def read_tensors(c: Config, top: dict[str, str], per_layer: dict[str, str],
+                 shape_of: Callable[[Slot], tuple[int, ...]], load: Callable[[Slot], np.ndarray],
+                 desc: str = "reading") -> dict[str, np.ndarray]:
+    """Every tensor of `c` as float32, from a source described by its names (see slots()).
+
+    First every source tensor's shape is checked with `shape_of` (metadata only; it raises
+    ExportError for a missing or non-float tensor), so a config the files do not back is one error
+    line before anything is allocated; then each is read with `load` and checked for NaN/Inf.
+    """
+    full = dict(tensor_shapes(c))
+
+    def expected(s: Slot) -> tuple[int, ...]:
+        return full[s.name] if s.layer is None else full[s.name][1:]
+
+    for s in slots(c, top, per_layer):
+        check_shape(s.source, shape_of(s), expected(s))
+    t = empty_tensors(c)
+    n = sum(1 for name in top if name != "wcls" or not c.shared_classifier) + c.n_layers * len(per_layer)
+    with progress_bar(n, desc) as bar:
+        for s in slots(c, top, per_layer):
+            a = load(s)
+            check_shape(s.source, a, expected(s))
+            check_finite(s.source, a)
+            (t[s.name] if s.layer is None else t[s.name][s.layer])[...] = a
+            bar.update()
+    return t
 
 
 def permute_hf_rope(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
@@ -64,12 +128,52 @@ def permute_hf_rope(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
     return w.reshape(n_heads, 2, head_dim // 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
 
 
+def show(value) -> str:
+    """`value` for an error message: its repr, cut short."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def positive_int(value, what: str) -> int:
-    """`value` as an int > 0, or ExportError mentioning `what`."""
+    """`value` as an int in 1..2^31-1 (what a kvc header holds), or ExportError mentioning `what`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value == int(value) and 0 < value <= INT32_MAX
+    if not ok:
+        raise ExportError(f"{what} is {show(value)}, expected a positive integer below 2^31")
+    return int(value)
+
+
+def positive_number(value, what: str) -> float:
+    """`value` as a finite float > 0, or ExportError mentioning `what`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ExportError(f"{what} is {show(value)}, expected a positive number")
+    return float(value)
+
+
+def token_id(value, what: str) -> int:
+    """`value` as a token id (an int >= 0), or ExportError mentioning `what`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT32_MAX:
+        raise ExportError(f"{what} is {show(value)}, expected a token id")
+    return value
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; ExportError naming the file if it is not UTF-8."""
     try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise ExportError(f"{what} is {value!r}, expected a positive integer") from None
-    if v <= 0 or v != value:
-        raise ExportError(f"{what} is {value!r}, expected a positive integer")
-    return v
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; ExportError naming the file if it is not UTF-8 JSON holding an object."""
+    try:
+        value = json.loads(read_text(path))
+    except ValueError as e:
+        raise ExportError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ExportError(f"{path}: invalid JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value

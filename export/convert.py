@@ -7,7 +7,7 @@ from pathlib import Path
 from kvc.format import WEIGHT_TYPES, Config, write_model
 
 from .chat import detect_template, token_text
-from .common import ExportError, SourceModel, progress_bar
+from .common import ExportError, SourceModel, positive_int, progress_bar
 from .gguf import is_gguf, read_gguf
 from .hf import is_hf_folder, read_hf
 from .llama2c import read_llama2c
@@ -63,10 +63,33 @@ def load_source(src: str | os.PathLike, tokenizer: str | os.PathLike | None = No
         model.template = detect_template(model.jinja, model.tokenizer, c.eos_id,
                                          token_text(model.tokenizer, c.bos_id), token_text(model.tokenizer, c.eos_id))
     if seq_len is not None:
-        if seq_len <= 0:
-            raise ExportError(f"--seq-len must be positive, got {seq_len}")
-        c.seq_len = seq_len
+        c.seq_len = positive_int(seq_len, "--seq-len")
     return model
+
+
+def _inputs(src: Path, tokenizer: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    """The files an export of `src` may read, each with how an error names it."""
+    found = [(src, f"the source {src}")]
+    if src.is_dir():
+        found = [(f, f"one of the source's files ({f})") for f in sorted(src.iterdir()) if f.is_file()]
+        found.append((src.parent / "tokenizer.model", f"the source's tokenizer {src.parent / 'tokenizer.model'}"))
+    if tokenizer is not None:
+        found.append((Path(tokenizer), f"the tokenizer {tokenizer}"))
+    return found
+
+
+def check_output(out: Path, src: Path, tokenizer: str | os.PathLike | None = None) -> None:
+    """ExportError unless `out` can be written: a file in an existing folder that is none of the
+    files the export reads (compared as files, so symlinks and hard links count)."""
+    if out.is_dir():
+        raise ExportError(f"output {out} is a folder")
+    if not out.parent.is_dir():
+        raise ExportError(f"output folder {out.parent} does not exist")
+    if not out.exists():
+        return
+    for f, what in _inputs(src, tokenizer):
+        if f.exists() and os.path.samefile(out, f):
+            raise ExportError(f"output {out} is {what}")
 
 
 def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32", group_size: int = 32,
@@ -75,8 +98,7 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     if dtype not in WEIGHT_TYPES:
         raise ExportError(f"unknown dtype {dtype!r} (choose from {', '.join(WEIGHT_TYPES)})")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise ExportError(f"output folder {out.parent} does not exist")
+    check_output(out, Path(src), tokenizer)
     model = load_source(src, tokenizer, seq_len)
     c = model.config
     c.weight_type = WEIGHT_TYPES[dtype]
@@ -84,6 +106,8 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
     with progress_bar(len(model.tensors), "writing") as bar:
         try:
             write_model(out, c, model.tensors, model.tokenizer, model.template, progress=lambda name: bar.update())
-        except ValueError as e:  # write_model's own checks (vocab, shapes, group size)
+        except ValueError as e:  # write_model's own checks (config, vocab, shapes, values, group size)
             raise ExportError(str(e)) from None
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     return c

@@ -1,14 +1,16 @@
 """Hugging Face Llama folders: config.json + *.safetensors or pytorch_model*.bin."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from kvc.format import Config
 
-from .common import ExportError, SourceModel, check_shape, empty_tensors, permute_hf_rope, positive_int, progress_bar
+from .common import (
+    ExportError, Slot, SourceModel, check_float, permute_hf_rope, positive_int, positive_number, read_json, read_tensors,
+    read_text, token_id,
+)
 from .tokenizers import read_hf_tokenizer_json, read_sentencepiece
 
 ARCHITECTURES = {"LlamaForCausalLM", "LLaMAForCausalLM"}
@@ -19,10 +21,11 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _first_id(value, default: int) -> int:
+def _first_id(value, default: int, what: str) -> int:
+    """A token id from config.json, where it may be null (the default applies) or a list (the first counts)."""
     if isinstance(value, list):
         value = value[0] if value else None
-    return default if value is None else int(value)
+    return default if value is None else token_id(value, f"config.json: {what}")
 
 
 def rope_theta(cfg: dict) -> float:
@@ -39,18 +42,16 @@ def rope_theta(cfg: dict) -> float:
                 raise ExportError(f"config.json: unsupported rope scaling type {kind!r}")
             if "rope_theta" in spec:
                 theta = spec["rope_theta"]
-    return float(10000.0 if theta is None else theta)
+    return positive_number(10000.0 if theta is None else theta, "config.json: rope_theta")
 
 
-def read_config(folder: Path) -> Config:
-    """kvc Config from config.json (without the tokenizer)."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise ExportError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+def _check_architecture(cfg: dict) -> None:
+    """ExportError unless config.json describes a Llama model kvc can run."""
     archs = cfg.get("architectures")
     if archs:
-        if not any(a in ARCHITECTURES for a in archs):
+        if not isinstance(archs, list):
+            raise ExportError(f"config.json: architectures is {archs!r}, expected a list")
+        if not any(a in ARCHITECTURES for a in archs if isinstance(a, str)):
             raise ExportError(f"unsupported architecture {archs[0]}")
     elif cfg.get("model_type") != "llama":  # no architectures: a bare LlamaConfig still says model_type
         raise ExportError(f"unsupported architecture {cfg.get('model_type', 'unknown')}")
@@ -60,25 +61,34 @@ def read_config(folder: Path) -> Config:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ExportError(f"config.json: unsupported activation {act!r}")
+
+
+def read_config(folder: Path) -> Config:
+    """kvc Config from config.json (without the tokenizer)."""
+    cfg = read_json(folder / "config.json")
+    _check_architecture(cfg)
+
+    def dim(key: str, value=None) -> int:
+        return positive_int(cfg[key] if value is None else value, f"config.json: {key}")
+
     try:
-        dim = positive_int(cfg["hidden_size"], "hidden_size")
-        n_heads = positive_int(cfg["num_attention_heads"], "num_attention_heads")
-        n_kv = positive_int(cfg.get("num_key_value_heads") or n_heads, "num_key_value_heads")
-        head_dim = positive_int(cfg.get("head_dim") or dim // n_heads, "head_dim")
+        n_heads = dim("num_attention_heads")
+        n_kv = dim("num_key_value_heads", cfg.get("num_key_value_heads") or n_heads)
+        head_dim = dim("head_dim", cfg.get("head_dim") or dim("hidden_size") // n_heads)
         c = Config(
-            dim=dim,
-            hidden_dim=positive_int(cfg["intermediate_size"], "intermediate_size"),
-            n_layers=positive_int(cfg["num_hidden_layers"], "num_hidden_layers"),
+            dim=dim("hidden_size"),
+            hidden_dim=dim("intermediate_size"),
+            n_layers=dim("num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=n_kv,
-            vocab_size=positive_int(cfg["vocab_size"], "vocab_size"),
-            seq_len=positive_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings"),
+            vocab_size=dim("vocab_size"),
+            seq_len=dim("max_position_embeddings", cfg.get("max_position_embeddings", 2048)),
             head_dim=head_dim,
             rope_theta=rope_theta(cfg),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            norm_eps=positive_number(cfg.get("rms_norm_eps", 1e-6), "config.json: rms_norm_eps"),
             shared_classifier=bool(cfg.get("tie_word_embeddings", False)),
-            bos_id=_first_id(cfg.get("bos_token_id"), 1),
-            eos_id=_first_id(cfg.get("eos_token_id"), 2),
+            bos_id=_first_id(cfg.get("bos_token_id"), 1, "bos_token_id"),
+            eos_id=_first_id(cfg.get("eos_token_id"), 2, "eos_token_id"),
         )
     except KeyError as e:
         raise ExportError(f"config.json: missing {e.args[0]}") from None
@@ -89,29 +99,43 @@ def read_config(folder: Path) -> Config:
     return c
 
 
+def _safetensors_is_float(dtype: str) -> bool:
+    """Whether a safetensors dtype name (F32, BF16, F8_E4M3, I32, BOOL...) is a float type."""
+    return dtype.startswith("F") or dtype == "BF16"
+
+
 class _Weights:
-    """Lazy access to the folder's tensors by HF name, as float32 numpy arrays."""
+    """Lazy access to the folder's tensors by HF name: shapes and dtypes up front, data as float32 on demand."""
 
     def __init__(self, folder: Path):
         self.files: dict[str, Path] = {}
+        self.info: dict[str, tuple[tuple[int, ...], str, bool]] = {}  # name -> shape, dtype, is float
         self.loaded: dict[Path, dict] = {}
         st = sorted(folder.glob("*.safetensors"))
         pt = sorted(folder.glob("pytorch_model*.bin"))
         if st:
-            from safetensors import safe_open
-
             for f in st:
-                try:
-                    with safe_open(str(f), framework="pt") as h:
-                        for k in h.keys():
-                            self.files[k] = f
-                except Exception as e:
-                    raise ExportError(f"{f}: not a valid safetensors file ({e})") from None
+                self._index_safetensors(f)
         elif pt:
             for f in pt:
-                self.files.update({k: f for k in self._load_pt(f)})
+                for k, v in self._load_pt(f).items():
+                    self.files[k] = f
+                    self.info[k] = _torch_info(v)
         else:
             raise ExportError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+
+    def _index_safetensors(self, f: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    dtype = sl.get_dtype()
+                    self.files[k] = f
+                    self.info[k] = (tuple(sl.get_shape()), dtype, _safetensors_is_float(dtype))
+        except Exception as e:
+            raise ExportError(f"{f}: not a valid safetensors file ({e})") from None
 
     def _load_pt(self, f: Path) -> dict:
         if f not in self.loaded:
@@ -122,14 +146,24 @@ class _Weights:
                 self.loaded[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise ExportError(f"{f}: cannot load ({e})") from None
+            if not isinstance(self.loaded[f], dict):
+                raise ExportError(f"{f}: not a state dict of tensors")
         return self.loaded[f]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.files:
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name`; ExportError if it is missing or not a float tensor."""
+        if name not in self.info:
             raise ExportError(f"missing tensor {name}")
+        shape, dtype, is_float = self.info[name]
+        check_float(name, dtype, is_float)
+        return shape
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 (shape() has vetted it)."""
+        self.shape(name)
         f = self.files[name]
         if f.suffix == ".safetensors":
             from safetensors import safe_open
@@ -141,6 +175,30 @@ class _Weights:
         return t.float().numpy()
 
 
+def _torch_info(value) -> tuple[tuple[int, ...], str, bool]:
+    """Shape, dtype name and whether it is a float tensor, for a value of a torch state dict."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return (), type(value).__name__, False
+    return tuple(value.shape), str(value.dtype).removeprefix("torch."), value.is_floating_point()
+
+
+TOP_TENSORS = {"tok_embeddings": "model.embed_tokens.weight", "rms_final": "model.norm.weight",
+               "wcls": "lm_head.weight"}
+LAYER_TENSORS = {
+    "rms_att": "model.layers.{layer}.input_layernorm.weight",
+    "wq": "model.layers.{layer}.self_attn.q_proj.weight",
+    "wk": "model.layers.{layer}.self_attn.k_proj.weight",
+    "wv": "model.layers.{layer}.self_attn.v_proj.weight",
+    "wo": "model.layers.{layer}.self_attn.o_proj.weight",
+    "rms_ffn": "model.layers.{layer}.post_attention_layernorm.weight",
+    "w1": "model.layers.{layer}.mlp.gate_proj.weight",
+    "w2": "model.layers.{layer}.mlp.down_proj.weight",
+    "w3": "model.layers.{layer}.mlp.up_proj.weight",
+}
+
+
 def read_hf(folder: Path, with_tokenizer: bool = True) -> SourceModel:
     """Read a Hugging Face Llama folder; q/k rows are permuted to the interleaved RoPE layout.
 
@@ -150,40 +208,16 @@ def read_hf(folder: Path, with_tokenizer: bool = True) -> SourceModel:
     w = _Weights(folder)
     if c.shared_classifier is False and "lm_head.weight" not in w:
         c.shared_classifier = True  # no lm_head: the embeddings are the classifier
-    t = empty_tensors(c)
-    hd = c.head_dim
-    per_layer = [
-        ("input_layernorm", "rms_att", (c.dim,)),
-        ("self_attn.q_proj", "wq", (c.q_dim, c.dim)),
-        ("self_attn.k_proj", "wk", (c.kv_dim, c.dim)),
-        ("self_attn.v_proj", "wv", (c.kv_dim, c.dim)),
-        ("self_attn.o_proj", "wo", (c.dim, c.q_dim)),
-        ("post_attention_layernorm", "rms_ffn", (c.dim,)),
-        ("mlp.gate_proj", "w1", (c.hidden_dim, c.dim)),
-        ("mlp.down_proj", "w2", (c.dim, c.hidden_dim)),
-        ("mlp.up_proj", "w3", (c.hidden_dim, c.dim)),
-    ]
-    top = [("model.embed_tokens.weight", "tok_embeddings", (c.vocab_size, c.dim)),
-           ("model.norm.weight", "rms_final", (c.dim,))]
-    if not c.shared_classifier:
-        top.append(("lm_head.weight", "wcls", (c.vocab_size, c.dim)))
-    with progress_bar(len(top) + c.n_layers * len(per_layer), "reading") as bar:
-        for hf_name, name, shape in top:
-            a = w.get(hf_name)
-            check_shape(hf_name, a, shape)
-            t[name][...] = a
-            bar.update()
-        for layer in range(c.n_layers):
-            for hf_part, name, shape in per_layer:
-                hf_name = f"model.layers.{layer}.{hf_part}.weight"
-                a = w.get(hf_name)
-                check_shape(hf_name, a, shape)
-                if name == "wq":
-                    a = permute_hf_rope(a, c.n_heads, hd)
-                elif name == "wk":
-                    a = permute_hf_rope(a, c.n_kv_heads, hd)
-                t[name][layer] = a
-                bar.update()
+
+    def load(s: Slot) -> np.ndarray:
+        a = w.get(s.source)
+        if s.name == "wq":
+            return permute_hf_rope(a, c.n_heads, c.head_dim)
+        if s.name == "wk":
+            return permute_hf_rope(a, c.n_kv_heads, c.head_dim)
+        return a
+
+    t = read_tensors(c, TOP_TENSORS, LAYER_TENSORS, lambda s: w.shape(s.source), load)
     tok = _folder_tokenizer(folder) if with_tokenizer else None
     return SourceModel(c, t, tok, jinja=_chat_template(folder))
 
@@ -200,21 +234,15 @@ def _folder_tokenizer(folder: Path):
 
 def _tokenizer_config(folder: Path) -> dict:
     f = folder / "tokenizer_config.json"
-    if not f.is_file():
-        return {}
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError:
-        raise ExportError(f"{f}: invalid JSON") from None
-    return cfg if isinstance(cfg, dict) else {}
+    return read_json(f) if f.is_file() else {}
 
 
 def _chat_template(folder: Path) -> str | None:
     """The chat template text from chat_template.jinja or tokenizer_config.json, if any."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return read_text(folder / "chat_template.jinja")
     tpl = _tokenizer_config(folder).get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
-        named = {d.get("name"): d.get("template") for d in tpl if isinstance(d, dict)}
+        named = {d.get("name"): d.get("template") for d in tpl if isinstance(d, dict) and isinstance(d.get("name"), str)}
         tpl = named.get("default") or next(iter(named.values()), None)
     return tpl if isinstance(tpl, str) else None

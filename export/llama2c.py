@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kvc.format import MAGIC, FormatError, read_llama2c_header, read_model
 
-from .common import ExportError, SourceModel
+from .common import ExportError, SourceModel, check_finite
 
 
 def is_kvc_file(path: Path) -> bool:
@@ -24,6 +24,19 @@ def _expected_size(data: bytes) -> int:
     return size
 
 
+WHOLE = ("tok_embeddings", "rms_final", "wcls")  # the tensors that are not stacked by layer
+
+
+def _check_values(tensors: dict) -> None:
+    """ExportError naming the tensor (and layer) of the first NaN or Inf."""
+    for name, a in tensors.items():
+        if name in WHOLE:
+            check_finite(name, a)
+        else:
+            for layer, part in enumerate(a):
+                check_finite(f"{name} (layer {layer})", part)
+
+
 def read_llama2c(path: Path) -> SourceModel:
     """Read a llama2.c checkpoint (bos 1, eos 2, theta 10000, eps 1e-5; tokenizer comes separately),
     or a kvc file with its tokenizer and chat template."""
@@ -32,6 +45,7 @@ def read_llama2c(path: Path) -> SourceModel:
             ck = read_model(path)
         except (FormatError, ValueError, struct.error) as e:
             raise ExportError(f"{path}: invalid kvc file ({e})") from None
+        _check_values(ck.tensors)
         return SourceModel(ck.config, dict(ck.tensors), ck.tokenizer, ck.template, ck.template.jinja or None)
     data = path.read_bytes()
     want = _expected_size(data)
@@ -41,4 +55,5 @@ def read_llama2c(path: Path) -> SourceModel:
         ck = read_model(path)
     except (FormatError, ValueError, struct.error) as e:
         raise ExportError(f"{path}: invalid llama2.c checkpoint ({e})") from None
+    _check_values(ck.tensors)
     return SourceModel(ck.config, dict(ck.tensors), None)

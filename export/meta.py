@@ -1,14 +1,15 @@
 """Meta's original Llama folders: params.json + consolidated.NN.pth (model-parallel shards)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from kvc.format import Config
 
-from .common import ExportError, SourceModel, check_shape, empty_tensors, positive_int, progress_bar
+from .common import (
+    ExportError, SourceModel, check_float, positive_int, positive_number, read_json, read_tensors,
+)
 from .tokenizers import read_sentencepiece
 
 DEFAULT_SEQ_LEN = 2048  # params.json rarely says; override with --seq-len
@@ -59,22 +60,80 @@ def _load_shards(folder: Path) -> list[dict]:
             shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
             raise ExportError(f"{f}: cannot load ({e})") from None
+        if not isinstance(shards[-1], dict):
+            raise ExportError(f"{f}: not a state dict of tensors")
     return shards
+
+
+def _parts(shards: list[dict], name: str) -> list:
+    """Tensor `name` of every shard; ExportError if one lacks it or holds no float tensor there."""
+    import torch
+
+    parts = []
+    for i, s in enumerate(shards):
+        where = f" in shard {i}" if len(shards) > 1 else ""
+        if name not in s:
+            raise ExportError(f"missing tensor {name}{where}")
+        t = s[name]
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"{name}{where} is a {type(t).__name__}, not a tensor")
+        check_float(name, str(t.dtype).removeprefix("torch."), t.is_floating_point())
+        parts.append(t)
+    return parts
+
+
+def _gathered_shape(shards: list[dict], name: str, axis: int | None) -> tuple[int, ...]:
+    """The shape of tensor `name` once _gather() joins its shards, read from their metadata only."""
+    shapes = [tuple(t.shape) for t in _parts(shards, name)]
+    if axis is None or len(shapes) == 1:
+        return shapes[0]
+    if any(len(s) <= axis or s[:axis] + s[axis + 1:] != shapes[0][:axis] + shapes[0][axis + 1:] for s in shapes):
+        raise ExportError(f"tensor {name}: shards have incompatible shapes {shapes}")
+    return shapes[0][:axis] + (sum(s[axis] for s in shapes),) + shapes[0][axis + 1:]
 
 
 def _gather(shards: list[dict], name: str, axis: int | None) -> np.ndarray:
     """One tensor from all shards: concatenated along `axis`, or the first copy if replicated."""
-    parts = []
-    for i, s in enumerate(shards):
-        if name not in s:
-            raise ExportError(f"missing tensor {name}" + (f" in shard {i}" if len(shards) > 1 else ""))
-        parts.append(s[name].float().numpy())
+    parts = [t.float().numpy() for t in _parts(shards, name)]
     if axis is None or len(parts) == 1:
         return parts[0]
+    return np.concatenate(parts, axis=axis)
+
+
+def _vocab_size(p: dict, shards: list[dict]) -> int:
+    """params.json's vocab_size, or (when it is -1 or absent) the rows of tok_embeddings."""
+    v = p.get("vocab_size", -1)
+    if v is None or v == -1:
+        return int(_gathered_shape(shards, "tok_embeddings.weight", 1)[0])
+    return positive_int(v, "params.json: vocab_size")
+
+
+def read_params(p: dict, shards: list[dict]) -> Config:
+    """kvc Config from params.json's object `p` (the vocab from the weights when `p` has none)."""
     try:
-        return np.concatenate(parts, axis=axis)
-    except ValueError:
-        raise ExportError(f"tensor {name}: shards have incompatible shapes {[p.shape for p in parts]}") from None
+        dim = positive_int(p["dim"], "params.json: dim")
+        n_heads = positive_int(p["n_heads"], "params.json: n_heads")
+        n_kv = positive_int(p.get("n_kv_heads") or n_heads, "params.json: n_kv_heads")
+        multiplier = p.get("ffn_dim_multiplier")
+        if multiplier is not None:
+            multiplier = positive_number(multiplier, "params.json: ffn_dim_multiplier")
+        hidden = meta_hidden_dim(dim, positive_int(p.get("multiple_of", 256), "params.json: multiple_of"), multiplier)
+        c = Config(
+            dim=dim, hidden_dim=positive_int(hidden, "params.json: FFN width"),
+            n_layers=positive_int(p["n_layers"], "params.json: n_layers"),
+            n_heads=n_heads, n_kv_heads=n_kv, vocab_size=_vocab_size(p, shards),
+            seq_len=positive_int(p.get("max_seq_len", DEFAULT_SEQ_LEN), "params.json: max_seq_len"),
+            rope_theta=positive_number(p.get("rope_theta") or 10000.0, "params.json: rope_theta"),
+            norm_eps=positive_number(p.get("norm_eps", 1e-5), "params.json: norm_eps"),
+            shared_classifier=False,
+        )
+    except KeyError as e:
+        raise ExportError(f"params.json: missing {e.args[0]}") from None
+    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        raise ExportError(f"params.json: dim {dim}, {n_heads} heads, {n_kv} kv heads do not fit")
+    if p.get("use_scaled_rope"):
+        raise ExportError("params.json: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+    return c
 
 
 def read_meta(folder: Path, with_tokenizer: bool = True) -> SourceModel:
@@ -82,54 +141,15 @@ def read_meta(folder: Path, with_tokenizer: bool = True) -> SourceModel:
 
     The tokenizer is tokenizer.model in the folder or its parent unless `with_tokenizer` is False.
     """
-    try:
-        p = json.loads((folder / "params.json").read_text())
-    except ValueError as e:
-        raise ExportError(f"{folder / 'params.json'}: invalid JSON ({e})") from None
+    p = read_json(folder / "params.json")
     shards = _load_shards(folder)
-    try:
-        dim = positive_int(p["dim"], "params.json dim")
-        n_heads = positive_int(p["n_heads"], "params.json n_heads")
-        n_kv = positive_int(p.get("n_kv_heads") or n_heads, "params.json n_kv_heads")
-        hidden = meta_hidden_dim(dim, positive_int(p.get("multiple_of", 256), "params.json multiple_of"),
-                                 p.get("ffn_dim_multiplier"))
-        vocab = int(p.get("vocab_size", -1))
-        if vocab <= 0:
-            emb = shards[0].get("tok_embeddings.weight")
-            if emb is None:
-                raise ExportError("missing tensor tok_embeddings.weight")
-            vocab = int(emb.shape[0])
-        c = Config(
-            dim=dim, hidden_dim=hidden, n_layers=positive_int(p["n_layers"], "params.json n_layers"),
-            n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
-            seq_len=positive_int(p.get("max_seq_len", DEFAULT_SEQ_LEN), "params.json max_seq_len"),
-            rope_theta=float(p.get("rope_theta") or 10000.0),
-            norm_eps=float(p.get("norm_eps", 1e-5)),
-            shared_classifier=False,
-        )
-    except KeyError as e:
-        raise ExportError(f"params.json: missing {e.args[0]}") from None
-    if dim % n_heads or n_heads % n_kv:
-        raise ExportError(f"params.json: dim {dim}, {n_heads} heads, {n_kv} kv heads do not fit")
-    if p.get("use_scaled_rope"):
-        raise ExportError("params.json: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
+    c = read_params(p, shards)
+    top = {name: f"{meta_name}.weight" for name, (meta_name, _) in TOP_TENSORS.items()}
+    per_layer = {name: f"layers.{{layer}}.{meta_name}.weight" for name, (meta_name, _) in LAYER_TENSORS.items()}
+    axes = {name: axis for name, (_, axis) in {**TOP_TENSORS, **LAYER_TENSORS}.items()}
 
-    t = empty_tensors(c)
-    shapes = {k: v.shape for k, v in t.items()}
-    with progress_bar(len(TOP_TENSORS) + c.n_layers * len(LAYER_TENSORS), "reading") as bar:
-        for name, (meta_name, axis) in TOP_TENSORS.items():
-            full = f"{meta_name}.weight"
-            a = _gather(shards, full, axis)
-            check_shape(full, a, shapes[name])
-            t[name][...] = a
-            bar.update()
-        for layer in range(c.n_layers):
-            for name, (meta_name, axis) in LAYER_TENSORS.items():
-                full = f"layers.{layer}.{meta_name}.weight"
-                a = _gather(shards, full, axis)
-                check_shape(full, a, shapes[name][1:])
-                t[name][layer] = a
-                bar.update()
+    t = read_tensors(c, top, per_layer, lambda s: _gathered_shape(shards, s.source, axes[s.name]),
+                     lambda s: _gather(shards, s.source, axes[s.name]))
     tok = None
     if with_tokenizer:
         for f in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):

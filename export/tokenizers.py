@@ -18,7 +18,7 @@ from kvc.format import (
     UNKNOWN, USER_DEFINED, FormatError, Tokenizer, read_tokenizer_bin,
 )
 
-from .common import ExportError
+from .common import ExportError, read_json, show
 
 # The Llama 3 pre-tokenizer regex, as in Meta's tiktoken setup and HF's tokenizer.json.
 LLAMA3_REGEX = (
@@ -135,64 +135,119 @@ def read_llama2c_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenize
 # Hugging Face tokenizer.json
 
 
+def _spec(value, what: str) -> dict:
+    """An optional object of a tokenizer.json ({} when null); ExportError naming `what` if it is not one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ExportError(f"{what} is {show(value)}, expected an object")
+    return value
+
+
 def _split_merge(m) -> tuple[str, str]:
+    """A merge as "a b" or ["a", "b"] -> (a, b)."""
     if isinstance(m, str):
         a, sep, b = m.partition(" ")
-        if not sep:
-            raise ExportError(f"malformed merge {m!r}")
-        return a, b
-    a, b = m
-    return a, b
+        if sep:
+            return a, b
+    elif isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+        return m[0], m[1]
+    raise ExportError(f"malformed merge {show(m)}")
 
 
-def _steps(spec: dict | None, key: str) -> list[dict]:
-    """The steps of an HF normalizer or pre_tokenizer spec: a Sequence's list (under `key`: "normalizers"
-    or "pretokenizers"), a single step alone, or none when the spec is null."""
+def _steps(spec, key: str, what: str) -> list[dict]:
+    """The steps of an HF normalizer or pre_tokenizer spec (named `what` in errors): a Sequence's list
+    (under `key`: "normalizers" or "pretokenizers"), a single step alone, or none when the spec is null."""
+    spec = _spec(spec, what)
     if not spec:
         return []
-    if spec.get("type") == "Sequence":
-        return spec.get(key, [])
-    return [spec]
+    steps = spec.get(key, []) if spec.get("type") == "Sequence" else [spec]
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise ExportError(f"{what} has malformed steps {show(steps)}")
+    return steps
 
 
-def _byte_level_pretokenizer(pre: dict | None) -> int:
+def _byte_level_pretokenizer(pre) -> int:
     """kvc's pre-tokenizer for an HF byte-level pre_tokenizer spec, or ExportError."""
     if pre is None:
-        raise ExportError("tokenizer.json: byte-level BPE without a pre_tokenizer is not supported")
-    steps = _steps(pre, "pretokenizers")
+        raise ExportError("byte-level BPE without a pre_tokenizer is not supported")
+    steps = _steps(pre, "pretokenizers", "pre_tokenizer")
     kinds = [s.get("type") for s in steps]
     for s in steps:
         if s.get("type") == "ByteLevel" and s.get("add_prefix_space"):
-            raise ExportError("tokenizer.json: ByteLevel add_prefix_space=true is not supported")
+            raise ExportError("ByteLevel add_prefix_space=true is not supported")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return PRETOK_GPT2
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return PRETOK_SMOLLM
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        if steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX:
+        pattern = steps[0].get("pattern")
+        if isinstance(pattern, dict) and pattern.get("Regex") == LLAMA3_REGEX:
             return PRETOK_LLAMA3
-    raise ExportError(f"tokenizer.json: unsupported pre-tokenizer {json.dumps(pre)[:200]}")
+    raise ExportError(f"unsupported pre-tokenizer {json.dumps(pre)[:200]}")
 
 
 def _adds_dummy_prefix(j: dict) -> bool:
     """True if an HF tokenizer.json puts U+2581 before the text (sentencepiece's add_dummy_prefix): a Prepend
     normalizer (Llama 2's HF conversion) or a Metaspace pre-tokenizer with prepend_scheme "always"."""
-    prepends = any(n.get("type") == "Prepend" for n in _steps(j.get("normalizer"), "normalizers"))
+    prepends = any(n.get("type") == "Prepend" for n in _steps(j.get("normalizer"), "normalizers", "normalizer"))
     metaspace_always = any(p.get("type") == "Metaspace" and p.get("prepend_scheme") == "always"
-                           for p in _steps(j.get("pre_tokenizer"), "pretokenizers"))
+                           for p in _steps(j.get("pre_tokenizer"), "pretokenizers", "pre_tokenizer"))
     return prepends or metaspace_always
 
 
-def _post_processor_adds_bos(post: dict | None) -> bool:
+def _post_processor_adds_bos(post) -> bool:
     """True if an HF post_processor prepends a special token (TemplateProcessing "<s> $A")."""
-    if not post:
-        return False
+    post = _spec(post, "post_processor")
     if post.get("type") == "Sequence":
-        return any(_post_processor_adds_bos(p) for p in post.get("processors", []))
+        processors = post.get("processors", [])
+        if not isinstance(processors, list):
+            raise ExportError(f"post_processor has malformed processors {show(processors)}")
+        return any(_post_processor_adds_bos(p) for p in processors)
     if post.get("type") == "TemplateProcessing":
         single = post.get("single") or []
+        if not isinstance(single, list) or not all(isinstance(x, dict) for x in single):
+            raise ExportError(f"post_processor has a malformed template {show(single)}")
         return bool(single) and "SpecialToken" in single[0]
     return False
+
+
+def _is_id(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
+def _added_tokens(j: dict) -> dict[int, dict]:
+    """tokenizer.json's added_tokens by id."""
+    tokens = j.get("added_tokens") or []
+    if not isinstance(tokens, list):
+        raise ExportError(f"added_tokens is {show(tokens)}, expected an array")
+    for t in tokens:
+        if not isinstance(t, dict) or not _is_id(t.get("id")) or not isinstance(t.get("content"), str):
+            raise ExportError(f"malformed added token {show(t)}")
+    return {t["id"]: t for t in tokens}
+
+
+def _vocab_by_id(model: dict, added: dict[int, dict]) -> tuple[dict[str, int], list[str]]:
+    """The vocabulary (model.vocab and the added tokens) as {token: id} and as a list by id, whose
+    ids must be exactly 0..n-1."""
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise ExportError(f"model.vocab is {show(vocab)}, expected an object")
+    ids = dict(vocab)
+    for i, t in added.items():
+        ids[t["content"]] = i
+    if not ids:
+        raise ExportError("the vocabulary is empty")
+    by_id: list[str | None] = [None] * len(ids)
+    for s, i in ids.items():
+        if not _is_id(i):
+            raise ExportError(f"token {show(s)} has id {show(i)}, expected an integer >= 0")
+        if i < len(by_id):
+            by_id[i] = s
+    missing = next((i for i, s in enumerate(by_id) if s is None), None)
+    if missing is not None:
+        raise ExportError(f"token ids are not contiguous (id {missing} is missing)")
+    return ids, by_id
 
 
 def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None) -> Tokenizer:
@@ -201,35 +256,32 @@ def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None)
 
     Prompts start with BOS if `add_bos`, or when None, if the post_processor prepends a special token.
     """
+    j = read_json(Path(path))
     try:
-        j = json.loads(Path(path).read_text(encoding="utf-8"))
-        model = j["model"]
-    except (ValueError, KeyError, TypeError):
-        raise ExportError(f"{path} is not a Hugging Face tokenizer.json") from None
+        return _hf_tokenizer(j, add_bos)
+    except ExportError as e:
+        raise ExportError(f"{path}: {e}") from None
+
+
+def _hf_tokenizer(j: dict, add_bos: bool | None) -> Tokenizer:
+    """read_hf_tokenizer_json's work on the parsed file `j`; the caller puts the file's name before its errors."""
+    model = _spec(j.get("model"), "model")
     if model.get("type") != "BPE":
-        raise ExportError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only BPE)")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {int(t["id"]): t for t in j.get("added_tokens", [])}
-    for i, t in added.items():
-        vocab[t["content"]] = i
-    n = max(vocab.values()) + 1
-    by_id: list[str | None] = [None] * n
-    for s, i in vocab.items():
-        by_id[i] = s
-    missing = [i for i, s in enumerate(by_id) if s is None]
-    if missing:
-        raise ExportError(f"{path}: token ids are not contiguous (id {missing[0]} is missing)")
-    merges = [_split_merge(m) for m in model.get("merges", [])]
+        raise ExportError(f"tokenizer model {show(model.get('type'))} is not supported (only BPE)")
+    added = _added_tokens(j)
+    vocab, by_id = _vocab_by_id(model, added)
+    n = len(by_id)
+    merges_spec = model.get("merges") or []
+    if not isinstance(merges_spec, list):
+        raise ExportError(f"model.merges is {show(merges_spec)}, expected an array")
+    merges = [_split_merge(m) for m in merges_spec]
     if add_bos is None:
         add_bos = _post_processor_adds_bos(j.get("post_processor"))
     bos_flag = FLAG_ADD_BOS if add_bos else 0
-    types = []
-    for i, s in enumerate(by_id):
-        if i in added:
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
-        else:
-            types.append(NORMAL)
+    types = [(CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL for i in range(n)]
     unk_tok = model.get("unk_token")
+    if unk_tok is not None and not isinstance(unk_tok, str):
+        raise ExportError(f"model.unk_token is {show(unk_tok)}, expected a string")
     unk = vocab.get(unk_tok, -1) if unk_tok else -1
     if unk >= 0:
         types[unk] = UNKNOWN
@@ -254,7 +306,7 @@ def read_hf_tokenizer_json(path: str | os.PathLike, add_bos: bool | None = None)
     try:
         merge_ids = [(vocab[a], vocab[b]) for a, b in merges]
     except KeyError as e:
-        raise ExportError(f"{path}: merge uses unknown token {e.args[0]!r}") from None
+        raise ExportError(f"merge uses unknown token {e.args[0]!r}") from None
     flags = bos_flag | (FLAG_IGNORE_MERGES if model.get("ignore_merges") else 0)
     return Tokenizer(pieces, [0.0] * n, types, TOK_BYTE_BPE, flags, pretok, unk, merge_ids)
 

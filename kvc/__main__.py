@@ -38,10 +38,11 @@ def chat(model: Model, args: argparse.Namespace) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        pieces = model.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)  # checks the flags: an error comes before the reply
         print("Assistant: ", end="", flush=True)
         reply = []
-        for piece in model.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+        for piece in pieces:
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             chat(model, args)
         else:
+            pieces = model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)  # checks the flags
             print(args.prompt, end="", flush=True)
-            for piece in model.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                        top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+            for piece in pieces:
                 print(piece, end="", flush=True)
             print()
     except (ValueError, OSError, IndexError) as e:

@@ -9,11 +9,15 @@ the one parser of their headers), so the torch reference can load every file the
 """
 from __future__ import annotations
 
+import math
 import os
+import secrets
 import struct
-import tempfile
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -21,6 +25,8 @@ MAGIC = b"KVCM"
 VERSION = 1
 HEADER_BYTES = 256
 ALIGN = 64
+INT32_MAX = 2**31 - 1  # the header's int fields
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # weight types
 F32 = 0
@@ -227,6 +233,52 @@ def encode_template(t: ChatTemplate) -> bytes:
     )
 
 
+DIMS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "seq_len")
+
+
+def config_error(values: dict) -> str | None:
+    """What makes a Config's fields (as a dict) no model a kvc header can hold, or None.
+
+    Dims in 1..2^31-1, heads that divide, an even head_dim, finite positive float32 rope_theta,
+    norm_eps in (0, 1), a known weight type (q8_0 with a positive group size), bos/eos in the vocab
+    or -1. run.c's check_config adds the engine's own size limits.
+    """
+    for name in DIMS:
+        if not 0 < values[name] <= INT32_MAX:
+            return f"{name} = {values[name]} (must be 1..{INT32_MAX})"
+    if values["n_heads"] % values["n_kv_heads"]:
+        return f"n_heads = {values['n_heads']} is not a multiple of n_kv_heads = {values['n_kv_heads']}"
+    if values["head_dim"] % 2:
+        return f"head_dim = {values['head_dim']} is odd"
+    if not (math.isfinite(values["rope_theta"]) and 0 < values["rope_theta"] <= FLOAT32_MAX):
+        return f"rope_theta = {values['rope_theta']} (must be a positive float32)"
+    if not 0 < values["norm_eps"] < 1:
+        return f"norm_eps = {values['norm_eps']} (must be in (0, 1))"
+    if values["weight_type"] not in (F32, Q8_0):
+        return f"unknown weight type {values['weight_type']}"
+    if values["weight_type"] == Q8_0 and not 0 < values["group_size"] <= INT32_MAX:
+        return "q8_0 needs a positive group size"
+    for name in ("bos_id", "eos_id"):
+        if not -1 <= values[name] < values["vocab_size"]:
+            return f"{name} = {values[name]} is outside the vocab of {values['vocab_size']}"
+    return None
+
+
+def _check_tensors(config: Config, tensors: dict[str, np.ndarray]) -> None:
+    """ValueError unless `tensors` has every tensor of `config`, shaped as tensor_shapes() says,
+    of a float dtype, without NaN or Inf."""
+    for name, shape in tensor_shapes(config):
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        a = np.asarray(tensors[name])
+        if tuple(a.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(a.shape)}, expected {shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"tensor {name} has dtype {a.dtype}, expected a float type")
+        if not np.isfinite(a).all():
+            raise ValueError(f"tensor {name} has NaN or Inf values")
+
+
 def write_model(
     path: str | os.PathLike,
     config: Config,
@@ -237,63 +289,89 @@ def write_model(
 ) -> None:
     """Write a kvc file atomically (temp file + rename): a failure leaves nothing at `path`.
 
-    `tensors` maps the names of tensor_shapes() to arrays of those shapes (any float dtype).
+    `tensors` maps the names of tensor_shapes() to arrays of those shapes (any float dtype, finite).
     With config.weight_type Q8_0 every matrix is quantized in groups of config.group_size.
-    `progress`, if given, is called with each tensor name as it is written.
+    `progress`, if given, is called with each tensor name as it is written. The file gets the mode
+    a new file gets (0666 less the umask). Any exception while writing, KeyboardInterrupt included,
+    removes the temp file; for other signals the caller turns them into exceptions (as the export
+    CLI does).
     """
     template = template or ChatTemplate()
+    problem = config_error(asdict(config))
+    if problem:
+        raise ValueError(f"config: {problem}")
     if len(tokenizer.pieces) != config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer.pieces)} tokens but the model's vocab is {config.vocab_size}"
         )
-    for name, shape in tensor_shapes(config):
-        if name not in tensors:
-            raise ValueError(f"missing tensor {name}")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    _check_tensors(config, tensors)
     if config.weight_type == Q8_0:
         gs = config.group_size
-        if gs <= 0:
-            raise ValueError("q8_0 needs a positive group size")
         for name, shape in tensor_shapes(config):
             if not is_norm(name) and shape[-1] % gs:
                 raise ValueError(f"tensor {name}: row length {shape[-1]} is not a multiple of group size {gs}")
-    elif config.weight_type != F32:
-        raise ValueError(f"unknown weight type {config.weight_type}")
 
-    path = Path(path)
     tok_bytes = encode_tokenizer(tokenizer)
     tmpl_bytes = encode_template(template)
     tok_off = HEADER_BYTES
     tmpl_off = tok_off + len(tok_bytes) + (-len(tok_bytes) % ALIGN)
     w_off = tmpl_off + len(tmpl_bytes) + (-len(tmpl_bytes) % ALIGN)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=path.name + ".", suffix=".tmp")
+    with _atomic_file(Path(path)) as f:
+        f.write(b"\0" * HEADER_BYTES)
+        f.write(tok_bytes)
+        f.write(b"\0" * (tmpl_off - f.tell()))
+        f.write(tmpl_bytes)
+        f.write(b"\0" * (w_off - f.tell()))
+        for name, shape in tensor_shapes(config):
+            arr = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))
+            if is_quantized(config, name):
+                q, s = quantize_q8_0(arr, config.group_size)
+                _write_aligned(f, q.tobytes())
+                _write_aligned(f, s.astype("<f4").tobytes())
+            else:
+                _write_aligned(f, arr.astype("<f4").tobytes())
+            if progress:
+                progress(name)
+        w_size = f.tell() - w_off
+        f.seek(0)
+        f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)]))
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A new file next to `path`, renamed to `path` when the block ends, removed if it raises.
+
+    Its name is chosen before it is created, so an exception at any point (a signal turned into
+    one arriving right after the open, say) still finds it to remove. Mode 0666 less the umask.
+    """
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue  # someone else's temp file: not ours to remove
+        except OSError:
+            raise  # nothing was created
+        except BaseException:
+            _remove(tmp)  # a signal turned exception: the open may have created it just before
+            raise
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * HEADER_BYTES)
-            f.write(tok_bytes)
-            f.write(b"\0" * (tmpl_off - f.tell()))
-            f.write(tmpl_bytes)
-            f.write(b"\0" * (w_off - f.tell()))
-            for name, shape in tensor_shapes(config):
-                arr = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))
-                if is_quantized(config, name):
-                    q, s = quantize_q8_0(arr, config.group_size)
-                    _write_aligned(f, q.tobytes())
-                    _write_aligned(f, s.astype("<f4").tobytes())
-                else:
-                    _write_aligned(f, arr.astype("<f4").tobytes())
-                if progress:
-                    progress(name)
-            w_size = f.tell() - w_off
-            f.seek(0)
-            f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)]))
+            yield f
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Delete `path` if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def pack_header(config: Config, sections: list[tuple[int, int]]) -> bytes:
@@ -346,28 +424,51 @@ def _read_kvc(data: memoryview) -> Checkpoint:
     h = unpack_header(data)
     if h["version"] != VERSION:
         raise FormatError(f"unsupported kvc version {h['version']}")
-    cfg = Config(**{name: h[f"config.{name}"] for name in CONFIG_FIELDS})
+    values = {name: h[f"config.{name}"] for name in CONFIG_FIELDS}
+    problem = config_error(values)
+    if problem:
+        raise FormatError(f"bad header: {problem}")
+    cfg = Config(**values)
     sections = {}
     for name in SECTIONS:
         off, size = h[f"{name}.offset"], h[f"{name}.size"]
         if off + size > len(data):
-            raise FormatError("section extends past the end of the file")
+            raise FormatError(f"{name} section extends past the end of the file")
         sections[name] = data[off:off + size]
     tok = _decode_tokenizer(sections["tokenizer"])
+    if len(tok.pieces) != cfg.vocab_size:
+        raise FormatError(f"tokenizer has {len(tok.pieces)} tokens but the header's vocab is {cfg.vocab_size}")
     tmpl = _decode_template(sections["chat"])
+    layout, end = _kvc_layout(cfg, h["weights.offset"])
+    if end - h["weights.offset"] != h["weights.size"]:
+        raise FormatError(f"weights section is {h['weights.size']} bytes, the header's config needs "
+                          f"{end - h['weights.offset']}")
     tensors = {}
-    off = h["weights.offset"]
+    for name, shape, off, scales in layout:
+        if scales is None:
+            tensors[name] = np.frombuffer(data, "<f4", int(np.prod(shape)), off).reshape(shape)
+        else:
+            tensors[name] = _dequantize(data, off, scales, shape, cfg.group_size)
+    return Checkpoint(cfg, tensors, tok, tmpl)
+
+
+def _kvc_layout(cfg: Config, offset: int) -> tuple[list[tuple[str, tuple[int, ...], int, int | None]], int]:
+    """(name, shape, offset, scales offset or None) of each tensor of a kvc weights section starting at
+    `offset`, and where it ends; FormatError if a q8_0 row is not made of whole groups."""
+    layout, off = [], offset
     for name, shape in tensor_shapes(cfg):
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         off += -off % ALIGN
         if is_quantized(cfg, name):  # int8 values, then the scales on the next 64-byte boundary
+            if shape[-1] % cfg.group_size:
+                raise FormatError(f"bad header: group_size = {cfg.group_size} does not divide {name}'s rows")
             scales = off + n + (-(off + n) % ALIGN)
-            tensors[name] = _dequantize(data, off, scales, shape, cfg.group_size)
+            layout.append((name, shape, off, scales))
             off = scales + 4 * (n // cfg.group_size)
         else:
-            tensors[name] = np.frombuffer(data, "<f4", n, off).reshape(shape)
+            layout.append((name, shape, off, None))
             off += 4 * n
-    return Checkpoint(cfg, tensors, tok, tmpl)
+    return layout, off
 
 
 def _dequantize(data, values: int, scales: int, shape: tuple[int, ...], group_size: int) -> np.ndarray:
@@ -379,26 +480,38 @@ def _dequantize(data, values: int, scales: int, shape: tuple[int, ...], group_si
 
 
 def _decode_tokenizer(buf: memoryview) -> Tokenizer:
-    kind, n, flags, pretok, unk1, n_merges, _, _ = TOKENIZER_HEADER.unpack_from(buf, 0)
-    off = TOKENIZER_HEADER.size
-    pieces, scores, types = [], [], []
-    for _ in range(n):
-        score, typ, ln = struct.unpack_from("<fII", buf, off)
-        off += 12
-        pieces.append(bytes(buf[off:off + ln]))
-        scores.append(score)
-        types.append(typ)
-        off += ln
-    merges = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(n_merges)]
+    try:
+        kind, n, flags, pretok, unk1, n_merges, _, _ = TOKENIZER_HEADER.unpack_from(buf, 0)
+        off = TOKENIZER_HEADER.size
+        pieces, scores, types = [], [], []
+        for _ in range(n):
+            score, typ, ln = struct.unpack_from("<fII", buf, off)
+            off += 12
+            if off + ln > len(buf):
+                raise struct.error
+            pieces.append(bytes(buf[off:off + ln]))
+            scores.append(score)
+            types.append(typ)
+            off += ln
+        merges = [struct.unpack_from("<II", buf, off + 8 * i) for i in range(n_merges)]
+    except struct.error:
+        raise FormatError("tokenizer section is truncated") from None
     return Tokenizer(pieces, scores, types, kind, flags, pretok, unk1 - 1, merges)
 
 
 def _decode_template(buf: memoryview) -> ChatTemplate:
-    style, eot = struct.unpack_from("<Ii", buf, 0)
-    (n,) = struct.unpack_from("<I", buf, 8)
-    system = bytes(buf[12:12 + n]).decode()
-    (m,) = struct.unpack_from("<I", buf, 12 + n)
-    jinja = bytes(buf[16 + n:16 + n + m]).decode()
+    try:
+        style, eot = struct.unpack_from("<Ii", buf, 0)
+        (n,) = struct.unpack_from("<I", buf, 8)
+        (m,) = struct.unpack_from("<I", buf, 12 + n)
+        if 16 + n + m > len(buf):
+            raise struct.error
+        system = bytes(buf[12:12 + n]).decode()
+        jinja = bytes(buf[16 + n:16 + n + m]).decode()
+    except struct.error:
+        raise FormatError("chat template section is truncated") from None
+    except UnicodeDecodeError:
+        raise FormatError("chat template is not valid UTF-8") from None
     return ChatTemplate(style, eot, system, jinja)
 
 

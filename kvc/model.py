@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import codecs
+import math
+import numbers
+import operator
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +16,56 @@ import numpy as np
 
 from ._lib import ffi, last_error, load
 from .format import Config
+
+C_INT_MAX = 2**31 - 1  # the C API takes int counts, positions and ids
+SEED_MAX = 2**64 - 1  # seeds are unsigned long long
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _int_arg(name: str, value: object, low: int, high: int | None = None) -> int:
+    """value as a Python int in low..high (high None: no bound): TypeError unless an integer, ValueError
+    outside the range (so nothing out of range reaches cffi, whose conversion raises OverflowError)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def _float_arg(name: str, value: object) -> float:
+    """value as a Python float for a C float: TypeError unless a real number, ValueError for finite
+    values beyond float32's range (C would see an infinity). NaN and the infinities pass."""
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    message = f"{name} is beyond float32's range (magnitude at most {FLOAT32_MAX:.4g})"
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(message) from None
+    if math.isfinite(result) and abs(result) > FLOAT32_MAX:
+        raise ValueError(message)
+    return result
+
+
+def _token_ids(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
+    """Token ids as a flat int32 array: TypeError unless integers, ValueError for ids outside the vocab."""
+    arr = np.asarray(tokens)
+    if arr.dtype.kind not in "iu":  # bools, floats, or Python ints numpy found no integer type for (2**64)
+        items = np.asarray(tokens, dtype=object).reshape(-1)
+        try:
+            arr = np.array([operator.index(t) for t in items], dtype=object)
+        except TypeError:
+            raise TypeError("token ids must be integers") from None
+    arr = arr.reshape(-1)
+    if arr.size:
+        low, high = arr.min(), arr.max()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got {low if low < 0 else high}")
+    return arr.astype(np.int32)
 
 
 @dataclass
@@ -30,11 +84,19 @@ class Model:
     """A checkpoint loaded by the C engine, with one sequence: its KV cache and run state.
 
     path: a kvc `.bin` (or a llama2.c checkpoint, with `tokenizer` naming its tokenizer.bin).
-    seq_len: a context shorter than the model's, to shrink the KV cache. threads: OpenMP threads.
+    seq_len: a context shorter than the model's (1..the model's seq_len), to shrink the KV cache.
+    threads: OpenMP threads of the forward pass (1..512; default: every core, at most 512).
     config.seq_len is this sequence's context.
     cache_type_k, cache_type_v: how the KV cache stores keys and values: "f32" (default), "f16",
     "bf16", "q8_0" or "q4_0" (int8 / 4-bit, one fp16 scale per 32 values). cache_rotate: turn each
     head by a Hadamard rotation before storing (None: only when a type is q4_0).
+
+    Threads: a Model can be shared. Every call that touches the C model or cache holds the Model's
+    lock, so calls on one Model run one at a time and each sees the cache as the previous one left
+    it; different Models run in parallel (the C calls release the GIL). Generators hold the lock
+    for each step only, never while their caller has a piece of text: a generator whose Model's
+    cache was changed since its last step (by forward, prefill, reset or another generator) raises
+    RuntimeError on its next step instead of continuing from the wrong cache.
     """
 
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -45,11 +107,12 @@ class Model:
             raise FileNotFoundError(f"no checkpoint at {path}")
         if tokenizer is not None and not os.path.exists(tokenizer):
             raise FileNotFoundError(f"no tokenizer at {tokenizer}")
-        if seq_len is not None and seq_len <= 0:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
-        if threads is not None and threads <= 0:
-            raise ValueError(f"threads must be positive, got {threads}")
+        # 0 asks C for the defaults, so Python refuses it; the C library checks the upper bounds
+        context = 0 if seq_len is None else _int_arg("seq_len", seq_len, 1, C_INT_MAX)
+        n_threads = 0 if threads is None else _int_arg("threads", threads, 1, C_INT_MAX)
         self._lib = load()
+        self._lock = threading.Lock()  # held by every call that touches self._m or self._seq
+        self._version = 0  # bumped by every change to the cache: generators compare it between steps
         self._m = self._seq = None
         tok = ffi.NULL if tokenizer is None else os.fsencode(tokenizer)
         handle = self._lib.kvc_open(os.fsencode(path), tok)
@@ -61,7 +124,7 @@ class Model:
             self.close()
             raise ValueError(f"unknown cache type in {cache_type_k!r}/{cache_type_v!r} (f32, f16, bf16, q8_0, q4_0)")
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
-        seq = self._lib.kvc_sequence_new(self._m, seq_len or 0, threads or 0, types[0], types[1], rotate)
+        seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
             self.close()
             raise ValueError(last_error())
@@ -77,21 +140,26 @@ class Model:
         )
         self.has_tokenizer = bool(self._lib.kvc_has_tokenizer(self._m))
         self.end_of_turn = self._lib.kvc_end_of_turn(self._m)
-        self.stats = GenerationStats()
+        self._chat_style = self._lib.kvc_chat_style(self._m)
+        self.stats = GenerationStats()  # of the generate()/chat() started last
         self._history: list[int] = []  # tokens whose K/V are in the cache, positions 0..
 
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the model and its cache now; later calls raise ValueError."""
-        if self._seq is not None:  # the sequence goes first: it was made for this model
-            seq, self._seq = self._seq, None
-            ffi.gc(seq, None)  # detaches the finalizer, so kvc_sequence_free runs once
-            self._lib.kvc_sequence_free(seq)
-        if self._m is not None:
-            m, self._m = self._m, None
-            ffi.gc(m, None)
-            self._lib.kvc_close(m)
+        """Free the model and its cache now (after a call in progress in another thread returns).
+
+        Every later call, and the next step of a generator, raises ValueError("the model is closed").
+        """
+        with self._lock:
+            if self._seq is not None:  # the sequence goes first: it was made for this model
+                seq, self._seq = self._seq, None
+                ffi.gc(seq, None)  # detaches the finalizer, so kvc_sequence_free runs once
+                self._lib.kvc_sequence_free(seq)
+            if self._m is not None:
+                m, self._m = self._m, None
+                ffi.gc(m, None)
+                self._lib.kvc_close(m)
 
     def __enter__(self) -> "Model":
         return self
@@ -99,31 +167,38 @@ class Model:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _handle(self):
+    def _open(self) -> tuple:
+        """The C model and sequence; raises ValueError once closed. Call it with self._lock held:
+        the handles stay valid only while the lock keeps close() out."""
         if self._m is None:
             raise ValueError("the model is closed")
-        return self._m
-
-    def _sequence(self):
-        if self._seq is None:
-            raise ValueError("the model is closed")
-        return self._seq
+        return self._m, self._seq
 
     # -- the forward pass -----------------------------------------------------------------------
+    # cffi releases the GIL around every call of a C function, in ABI mode too (its docs: "C function
+    # calls are done with the GIL released"). Measured: while one thread spent 0.14 s in kvc_forward, a
+    # pure-Python thread counted at full speed (30 M/s, as when the caller sleeps; 0.56 M/s during a
+    # re.match, which holds the GIL). So Models run in parallel in threads, and without self._lock two
+    # threads would run in one sequence's cache and scratch at once.
 
-    def _check_tokens(self, tokens: Sequence[int], pos: int) -> np.ndarray:
-        arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+    def _check_tokens(self, tokens: Sequence[int], pos: int) -> tuple[np.ndarray, int]:
+        arr = _token_ids(tokens, self.config.vocab_size)
+        try:
+            pos = operator.index(pos)
+        except TypeError:
+            raise TypeError(f"pos must be an integer, got {type(pos).__name__}") from None
         if pos < 0 or pos + arr.size > self.config.seq_len:
             raise IndexError(f"positions {pos}..{pos + arr.size - 1} are outside the context of {self.config.seq_len}")
-        return arr.astype(np.int32)
+        return arr, pos
 
-    def _run(self, tokens: np.ndarray, pos: int, logits) -> None:
-        """Run checked tokens at pos.. and keep the record of what the cache holds (for chat reuse)."""
-        m, seq = self._handle(), self._sequence()
+    def _run(self, seq, tokens: np.ndarray, pos: int, logits) -> None:
+        """Run checked tokens at pos.. and keep the record of what the cache holds (for chat reuse).
+
+        The caller holds self._lock and got seq from _open()."""
+        self._version += 1
         ptr = ffi.cast("const int *", ffi.from_buffer(tokens))
-        if tokens.size and self._lib.kvc_forward(m, seq, ptr, len(tokens), pos, logits) != 0:
+        if tokens.size and self._lib.kvc_forward(self._m, seq, ptr, len(tokens), pos, logits) != 0:
+            self._history = []  # the cache may hold part of the tokens
             raise ValueError(last_error())
         if pos > len(self._history):  # a gap: the cache now holds positions the record does not know
             self._history = []
@@ -134,35 +209,43 @@ class Model:
     def forward(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
         """Run tokens at positions pos, pos+1, ... using and filling the KV cache.
 
+        tokens: integer ids in [0, vocab_size) (ValueError otherwise; TypeError for non-integers).
+        pos: positions pos..pos+len(tokens)-1 must lie in [0, config.seq_len) (IndexError otherwise).
         Returns float32 logits of every position, shape (len(tokens), vocab_size).
         """
-        arr = self._check_tokens(tokens, pos)
+        arr, pos = self._check_tokens(tokens, pos)
         out = np.empty((arr.size, self.config.vocab_size), dtype=np.float32)
-        self._run(arr, pos, ffi.cast("float *", ffi.from_buffer(out)))
+        with self._lock:
+            _, seq = self._open()
+            self._run(seq, arr, pos, ffi.cast("float *", ffi.from_buffer(out)))
         return out
-
-    def _prefill(self, tokens: Sequence[int], pos: int) -> None:
-        """Like forward, but only the last position's logits are computed (into the C state)."""
-        self._run(self._check_tokens(tokens, pos), pos, ffi.NULL)
 
     def prefill(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
         """Run tokens at positions pos.. filling the KV cache, computing only the last position's logits.
 
-        Cheaper than forward() for prompts (the classifier runs once). Returns a float32 copy of those
-        logits, shape (vocab_size,).
+        Cheaper than forward() for prompts (the classifier runs once); tokens and pos as in forward().
+        Returns a float32 copy of those logits, shape (vocab_size,).
         """
-        self._prefill(tokens, pos)
-        logits = self._lib.kvc_logits(self._sequence())
-        return np.frombuffer(ffi.buffer(logits, 4 * self.config.vocab_size), dtype=np.float32).copy()
+        arr, pos = self._check_tokens(tokens, pos)
+        with self._lock:
+            _, seq = self._open()
+            self._run(seq, arr, pos, ffi.NULL)
+            logits = self._lib.kvc_logits(seq)
+            return np.frombuffer(ffi.buffer(logits, 4 * self.config.vocab_size), dtype=np.float32).copy()
 
     def reset(self, fill: float = 0.0) -> None:
         """Forget the cached tokens: the next call starts from an empty cache.
 
-        Every cache slot is set to `fill`: 0 by default; NaN makes any read of a position that was
-        never written show up as NaN logits (what the tests use to catch stray reads).
+        Every cache slot is set to `fill`, a real number: 0 by default; NaN makes any read of a position
+        that was never written show up as NaN logits (what the tests use to catch stray reads). NaN and
+        the infinities are allowed; finite values beyond float32's range raise ValueError.
         """
-        self._lib.kvc_cache_reset(self._sequence(), float(fill))
-        self._history = []
+        value = _float_arg("fill", fill)
+        with self._lock:
+            _, seq = self._open()
+            self._version += 1
+            self._lib.kvc_cache_reset(seq, value)
+            self._history = []
 
     @property
     def kv_cache(self) -> tuple[np.ndarray, np.ndarray]:
@@ -171,19 +254,23 @@ class Model:
         A copy, not a view: the cache's own storage is the engine's business (its element type and
         layout may differ from float32 rows), so writing to these arrays changes nothing.
         """
-        seq, c = self._sequence(), self.config
+        c = self.config
         keys = np.empty((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
         values = np.empty_like(keys)
-        for layer in range(c.n_layers):
-            k = ffi.cast("float *", ffi.from_buffer(keys[layer]))
-            v = ffi.cast("float *", ffi.from_buffer(values[layer]))
-            if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
-                raise ValueError(last_error())
+        with self._lock:
+            _, seq = self._open()
+            for layer in range(c.n_layers):
+                k = ffi.cast("float *", ffi.from_buffer(keys[layer]))
+                v = ffi.cast("float *", ffi.from_buffer(values[layer]))
+                if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
+                    raise ValueError(last_error())
         return keys, values
 
     # -- text -----------------------------------------------------------------------------------
 
     def _need_tokenizer(self) -> None:
+        if self._m is None:  # a first check, for the error's sake; calls check again under the lock
+            raise ValueError("the model is closed")
         if not self.has_tokenizer:
             raise ValueError("this model has no tokenizer (pass tokenizer= for llama2.c checkpoints)")
 
@@ -193,89 +280,135 @@ class Model:
         special=False (the default) treats all of text as text: a spelled-out control token such as
         "<|im_end|>" is encoded as its characters. special=True turns such spellings into their token
         ids, as Hugging Face's encode does: for raw prompts you wrote yourself, never for user input.
+        text must be a str without NUL characters, under 2**31 bytes of UTF-8.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         self._need_tokenizer()
         data = text.encode("utf-8")
         if b"\0" in data:
             raise ValueError("text contains a NUL character")
-        cap = self._lib.kvc_encode_capacity(len(data))
+        cap = self._lib.kvc_encode_capacity(len(data)) if len(data) <= C_INT_MAX else -1
+        if cap < len(data):  # the room the ids need does not fit an int
+            raise ValueError(f"the text is too long to encode: {len(data)} bytes")
         out = ffi.new("int[]", cap)
-        n = self._lib.kvc_encode(self._handle(), data, int(bos), int(special), out, cap)
-        if n < 0:
-            raise ValueError(last_error())
+        with self._lock:
+            m, _ = self._open()
+            n = self._lib.kvc_encode(m, data, int(bool(bos)), int(bool(special)), out, cap)
+            if n < 0:
+                raise ValueError(last_error())
         return list(out[0:n])
 
-    def _token_bytes(self, prev: int, token: int) -> bytes:
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, integers in [0, vocab_size) (invalid UTF-8 becomes U+FFFD)."""
+        self._need_tokenizer()
+        ids32 = _token_ids(ids, self.config.vocab_size)  # stays referenced while C reads it
+        if ids32.size > C_INT_MAX:
+            raise ValueError(f"at most {C_INT_MAX} ids can be decoded at once, got {ids32.size}")
+        ids_ptr = ffi.cast("const int *", ffi.from_buffer(ids32))
+        cap = min(16 * ids32.size + 16, C_INT_MAX)  # a guess; kvc_decode says how much room the text needs
+        with self._lock:
+            m, _ = self._open()
+            for _ in range(2):
+                out = ffi.new("char[]", cap)
+                n = self._lib.kvc_decode(m, ids_ptr, ids32.size, out, cap)
+                if n < 0:
+                    raise ValueError(last_error())
+                if n <= cap:
+                    return ffi.buffer(out, n)[:].decode("utf-8", "replace")
+                cap = n
+        raise AssertionError("kvc_decode asked for more room twice")
+
+    def _token_text(self, m, prev: int, token: int) -> bytes:
+        """The bytes token decodes to after prev. The caller holds self._lock and got m from _open()."""
         ptr = ffi.new("const char **")
-        n = self._lib.kvc_token_text(self._handle(), prev, token, ptr)
+        n = self._lib.kvc_token_text(m, prev, token, ptr)
         if n < 0:
             raise ValueError(last_error())
         return ffi.buffer(ptr[0], n)[:]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
-        self._need_tokenizer()
-        arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
-        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        ids32 = arr.astype(np.int32)  # stays referenced while C reads it
-        ids_ptr = ffi.cast("const int *", ffi.from_buffer(ids32))
-        cap = 16 * arr.size + 16  # a guess; kvc_decode says how much room the text needs
-        for _ in range(2):
-            out = ffi.new("char[]", cap)
-            n = self._lib.kvc_decode(self._handle(), ids_ptr, arr.size, out, cap)
-            if n < 0:
-                raise ValueError(last_error())
-            if n <= cap:
-                return ffi.buffer(out, n)[:].decode("utf-8", "replace")
-            cap = n
-        raise AssertionError("kvc_decode asked for more room twice")
+    def _token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes token decodes to after prev (-1 at the start of a text)."""
+        with self._lock:
+            m, _ = self._open()
+            return self._token_text(m, prev, token)
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _stream(self, prompt: list[int], start: int, max_tokens: int, stops: set[int],
-                temperature: float, top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
-        """Feed prompt[start:] at positions start.., then sample, yielding text as it completes."""
+    def _generation(self, prompt: list[int], reuse_cache: bool, stops: set[int], max_tokens: int,
+                    temperature: float, top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
+        """Checks the arguments now (not at the generator's first step) and returns the generator."""
         c = self.config
+        max_tokens = _int_arg("max_tokens", max_tokens, 0)
+        top_k = _int_arg("top_k", top_k, 0, C_INT_MAX)
+        seed = random.getrandbits(63) | 1 if seed is None else _int_arg("seed", seed, 0, SEED_MAX)
+        temperature, top_p = _float_arg("temperature", temperature), _float_arg("top_p", top_p)
         if not prompt:
             raise ValueError("nothing to start from: the prompt has no tokens")
         if len(prompt) >= c.seq_len:
             raise ValueError(f"the prompt is {len(prompt)} tokens but the context holds {c.seq_len}")
-        if max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        if seed is None:
-            seed = random.getrandbits(63) | 1
-        sampler = self._lib.kvc_sampler_new(c.vocab_size, float(temperature), float(top_p), int(top_k), int(seed))
+        sampler = self._lib.kvc_sampler_new(c.vocab_size, temperature, top_p, top_k, seed)
         if sampler == ffi.NULL:
             raise ValueError(last_error())
         sampler = ffi.gc(sampler, self._lib.kvc_sampler_free)
+        return self._stream(prompt, reuse_cache, stops, max_tokens, sampler)
+
+    def _feed_prompt(self, seq, prompt: list[int], reuse_cache: bool) -> GenerationStats:
+        """Run the prompt (with reuse_cache, from the longest prefix the cache holds) and start the
+        stats of a generation. The caller holds self._lock."""
+        start = 0
+        if reuse_cache:  # at least one token runs, for fresh logits
+            limit = min(len(prompt) - 1, len(self._history))
+            while start < limit and self._history[start] == prompt[start]:
+                start += 1
         stats = self.stats = GenerationStats(prompt_tokens=len(prompt) - start, cached_tokens=start)
         t0 = time.perf_counter()
-        self._prefill(prompt[start:], start)
+        self._run(seq, np.array(prompt[start:], dtype=np.int32), start, ffi.NULL)
         stats.prefill_seconds = time.perf_counter() - t0
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pos, prev = len(prompt), prompt[-1]
-        t0 = time.perf_counter()
         stats.stop_reason = "length"
-        for i in range(max_tokens):
-            token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(self._sequence()))
-            if token < 0:
-                raise ValueError(last_error())
-            if token in stops:
-                stats.stop_reason = "stop"
-                break
+        return stats
+
+    def _stream(self, prompt: list[int], reuse_cache: bool, stops: set[int], max_tokens: int,
+                sampler) -> Iterator[str]:
+        """Feed the prompt, then sample, yielding text as it completes. Each step holds the lock: it
+        feeds the prompt (the first step) or the token the last step sampled, then samples the next.
+        Between steps another call may change the cache, which the next step notices (self._version
+        moved) and refuses to continue from."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pos, prev, token, version = len(prompt), prompt[-1], 0, 0
+        for i in range(max(max_tokens, 1)):  # max_tokens 0: the prompt alone is fed
+            with self._lock:
+                m, seq = self._open()
+                if i == 0:
+                    stats = self._feed_prompt(seq, prompt, reuse_cache)
+                    t0 = time.perf_counter()
+                elif self._version != version:
+                    raise RuntimeError("the model's cache changed since this generator's last step (another "
+                                       "generate, chat, forward, prefill or reset ran on this Model): "
+                                       "start a new generator")
+                else:
+                    self._run(seq, np.array([token], dtype=np.int32), pos, ffi.NULL)
+                    pos += 1
+                version = self._version
+                if max_tokens == 0:
+                    break
+                token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(seq))
+                if token < 0:
+                    raise ValueError(last_error())
+                if token in stops:
+                    stats.stop_reason = "stop"
+                    break
+                data = self._token_text(m, prev, token)
             stats.generated_tokens += 1
-            text = decoder.decode(self._token_bytes(prev, token))
+            text = decoder.decode(data)
             prev = token
             if text:
                 yield text
             if i + 1 == max_tokens:
                 break
-            if pos >= c.seq_len:  # the last position's logits were used: no room to feed this token
+            if pos >= self.config.seq_len:  # the last position's logits were used: no room to feed this token
                 stats.stop_reason = "context"
                 break
-            self._prefill([token], pos)
-            pos += 1
         tail = decoder.decode(b"", final=True)
         stats.decode_seconds = time.perf_counter() - t0
         if tail:
@@ -285,17 +418,21 @@ class Model:
                  top_k: int = 0, seed: int | None = None) -> Iterator[str]:
         """Continue prompt, yielding text pieces as they are sampled; stops at EOS or max_tokens.
 
-        temperature 0 is greedy; top_p 1 and top_k 0 turn those filters off; a seed makes it repeatable.
-        Starts from an empty cache (positions 0..).
+        max_tokens: >= 0. temperature: >= 0 and finite, 0 is greedy. top_p: in [0, 1], 1 turns it off.
+        top_k: 0..2**31-1, 0 turns it off. seed: 0..2**64-1 makes it repeatable (None: a random one).
+        Arguments out of range raise ValueError here, not at the first step. Starts from an empty cache
+        (positions 0..) when first iterated; raises RuntimeError if the cache changes between steps.
         """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         ids = self.encode(prompt, bos=True)
         stops = {self.config.eos_id} - {-1}
-        return self._stream(ids, 0, max_tokens, stops, temperature, top_p, top_k, seed)
+        return self._generation(ids, False, stops, max_tokens, temperature, top_p, top_k, seed)
 
     def _messages(self, messages: Sequence[dict]) -> tuple:
         """Messages as C string arrays (and the buffers that keep them alive)."""
         self._need_tokenizer()
-        if self._lib.kvc_chat_style(self._handle()) == 0:
+        if self._chat_style == 0:
             raise ValueError("this model has no chat template")
         roles, contents, keep = [], [], []
         for i, msg in enumerate(messages):
@@ -313,7 +450,9 @@ class Model:
         """A conversation rendered with the model's chat template, special tokens spelled out."""
         roles, contents, n, _keep = self._messages(messages)
         text = ffi.new("char **")
-        length = self._lib.kvc_chat_render(self._handle(), roles, contents, n, int(add_generation_prompt), text)
+        with self._lock:
+            m, _ = self._open()
+            length = self._lib.kvc_chat_render(m, roles, contents, n, int(bool(add_generation_prompt)), text)
         if length < 0:
             raise ValueError(last_error())
         try:
@@ -325,7 +464,9 @@ class Model:
         """Token ids of a conversation rendered with the model's chat template."""
         roles, contents, n, _keep = self._messages(messages)
         ids = ffi.new("int **")
-        count = self._lib.kvc_chat_encode(self._handle(), roles, contents, n, 1, int(add_generation_prompt), ids)
+        with self._lock:
+            m, _ = self._open()
+            count = self._lib.kvc_chat_encode(m, roles, contents, n, 1, int(bool(add_generation_prompt)), ids)
         if count < 0:
             raise ValueError(last_error())
         try:
@@ -338,12 +479,9 @@ class Model:
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]), yielding text pieces.
 
         The KV cache is reused for the longest prefix this conversation shares with what the cache
-        holds (e.g. the earlier turns of the same chat), so only new tokens are processed.
+        holds when the generator starts (e.g. the earlier turns of the same chat), so only new tokens
+        are processed. Sampling arguments, their ranges and the rule on a changed cache as in generate().
         """
         ids = self.chat_tokens(messages, add_generation_prompt=True)
-        common = 0
-        limit = min(len(ids) - 1, len(self._history))  # at least one token runs, for fresh logits
-        while common < limit and self._history[common] == ids[common]:
-            common += 1
         stops = {self.end_of_turn, self.config.eos_id} - {-1}
-        return self._stream(ids, common, max_tokens, stops, temperature, top_p, top_k, seed)
+        return self._generation(ids, True, stops, max_tokens, temperature, top_p, top_k, seed)

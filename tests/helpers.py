@@ -17,8 +17,22 @@ if str(ROOT) not in sys.path:  # kvc and export import from this checkout (conft
 
 from kvc import format as fmt  # noqa: E402
 
-RUN = ROOT / "run"
+# The executable run_cli runs by default: ./run, or the one $KVC_RUN names (`make test-sanitize` sets
+# KVC_RUN=run_asan to run the CLI tests against the ASan+UBSan build).
+RUN = ROOT / os.environ.get("KVC_RUN", "run")
 TIMEOUT = 20  # seconds: a hang fails the test instead of stalling the suite
+# A sanitized build (a name ending in _asan) is slower; its reports get exit codes of their own, so
+# that a report can never pass for a clean exit (0) or a clean error (1).
+SANITIZED_SLOWDOWN = 10
+SANITIZER_EXIT_ASAN, SANITIZER_EXIT_UBSAN = 86, 87
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": f"detect_leaks=1:exitcode={SANITIZER_EXIT_ASAN}:abort_on_error=0",
+    "UBSAN_OPTIONS": f"halt_on_error=1:print_stacktrace=1:exitcode={SANITIZER_EXIT_UBSAN}",
+}
+
+
+def is_sanitized(exe: Path) -> bool:
+    return Path(exe).name.endswith("_asan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,9 +44,13 @@ def run_cli(*args, exe: Path = RUN, stdin: bytes = b"", env: dict | None = None,
     """`./run` (or `exe`) with args, from the repository root; a hang fails the test.
 
     One OpenMP thread by default: on a busy 2-core box spinning threads can stall for seconds.
+    A sanitized `exe` (see is_sanitized) runs with SANITIZER_ENV and SANITIZED_SLOWDOWN times the timeout.
     """
-    assert exe.is_file(), f"{exe} not found: run `make all` first"
-    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
+    assert exe.is_file(), f"{exe} not found: run `make all` (`make asan` for run_asan) first"
+    sanitizer_env = SANITIZER_ENV if is_sanitized(exe) else {}
+    if sanitizer_env:
+        timeout *= SANITIZED_SLOWDOWN
+    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{**sanitizer_env, **(env or {})})
     try:
         return subprocess.run([str(exe), *map(str, args)], input=stdin, capture_output=True, timeout=timeout,
                               env=full_env, cwd=ROOT)

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import stat
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +20,11 @@ from export import export_model
 from export.__main__ import main
 from export.common import permute_hf_rope
 from export.tokenizers import bytes_to_unicode, read_sentencepiece
-from helpers import ROOT, random_tensors, write_llama2c, write_tokenizer_bin
+from helpers import ROOT, byte_tokenizer, random_tensors, write_llama2c, write_tokenizer_bin
 from kvc.format import (
-    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, NORMAL,
-    PRETOK_SMOLLM, TOK_BYTE_BPE, UNKNOWN, ChatTemplate, Checkpoint, Config, quantize_q8_0, read_model,
-    tensor_shapes,
+    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, LLAMA2C_MAGIC, NORMAL,
+    PRETOK_SMOLLM, TOK_BYTE_BPE, UNKNOWN, ChatTemplate, Checkpoint, Config, quantize_q8_0, read_llama2c_header,
+    read_model, tensor_shapes, write_model,
 )
 from kvc.reference import Llama
 
@@ -528,3 +533,336 @@ def test_cli_subprocess(hf_folder, tmp_path):
     r = subprocess.run([sys.executable, "-m", "export", str(hf_folder), str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert read_model(out).config.n_kv_heads == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# hardening: signals, absurd and malformed input, non-float and non-finite weights, OUT vs SRC, mode
+
+SIGNAL_CASES = [(signal.SIGINT, 130, "error: interrupted"), (signal.SIGTERM, 143, "error: interrupted by SIGTERM"),
+                (signal.SIGHUP, 129, "error: interrupted by SIGHUP")]
+
+
+def _default_signals() -> None:
+    """In the exporter's process: the signals the test sends at their default action, even when pytest
+    runs in a background job (which ignores SIGINT, and the exporter rightly keeps an ignored signal
+    ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def big_llama2c(tmp_path_factory) -> tuple[Path, Path]:
+    """A 337 MB llama2.c v1 checkpoint of zeros (sparse, instant to make) and its tokenizer.bin:
+    exporting it to q8_0 spends about a second writing (quantizing as it goes)."""
+    d = tmp_path_factory.mktemp("big")
+    c = Config(dim=1024, hidden_dim=2816, n_layers=4, n_heads=16, n_kv_heads=16, vocab_size=32000, seq_len=256)
+    head = struct.pack("<Ii7iB", LLAMA2C_MAGIC, 1, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                       c.vocab_size, c.seq_len, 1)
+    with open(d / "big.bin", "wb") as f:
+        f.write(head)
+        f.truncate(read_llama2c_header(head + bytes(256 - len(head))).layout()[1])
+    write_l2c_tokenizer(d / "tok.bin", c.vocab_size)
+    return d / "big.bin", d / "tok.bin"
+
+
+def _wait_for_temp_file(folder: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the exporter has created its temp file in `folder`: it is writing from then on."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(folder.glob("*.tmp")):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exporter exited ({proc.returncode}) before writing: {proc.stderr.read()}")
+        time.sleep(0.001)
+    pytest.fail("the exporter did not start writing in time")
+
+
+@pytest.mark.parametrize("sig,code,line", SIGNAL_CASES, ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signal_mid_write_leaves_nothing(big_llama2c, tmp_path, sig, code, line):
+    """A signal while the weights are written: one line, exit 128 + signal, no temp file left."""
+    src, tok = big_llama2c
+    out = tmp_path / "out" / "m.bin"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "export", str(src), str(out), "--tokenizer", str(tok),
+                             "--dtype", "q8_0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    try:
+        _wait_for_temp_file(out.parent, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err.strip()) == (code, line), err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_signal_handlers_restored(tmp_path, capsys):
+    """main() (as the tests call it) puts the process's own handlers back."""
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    _run_main(capsys, [str(tmp_path / "nope"), str(tmp_path / "out.bin")])
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == before
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> Path:
+    """One random HF folder (GQA, untied, safetensors) that the cases below link to."""
+    d = tmp_path_factory.mktemp("hfbase") / "hf"
+    make_hf_folder(d, n_kv=2, tied=False, theta=1e4, rope_form="top", weights="safetensors")
+    return d
+
+
+def hf_variant(base: Path, dest: Path, config: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """A copy of `base` at `dest`: its files linked, config.json updated with `config`, and `files`
+    ({name: bytes}) written in place of the links."""
+    dest.mkdir(parents=True)
+    for f in base.iterdir():
+        (dest / f.name).symlink_to(f)
+    if config is not None:
+        cj = {**json.loads((base / "config.json").read_text()), **config}
+        files = {**(files or {}), "config.json": json.dumps(cj).encode()}
+    for name, data in (files or {}).items():
+        (dest / name).unlink(missing_ok=True)
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def _own_weights(base: Path) -> dict[str, bytes]:
+    """hf_variant's `files` for a copy of the weights (not a link), to be edited in place."""
+    return {"model.safetensors": (base / "model.safetensors").read_bytes()}
+
+
+def _fails_cleanly(capsys, argv: list[str], *words: str) -> str:
+    """main(argv) returns 1 with one `error:` line containing each of `words`, and writes nothing."""
+    err = _run_main(capsys, argv)
+    for w in words:
+        assert w in err, err
+    _nothing_written(Path(argv[1]))
+    return err
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"num_hidden_layers": 1e9}, ["missing tensor model.layers.2.input_layernorm.weight"]),
+    ({"hidden_size": 10**9}, ["model.embed_tokens.weight", "expected", "1000000000"]),
+    ({"intermediate_size": 10**9}, ["model.layers.0.mlp.gate_proj.weight", "1000000000"]),
+    ({"vocab_size": 2**40}, ["vocab_size", "1099511627776"]),
+    ({"max_position_embeddings": 2**31}, ["max_position_embeddings"]),
+    ({"num_attention_heads": 10**6, "num_key_value_heads": 10**6}, ["model.layers.0.self_attn.q_proj.weight"]),
+], ids=["layers1e9", "hidden1e9", "ffn1e9", "vocab2^40", "seq2^31", "heads1e6"])
+def test_error_absurd_config_dims(hf_base, tmp_path, capsys, config, words):
+    """Dims the files do not have are one error line, found before anything big is allocated."""
+    src = hf_variant(hf_base, tmp_path / "hf", config)
+    _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], *words)
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"rope_theta": "abc"}, ["rope_theta", "'abc'"]),
+    ({"rope_theta": -1.0}, ["rope_theta"]),
+    ({"rms_norm_eps": None}, ["rms_norm_eps"]),
+    ({"bos_token_id": "x"}, ["bos_token_id", "'x'"]),
+    ({"eos_token_id": {"a": 1}}, ["eos_token_id"]),
+    ({"architectures": 5}, ["architectures"]),
+    ({"hidden_size": True}, ["hidden_size"]),
+    ({"rope_parameters": "yarn"}, ["rope"]),
+    ({"num_key_value_heads": 3}, ["not a multiple of 3"]),
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else None)
+def test_error_config_json_wrong_types(hf_base, tmp_path, capsys, config, words):
+    src = hf_variant(hf_base, tmp_path / "hf", config)
+    _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], "config.json", *words)
+
+
+@pytest.mark.parametrize("data,words", [
+    (b"[1, 2]", ["config.json", "JSON object"]),
+    (b"\xff\xfe{}", ["config.json", "UTF-8"]),
+    (b"{", ["config.json", "invalid JSON"]),
+], ids=["list", "utf16", "truncated"])
+def test_error_config_json_not_an_object(hf_base, tmp_path, capsys, data, words):
+    src = hf_variant(hf_base, tmp_path / "hf", files={"config.json": data})
+    err = _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], *words)
+    assert "codec" not in err
+
+
+def test_error_chat_template_not_utf8(hf_base, tmp_path, capsys):
+    src = hf_variant(hf_base, tmp_path / "hf", files={"chat_template.jinja": b"{{ '\xff' }}"})
+    _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], "chat_template.jinja", "UTF-8")
+
+
+@pytest.fixture(scope="module")
+def hf_vocab_llama2c(tmp_path_factory) -> tuple[Path, dict]:
+    """A llama2.c checkpoint with HF_VOCAB tokens, and the tokenizer.json (as a dict) that fits it."""
+    d = tmp_path_factory.mktemp("tokjson")
+    c = Config(**{**L2C.__dict__, "vocab_size": HF_VOCAB})
+    write_llama2c(d / "model.bin", c, random_tensors(c, seed=1), version=1)
+    write_hf_tokenizer(d)
+    return d / "model.bin", json.loads((d / "tokenizer.json").read_text())
+
+
+def _set(path: str, value):
+    """An edit of a tokenizer.json dict: the value at the dotted `path` becomes `value`."""
+    def edit(j: dict) -> dict:
+        *parents, last = path.split(".")
+        for p in parents:
+            j = j[p]
+        j[last] = value
+    return edit
+
+
+TOKENIZER_JSON_CASES = {
+    "empty_vocab": (lambda j: (_set("model.vocab", {})(j), _set("added_tokens", [])(j), _set("model.merges", [])(j)),
+                    "vocabulary is empty"),
+    "vocab_list": (_set("model.vocab", ["a", "b"]), "model.vocab"),
+    "vocab_string": (_set("model.vocab", "abc"), "model.vocab"),
+    "id_string": (_set("model.vocab.he", "x"), "'he'"),
+    "id_negative": (_set("model.vocab.he", -5), "'he'"),
+    "id_huge": (_set("model.vocab.he", 10**12), "not contiguous"),
+    "added_not_list": (_set("added_tokens", {"id": 0}), "added_tokens"),
+    "added_no_id": (_set("added_tokens", [{"content": "<x>"}]), "added token"),
+    "merge_triple": (_set("model.merges", [["a", "b", "c"]]), "merge"),
+    "merge_int": (_set("model.merges", [5]), "merge"),
+    "merges_string": (_set("model.merges", "a b"), "merges"),
+    "model_string": (_set("model", "BPE"), "model"),
+    "pre_tokenizer_string": (_set("pre_tokenizer", "ByteLevel"), "pre_tokenizer"),
+    "pre_tokenizer_steps": (_set("pre_tokenizer", {"type": "Sequence", "pretokenizers": [1, 2]}), "pre_tokenizer"),
+    "split_pattern_string": (_set("pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": "x"}, {"type": "ByteLevel", "use_regex": False}]}), "pre-tokenizer"),
+    "post_processor_list": (_set("post_processor", [1]), "post_processor"),
+    "template_single_int": (_set("post_processor", {"type": "TemplateProcessing", "single": [3]}), "post_processor"),
+    "unk_token_list": (_set("model.unk_token", ["<unk>"]), "unk_token"),
+    "normalizer_string": (lambda j: (_set("model.byte_fallback", True)(j), _set("normalizer", "x")(j)), "normalizer"),
+}
+
+
+@pytest.mark.parametrize("case", TOKENIZER_JSON_CASES)
+def test_error_broken_tokenizer_json(hf_vocab_llama2c, tmp_path, capsys, case):
+    """Every malformed tokenizer.json is one line naming the file and what is wrong."""
+    src, spec = hf_vocab_llama2c
+    edit, word = TOKENIZER_JSON_CASES[case]
+    j = json.loads(json.dumps(spec))
+    edit(j)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(json.dumps(j))
+    err = _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin"), "--tokenizer", str(tok)], str(tok), word)
+    assert "arg is an empty sequence" not in err and "object has no attribute" not in err
+
+
+def test_tokenizer_json_baseline_exports(hf_vocab_llama2c, tmp_path):
+    """The unedited tokenizer.json of the cases above is fine."""
+    src, spec = hf_vocab_llama2c
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    export_model(src, tmp_path / "m.bin", tokenizer=tmp_path / "tokenizer.json")
+    assert len(read_model(tmp_path / "m.bin").tokenizer.pieces) == HF_VOCAB
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_error_non_float_tensor(hf_base, tmp_path, capsys, dtype):
+    name = "model.layers.1.mlp.up_proj.weight"
+    src = hf_variant(hf_base, tmp_path / "hf", files=_own_weights(hf_base))
+    _edit_safetensors(src / "model.safetensors", lambda t: t.__setitem__(name, np.ones(t[name].shape, dtype)))
+    err = _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], name)
+    assert "dtype" in err and "float" in err
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_error_nonfinite_hf_weight(hf_base, tmp_path, capsys, value):
+    name = "model.layers.1.self_attn.o_proj.weight"
+    src = hf_variant(hf_base, tmp_path / "hf", files=_own_weights(hf_base))
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name][3, 5] = value
+    _edit_safetensors(src / "model.safetensors", poison)
+    _fails_cleanly(capsys, [str(src), str(tmp_path / "m.bin")], f"tensor {name} has NaN or Inf values")
+
+
+def test_error_nonfinite_llama2c_weight(tmp_path, capsys):
+    t = random_tensors(L2C, 0)
+    t["w2"][1, 7, 3] = np.nan
+    write_llama2c(tmp_path / "model.bin", L2C, t, version=1)
+    write_l2c_tokenizer(tmp_path / "tok.bin", L2C.vocab_size)
+    argv = [str(tmp_path / "model.bin"), str(tmp_path / "m.bin"), "--tokenizer", str(tmp_path / "tok.bin")]
+    _fails_cleanly(capsys, argv, "tensor w2 (layer 1) has NaN or Inf values")
+
+
+def test_write_model_refuses_nonfloat_and_nonfinite(tmp_path):
+    t = random_tensors(L2C, 0)
+    tok = byte_tokenizer(L2C.vocab_size)
+    with pytest.raises(ValueError, match="tensor wq has dtype int32"):
+        write_model(tmp_path / "a.bin", L2C, {**t, "wq": t["wq"].astype(np.int32)}, tok)
+    bad = t["rms_final"].copy()
+    bad[0] = np.inf
+    with pytest.raises(ValueError, match="tensor rms_final has NaN or Inf values"):
+        write_model(tmp_path / "a.bin", L2C, {**t, "rms_final": bad}, tok)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_error_meta_absurd_layers_and_int_tensor(tmp_path, sp_model, capsys):
+    p = {"dim": 64, "n_layers": 10**9, "n_heads": 8, "vocab_size": 32000, "multiple_of": 32,
+         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5}
+    w = meta_weights({**p, "n_layers": 2}, 32000, seed=0)
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(p))
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    torch.save(w, folder / "consolidated.00.pth")
+    out = str(tmp_path / "m.bin")
+    _fails_cleanly(capsys, [str(folder), out], "missing tensor layers.2.attention_norm.weight")
+    (folder / "params.json").write_text(json.dumps({**p, "n_layers": 2}))
+    w["layers.0.feed_forward.w3.weight"] = w["layers.0.feed_forward.w3.weight"].to(torch.int32)
+    torch.save(w, folder / "consolidated.00.pth")
+    _fails_cleanly(capsys, [str(folder), out], "layers.0.feed_forward.w3.weight", "int32")
+    for bad, word in (({"norm_eps": "x"}, "norm_eps"), ({"vocab_size": "big"}, "vocab_size"),
+                      ({"ffn_dim_multiplier": "x"}, "ffn_dim_multiplier"), ({"rope_theta": [1]}, "rope_theta")):
+        (folder / "params.json").write_text(json.dumps({**p, "n_layers": 2, **bad}))
+        _fails_cleanly(capsys, [str(folder), out], "params.json", word)
+
+
+def test_error_out_is_a_source_file(hf_base, tmp_path, capsys):
+    """OUT must not replace what the export reads: a file of the SRC folder, or the --tokenizer."""
+    src = hf_variant(hf_base, tmp_path / "hf")
+    before = (hf_base / "model.safetensors").read_bytes()
+    for out in (src / "model.safetensors", hf_base / "config.json"):
+        assert "is one of the source's files" in _run_main(capsys, [str(src), str(out)])
+    assert (hf_base / "model.safetensors").read_bytes() == before
+    tok = tmp_path / "tokenizer.json"
+    tok.write_bytes((hf_base / "tokenizer.json").read_bytes())
+    assert "is the tokenizer" in _run_main(capsys, [str(src), str(tok), "--tokenizer", str(tok)])
+    assert tok.read_bytes() == (hf_base / "tokenizer.json").read_bytes()
+    export_model(src, src / "kvc.bin")  # a new file in the folder is fine
+
+
+def test_error_out_is_a_folder(hf_base, tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    assert "is a folder" in _run_main(capsys, [str(hf_base), str(tmp_path / "dir")])
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+def test_error_seq_len_does_not_fit_header(hf_base, tmp_path, capsys):
+    _fails_cleanly(capsys, [str(hf_base), str(tmp_path / "m.bin"), "--seq-len", str(2**31)], "--seq-len")
+
+
+def test_error_kvc_source_with_bad_header(tmp_path, capsys):
+    """A kvc file as SRC whose header makes no sense: one line, no ZeroDivisionError or numpy message."""
+    from helpers import write_random_model
+    from kvc.format import HEADER, HEADER_FIELDS
+
+    write_random_model(tmp_path / "m.bin")
+    data = bytearray((tmp_path / "m.bin").read_bytes())
+    fields = [n for n, _ in HEADER_FIELDS]
+    for field, value, word in (("config.n_heads", 0, "n_heads"), ("config.n_layers", 1000, "weights"),
+                               ("config.dim", -64, "dim"), ("config.weight_type", 7, "weight type")):
+        values = list(HEADER.unpack_from(data, 0))
+        values[fields.index(field)] = value
+        bad = tmp_path / f"bad-{field}.bin"
+        bad.write_bytes(HEADER.pack(*values) + bytes(data[HEADER.size:]))
+        err = _fails_cleanly(capsys, [str(bad), str(tmp_path / "o.bin")], word)
+        assert "division" not in err and "buffer" not in err, err
+
+
+def test_exported_file_mode_follows_umask(hf_base, tmp_path):
+    old = os.umask(0o027)
+    try:
+        export_model(hf_base, tmp_path / "m.bin")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.bin").stat().st_mode) == 0o640

@@ -107,10 +107,12 @@ def small_vocab(kind: str) -> tuple[list[str], list[int], list[str], list[float]
 
 
 def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", drop: str | None = None, seed: int = 0,
-                     pre: str = "smollm", add_bos: bool | None = None) -> tuple[Config, dict[str, np.ndarray]]:
+                     pre: str = "smollm", add_bos: bool | None = None, meta: dict | None = None,
+                     replace: dict[str, np.ndarray] | None = None) -> tuple[Config, dict[str, np.ndarray]]:
     """A random llama GGUF (f32 norms, Q8_0 token_embd, f32 or f16 matrices); returns the tensors it
     holds, as dequantized float32 in kvc names. `pre` is the gpt2 pre-tokenizer; `add_bos` None
-    leaves tokenizer.ggml.add_bos_token out."""
+    leaves tokenizer.ggml.add_bos_token out; `meta` ({key: (value, GGUFValueType)}) sets metadata
+    last, over what was there; `replace` ({GGUF name: array}) stores those arrays as they are."""
     tokens, types, merges, scores = small_vocab(kind)
     c = Config(**{**SMALL.__dict__, "vocab_size": len(tokens), "shared_classifier": tied})
     rng = np.random.default_rng(seed)
@@ -142,8 +144,14 @@ def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", 
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
 
+    for key, (value, vtype) in (meta or {}).items():
+        w.add_key_value(key, value, vtype)
+
     def add(name: str, a: np.ndarray, quant: str) -> np.ndarray:
         if name == drop:
+            return a
+        if name in (replace or {}):
+            w.add_tensor(name, replace[name])
             return a
         if quant == "q8_0":
             q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
@@ -228,3 +236,77 @@ def test_gguf_errors(tmp_path, capsys):
     write_small_gguf(tmp_path / "miss.gguf", "gpt2", True, drop="blk.1.ffn_up.weight")
     assert _fails(capsys, [str(tmp_path / "miss.gguf"), str(out)]) == "error: missing tensor blk.1.ffn_up.weight"
     assert list(out.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# hardening: malformed metadata, non-float and non-finite tensors, OUT vs SRC
+
+V = gguf.GGUFValueType
+N_GPT2 = len(small_vocab("gpt2")[0])
+META_CASES = {
+    "arch_not_utf8": ({"general.architecture": (b"ll\xffma", V.STRING)}, "general.architecture is not valid UTF-8"),
+    "dim_string": ({"llama.embedding_length": ("64", V.STRING)}, "llama.embedding_length"),
+    "dim_1e9": ({"llama.embedding_length": (10**9, V.UINT32)}, "token_embd.weight"),
+    "layers_1e9": ({"llama.block_count": (10**9, V.UINT32)}, "missing tensor blk.2.attn_norm.weight"),
+    "theta_string": ({"llama.rope.freq_base": ("abc", V.STRING)}, "llama.rope.freq_base"),
+    "theta_negative": ({"llama.rope.freq_base": (-1.0, V.FLOAT32)}, "llama.rope.freq_base"),
+    "eps_string": ({"llama.attention.layer_norm_rms_epsilon": ("x", V.STRING)}, "layer_norm_rms_epsilon"),
+    "scaling_int": ({"llama.rope.scaling.type": (5, V.UINT32)}, "rope.scaling.type"),
+    "tokens_ints": ({"tokenizer.ggml.tokens": ([1, 2, 3], V.ARRAY)}, "tokenizer.ggml.tokens"),
+    "tokens_not_utf8": ({"tokenizer.ggml.tokens": ([b"a", b"\xff"] * (N_GPT2 // 2), V.ARRAY)}, "not valid UTF-8"),
+    "types_strings": ({"tokenizer.ggml.token_type": (["a"] * N_GPT2, V.ARRAY)}, "tokenizer.ggml.token_type"),
+    "merges_ints": ({"tokenizer.ggml.merges": ([1, 2], V.ARRAY)}, "tokenizer.ggml.merges"),
+    "bos_string": ({"tokenizer.ggml.bos_token_id": ("x", V.STRING)}, "tokenizer.ggml.bos_token_id"),
+    "unk_outside": ({"tokenizer.ggml.unknown_token_id": (10**6, V.UINT32)}, "tokenizer.ggml.unknown_token_id"),
+    "template_int": ({"tokenizer.chat_template": (5, V.UINT32)}, "tokenizer.chat_template"),
+    "add_bos_string": ({"tokenizer.ggml.add_bos_token": ("yes", V.STRING)}, "tokenizer.ggml.add_bos_token"),
+    "model_int": ({"tokenizer.ggml.model": (7, V.UINT32)}, "tokenizer.ggml.model"),
+    "pre_int": ({"tokenizer.ggml.pre": (3, V.UINT32)}, "tokenizer.ggml.pre"),
+}
+
+
+@pytest.mark.parametrize("case", META_CASES)
+def test_gguf_malformed_metadata(tmp_path, capsys, case):
+    """Each wrong type or absurd value in GGUF metadata is one line naming the key; nothing written."""
+    meta, word = META_CASES[case]
+    write_small_gguf(tmp_path / "m.gguf", "gpt2", True, meta=meta)
+    (tmp_path / "out").mkdir()
+    err = _fails(capsys, [str(tmp_path / "m.gguf"), str(tmp_path / "out" / "m.bin")])
+    assert word in err, err
+    assert "codec" not in err and list((tmp_path / "out").iterdir()) == []
+
+
+def test_gguf_sentencepiece_scores_wrong_type(tmp_path, capsys):
+    n = len(small_vocab("llama")[0])
+    write_small_gguf(tmp_path / "m.gguf", "llama", True, meta={"tokenizer.ggml.scores": (["x"] * n, V.ARRAY)})
+    assert "tokenizer.ggml.scores" in _fails(capsys, [str(tmp_path / "m.gguf"), str(tmp_path / "m.bin")])
+
+
+def test_gguf_int_tensor(tmp_path, capsys):
+    write_small_gguf(tmp_path / "m.gguf", "gpt2", True, replace={"blk.0.attn_q.weight": np.ones((128, 64), np.int32)})
+    err = _fails(capsys, [str(tmp_path / "m.gguf"), str(tmp_path / "m.bin")])
+    assert err == "error: tensor blk.0.attn_q.weight has dtype I32, expected a float type"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_gguf_nonfinite_tensor(tmp_path, capsys, value):
+    a = np.ones((64, 96), np.float32)
+    a[10, 20] = value
+    write_small_gguf(tmp_path / "m.gguf", "gpt2", True, replace={"blk.1.ffn_down.weight": a})
+    err = _fails(capsys, [str(tmp_path / "m.gguf"), str(tmp_path / "m.bin")])
+    assert err == "error: tensor blk.1.ffn_down.weight has NaN or Inf values"
+    assert not (tmp_path / "m.bin").exists()
+
+
+def test_gguf_out_is_src(tmp_path, capsys):
+    """OUT naming the GGUF itself, directly or through a symlink either way, is refused; the GGUF stays."""
+    src = tmp_path / "m.gguf"
+    write_small_gguf(src, "gpt2", True)
+    before = src.read_bytes()
+    (tmp_path / "link.bin").symlink_to(src)
+    (tmp_path / "link.gguf").symlink_to(src)
+    cases = [(src, src), (src, tmp_path / "link.bin"), (tmp_path / "link.gguf", src), (src, tmp_path / "." / "m.gguf")]
+    for s, o in cases:
+        assert "is the source" in _fails(capsys, [str(s), str(o)])
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.bin", "link.gguf", "m.gguf"]
