@@ -2009,7 +2009,22 @@ static uint16_t f32_to_bf16(float f) { // round to nearest even, as torch does
 
 static float bf16_to_f32(uint16_t h) { return bits_float((uint32_t)h << 16); }
 
+#define F16_NAN 0x7E00
+
+// A block holding NaN or Inf stores as all NaN (a NaN scale): broken activations must show.
+static int store_nonfinite(uint8_t *b, const float *x, int bytes) {
+    for (int j = 0; j < CACHE_GROUP; j++)
+        if (!isfinite(x[j])) {
+            memset(b, 0, bytes);
+            uint16_t nan = F16_NAN;
+            memcpy(b, &nan, 2);
+            return 1;
+        }
+    return 0;
+}
+
 static void store_q8_0(uint8_t *b, const float *x) {
+    if (store_nonfinite(b, x, CACHE_TYPES[CACHE_Q8_0].bytes)) return;
     float amax = 0;
     for (int j = 0; j < CACHE_GROUP; j++) amax = fmaxf(amax, fabsf(x[j]));
     uint16_t d16 = f32_to_f16(amax / 127.0f);
@@ -2022,14 +2037,16 @@ static void store_q8_0(uint8_t *b, const float *x) {
 }
 
 static void store_q4_0(uint8_t *b, const float *x) {
-    float max = 0; // the value of largest magnitude, with its sign: it becomes -8 * d
-    for (int j = 0; j < CACHE_GROUP; j++) if (fabsf(x[j]) > fabsf(max)) max = x[j];
+    if (store_nonfinite(b, x, CACHE_TYPES[CACHE_Q4_0].bytes)) return;
+    float max = x[0]; // the first value of largest magnitude, with its sign: it becomes -8 * d
+    for (int j = 1; j < CACHE_GROUP; j++) if (fabsf(x[j]) > fabsf(max)) max = x[j];
     uint16_t d16 = f32_to_f16(max / -8.0f);
     float d = f16_to_f32(d16), inv = d != 0 ? 1.0f / d : 0.0f;
     memcpy(b, &d16, 2);
     uint8_t q[CACHE_GROUP];
     for (int j = 0; j < CACHE_GROUP; j++) {
-        float v = floorf(x[j] * inv + 8.5f);
+        volatile float scaled = x[j] * inv; // rounded before the add, never fused into an fma: as the reference
+        float v = floorf(scaled + 8.5f);
         q[j] = (uint8_t)(v < 0 ? 0 : v > 15 ? 15 : v);
     }
     for (int j = 0; j < CACHE_GROUP / 2; j++) b[2 + j] = (uint8_t)(q[j] | q[j + CACHE_GROUP / 2] << 4);
@@ -2044,6 +2061,22 @@ static void store_row(int type, uint8_t *dst, const float *x, int n) {
     case CACHE_Q8_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q8_0(dst + row_bytes(type, i), x + i); break;
     case CACHE_Q4_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q4_0(dst + row_bytes(type, i), x + i); break;
     }
+}
+
+// n copies of `fill` stored as `type` (as near as the type gets: a q block is the scale fill times
+// one step, so NaN fills every value with NaN).
+static void fill_row(int type, uint8_t *dst, float fill, int n) {
+    if (type == CACHE_Q8_0 || type == CACHE_Q4_0) {
+        uint16_t d16 = f32_to_f16(fill);
+        for (int i = 0; i < n; i += CACHE_GROUP, dst += CACHE_TYPES[type].bytes) {
+            memcpy(dst, &d16, 2);
+            memset(dst + 2, type == CACHE_Q8_0 ? 1 : 0x99, CACHE_TYPES[type].bytes - 2); // q = 1, or 9 - 8 = 1
+        }
+        return;
+    }
+    float row[n];
+    for (int i = 0; i < n; i++) row[i] = fill;
+    store_row(type, dst, row, n);
 }
 
 // n values stored as `type` at src, as float32 into out: every build gives the same bits.
@@ -2230,10 +2263,8 @@ static void cache_reset(KVCache *c, float fill) {
         memset(c->values, 0, slots * c->value_row);
         return;
     }
-    float row[c->kv_dim];
-    for (int i = 0; i < c->kv_dim; i++) row[i] = fill;
-    store_row(c->spec.type_k, c->keys, row, c->kv_dim);
-    store_row(c->spec.type_v, c->values, row, c->kv_dim);
+    fill_row(c->spec.type_k, c->keys, fill, c->kv_dim);
+    fill_row(c->spec.type_v, c->values, fill, c->kv_dim);
     for (size_t s = 1; s < slots; s++) {
         memcpy(c->keys + s * c->key_row, c->keys, c->key_row);
         memcpy(c->values + s * c->value_row, c->values, c->value_row);

@@ -18,7 +18,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     const Config *c = kvc_config(m);
     int vocab = c->vocab_size;
-    Sequence *seq = kvc_sequence_new(m, c->seq_len < 8 ? 0 : 8, 1);
+    Sequence *seq = kvc_sequence_new(m, c->seq_len < 8 ? 0 : 8, 1, 0, 0, -1); // an f32 cache
     FUZZ_CHECK(seq);
     int context = kvc_context(seq);
     int tokens[3] = {0, vocab - 1, vocab / 2};

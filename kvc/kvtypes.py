@@ -2,7 +2,7 @@
 
 `roundtrip(x, type)` is what a float32 row comes back as after the C cache stored it: f16 and bf16
 round to nearest even; q8_0 and q4_0 quantize each group of 32 values with an fp16 scale (GGML's
-blocks). `hadamard(x)` is the orthonormal rotation run.c applies per head before storing when the
+blocks; a group holding NaN or Inf comes back all NaN). `hadamard(x)` is the orthonormal rotation run.c applies per head before storing when the
 cache rotates, with the same butterflies in the same order, so both compute the same bits.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
     d = _fp16(g.abs().amax(dim=1) / torch.tensor(127.0))
     inv = torch.where(d > 0, torch.tensor(1.0) / d, torch.zeros_like(d))
     q = torch.round(g * inv[:, None]).clamp(-127, 127)  # torch.round: nearest even, as rintf
+    q = q + 0.0  # an int8 has no -0: a value that rounds to zero is +0 times the scale
     return (q * d[:, None]).reshape(x.shape)
 
 

@@ -110,6 +110,20 @@ class Llama:
         """Logits for tokens at positions 0.. recomputed from scratch, no cache touched."""
         return self._layers(tokens, 0, lambda l, k, v: (k, v)).float().numpy()
 
+    @torch.no_grad()
+    def forward_reading(self, tokens: list[int], keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Logits for tokens at positions 0.. whose attention reads the given keys and values,
+        (n_layers, >= len(tokens), kv_dim) as kvc.Model.kv_cache returns them, instead of its own:
+        checks that an engine's attention reads exactly what its cache holds."""
+        c, T = self.config, len(tokens)
+        shape = (T, c.n_kv_heads, c.head_dim)
+
+        def given(l, k, v):
+            return (torch.from_numpy(np.ascontiguousarray(keys[l, :T])).to(self.dtype).view(shape),
+                    torch.from_numpy(np.ascontiguousarray(values[l, :T])).to(self.dtype).view(shape))
+
+        return self._layers(tokens, 0, given).float().numpy()
+
     def greedy(self, prompt: list[int], steps: int) -> list[int]:
         """Greedy continuation of `prompt` (token by token after the prompt, using the cache)."""
         logits = self.forward(prompt, 0)

@@ -1,0 +1,166 @@
+"""KV cache element types (f16, bf16, q8_0, q4_0) and the Hadamard rotation, against the reference.
+
+Two checks make "C equals the reference" exact for every type: the C store/load of a row equals
+kvc.kvtypes bit for bit on the same input (in the SIMD and the portable build), and the C forward
+pass, at every position, equals the reference's attention over exactly what the C cache holds.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import kvc
+from kvc import kvtypes
+from kvc.reference import Llama
+from helpers import ROOT, run_cli, write_random_model
+
+TOL = 1e-4
+COMBOS = [("f32", "f32", False), ("f16", "f16", False), ("bf16", "bf16", False), ("q8_0", "q8_0", False),
+          ("q8_0", "q8_0", True), ("q4_0", "q8_0", True), ("q4_0", "q4_0", True), ("q4_0", "q4_0", False),
+          ("f32", "q4_0", True)]
+
+PROBE = r"""
+#define KVC_LIBRARY
+#include "%s/run.c"
+// stdin: int32 rows, int32 n, then rows x n float32; stdout: for each type, rotate 0/1, the rows
+// as the cache gives them back (stored, loaded, rotated back)
+int main(void) {
+    int32_t rows, n;
+    if (fread(&rows, 4, 1, stdin) != 1 || fread(&n, 4, 1, stdin) != 1) return 1;
+    float *x = malloc((size_t)rows * n * 4), *y = malloc((size_t)n * 4);
+    uint8_t *buf = malloc((size_t)n * 4);
+    if (fread(x, 4, (size_t)rows * n, stdin) != (size_t)rows * n) return 1;
+    for (int type = 0; type < N_CACHE_TYPES; type++)
+        for (int rotate = 0; rotate < 2; rotate++)
+            for (int r = 0; r < rows; r++) {
+                memcpy(y, x + (size_t)r * n, (size_t)n * 4);
+                if (rotate) hadamard(y, n);
+                store_row(type, buf, y, n);
+                load_row(type, buf, y, n);
+                if (rotate) hadamard(y, n);
+                fwrite(y, 4, n, stdout);
+            }
+    return 0;
+}
+"""
+
+
+def probe_rows(n: int) -> np.ndarray:
+    """Rows that reach every corner of the conversions: scales from subnormal to past fp16's range,
+    zeros, signed zeros, ties, one outlier per row, exact grid values."""
+    rng = np.random.default_rng(7)
+    rows = [rng.standard_normal(n) * scale for scale in (1e-8, 1e-3, 0.1, 1, 10, 3e4, 1e5)]
+    rows += [np.zeros(n), -np.zeros(n), np.full(n, 0.5), np.arange(n) - n / 2, np.arange(n) / 8 - 2]
+    outlier = rng.standard_normal(n)
+    outlier[3] = 50
+    rows += [outlier, -outlier, np.repeat([1.0, -1.0], n // 2), rng.standard_normal(n) * 65504 / 4]
+    halves = rng.integers(-127, 128, n) * (1 / 127) + 0.5 / 127  # on q8_0's rounding ties
+    rows += [halves, np.float32(2.0) ** rng.integers(-24, 15, n)]
+    return np.asarray(rows, dtype=np.float32)
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def probe(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache_probe")
+    (d / "probe.c").write_text(PROBE % ROOT)
+    arch = "-march=native" if request.param == "native" else "-march=x86-64"
+    cc = subprocess.run(["cc", "-O3", arch, "-fopenmp", "-o", str(d / "probe"), str(d / "probe.c"), "-lm"],
+                        capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    return d / "probe"
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_stored_rows_match_the_reference_bit_for_bit(probe, n):
+    x = probe_rows(n)
+    stdin = np.int32(len(x)).tobytes() + np.int32(n).tobytes() + x.tobytes()
+    out = subprocess.run([str(probe)], input=stdin, capture_output=True, check=True, timeout=30).stdout
+    got = np.frombuffer(out, dtype=np.float32).reshape(len(kvtypes.CACHE_TYPES), 2, len(x), n)
+    for t, name in enumerate(kvtypes.CACHE_TYPES):
+        for rotate in (False, True):
+            want = kvtypes.stored(torch.from_numpy(x), name, rotate).numpy()
+            same = (got[t, int(rotate)].view(np.uint32) == want.view(np.uint32)) | (np.isnan(want) & np.isnan(got[t, int(rotate)]))
+            assert same.all(), f"{name} rotate={rotate}: {(~same).sum()} values differ, e.g. row {np.argwhere(~same)[0]}"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache_types") / "m.bin"
+    write_random_model(path, seed=11, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, seq_len=200)  # head_dim 32
+    return path
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 300, n)]
+
+
+@pytest.mark.parametrize("type_k,type_v,rotate", COMBOS, ids=[f"{k}-{v}{'-rot' if r else ''}" for k, v, r in COMBOS])
+def test_attention_reads_exactly_what_the_cache_holds(model_path, type_k, type_v, rotate):
+    """At every position (a prefill block, then token by token, with split attention), the C logits
+    equal the reference attending over the C cache's own contents; unwritten slots stay NaN; and
+    the stored keys and values are the reference's rounding of its own K/V, up to one rounding step."""
+    model = kvc.Model(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate, threads=2)
+    assert model.cache_rotate == rotate
+    model.reset(fill=np.nan)
+    tokens = prompt(150, seed=3)
+    logits = np.concatenate([model.forward(tokens[:90], 0)] + [model.forward([t], 90 + i) for i, t in enumerate(tokens[90:])])
+    keys, values = model.kv_cache
+    assert np.isfinite(keys[:, :150]).all() and np.isfinite(values[:, :150]).all()
+    assert np.isnan(keys[:, 150:]).all() and np.isnan(values[:, 150:]).all()
+    ref = Llama.load(model_path)
+    assert np.abs(logits - ref.forward_reading(tokens, keys, values)).max() <= TOL
+
+    typed = Llama.load(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate)
+    typed.forward(tokens, 0)
+    raw = Llama.load(model_path)
+    raw.forward(tokens, 0)
+    for got, want, exact in ((keys, typed.k_cache, raw.k_cache), (values, typed.v_cache, raw.v_cache)):
+        want, exact = want[:, :150].numpy(), exact[:, :150].numpy()
+        rounding = np.abs(want - exact).max()  # the type's own error
+        assert np.abs(got[:, :150] - want).max() <= 2.5 * rounding + TOL
+
+
+def test_quantized_types_cost_little_on_a_random_model(model_path):
+    """Sanity of the scale of each type's error (the quality tool measures it on real text)."""
+    tokens = prompt(120, seed=5)
+    base = Llama.load(model_path).forward_full(tokens)
+    errors = {}
+    for type_k, type_v, rotate in COMBOS[1:]:
+        got = kvc.Model(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate).forward(tokens)
+        errors[(type_k, type_v, rotate)] = np.abs(got - base).max()
+    assert errors[("f16", "f16", False)] < errors[("q8_0", "q8_0", False)] < errors[("q4_0", "q4_0", False)]
+    assert errors[("bf16", "bf16", False)] < errors[("q4_0", "q4_0", True)]
+    assert max(errors.values()) < np.abs(base).max()  # still the same model
+
+
+def test_bad_cache_types(model_path, tmp_path):
+    with pytest.raises(ValueError, match="unknown cache type"):
+        kvc.Model(model_path, cache_type_k="q9")
+    odd = tmp_path / "hd48.bin"
+    write_random_model(odd, dim=96, hidden_dim=64, n_heads=2, n_kv_heads=2)  # head_dim 48: no groups of 32
+    with pytest.raises(ValueError, match="does not divide head_dim"):
+        kvc.Model(odd, cache_type_v="q8_0")
+    with pytest.raises(ValueError, match="power of two"):
+        kvc.Model(odd, cache_rotate=True)
+    assert kvc.Model(odd, cache_type_k="f16", cache_type_v="bf16").forward([1, 2]).shape == (2, 300)
+    proc = run_cli(odd, "-ctk", "q4_0", "-i", "hi")
+    assert proc.returncode == 1 and proc.stderr.decode().startswith("error: cache types q4_0/f32")
+    assert len(proc.stderr.decode().splitlines()) == 1
+    for flags in (["-ctk", "q9"], ["--cache-type-v", ""], ["--cache-rotate", "yes"]):
+        proc = run_cli(model_path, *flags, "-i", "hi")
+        assert proc.returncode == 1 and proc.stderr.decode().startswith("error: "), flags
+
+
+def test_cli_cache_types_generate(model_path):
+    """The CLI's flags reach the cache: f16 keeps greedy output here, and every type generates."""
+    runs = {}
+    for flags in ([], ["-ctk", "f16", "-ctv", "f16"], ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"],
+                  ["-ctk", "q4_0", "-ctv", "q4_0", "--cache-rotate", "off"], ["-ctk", "q4_0", "-ctv", "q4_0"]):
+        proc = run_cli(model_path, "-t", "0", "-n", "24", *flags, "-i", "hello")
+        assert proc.returncode == 0, proc.stderr.decode()
+        runs[" ".join(flags)] = proc.stdout
+    assert runs["-ctk f16 -ctv f16"] == runs[""]
+    assert runs["-ctk q4_0 -ctv q4_0 --cache-rotate off"] != runs["-ctk q4_0 -ctv q4_0"]  # rotation changes the rounding
