@@ -915,7 +915,8 @@ static const char *token_text(const Tokenizer *t, int prev, int token, int *len)
     *len = t->text_len[token];
     int at_start = prev < 0 || prev == t->bos_id;
     if (t->kind == TOK_SENTENCEPIECE && (t->flags & FLAG_ADD_DUMMY_PREFIX) && at_start &&
-        t->piece_len[token] >= 3 && !memcmp(t->piece[token], SPACE_MARK, 3)) {
+        t->piece_len[token] >= 3 && !memcmp(t->piece[token], SPACE_MARK, 3) && *len > 0 && s[0] == ' ') {
+        // (a control token's piece may start with U+2581 too, but its text is empty: nothing to drop)
         s++;
         (*len)--;
     }

@@ -161,8 +161,6 @@ def library_child(path: Path, token: int) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="run.c token_text: a piece starting with U+2581 whose text is empty "
-                                       "(control/unused token) gets length -1; remove this mark with the fix")
 def test_fuzz_control_token_with_space_piece_decodes(tmp_path):
     """fuzz_load: a sentencepiece control token whose piece starts with U+2581 decodes to nothing.
 
