@@ -2184,6 +2184,9 @@ static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int ca
     return c->keys && c->values ? 0 : -1;
 }
 
+// Bytes the cache holds allocated.
+static size_t cache_size(const KVCache *c) { return (size_t)c->n_layers * c->capacity * (c->key_row + c->value_row); }
+
 static void cache_free(KVCache *c) {
     free(c->keys);
     free(c->values);
@@ -2332,40 +2335,47 @@ typedef struct {
     Rope rope;                // (batch, head_dim / 2) cos/sin of the block's positions
     float *logits;            // (vocab) of the block's last token
     ThreadInput *input;       // (threads)
+    size_t bytes;             // all of the above, allocated
 } RunState;
+
+// Scratch allocated for a run state, counted for memory accounting.
+static void *scratch_alloc(RunState *s, size_t count, size_t size) {
+    s->bytes += count * size;
+    return alloc_zeroed(count, size);
+}
 
 // Scratch for `threads` threads running blocks of up to MAX_BATCH tokens over up to `capacity` positions.
 static int state_init(RunState *s, const Config *p, int threads, int capacity) {
     s->threads = threads;
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
-    s->x = alloc_zeroed(B * p->dim, sizeof(float));
-    s->xb = alloc_zeroed(B * q_dim(p), sizeof(float));
-    s->q = alloc_zeroed(B * q_dim(p), sizeof(float));
-    s->k = alloc_zeroed(B * kv_dim(p), sizeof(float));
-    s->v = alloc_zeroed(B * kv_dim(p), sizeof(float));
-    s->hb = alloc_zeroed(B * p->hidden_dim, sizeof(float));
-    s->hb2 = alloc_zeroed(B * p->hidden_dim, sizeof(float));
+    s->x = scratch_alloc(s, B * p->dim, sizeof(float));
+    s->xb = scratch_alloc(s, B * q_dim(p), sizeof(float));
+    s->q = scratch_alloc(s, B * q_dim(p), sizeof(float));
+    s->k = scratch_alloc(s, B * kv_dim(p), sizeof(float));
+    s->v = scratch_alloc(s, B * kv_dim(p), sizeof(float));
+    s->hb = scratch_alloc(s, B * p->hidden_dim, sizeof(float));
+    s->hb2 = scratch_alloc(s, B * p->hidden_dim, sizeof(float));
     // attention_parts splits fewer tasks than its target into under twice the target
     size_t group = p->n_heads / p->n_kv_heads, split_tasks = 2 * ATTENTION_TASKS_PER_THREAD * (size_t)s->threads;
     size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
-    s->att = alloc_zeroed((size_t)s->threads * group * capacity, sizeof(float));
-    s->query = alloc_zeroed((size_t)s->threads * group * p->head_dim, sizeof(float));
-    s->part_max = alloc_zeroed(tasks * group, sizeof(float));
-    s->part_sum = alloc_zeroed(tasks * group, sizeof(float));
-    s->part_out = alloc_zeroed(split_tasks * group * p->head_dim, sizeof(float));
+    s->att = scratch_alloc(s, (size_t)s->threads * group * capacity, sizeof(float));
+    s->query = scratch_alloc(s, (size_t)s->threads * group * p->head_dim, sizeof(float));
+    s->part_max = scratch_alloc(s, tasks * group, sizeof(float));
+    s->part_sum = scratch_alloc(s, tasks * group, sizeof(float));
+    s->part_out = scratch_alloc(s, split_tasks * group * p->head_dim, sizeof(float));
     s->rope.half = p->head_dim / 2;
-    s->rope.cos = alloc_zeroed(B * s->rope.half, sizeof(float));
-    s->rope.sin = alloc_zeroed(B * s->rope.half, sizeof(float));
-    s->logits = alloc_zeroed(p->vocab_size, sizeof(float));
+    s->rope.cos = scratch_alloc(s, B * s->rope.half, sizeof(float));
+    s->rope.sin = scratch_alloc(s, B * s->rope.half, sizeof(float));
+    s->logits = scratch_alloc(s, p->vocab_size, sizeof(float));
     size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
-    if (!(s->input = alloc_zeroed(s->threads, sizeof(ThreadInput)))) return -1;
+    if (!(s->input = scratch_alloc(s, s->threads, sizeof(ThreadInput)))) return -1;
     for (int i = 0; i < s->threads; i++) {
         ThreadInput *in = &s->input[i];
-        in->x = alloc_zeroed(B * wide, sizeof(float));
-        in->q.q = alloc_zeroed(B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
-        in->q.scale = alloc_zeroed(B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
-        in->q.lane_scale = alloc_zeroed(B * lane_scales_per_row((int)widest), sizeof(float));
+        in->x = scratch_alloc(s, B * wide, sizeof(float));
+        in->q.q = scratch_alloc(s, B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
+        in->q.scale = scratch_alloc(s, B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
+        in->q.lane_scale = scratch_alloc(s, B * lane_scales_per_row((int)widest), sizeof(float));
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
     }
     return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query &&
@@ -2809,6 +2819,14 @@ int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
 // The cache type called `name` ("f32", "f16", "bf16", "q8_0", "q4_0"), or -1.
 int kvc_cache_type(const char *name) { return cache_type_by_name(name); }
 
+// Bytes in use, from the engine's own accounting: out[0] the mapped checkpoint (weights, tokenizer),
+// out[1] the sequence's KV cache, out[2] its scratch (activations).
+void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]) {
+    out[0] = m->map_size;
+    out[1] = cache_size(&seq->cache);
+    out[2] = seq->state.bytes;
+}
+
 // Whether the sequence's cache rotates its heads (after the default was resolved).
 int kvc_cache_rotates(const Sequence *seq) { return seq->cache.spec.rotate; }
 
@@ -2978,19 +2996,25 @@ typedef struct {
 
 // Feeds `prompt` after what the sequence holds, then samples up to max_tokens, streaming text,
 // until `stop` (or eos). The stop token is sampled but not fed: the caller decides what follows it.
+// Without use_cache (the prompt must start the sequence), each new token recomputes the whole
+// sequence from position 0, as a transformer without a KV cache does: the cost the cache saves.
 static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const int *prompt, int n_prompt,
-                         int max_tokens, int stop, GenerationStats *stats) {
+                         int max_tokens, int stop, int use_cache, GenerationStats *stats) {
     const Config *p = &m->config;
     *stats = (GenerationStats){n_prompt, 0, 0, 0, -1, -1};
+    int *history = use_cache ? NULL : malloc(((size_t)n_prompt + max_tokens) * sizeof(int));
+    if (!use_cache && !history) return fail("out of memory");
+    if (history) memcpy(history, prompt, n_prompt * sizeof(int));
+    int rc = -1;
+    Utf8Stream out = {0};
     double start = now_seconds();
-    if (forward(m, seq, prompt, n_prompt, seq->len, NULL)) return -1;
+    if (forward(m, seq, prompt, n_prompt, seq->len, NULL)) goto done;
     stats->prefill_seconds = now_seconds() - start;
     start = now_seconds();
-    Utf8Stream out = {0};
     int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
     for (int i = 0; i < max_tokens; i++) {
         int next = sample(sampler, seq->state.logits);
-        if (next < 0) return -1;
+        if (next < 0) goto done;
         if (next == stop || next == p->eos_id) {
             stats->stop_token = next;
             break;
@@ -3002,12 +3026,17 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
         stats->last_token = next;
         prev = next;
         if (seq->len >= seq->cache.capacity || i + 1 == max_tokens) break; // nothing will read its logits
-        if (forward(m, seq, &next, 1, seq->len, NULL)) return -1;
+        if (history) history[seq->len] = next;
+        if (history ? forward(m, seq, history, seq->len + 1, 0, NULL) : forward(m, seq, &next, 1, seq->len, NULL))
+            goto done;
         stats->last_token = -1;
     }
+    rc = 0;
+done:
     stream_flush(&out);
     stats->decode_seconds = now_seconds() - start;
-    return 0;
+    free(history);
+    return rc;
 }
 
 static void print_stats(const GenerationStats *s) {
@@ -3035,6 +3064,7 @@ static void usage(FILE *f) {
             "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
             "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0)\n"
+            "  --no-cache                   recompute the whole sequence for every token (what the cache saves)\n"
             "  -h          this help\n", MAX_THREADS);
 }
 
@@ -3089,7 +3119,7 @@ static int parse_cache_type(const char *flag, const char *s) {
     return type;
 }
 
-static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps) {
+static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps, int use_cache) {
     int context = seq->cache.capacity;
     size_t len = strlen(prompt);
     int *ids = malloc(encode_capacity(len) * sizeof(int));
@@ -3108,7 +3138,7 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
     }
     fwrite(prompt, 1, len, stdout);
     GenerationStats stats;
-    int rc = generate_from(m, seq, sampler, ids, n, steps, -1, &stats);
+    int rc = generate_from(m, seq, sampler, ids, n, steps, -1, use_cache, &stats);
     free(ids);
     if (rc) return -1;
     printf("\n");
@@ -3153,7 +3183,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         printf("Assistant: ");
         GenerationStats stats;
         int room = context - cached - count, max = steps > 0 && steps < room ? steps : room;
-        rc = generate_from(m, seq, sampler, ids, count, max, stop, &stats);
+        rc = generate_from(m, seq, sampler, ids, count, max, stop, 1, &stats);
         free(ids);
         if (rc) break;
         printf("\n");
@@ -3179,6 +3209,7 @@ int main(int argc, char **argv) {
     const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL;
     float temperature = 1.0f, topp = 0.9f;
     int topk = 0, steps = 256, context = 0, threads = 0, type_k = CACHE_F32, type_v = CACHE_F32, rotate = -1;
+    int use_cache = 1;
     unsigned long long seed = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -3189,6 +3220,10 @@ int main(int argc, char **argv) {
         if (a[0] != '-') {
             if (checkpoint) bad_usage("unexpected argument %s", a);
             checkpoint = a;
+            continue;
+        }
+        if (!strcmp(a, "--no-cache")) { // the one flag without a value
+            use_cache = 0;
             continue;
         }
         char code = strlen(a) == 2 && strchr("tpksnizmycj", a[1]) ? a[1] : 0;
@@ -3219,6 +3254,7 @@ int main(int argc, char **argv) {
     }
     if (!checkpoint) bad_usage("%s", "no checkpoint given");
     if (strcmp(mode, "generate") && strcmp(mode, "chat")) bad_usage("unknown mode %s (generate|chat)", mode);
+    if (!use_cache && !strcmp(mode, "chat")) bad_usage("%s", "--no-cache works with -m generate only");
     if (temperature < 0) bad_usage("%s", "temperature must be >= 0");
     if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
     if (!seed) seed = (unsigned long long)time(NULL);
@@ -3233,7 +3269,7 @@ int main(int argc, char **argv) {
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
     error_message[0] = 0;
     int rc = !strcmp(mode, "chat") ? cli_chat(m, seq, &sampler, system, steps)
-                                   : cli_generate(m, seq, &sampler, prompt, steps);
+                                   : cli_generate(m, seq, &sampler, prompt, steps, use_cache);
     sampler_free(&sampler);
     kvc_sequence_free(seq);
     kvc_close(m);

@@ -26,6 +26,7 @@ ffi.cdef(
     Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
     int kvc_cache_type(const char *name);
     int kvc_cache_rotates(const Sequence *seq);
+    void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]);
     void kvc_sequence_free(Sequence *seq);
     int kvc_context(const Sequence *seq);
     int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits);

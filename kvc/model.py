@@ -247,6 +247,17 @@ class Model:
             self._lib.kvc_cache_reset(seq, value)
             self._history = []
 
+    def memory(self) -> dict[str, int]:
+        """Bytes in use, from the engine's own accounting: weights (the mapped checkpoint, tokenizer
+        included), kv_cache (as allocated, in its element types), scratch (activations) and total."""
+        out = ffi.new("unsigned long long[3]")
+        with self._lock:
+            m, seq = self._open()
+            self._lib.kvc_memory(m, seq, out)
+        sizes = {"weights": int(out[0]), "kv_cache": int(out[1]), "scratch": int(out[2])}
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
     @property
     def kv_cache(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values): float32 copies (n_layers, seq_len, kv_dim) of the C cache, every slot.
@@ -336,7 +347,8 @@ class Model:
     # -- generation -----------------------------------------------------------------------------
 
     def _generation(self, prompt: list[int], reuse_cache: bool, stops: set[int], max_tokens: int,
-                    temperature: float, top_p: float, top_k: int, seed: int | None) -> Iterator[str]:
+                    temperature: float, top_p: float, top_k: int, seed: int | None,
+                    use_cache: bool = True) -> Iterator[str]:
         """Checks the arguments now (not at the generator's first step) and returns the generator."""
         c = self.config
         max_tokens = _int_arg("max_tokens", max_tokens, 0)
@@ -351,7 +363,7 @@ class Model:
         if sampler == ffi.NULL:
             raise ValueError(last_error())
         sampler = ffi.gc(sampler, self._lib.kvc_sampler_free)
-        return self._stream(prompt, reuse_cache, stops, max_tokens, sampler)
+        return self._stream(prompt, reuse_cache, stops, max_tokens, sampler, use_cache)
 
     def _feed_prompt(self, seq, prompt: list[int], reuse_cache: bool) -> GenerationStats:
         """Run the prompt (with reuse_cache, from the longest prefix the cache holds) and start the
@@ -369,13 +381,15 @@ class Model:
         return stats
 
     def _stream(self, prompt: list[int], reuse_cache: bool, stops: set[int], max_tokens: int,
-                sampler) -> Iterator[str]:
+                sampler, use_cache: bool) -> Iterator[str]:
         """Feed the prompt, then sample, yielding text as it completes. Each step holds the lock: it
         feeds the prompt (the first step) or the token the last step sampled, then samples the next.
         Between steps another call may change the cache, which the next step notices (self._version
-        moved) and refuses to continue from."""
+        moved) and refuses to continue from. Without use_cache, each step recomputes every token so
+        far from position 0 instead of feeding one."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         pos, prev, token, version = len(prompt), prompt[-1], 0, 0
+        sequence = list(prompt)  # every token so far, for use_cache=False
         for i in range(max(max_tokens, 1)):  # max_tokens 0: the prompt alone is fed
             with self._lock:
                 m, seq = self._open()
@@ -386,8 +400,12 @@ class Model:
                     raise RuntimeError("the model's cache changed since this generator's last step (another "
                                        "generate, chat, forward, prefill or reset ran on this Model): "
                                        "start a new generator")
-                else:
+                elif use_cache:
                     self._run(seq, np.array([token], dtype=np.int32), pos, ffi.NULL)
+                    pos += 1
+                else:
+                    sequence.append(token)
+                    self._run(seq, np.array(sequence, dtype=np.int32), 0, ffi.NULL)
                     pos += 1
                 version = self._version
                 if max_tokens == 0:
@@ -415,19 +433,21 @@ class Model:
             yield tail
 
     def generate(self, prompt: str, max_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-                 top_k: int = 0, seed: int | None = None) -> Iterator[str]:
+                 top_k: int = 0, seed: int | None = None, use_cache: bool = True) -> Iterator[str]:
         """Continue prompt, yielding text pieces as they are sampled; stops at EOS or max_tokens.
 
         max_tokens: >= 0. temperature: >= 0 and finite, 0 is greedy. top_p: in [0, 1], 1 turns it off.
         top_k: 0..2**31-1, 0 turns it off. seed: 0..2**64-1 makes it repeatable (None: a random one).
         Arguments out of range raise ValueError here, not at the first step. Starts from an empty cache
         (positions 0..) when first iterated; raises RuntimeError if the cache changes between steps.
+        use_cache=False recomputes the whole sequence for every new token, as a transformer without a
+        KV cache does (same output, quadratic cost): what the cache saves, measured.
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         ids = self.encode(prompt, bos=True)
         stops = {self.config.eos_id} - {-1}
-        return self._generation(ids, False, stops, max_tokens, temperature, top_p, top_k, seed)
+        return self._generation(ids, False, stops, max_tokens, temperature, top_p, top_k, seed, bool(use_cache))
 
     def _messages(self, messages: Sequence[dict]) -> tuple:
         """Messages as C string arrays (and the buffers that keep them alive)."""

@@ -7,6 +7,7 @@ pass, at every position, equals the reference's attention over exactly what the 
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +165,55 @@ def test_cli_cache_types_generate(model_path):
         runs[" ".join(flags)] = proc.stdout
     assert runs["-ctk f16 -ctv f16"] == runs[""]
     assert runs["-ctk q4_0 -ctv q4_0 --cache-rotate off"] != runs["-ctk q4_0 -ctv q4_0"]  # rotation changes the rounding
+
+
+def test_memory_accounting(model_path):
+    """Model.memory(): the mapped file, the cache in its own types (2 x layers x positions x row bytes),
+    and the scratch; a q8_0 cache is 34/128 of an f32 one (34 bytes per 32 values against 128)."""
+    f32 = kvc.Model(model_path).memory()
+    q8 = kvc.Model(model_path, cache_type_k="q8_0", cache_type_v="q8_0").memory()
+    mixed = kvc.Model(model_path, cache_type_k="q4_0", cache_type_v="f16").memory()
+    c = kvc.Model(model_path).config
+    assert f32["weights"] == model_path.stat().st_size
+    assert f32["kv_cache"] == 2 * c.n_layers * c.seq_len * c.kv_dim * 4
+    assert q8["kv_cache"] * 128 == f32["kv_cache"] * 34
+    assert mixed["kv_cache"] == c.n_layers * c.seq_len * c.kv_dim // 32 * (18 + 64)
+    assert 0 < f32["scratch"] == q8["scratch"] and f32["total"] == f32["weights"] + f32["kv_cache"] + f32["scratch"]
+
+
+RSS_SCRIPT = """
+import sys, numpy as np, kvc
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+m = kvc.Model(sys.argv[1], seq_len=int(sys.argv[2]), cache_type_k=sys.argv[3], cache_type_v=sys.argv[3], threads=1)
+before = rss()
+m.reset(fill=np.nan)  # touches every page of the cache
+print(rss() - before, m.memory()["kv_cache"])
+"""
+
+
+def test_a_smaller_cache_type_really_takes_less_memory(tmp_path):
+    """The cache is allocated in its type: touching every slot grows RSS by the accounted bytes."""
+    path = tmp_path / "wide.bin"
+    write_random_model(path, dim=256, hidden_dim=64, n_layers=4, n_heads=4, n_kv_heads=4, seq_len=8192)
+    grown = {}
+    for t in ("f32", "q8_0"):
+        proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), "8192", t], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        grown[t], accounted = map(int, proc.stdout.split())
+        assert abs(grown[t] - accounted) < 0.1 * accounted + (4 << 20), (t, grown[t], accounted)
+    assert grown["q8_0"] < 0.35 * grown["f32"]
+
+
+def test_no_cache_generates_the_same_text(model_path):
+    """Without a cache every token recomputes the whole sequence: the greedy output is the same."""
+    m = kvc.Model(model_path)
+    cached = "".join(m.generate("hello there", max_tokens=20, temperature=0))
+    uncached = "".join(m.generate("hello there", max_tokens=20, temperature=0, use_cache=False))
+    assert uncached == cached and m.stats.generated_tokens == 20
+    a = run_cli(model_path, "-t", "0", "-n", "20", "-i", "hello there")
+    b = run_cli(model_path, "-t", "0", "-n", "20", "--no-cache", "-i", "hello there")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    chat = run_cli(model_path, "-m", "chat", "--no-cache")
+    assert chat.returncode == 1 and b"--no-cache works with -m generate only" in chat.stderr
