@@ -2291,17 +2291,21 @@ static void kv_dot(const KVRun *r, int col, const float *q, int group, int hd, f
     }
 }
 
-// out (hd) += sum over the run's rows i of weights[i] * v_i in columns col..col+hd.
-static void kv_axpy(const KVRun *r, int col, const float *weights, int hd, float *out) {
+// For each of `group` heads g: out_g (hd, at out + g * hd) += sum over the run's rows i of
+// weights[g * w_stride + i] * v_i in columns col..col+hd. Each value row is read (and, if stored
+// narrower, widened) once for the group.
+static void kv_axpy(const KVRun *r, int col, const float *weights, size_t w_stride, int group, int hd, float *out) {
     const uint8_t *v = r->values + row_bytes(r->type_v, col);
-    if (r->type_v == CACHE_F32) {
-        weighted_sum(out, weights, (const float *)v, r->value_stride / sizeof(float), r->n, hd);
+    if (r->type_v == CACHE_F32) { // rows stay in cache between the group's passes
+        for (int g = 0; g < group; g++)
+            weighted_sum(out + (size_t)g * hd, weights + g * w_stride, (const float *)v, r->value_stride / sizeof(float),
+                         r->n, hd);
         return;
     }
     float row[hd];
     for (int i = 0; i < r->n; i++, v += r->value_stride) {
         load_row(r->type_v, v, row, hd);
-        axpy(out, weights[i], row, hd);
+        for (int g = 0; g < group; g++) axpy(out + (size_t)g * hd, weights[g * w_stride + i], row, hd);
     }
 }
 
@@ -2493,7 +2497,7 @@ static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int i = lo; i < hi;) {
         KVRun run = cache_run(&seq->cache, layer, i, hi - i);
-        for (int g = 0; g < group; g++) kv_axpy(&run, col, att + (size_t)g * len + (i - lo), hd, out + g * hd);
+        kv_axpy(&run, col, att + (i - lo), (size_t)len, group, hd, out);
         i += run.n;
     }
     cache_output(&seq->cache, out, group);
