@@ -67,7 +67,9 @@ $(MODEL_Q8): $(SMOLLM2_GGUF) | setup
 	mkdir -p models
 	$(PY) -m export --dtype q8_0 $(SMOLLM2_GGUF) $@
 
-# prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0
+# prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0;
+# each KV cache type's ms/token and RSS as the cache fills to 8192, and generating without a cache
+# (long: every cache type fills the whole context; BENCH_ARGS="--parts speed" skips the cache parts)
 # (kvc.bench only reads the models; they are made here)
 bench: all model $(MODEL_Q8)
 	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)

@@ -1,6 +1,8 @@
 // libFuzzer target: the checkpoint loader on arbitrary bytes (kvc files, llama2.c v0/v1/v2 files).
-// A file that opens must also run: a sequence of a few positions, a forward pass over two tokens
-// then one more, and, if the file carries a tokenizer, a little encoding and decoding.
+// A file that opens must also run: a sequence of a few positions with an f32 cache, a forward pass
+// over two tokens then one more; then a sequence whose cache types and rotation come from the
+// input's size (kvc files may carry trailing bytes), its forward pass and its cache read back; and,
+// if the file carries a tokenizer, a little encoding and decoding.
 #define _GNU_SOURCE
 #define KVC_LIBRARY
 #define mmap fuzz_mmap
@@ -32,6 +34,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FUZZ_CHECK(kvc_forward(m, seq, tokens, 1, 0, NULL) == -1); // outside the vocab: refused
     free(logits);
     kvc_sequence_free(seq);
+
+    int type_k = size % 5, type_v = size / 5 % 5, rotate = (int)(size / 25 % 3) - 1; // kvc_cache_type's numbers
+    seq = kvc_sequence_new(m, c->seq_len < 8 ? 0 : 8, 1, type_k, type_v, rotate);
+    if (!seq) FUZZ_CHECK(kvc_last_error()[0]); // e.g. a 32-value group that does not divide head_dim
+    else {
+        n = kvc_context(seq) < 3 ? kvc_context(seq) : 3;
+        tokens[0] = 0;
+        FUZZ_CHECK(kvc_forward(m, seq, tokens, n, 0, NULL) == 0);
+        size_t kv = (size_t)c->n_kv_heads * c->head_dim * n;
+        float *keys = malloc((kv ? kv : 1) * sizeof(float)), *values = malloc((kv ? kv : 1) * sizeof(float));
+        FUZZ_CHECK(keys && values);
+        for (int layer = 0; layer < c->n_layers; layer++) FUZZ_CHECK(kvc_cache_read(seq, layer, 0, n, keys, values) == 0);
+        free(keys);
+        free(values);
+        kvc_sequence_free(seq);
+    }
     if (kvc_has_tokenizer(m)) {
         int ids[64];
         int count = kvc_encode(m, "hi <s> \xe2\x96\x81x 12", 1, 1, ids, 64);

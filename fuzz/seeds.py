@@ -138,6 +138,9 @@ def load_seeds(d: Path) -> None:
     fmt.write_model(d / "kvc_q8_0", q8, t, tok)
     untied = fmt.Config(**{**TINY, "n_kv_heads": 2}, shared_classifier=False, bos_id=-1, eos_id=-1)
     fmt.write_model(d / "kvc_untied", untied, random_tensors(untied, 1), tok, fmt.ChatTemplate(fmt.CHAT_LLAMA3, -1))
+    # head_dim 32 (not dim / n_heads): the quantized cache types' groups of 32 fit it
+    wide = fmt.Config(**{**TINY, "n_heads": 1, "n_kv_heads": 1}, head_dim=32)
+    fmt.write_model(d / "kvc_head_dim_32", wide, random_tensors(wide, 2), tok)
     write_llama2c(d / "llama2c_v0", cfg, t, 0)
     write_llama2c(d / "llama2c_v0_untied", untied, random_tensors(untied, 1), 0)
     write_llama2c(d / "llama2c_v1", cfg, t, 1)

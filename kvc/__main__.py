@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--seed", type=int)
         p.add_argument("--context", type=int, help="context length (KV cache size)")
+        p.add_argument("-ctk", "--cache-type-k", default="f32", help="key cache type: f32, f16, bf16, q8_0, q4_0")
+        p.add_argument("-ctv", "--cache-type-v", default="f32", help="value cache type: f32, f16, bf16, q8_0, q4_0")
+        p.add_argument("--cache-rotate", choices=("on", "off"),
+                       help="Hadamard-rotate heads before storing (default: on only for q4_0)")
     return ap.parse_args(argv)
 
 
@@ -58,7 +62,9 @@ def chat(model: Model, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = Model(args.model, seq_len=args.context)
+        rotate = None if args.cache_rotate is None else args.cache_rotate == "on"
+        model = Model(args.model, seq_len=args.context, cache_type_k=args.cache_type_k,
+                      cache_type_v=args.cache_type_v, cache_rotate=rotate)
         if args.command == "chat":
             chat(model, args)
         else:

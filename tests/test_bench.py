@@ -15,19 +15,31 @@ import pytest
 
 import kvc
 from kvc import format as fmt
-from kvc.bench import files, kvc_run, logit_quality, machine, tables, traffic
+from kvc.bench import cache_types, files, kvc_run, logit_quality, machine, no_cache, tables, traffic
 from kvc.bench.bandwidth import measure_bandwidth
-from kvc.bench.plot import plot
-from kvc.bench.workload import Sizes
+from kvc.bench.child import run_cache_child
+from kvc.bench.plot import plot, plot_cache
+from kvc.bench.workload import CacheSizes, Sizes
 from helpers import write_random_model
 
 TINY = Sizes(prefill=[8, 24], decode=6, positions=[0, 16, 40], steps=3, repeats=1, prompt=5)
+# the random model's context is 160: position 160 is measured at 160 - steps
+TINY_CACHE = CacheSizes(positions=[0, 16, 64, 160], steps=3, short_prompt=5, short_decode=6, no_cache=[2, 4, 8],
+                        no_cache_prompt=3, threads=1)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "model.bin"
     write_random_model(path, seed=3, n_heads=4, n_kv_heads=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    """A tiny model whose heads hold 32 values: the quantized cache types' group."""
+    path = tmp_path_factory.mktemp("bench") / "model32.bin"
+    write_random_model(path, seed=5, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2)
     return path
 
 
@@ -104,3 +116,76 @@ def test_compare_logits_known_values():
     assert r["ppl_ref"] == pytest.approx(2.0) and r["ppl_test"] == pytest.approx(4.0)
     with pytest.raises(ValueError):
         logit_quality.compare_logits(ref, test[:, :2])
+
+
+def test_cache_options_and_positions():
+    assert cache_types.cache_options("q8_0") == {"cache_type_k": "q8_0", "cache_type_v": "q8_0", "cache_rotate": False}
+    assert cache_types.cache_options("q4_0+rot")["cache_rotate"] is None  # the type's default: rotated
+    with pytest.raises(ValueError):
+        cache_types.cache_options("q4_0+spin")
+    assert cache_types.clamp_positions([0, 4096, 8192], 16, 8192) == [(0, 0), (4096, 4096), (8192, 8176)]
+    assert cache_types.clamp_positions([0, 8, 10], 4, 12) == [(0, 0), (8, 8)]  # 10 -> 8 collides: dropped
+    c = fmt.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
+    assert traffic.kv_bytes_read(c, 0, "q8_0", "q4_0") == 2 * (34 + 18)  # kv_dim 32: one block each, 2 layers
+    assert traffic.kv_bytes_read(c, 3, "f16", "bf16") == 2 * 4 * 2 * (2 * 32)
+
+
+@pytest.mark.parametrize("cache", ["f32", "q8_0", "q4_0+rot"])
+def test_run_one_cache(tiny32, cache):
+    res = cache_types.run_one_cache(tiny32, 1, cache, TINY_CACHE)
+    assert res["cache"] == cache and res["dtype"] == "f32" and res["context"] == 160
+    assert res["cache_type_k"] == res["cache_type_v"] == cache.split("+")[0]
+    assert res["cache_rotate"] == cache.endswith("+rot")
+    rows = res["by_position"]
+    assert [(b["asked"], b["pos"]) for b in rows] == [(0, 0), (16, 16), (64, 64), (160, 157)]
+    assert all(b["ms_per_token"] > 0 and b["rss_mb"] > 0 and b["gb_s"] > 0 for b in rows)
+    assert res["short_decode"]["tokens"] == 6 and res["short_decode"]["ms_per_token"] > 0
+    mem = res["memory"]
+    assert mem["total"] == mem["weights"] + mem["kv_cache"] + mem["scratch"] and mem["kv_cache"] > 0
+    json.dumps(res)
+
+
+def test_cache_summary():
+    def rec(cache: str, ms: list[float], short: float) -> dict:
+        rows = [{"asked": a, "pos": min(a, 8176), "ms_per_token": m} for a, m in zip([0, 2048, 8192], ms)]
+        return {"dtype": "q8_0", "cache": cache, "by_position": rows, "short_decode": {"ms_per_token": short}}
+
+    s = cache_types.cache_summary([rec("f32", [10, 20, 50], 10), rec("q8_0", [10, 12, 20], 10.5),
+                                   {"dtype": "q8_0", "cache": "q4_0", "error": "boom"}])
+    assert [x["cache"] for x in s] == ["f32", "q8_0"]
+    assert s[1]["ratio_2048"] == pytest.approx(1.2) and s[1]["ratio_last"] == pytest.approx(2.0)
+    assert s[1]["last_asked"] == 8192 and s[1]["last_pos"] == 8176
+    assert s[0]["short_vs_f32_pct"] == 0 and s[1]["short_vs_f32_pct"] == pytest.approx(5.0)
+
+
+def test_no_cache_curve(tiny):
+    m = kvc.Model(tiny, seq_len=16)
+    curve = no_cache.cost_curve(m, [1, 2, 3], [2, 4, 8])
+    assert curve["lengths"] == [2, 4, 8] and [t["tokens"] for t in curve["totals"]] == [2, 4, 8]
+    assert curve["positions"] == list(range(3, 11)) and len(curve["cache_ms"]) == len(curve["no_cache_ms"]) == 8
+    assert all(t["cache_s"] > 0 and t["no_cache_s"] > 0 for t in curve["totals"])
+    assert curve["totals"][0]["cache_s"] < curve["totals"][-1]["cache_s"]  # sums of more steps
+    assert isinstance(curve["exponent_cache"], float) and isinstance(curve["exponent_no_cache"], float)
+    assert curve["same_tokens"] is True  # generate(use_cache=False) gives the same greedy text
+    assert no_cache.growth_exponent([10, 20, 40], [1.0, 4.0, 16.0]) == pytest.approx(2.0)
+    assert no_cache.growth_exponent([10, 20, 40], [3.0, 6.0, 12.0]) == pytest.approx(1.0)
+    assert no_cache.growth_exponent([10], [1.0]) is None
+
+
+def test_cache_children_tables_and_plot(tiny32, tmp_path):
+    """The cache parts through their child processes, into results, tables and cache.png."""
+    records = [run_cache_child(tiny32, 1, c, TINY_CACHE, timeout=120) for c in ("f32", "q4_0")]
+    records.append(run_cache_child(tiny32, 1, "q5_9", TINY_CACHE, timeout=120))
+    assert all("error" not in r for r in records[:2]) and "error" in records[2]
+    records[2].update(dtype="f32", cache="q5_9")
+    nc = run_cache_child(tiny32, 1, None, TINY_CACHE, timeout=120)
+    assert nc["lengths"] == [2, 4, 8] and nc["prompt"] == 3 and nc["peak_rss_mb"] > 0
+    results = {"mode": "test", "machine": machine.machine_info(), "runs": [],
+               "cache_sizes": {"threads": 1}, "cache_types": records,
+               "cache_summary": cache_types.cache_summary(records), "no_cache": nc}
+    text = tables.markdown_tables(results)
+    assert "| f32 | q4_0 |" in text and "pos 160 (at 157)" in text and "RSS @ 64" in text
+    assert "q5_9 cache failed" in text and "log-log least-squares slope" in text
+    json.dumps(results)
+    assert plot_cache(results, tmp_path / "c.png") is None
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

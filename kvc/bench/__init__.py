@@ -8,21 +8,30 @@ read per token is an effective memory bandwidth, set beside a read bandwidth the
 itself. The f32 and Q8_0 models' logits on a fixed English text give Q8_0's quality. If
 llama-cpp-python is importable, llama.cpp is measured the same way on GGUFs of the same precisions.
 
+For the KV cache's element types (2 threads, a child each): ms per decoded token with the cache
+filled to 0..8,192 positions (the context's end) for f32, f16, bf16, q8_0, q4_0 and rotated q4_0 K+V
+with Q8_0 weights, f32, f16 and q8_0 with f32 weights, the RSS after each fill, Model.memory(), and a
+short-context decode against the f32 cache; and generating n tokens with the cache and without it
+(every token recomputing the sequence), with the growth exponent of total time in n.
+
 The modules, one job each:
 
 - `__main__`: the command line (and the hidden child mode that measures one configuration);
-- `suite`: the whole run: roofline, every configuration in a child process, quality, llama.cpp;
+- `suite`: the whole run: roofline, every configuration in a child process, quality, llama.cpp,
+  the cache types and the no-cache curve (--parts picks);
 - `child`: runs one configuration in a child process and reads back its JSON line;
 - `files`: where the models, the source GGUF and the outputs are;
 - `workload`: what is measured: the sizes and the fixed text;
 - `timing`: engine-neutral timing loops and the records they produce;
 - `kvc_run`: every measurement of one kvc configuration (kvc.Model's public API);
+- `cache_types`: one KV cache configuration's ms/token and RSS as the cache fills, and its summary;
+- `no_cache`: generating with and without the cache, and the growth exponent;
 - `llama`: the same with llama.cpp (llama-cpp-python), and its GGUFs;
 - `traffic`: bytes a decode step reads; `bandwidth`: the measured read bandwidth (roofline);
 - `rss`: this process's resident memory;
 - `logit_quality`: top-1 agreement, KL and perplexity of two models' logits;
 - `machine`: what the machine is and how busy it is;
-- `tables` and `plot`: the markdown tables and the PNG.
+- `tables` and `plot`: the markdown tables and the PNGs (bench.png, cache.png).
 """
 from .logit_quality import quality  # kvc.bench.quality: what tests/test_quantized.py checks on SmolLM2
 

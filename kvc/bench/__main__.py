@@ -1,7 +1,8 @@
 """`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, and how close Q8_0 stays to f32.
 
-The command line: options to a Plan, then results.json, bench.png and the markdown tables. With the
-hidden --one / --one-llama it is instead the child that measures one configuration (see child.py).
+The command line: options to a Plan, then results.json, bench.png, cache.png and the markdown tables.
+With the hidden --one / --one-llama / --one-cache / --one-no-cache it is instead the child that
+measures one configuration (see child.py).
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .cache_types import run_one_cache
 from .files import BENCH_DIR, DEFAULT_MODELS, require_model
 from .kvc_run import run_one
 from .llama import gguf_dtype, run_one_llama
-from .plot import plot
-from .suite import Plan, run_bench
+from .no_cache import run_one_no_cache
+from .plot import plot, plot_cache
+from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
-from .workload import FULL, QUICK, Sizes
+from .workload import CACHE_CONFIGS, FULL, FULL_CACHE, QUICK, QUICK_CACHE, CacheSizes, Sizes
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,8 +43,24 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--positions", help="cache positions for ms/token, e.g. 0,256,512,1024,2048")
     ap.add_argument("--steps", type=int, help="decode steps timed per position")
     ap.add_argument("--repeats", type=int, help="prefill repeats (best kept)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"what to run (default {','.join(PARTS)}): speed: tok/s, ms/token and RSS per weight type and"
+                         " thread count; cache: each KV cache type's ms/token, RSS and memory as the cache fills;"
+                         " no-cache: generating with and without the cache")
+    ap.add_argument("--cache-types", metavar="TYPES",
+                    help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
+                         + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
+    ap.add_argument("--cache-threads", type=int, help="threads of the cache and no-cache parts (default 2)")
+    ap.add_argument("--cache-positions", help="cache positions of the cache part, e.g. 0,2048,8192 (one whose"
+                                              " steps would pass the context's end is measured just before it)")
+    ap.add_argument("--cache-steps", type=int, help="decode steps timed per position in the cache part")
+    ap.add_argument("--short-decode", metavar="PROMPT,N", help="short-context decode: prompt length, tokens")
+    ap.add_argument("--no-cache-n", metavar="N,...", help="tokens generated with and without the cache, e.g. 32,64,128")
+    ap.add_argument("--no-cache-prompt", type=int, help="prompt length before them")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-llama", nargs=2, metavar=("GGUF", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-cache", nargs=3, metavar=("MODEL", "THREADS", "CACHE"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-no-cache", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
     return ap
 
 
@@ -65,11 +84,35 @@ def sizes_from_args(a: argparse.Namespace) -> Sizes:
     return s
 
 
-def _child(a: argparse.Namespace, sizes: Sizes) -> int:
+def cache_sizes_from_args(a: argparse.Namespace) -> CacheSizes:
+    """QUICK_CACHE or FULL_CACHE sizes, with the options that override them."""
+    s = CacheSizes(**asdict(QUICK_CACHE if a.quick else FULL_CACHE))
+    if a.cache_positions:
+        s.positions = _ints(a.cache_positions)
+    if a.cache_steps is not None:
+        s.steps = a.cache_steps
+    if a.short_decode:
+        s.short_prompt, s.short_decode = _ints(a.short_decode)
+    if a.no_cache_n:
+        s.no_cache = _ints(a.no_cache_n)
+    if a.no_cache_prompt is not None:
+        s.no_cache_prompt = a.no_cache_prompt
+    if a.cache_threads is not None:
+        s.threads = a.cache_threads
+    return s
+
+
+def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
     """One configuration in this process, printed as one JSON line for the parent (child.py)."""
     if a.one:
         path, threads = a.one
         res = run_one(path, int(threads), sizes)
+    elif a.one_cache:
+        path, threads, cache = a.one_cache
+        res = run_one_cache(path, int(threads), cache, cache_sizes)
+    elif a.one_no_cache:
+        path, threads = a.one_no_cache
+        res = run_one_no_cache(path, int(threads), cache_sizes)
     else:
         path, threads = a.one_llama
         res = run_one_llama(path, int(threads), sizes)
@@ -82,28 +125,41 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bench (or, with --one / --one-llama, one configuration); 1 if a configuration failed."""
     ap = parser()
     a = ap.parse_args(argv)
-    sizes = sizes_from_args(a)
-    if a.one or a.one_llama:
-        return _child(a, sizes)
+    sizes, cache_sizes = sizes_from_args(a), cache_sizes_from_args(a)
+    if a.one or a.one_llama or a.one_cache or a.one_no_cache:
+        return _child(a, sizes, cache_sizes)
+    parts = tuple(p for p in a.parts.split(",") if p)
+    for p in parts:
+        if p not in PARTS:
+            ap.error(f"unknown part {p!r} (choose from {', '.join(PARTS)})")
 
     dtypes = [d for d in a.dtypes.split(",") if d]
     for d in dtypes:
         if d not in DEFAULT_MODELS:
             ap.error(f"unknown dtype {d!r} (choose from {', '.join(DEFAULT_MODELS)})")
     models = {d: require_model(d, getattr(a, d)).resolve() for d in dtypes}
+    configs = {d: CACHE_CONFIGS[d] if a.cache_types is None else [c for c in a.cache_types.split(",") if c]
+               for d in dtypes}
     plan = Plan(models=models, threads=_ints(a.threads), sizes=sizes, mode="quick" if a.quick else "full",
                 gguf=Path(a.gguf) if a.gguf else None, llama=not a.no_llama, wait_idle=a.wait_idle,
-                timeout=a.timeout)
+                timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs)
     results = run_bench(plan)
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    why = plot(results, out / "bench.png")
+    pngs = []
+    if results["runs"]:
+        pngs.append(("bench.png", plot(results, out / "bench.png")))
+    if "cache_types" in results or "no_cache" in results:
+        pngs.append(("cache.png", plot_cache(results, out / "cache.png")))
     print(markdown_tables(results))
-    print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'bench.png'}" if why is None else f" (no plot: {why})"),
+    wrote = [str(out / name) for name, why in pngs if why is None]
+    why_not = [f"no {name}: {why}" for name, why in pngs if why is not None]
+    print(f"\nwrote {', '.join([str(out / 'results.json')] + wrote)}" + "".join(f" ({w})" for w in why_not),
           file=sys.stderr)
-    return 1 if any("error" in r for r in results["runs"]) else 0
+    records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {})]
+    return 1 if any("error" in r for r in records) else 0
 
 
 if __name__ == "__main__":

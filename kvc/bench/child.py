@@ -1,6 +1,7 @@
-"""One configuration in a child process: `python -m kvc.bench --one MODEL THREADS` (or --one-llama),
-which prints one JSON line. A fresh process per configuration keeps each peak RSS its own (a
-process's peak only grows); thread counts alone would not need it (each model has its own)."""
+"""One configuration in a child process: `python -m kvc.bench --one MODEL THREADS` (or --one-llama,
+--one-cache MODEL THREADS CACHE, --one-no-cache MODEL THREADS), which prints one JSON line. A fresh
+process per configuration keeps each peak RSS its own (a process's peak only grows); thread counts
+alone would not need it (each model has its own)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import time
 
 from .files import ROOT
 from .machine import cpu_busy_seconds, usable_cores
-from .workload import Sizes
+from .workload import CacheSizes, Sizes
 
 
 def size_args(sizes: Sizes) -> list[str]:
@@ -20,6 +21,13 @@ def size_args(sizes: Sizes) -> list[str]:
     return ["--prefill", ",".join(map(str, sizes.prefill)), "--decode", str(sizes.decode),
             "--positions", ",".join(map(str, sizes.positions)), "--steps", str(sizes.steps),
             "--repeats", str(sizes.repeats)]
+
+
+def cache_size_args(sizes: CacheSizes) -> list[str]:
+    """The command-line options that give a cache-type or no-cache child these sizes."""
+    return ["--cache-positions", ",".join(map(str, sizes.positions)), "--cache-steps", str(sizes.steps),
+            "--short-decode", f"{sizes.short_prompt},{sizes.short_decode}",
+            "--no-cache-n", ",".join(map(str, sizes.no_cache)), "--no-cache-prompt", str(sizes.no_cache_prompt)]
 
 
 def run_child(engine: str, path: str | os.PathLike, threads: int, sizes: Sizes, timeout: float) -> dict:
@@ -30,7 +38,21 @@ def run_child(engine: str, path: str | os.PathLike, threads: int, sizes: Sizes, 
     its numbers are skewed when high.
     """
     flag = {"kvc": "--one", "llama.cpp": "--one-llama"}[engine]
-    cmd = [sys.executable, "-m", "kvc.bench", flag, os.fspath(path), str(threads)] + size_args(sizes)
+    return run_command([flag, os.fspath(path), str(threads)] + size_args(sizes), timeout)
+
+
+def run_cache_child(path: str | os.PathLike, threads: int, cache: str | None, sizes: CacheSizes,
+                    timeout: float) -> dict:
+    """One cache configuration (cache_types.run_one_cache) in a child process, or with cache None the
+    no-cache cost curve (no_cache.run_one_no_cache); its JSON record, as run_child."""
+    head = ["--one-no-cache", os.fspath(path), str(threads)] if cache is None else \
+        ["--one-cache", os.fspath(path), str(threads), cache]
+    return run_command(head + cache_size_args(sizes), timeout)
+
+
+def run_command(args: list[str], timeout: float) -> dict:
+    """`python -m kvc.bench ARGS` in a child process: the JSON record its last line holds (see run_child)."""
+    cmd = [sys.executable, "-m", "kvc.bench"] + args
     # numpy's OpenBLAS threads would otherwise spin beside kvc's OpenMP threads in the child
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                OPENBLAS_NUM_THREADS="1")

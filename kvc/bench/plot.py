@@ -1,4 +1,5 @@
-"""The PNG: ms/token against position, and tok/s bars, per configuration (needs matplotlib)."""
+"""The PNGs (need matplotlib): bench.png, ms/token against position and tok/s bars per configuration;
+cache.png, ms/token and RSS against position per KV cache type, and generating with and without the cache."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,23 +41,107 @@ def _throughput_panel(ax, runs: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-def plot(results: dict, path: Path) -> str | None:
-    """ms/token against position, and tok/s bars, as a PNG; returns why not if matplotlib is missing."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None if matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, results: dict, title: str, path: Path) -> None:
+    """Title the figure with the machine and date, write it to path, close it."""
+    m = results["machine"]
+    fig.suptitle(f"{title} — {m['cpu']}, {m['usable_cores']} cores, {m['date']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(results: dict, path: Path) -> str | None:
+    """ms/token against position, and tok/s bars, as a PNG; returns why not if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return "matplotlib is not installed"
     runs = [r for r in results["runs"] if "error" not in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     _latency_panel(ax1, runs)
     _throughput_panel(ax2, runs)
-    m = results["machine"]
-    fig.suptitle(f"kvc, SmolLM2-135M-Instruct — {m['cpu']}, {m['usable_cores']} cores, {m['date']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, results, "kvc, SmolLM2-135M-Instruct", path)
+    return None
+
+def _cache_lines(ax, records: list[dict], key: str) -> None:
+    """A line per (weights, cache type) record: its by_position rows' `key` against position."""
+    for r in records:
+        ax.plot([b["pos"] for b in r["by_position"]], [b[key] for b in r["by_position"]], marker="o",
+                linestyle="-" if r["dtype"] == "q8_0" else "--", label=f"{r['dtype']} weights, {r['cache']} cache")
+
+
+def _cache_latency_panel(ax, records: list[dict]) -> None:
+    """ms per decoded token against the cache position, a line per (weights, cache type)."""
+    _cache_lines(ax, records, "ms_per_token")
+    ax.set_xscale("symlog", linthresh=256)
+    ax.set_yscale("log")
+    ax.set_xlabel("position (tokens in the KV cache; linear below 256, log above)")
+    ax.set_ylabel("ms per decoded token (median)")
+    ax.set_title("Decode latency per KV cache type")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
+def _rss_panel(ax, records: list[dict]) -> None:
+    """The process's RSS after filling the cache to each position, a line per (weights, cache type)."""
+    _cache_lines(ax, records, "rss_mb")
+    ax.set_xlabel("position (tokens in the KV cache)")
+    ax.set_ylabel("RSS MB (2**20 bytes)")
+    ax.set_title("Resident memory as the cache fills")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _no_cache_panels(ax_total, ax_step, nc: dict) -> None:
+    """Total time to generate n tokens (log-log, with the fitted slopes) and ms/token against position,
+    with and without the cache."""
+    ns = [t["tokens"] for t in nc["totals"]]
+    for key, name, slope in (("cache", "with cache", nc["exponent_cache"]),
+                             ("no_cache", "without cache", nc["exponent_no_cache"])):
+        fit = f" (slope {slope:.2f})" if slope is not None else ""
+        ax_total.plot(ns, [t[f"{key}_s"] for t in nc["totals"]], marker="o", label=name + fit)
+        ax_step.plot(nc["positions"], nc[f"{key}_ms"], label=name)
+    ax_total.set_xscale("log")
+    ax_total.set_yscale("log")
+    ax_total.set_xlabel("tokens generated")
+    ax_total.set_ylabel("total seconds")
+    ax_total.set_title(f"Generating n tokens ({nc['dtype']} weights, {nc['threads']} threads)")
+    ax_total.grid(alpha=0.3, which="both")
+    ax_total.legend(fontsize=8)
+    ax_step.set_xlabel("position of the new token")
+    ax_step.set_ylabel("ms for that token")
+    ax_step.set_title("Per-token cost, with and without the cache")
+    ax_step.set_ylim(bottom=0)
+    ax_step.grid(alpha=0.3)
+    ax_step.legend(fontsize=8)
+
+
+def plot_cache(results: dict, path: Path) -> str | None:
+    """The cache parts as a PNG: ms/token against position per cache type (log axes), RSS against
+    position, and generating with and without the cache; returns why not if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed"
+    records = [r for r in results.get("cache_types", []) if "error" not in r]
+    nc = results.get("no_cache")
+    fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(13, 10))
+    if records:
+        _cache_latency_panel(ax1, records)
+        _rss_panel(ax2, records)
+    if nc and "error" not in nc:
+        _no_cache_panels(ax3, ax4, nc)
+    _save(plt, fig, results, "kvc KV cache, SmolLM2-135M-Instruct", path)
     return None

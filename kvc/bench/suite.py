@@ -1,19 +1,25 @@
 """The whole bench: the read-bandwidth roofline, every kvc configuration in a child process, Q8_0's
-quality against f32, and llama.cpp when it is installed; one results dict (results.json)."""
+quality against f32, and llama.cpp when it is installed (part "speed"); every KV cache type's decode
+latency and memory as the cache fills (part "cache"); the cost of generating without a cache (part
+"no-cache"); one results dict (results.json)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bandwidth import measure_bandwidth
-from .child import run_child
+from .cache_types import cache_summary
+from .child import run_cache_child, run_child
 from .files import find_gguf
 from .llama import have_llama_cpp, llama_gguf
 from .logit_quality import quality
 from .machine import machine_info, wait_for_quiet
-from .workload import BANDWIDTH_BYTES, Sizes
+from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, CacheSizes, Sizes
+
+PARTS = ("speed", "cache", "no-cache")
 
 
 @dataclass
@@ -28,6 +34,9 @@ class Plan:
     llama: bool = True  # measure llama.cpp if llama-cpp-python is installed
     wait_idle: float = 0  # seconds to wait for a quiet CPU before each configuration
     timeout: float = 1200  # seconds allowed per configuration
+    parts: tuple[str, ...] = PARTS  # which of PARTS to run
+    cache_sizes: CacheSizes = field(default_factory=lambda: FULL_CACHE)
+    cache_configs: dict[str, list[str]] = field(default_factory=lambda: dict(CACHE_CONFIGS))  # dtype -> caches
 
 
 def _say(text: str) -> None:
@@ -65,13 +74,8 @@ def _llama_runs(plan: Plan, runs: list[dict]) -> str:
     return "; ".join(notes) or f"measured on GGUFs requantized from {src.name}"
 
 
-def run_bench(plan: Plan) -> dict:
-    """Every measurement of the plan, with the machine's description: what results.json holds."""
-    results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes), "roofline": {}, "runs": []}
-    t0 = time.perf_counter()
-    load = results["machine"]["load_avg_before"][0]
-    if load > 0.5:
-        _say(f"warning: load average {load} — other work on this machine will skew the numbers")
+def _speed_runs(plan: Plan, results: dict) -> None:
+    """Roofline, every (dtype, threads) configuration, Q8_0's quality and llama.cpp, into results."""
     for t in plan.threads:
         _settle(plan)
         bw = measure_bandwidth(t, BANDWIDTH_BYTES[plan.mode])
@@ -93,5 +97,47 @@ def run_bench(plan: Plan) -> dict:
         except Exception as e:  # report it with the rest rather than lose the timings
             results["quality"] = {"error": f"{type(e).__name__}: {e}"}
     results["llama_cpp"] = _llama_runs(plan, results["runs"])
+
+
+def _cache_runs(plan: Plan, results: dict) -> None:
+    """The cache configurations of each model (results["cache_types"], with their summary) and the
+    no-cache cost curve of the Q8_0 model, else the first (results["no_cache"]), each in a child."""
+    threads = plan.cache_sizes.threads
+    if "cache" in plan.parts:
+        records = []
+        for d, path in plan.models.items():
+            for cache in plan.cache_configs.get(d, []):
+                _settle(plan)
+                _say(f"kvc {d} weights, {cache} cache, {threads} thread(s)...")
+                res = run_cache_child(path, threads, cache, plan.cache_sizes, plan.timeout)
+                res.setdefault("dtype", d)
+                res.setdefault("cache", cache)
+                res.setdefault("threads", threads)
+                records.append(res)
+        results["cache_types"] = records
+        results["cache_summary"] = cache_summary(records)
+    if "no-cache" in plan.parts and plan.models:
+        d = "q8_0" if "q8_0" in plan.models else next(iter(plan.models))
+        _settle(plan)
+        _say(f"kvc {d} weights with and without the cache, {threads} thread(s)...")
+        res = run_cache_child(plan.models[d], threads, None, plan.cache_sizes, plan.timeout)
+        res.setdefault("dtype", d)
+        res.setdefault("threads", threads)
+        results["no_cache"] = res
+
+
+def run_bench(plan: Plan) -> dict:
+    """Every measurement of the plan, with the machine's description: what results.json holds."""
+    results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes),
+               "cache_sizes": asdict(plan.cache_sizes), "parts": list(plan.parts), "roofline": {}, "runs": []}
+    t0 = time.perf_counter()
+    load = results["machine"]["load_avg_before"][0]
+    if load > 0.5:
+        _say(f"warning: load average {load} — other work on this machine will skew the numbers")
+    if "speed" in plan.parts:
+        _speed_runs(plan, results)
+    _cache_runs(plan, results)
+    results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - t0
     return results
+

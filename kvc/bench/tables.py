@@ -1,4 +1,5 @@
-"""The README's markdown tables from a results dict: throughput, ms/token by position, Q8_0 quality."""
+"""The README's markdown tables from a results dict: throughput, ms/token by position, Q8_0 quality;
+each KV cache type's ms/token and memory as the cache fills; generating with and without the cache."""
 from __future__ import annotations
 
 
@@ -77,9 +78,95 @@ def _notes(results: dict) -> list[str]:
     return lines
 
 
+def _position_heads(records: list[dict]) -> tuple[list[int], dict[int, int]]:
+    """The asked positions of the cache records, and where each was measured when that differs."""
+    asked = sorted({b["asked"] for r in records for b in r["by_position"]})
+    moved = {b["asked"]: b["pos"] for r in records for b in r["by_position"] if b["pos"] != b["asked"]}
+    return asked, moved
+
+
+def _cache_latency(records: list[dict], summary: list[dict], threads: int) -> list[str]:
+    """ms/token at each position per (weights, cache) configuration, the ratios to position 0, and
+    short-context decode against the same weights' f32 cache."""
+    asked, moved = _position_heads(records)
+    if not asked:
+        return []
+    by_config = {(s["dtype"], s["cache"]): s for s in summary}
+    head = (["weights", "KV cache"] + [f"pos {p}" + (f" (at {moved[p]})" if p in moved else "") for p in asked]
+            + ["× pos 2048 / 0", f"× pos {asked[-1]} / 0", "short decode ms/token", "vs f32 cache", "other CPU %"])
+    rows = []
+    for r in records:
+        bp = {b["asked"]: b["ms_per_token"] for b in r["by_position"]}
+        s = by_config.get((r["dtype"], r["cache"]), {})
+        vs = s.get("short_vs_f32_pct")
+        rows.append([r["dtype"], r["cache"]] + [_fmt(bp.get(p), 2) for p in asked]
+                    + [_fmt(s.get("ratio_2048"), 2), _fmt(s.get("ratio_last"), 2), _fmt(s.get("short_ms"), 2),
+                       "-" if vs is None else f"{vs:+.1f}%", _fmt(r.get("other_cpu_pct"), 0)])
+    steps = records[0]["by_position"][0]["steps"]
+    short = records[0]["short_decode"]
+    return ["", f"Decode ms/token (median of {steps} steps, {threads} threads) with the KV cache filled to each "
+            f"position, per cache type (K and V; +rot: Hadamard-rotated, q4_0's default); × columns: ratio to "
+            f"position 0; short decode: {short['tokens']} tokens after a {short['start_pos']}-token prompt, "
+            "against the same weights with an f32 cache:", ""] + _table(head, rows)
+
+
+def _cache_memory(records: list[dict]) -> list[str]:
+    """Model.memory() and the process's RSS after filling the cache to each position, per configuration."""
+    asked, moved = _position_heads(records)
+    head = (["weights", "KV cache", "cache MB (allocated)", "memory() total MB"]
+            + [f"RSS @ {p}" + (f" (at {moved[p]})" if p in moved else "") for p in asked] + ["peak RSS MB"])
+    rows = []
+    for r in records:
+        rss = {b["asked"]: b["rss_mb"] for b in r["by_position"]}
+        mem = r["memory"]
+        rows.append([r["dtype"], r["cache"], _fmt(mem["kv_cache"] / 2**20), _fmt(mem["total"] / 2**20)]
+                    + [_fmt(rss.get(p), 0) for p in asked] + [_fmt(r["peak_rss_mb"], 0)])
+    return ["", f"Memory per cache type (MB of 2**20) at the full context of {records[0]['context']} tokens: the "
+            "cache as allocated (Model.memory()), and the process's resident set after filling the cache to "
+            "each position (the cache is allocated up front; its pages become resident as positions fill):",
+            ""] + _table(head, rows)
+
+
+def _no_cache(nc: dict) -> list[str]:
+    """Total time to generate n tokens with and without the cache, and the fitted growth exponents."""
+    if "error" in nc:
+        return ["", f"Generating without the cache failed: {nc['error']}"]
+    rows = [[str(t["tokens"]), _fmt(t["cache_s"], 2), _fmt(t["no_cache_s"], 2), _fmt(t["speedup"], 1)]
+            for t in nc["totals"]]
+    first, last = nc["positions"][0], nc["positions"][-1]
+    return (["", f"Generating n tokens after a {nc['prompt']}-token prompt ({nc['dtype']} weights, {nc['threads']} "
+             "threads) with the KV cache, and without it (every token recomputes the whole sequence):", ""]
+            + _table(["n", "with cache s", "without cache s", "× slower without"], rows)
+            + ["", f"Growth of total time with n (log-log least-squares slope): {_fmt(nc['exponent_cache'], 2)} "
+               f"with the cache, {_fmt(nc['exponent_no_cache'], 2)} without. ms/token at positions {first} and "
+               f"{last}: {_fmt(nc['cache_ms'][0], 1)} and {_fmt(nc['cache_ms'][-1], 1)} with the cache, "
+               f"{_fmt(nc['no_cache_ms'][0], 1)} and {_fmt(nc['no_cache_ms'][-1], 1)} without. Same greedy tokens "
+               f"both ways: {'yes' if nc['same_tokens'] else 'no'}."])
+
+
+def cache_tables(results: dict) -> list[str]:
+    """The cache parts' tables (what results holds of them): latency and memory per cache type, the
+    configurations that failed, and the cost without a cache."""
+    lines = []
+    records = results.get("cache_types", [])
+    ok = [r for r in records if "error" not in r]
+    if ok:
+        threads = results.get("cache_sizes", {}).get("threads", ok[0]["threads"])
+        lines += _cache_latency(ok, results.get("cache_summary", []), threads) + _cache_memory(ok)
+    for r in records:
+        if "error" in r:
+            lines += ["", f"kvc {r.get('dtype', '?')} weights, {r.get('cache', '?')} cache failed: {r['error']}"]
+    if "no_cache" in results:
+        lines += _no_cache(results["no_cache"])
+    return lines
+
+
 def markdown_tables(results: dict) -> str:
-    """The README tables: throughput per configuration, ms/token by position, Q8_0 quality."""
+    """The README tables: throughput per configuration, ms/token by position, Q8_0 quality, then the
+    cache types and the cost without a cache (those of the parts that ran)."""
     runs = [r for r in results["runs"] if "error" not in r]
-    lines = (_heading(results) + [""] + _throughput(runs, results.get("roofline", {})) + _by_position(runs)
-             + _notes(results))
+    lines = _heading(results)
+    if results["runs"]:
+        lines += [""] + _throughput(runs, results.get("roofline", {})) + _by_position(runs)
+    lines += _notes(results) + cache_tables(results)
     return "\n".join(lines)

@@ -31,6 +31,17 @@ def weight_bytes_per_token(cfg: Config) -> int:
     return total
 
 
-def kv_bytes_read(cfg: Config, pos: int) -> int:
+# KV cache element types: (values, bytes) per block, as run.c stores them (q8_0 / q4_0: 32 values
+# and one fp16 scale)
+CACHE_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+
+
+def cache_row_bytes(cache_type: str, n: int) -> int:
+    """Bytes of n cached values (one position's keys or values) stored as cache_type."""
+    values, nbytes = CACHE_BLOCKS[cache_type]
+    return n // values * nbytes
+
+
+def kv_bytes_read(cfg: Config, pos: int, type_k: str = "f32", type_v: str = "f32") -> int:
     """K and V bytes attention reads for a token at position pos (entries 0..pos of every layer)."""
-    return 2 * cfg.n_layers * (pos + 1) * cfg.kv_dim * 4
+    return cfg.n_layers * (pos + 1) * (cache_row_bytes(type_k, cfg.kv_dim) + cache_row_bytes(type_v, cfg.kv_dim))

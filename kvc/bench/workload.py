@@ -59,3 +59,29 @@ def cycle_tokens(first: list[int], rest: list[int], n: int) -> list[int]:
     while len(out) < n:
         out.extend(rest)
     return out[:n]
+
+
+# The KV cache's element types measured with each weight type (the cache-types issue): every type
+# for K+V with Q8_0 weights, and q4_0 both plain and with its default Hadamard rotation ("+rot");
+# the f32 model with the f32, f16 and q8_0 caches.
+CACHE_CONFIGS = {
+    "q8_0": ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_0+rot"],
+    "f32": ["f32", "f16", "q8_0"],
+}
+
+
+@dataclass
+class CacheSizes:
+    """What the cache-type and no-cache measurements run: positions, steps, lengths, thread count."""
+
+    positions: list[int] = field(default_factory=lambda: [0, 256, 512, 1024, 2048, 4096, 8192])
+    steps: int = 16  # decode steps timed at each position (a position past the context moves back)
+    short_prompt: int = 32  # short-context decode: this prompt, then `short_decode` tokens (< 256)
+    short_decode: int = 128
+    no_cache: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tokens generated both ways
+    no_cache_prompt: int = 8  # the prompt before them
+    threads: int = 2
+
+
+FULL_CACHE = CacheSizes()
+QUICK_CACHE = CacheSizes(positions=[0, 256, 1024], steps=8, short_prompt=16, short_decode=32, no_cache=[8, 16, 32])
