@@ -2877,8 +2877,9 @@ int kvc_token_text(const Model *m, int prev, int token, const char **text) {
     return len;
 }
 
-// Text of n token ids into out (room for capacity bytes). Returns the text's length; when that is
-// more than capacity nothing is written, and the caller asks again with that much room.
+// Text of n token ids into out (room for capacity bytes). Returns the text's length; when the text
+// may not fit, nothing is written and it returns the room to ask again with (the sum of the tokens'
+// texts: at least the length, which can be shorter by the dummy prefix's space).
 int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity) {
     if (!m->has_tokenizer) return fail("this model has no tokenizer");
     size_t need = 0;

@@ -222,7 +222,7 @@ def main() -> None:
     encode_seeds(out / "seeds" / "encode")
     decode_seeds(out / "seeds" / "decode", toks)
     chat_seeds(out / "seeds" / "chat")
-    counts = {d.name: len(list(d.iterdir())) for d in sorted((out / "seeds").iterdir())}
+    counts = {d.name: len(list(d.iterdir())) for d in sorted((out / "seeds").iterdir()) if d.is_dir()}  # not .done
     print(f"fuzz seeds in {out / 'seeds'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

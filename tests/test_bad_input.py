@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import (
-    ROOT, RUN, TIMEOUT, byte_tokenizer, random_tensors, run_cli, write_llama2c, write_random_model, write_tokenizer_bin,
+from helpers import (  # SANITIZER_ENV: reports get their own exit codes, never the clean exit 1
+    ROOT, RUN, SANITIZER_ENV, TIMEOUT, byte_tokenizer, random_tensors, run_cli, write_llama2c, write_random_model, write_tokenizer_bin,
 )
 from kvc import Model
 from kvc import format as fmt
@@ -35,11 +35,6 @@ FIELDS = ("magic version dim hidden_dim n_layers n_heads n_kv_heads head_dim voc
           "tokenizer_size template_offset template_size weights_offset weights_size").split()
 assert len(FIELDS) == len(fmt.HEADER.unpack(bytes(fmt.HEADER.size)))
 
-# sanitizer reports get their own exit code, so they can never pass for the clean exit 1
-SANITIZER_ENV = {
-    "ASAN_OPTIONS": "detect_leaks=1:exitcode=86:abort_on_error=0",
-    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=87",
-}
 
 
 # ----------------------------------------------------------------------------------------------
