@@ -82,9 +82,11 @@ def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, size
     dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(cfg.weight_type, str(cfg.weight_type))
     positions = clamp_positions(sizes.positions, sizes.steps, cfg.seq_len)
     end = max([used for _, used in positions], default=0) + sizes.steps
-    toks = text_tokens(model, max(end, sizes.short_prompt + sizes.short_decode, 8))
+    toks = text_tokens(model, max(end, sizes.short_prompt + sizes.short_decode, 16))
     rss_open = current_rss_mb()
-    model.prefill(toks[:8], 0)  # warm-up: page the weights in (the cache's first rows too)
+    model.prefill(toks[:8], 0)  # warm-up: page the weights in (the cache's first rows too),
+    for i in range(8):  # and a few single-token steps (overwritten by the measurement)
+        model.prefill([toks[8 + i]], 8 + i)
     by_pos = measure_cache_by_position(model, positions, sizes.steps, toks)
     wbytes = weight_bytes_per_token(cfg)
     for row in by_pos:

@@ -76,7 +76,7 @@ def run_one_no_cache(path: str | os.PathLike, threads: int | None, sizes: CacheS
     model = Model(path, threads=threads, seq_len=sizes.no_cache_prompt + max(sizes.no_cache) + 1)
     dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(model.config.weight_type, str(model.config.weight_type))
     toks = text_tokens(model, sizes.no_cache_prompt)
-    model.prefill(toks, 0)  # warm-up: page the weights in
+    step_times(model, toks, 4, use_cache=True)  # warm-up: page the weights in, run a few single-token steps
     curve = cost_curve(model, toks, sizes.no_cache)
     model.close()
     return {"engine": "kvc", "dtype": dtype, "cache": "f32", "threads": threads, "model": str(path), **curve,
