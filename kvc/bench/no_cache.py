@@ -51,7 +51,8 @@ def cost_curve(model: Model, prompt: list[int], lengths: list[int]) -> dict:
 
     One run of max(lengths) steps each way: the time to generate n tokens is the sum of its first n
     steps (generating more tokens passes through every shorter length). "same_tokens": both ways chose
-    the same greedy tokens.
+    the same greedy tokens; else "first_difference" is the first step where they did not (a near-tie
+    that batched and single-token arithmetic round differently flips the rest).
     """
     n_max = max(lengths)
     cached, tokens_cached = step_times(model, prompt, n_max, use_cache=True)
@@ -67,6 +68,7 @@ def cost_curve(model: Model, prompt: list[int], lengths: list[int]) -> dict:
         "exponent_cache": growth_exponent(ns, [t["cache_s"] for t in totals]),
         "exponent_no_cache": growth_exponent(ns, [t["no_cache_s"] for t in totals]),
         "same_tokens": tokens_cached == tokens_full,
+        "first_difference": next((i for i, (a, b) in enumerate(zip(tokens_cached, tokens_full)) if a != b), None),
     }
 
 

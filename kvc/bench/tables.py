@@ -141,7 +141,9 @@ def _no_cache(nc: dict) -> list[str]:
                f"with the cache, {_fmt(nc['exponent_no_cache'], 2)} without. ms/token at positions {first} and "
                f"{last}: {_fmt(nc['cache_ms'][0], 1)} and {_fmt(nc['cache_ms'][-1], 1)} with the cache, "
                f"{_fmt(nc['no_cache_ms'][0], 1)} and {_fmt(nc['no_cache_ms'][-1], 1)} without. Same greedy tokens "
-               f"both ways: {'yes' if nc['same_tokens'] else 'no'}."])
+               f"both ways: " + ("yes." if nc["same_tokens"] else
+                                 f"no, from step {nc.get('first_difference')} (position "
+                                 f"{nc['prompt'] + (nc.get('first_difference') or 0)}) on.")])
 
 
 def cache_tables(results: dict) -> list[str]:
