@@ -2291,6 +2291,8 @@ static void kv_dot(const KVRun *r, int col, const float *q, int group, int hd, f
     }
 }
 
+#define KV_TILE_FLOATS 4096 // values of stored rows widened at once by kv_axpy (16 KB of stack)
+
 // For each of `group` heads g: out_g (hd, at out + g * hd) += sum over the run's rows i of
 // weights[g * w_stride + i] * v_i in columns col..col+hd. Each value row is read (and, if stored
 // narrower, widened) once for the group.
@@ -2302,10 +2304,18 @@ static void kv_axpy(const KVRun *r, int col, const float *weights, size_t w_stri
                          r->n, hd);
         return;
     }
-    float row[hd];
-    for (int i = 0; i < r->n; i++, v += r->value_stride) {
-        load_row(r->type_v, v, row, hd);
-        for (int g = 0; g < group; g++) axpy(out + (size_t)g * hd, weights[g * w_stride + i], row, hd);
+    // widen a tile of rows at a time, then sum it as f32 rows: the outputs stay in registers over the tile
+    int tile = KV_TILE_FLOATS / hd > 0 ? KV_TILE_FLOATS / hd : 1, row_floats = (int)(row_bytes(r->type_v, hd) / 4);
+    float rows[(size_t)tile * hd];
+    for (int i = 0; i < r->n; i += tile) {
+        int count = r->n - i < tile ? r->n - i : tile;
+        for (int j = 0; j < count; j++) {
+            const uint8_t *row = v + (size_t)(i + j) * r->value_stride;
+            if (i + j + PREFETCH_ROWS < r->n) prefetch((const float *)(row + PREFETCH_ROWS * r->value_stride), row_floats);
+            load_row(r->type_v, row, rows + (size_t)j * hd, hd);
+        }
+        for (int g = 0; g < group; g++)
+            weighted_sum(out + (size_t)g * hd, weights + g * w_stride + i, rows, (size_t)hd, count, hd);
     }
 }
 
