@@ -2075,9 +2075,7 @@ static void fill_row(int type, uint8_t *dst, float fill, int n) {
         }
         return;
     }
-    float row[n];
-    for (int i = 0; i < n; i++) row[i] = fill;
-    store_row(type, dst, row, n);
+    for (int i = 0; i < n; i++) store_row(type, dst + row_bytes(type, i), &fill, 1); // no row-sized buffer: kv_dim can be large
 }
 
 // n values stored as `type` at src, as float32 into out: every build gives the same bits.
