@@ -125,4 +125,5 @@ $(FUZZ_OUT)/seeds/.done: fuzz/seeds.py kvc/format.py tests/helpers.py | setup
 	touch $@
 
 clean:
-	rm -f run run_asan libkvc.so
+	rm -f run run_asan run_portable libkvc.so libkvc_asan.so
+	rm -rf fuzz/build
