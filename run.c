@@ -2149,27 +2149,28 @@ static CacheSpec cache_spec(int type_k, int type_v, int rotate) {
     return (CacheSpec){type_k, type_v, rotate != 0};
 }
 
-// Why spec cannot be a cache for this model, or NULL.
-static const char *cache_spec_problem(const CacheSpec *spec, int head_dim) {
+// Refuses a spec this model's heads cannot be stored in; the one check, before anything is sized.
+static int cache_spec_check(const CacheSpec *spec, int head_dim) {
     for (int i = 0; i < 2; i++) {
         int type = i ? spec->type_v : spec->type_k;
-        if (type < 0 || type >= N_CACHE_TYPES) return "unknown cache type";
-        if (head_dim % CACHE_TYPES[type].values) return "the cache type's group of 32 does not divide head_dim";
+        if (type < 0 || type >= N_CACHE_TYPES) return fail("unknown cache type %d (0..%d)", type, N_CACHE_TYPES - 1);
     }
-    if (spec->rotate && (head_dim & (head_dim - 1))) return "rotation needs head_dim to be a power of two";
-    return NULL;
+    const char *k = CACHE_TYPES[spec->type_k].name, *v = CACHE_TYPES[spec->type_v].name;
+    if (head_dim % CACHE_TYPES[spec->type_k].values || head_dim % CACHE_TYPES[spec->type_v].values)
+        return fail("cache types %s/%s: the cache type's group of %d does not divide head_dim (%d)", k, v, CACHE_GROUP,
+                    head_dim);
+    if (spec->rotate && (head_dim & (head_dim - 1)))
+        return fail("cache types %s/%s: rotation needs head_dim to be a power of two (%d)", k, v, head_dim);
+    return 0;
 }
 
-// Bytes a cache of `capacity` positions takes, keys and values.
+// Bytes a cache of `capacity` positions takes, keys and values (what cache_init allocates).
 static double cache_bytes(const Config *p, const CacheSpec *spec, int capacity) {
     return (double)p->n_layers * capacity * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p)));
 }
 
+// A cache of `capacity` positions as spec says (checked by cache_spec_check).
 static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int capacity) {
-    const char *problem = cache_spec_problem(spec, p->head_dim);
-    if (problem) return fail("cache types %s/%s: %s (%d)", spec->type_k >= 0 && spec->type_k < N_CACHE_TYPES ?
-                             CACHE_TYPES[spec->type_k].name : "?", spec->type_v >= 0 && spec->type_v < N_CACHE_TYPES ?
-                             CACHE_TYPES[spec->type_v].name : "?", problem, p->head_dim);
     c->spec = *spec;
     c->n_layers = p->n_layers;
     c->capacity = capacity;
@@ -2181,9 +2182,6 @@ static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int ca
     c->values = alloc_zeroed((size_t)c->n_layers * capacity, c->value_row);
     return c->keys && c->values ? 0 : -1;
 }
-
-// Bytes the cache holds allocated.
-static size_t cache_size(const KVCache *c) { return (size_t)c->n_layers * c->capacity * (c->key_row + c->value_row); }
 
 static void cache_free(KVCache *c) {
     free(c->keys);
@@ -2436,7 +2434,7 @@ static int sequence_init(Sequence *seq, const Model *m, int context, int threads
     if (threads < 0 || threads > MAX_THREADS) return fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
     if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     int capacity = context > 0 ? context : m->config.seq_len;
-    if (check_sequence_size(&m->config, spec, capacity, threads)) return -1;
+    if (cache_spec_check(spec, m->config.head_dim) || check_sequence_size(&m->config, spec, capacity, threads)) return -1;
     if (cache_init(&seq->cache, &m->config, spec, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
         sequence_free(seq);
         return -1;
@@ -2835,7 +2833,7 @@ int kvc_cache_type(const char *name) { return cache_type_by_name(name); }
 // out[1] the sequence's KV cache, out[2] its scratch (activations).
 void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]) {
     out[0] = m->map_size;
-    out[1] = cache_size(&seq->cache);
+    out[1] = (unsigned long long)cache_bytes(&m->config, &seq->cache.spec, seq->cache.capacity);
     out[2] = seq->state.bytes;
 }
 

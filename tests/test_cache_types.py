@@ -217,3 +217,16 @@ def test_no_cache_generates_the_same_text(model_path):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
     chat = run_cli(model_path, "-m", "chat", "--no-cache")
     assert chat.returncode == 1 and b"--no-cache works with -m generate only" in chat.stderr
+
+
+def test_c_api_refuses_unknown_type_numbers(model_path):
+    """kvc_sequence_new with a type number outside the table: an error before anything is sized."""
+    from kvc._lib import ffi, last_error, load
+    lib = load()
+    m = lib.kvc_open(str(model_path).encode(), ffi.NULL)
+    try:
+        for type_k, type_v in ((7, 0), (0, -1), (2**31 - 1, 0)):
+            assert lib.kvc_sequence_new(m, 0, 1, type_k, type_v, -1) == ffi.NULL
+            assert "unknown cache type" in last_error()
+    finally:
+        lib.kvc_close(m)
