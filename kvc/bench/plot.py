@@ -11,18 +11,26 @@ def _label(run: dict) -> str:
     return f"{run['engine']} {run.get('dtype', '?')} t{run['threads']}"
 
 
+def _finish(ax, xlabel: str | None, ylabel: str, title: str, legend_size: int = 8, zero_y: bool = True,
+            **grid) -> None:
+    """A panel's labels, title, grid (grid: matplotlib's grid options) and legend."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if zero_y:
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, **grid)
+    ax.legend(fontsize=legend_size)
+
+
 def _latency_panel(ax, runs: list[dict]) -> None:
     """ms per decoded token against the cache position, a line per configuration."""
     for r in runs:
         xs = [b["pos"] for b in r["by_position"]]
         ys = [b["ms_per_token"] for b in r["by_position"]]
         ax.plot(xs, ys, marker="o", linestyle="-" if r["engine"] == "kvc" else "--", label=_label(r))
-    ax.set_xlabel("position (tokens in the KV cache)")
-    ax.set_ylabel("ms per decoded token (median)")
-    ax.set_title("Decode latency as the context grows")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "position (tokens in the KV cache)", "ms per decoded token (median)", "Decode latency as the context grows")
 
 
 def _throughput_panel(ax, runs: list[dict]) -> None:
@@ -35,10 +43,7 @@ def _throughput_panel(ax, runs: list[dict]) -> None:
         vals = [pre.get(n, 0) for n in metrics] + [r["decode"]["tok_s"]]
         ax.bar(np.arange(len(names)) + i * width, vals, width, label=_label(r))
     ax.set_xticks(np.arange(len(names)) + width * (len(runs) - 1) / 2, names)
-    ax.set_ylabel("tokens / s")
-    ax.set_title("Throughput")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    _finish(ax, None, "tokens / s", "Throughput", zero_y=False, axis="y")
 
 
 def _pyplot():
@@ -87,22 +92,15 @@ def _cache_latency_panel(ax, records: list[dict]) -> None:
     _cache_lines(ax, records, "ms_per_token")
     ax.set_xscale("symlog", linthresh=256)
     ax.set_yscale("log")
-    ax.set_xlabel("position (tokens in the KV cache; linear below 256, log above)")
-    ax.set_ylabel("ms per decoded token (median)")
-    ax.set_title("Decode latency per KV cache type")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _finish(ax, "position (tokens in the KV cache; linear below 256, log above)", "ms per decoded token (median)",
+            "Decode latency per KV cache type", legend_size=7, zero_y=False, which="both")
 
 
 def _rss_panel(ax, records: list[dict]) -> None:
     """The process's RSS after filling the cache to each position, a line per (weights, cache type)."""
     _cache_lines(ax, records, "rss_mb")
-    ax.set_xlabel("position (tokens in the KV cache)")
-    ax.set_ylabel("RSS MB (2**20 bytes)")
-    ax.set_title("Resident memory as the cache fills")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish(ax, "position (tokens in the KV cache)", "RSS MB (2**20 bytes)", "Resident memory as the cache fills",
+            legend_size=7)
 
 
 def _no_cache_panels(ax_total, ax_step, nc: dict) -> None:
@@ -116,17 +114,9 @@ def _no_cache_panels(ax_total, ax_step, nc: dict) -> None:
         ax_step.plot(nc["positions"], nc[f"{key}_ms"], label=name)
     ax_total.set_xscale("log")
     ax_total.set_yscale("log")
-    ax_total.set_xlabel("tokens generated")
-    ax_total.set_ylabel("total seconds")
-    ax_total.set_title(f"Generating n tokens ({nc['dtype']} weights, {nc['threads']} threads)")
-    ax_total.grid(alpha=0.3, which="both")
-    ax_total.legend(fontsize=8)
-    ax_step.set_xlabel("position of the new token")
-    ax_step.set_ylabel("ms for that token")
-    ax_step.set_title("Per-token cost, with and without the cache")
-    ax_step.set_ylim(bottom=0)
-    ax_step.grid(alpha=0.3)
-    ax_step.legend(fontsize=8)
+    _finish(ax_total, "tokens generated", "total seconds",
+            f"Generating n tokens ({nc['dtype']} weights, {nc['threads']} threads)", zero_y=False, which="both")
+    _finish(ax_step, "position of the new token", "ms for that token", "Per-token cost, with and without the cache")
 
 
 def plot_cache(results: dict, path: Path) -> str | None:
