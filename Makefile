@@ -15,7 +15,7 @@ MODEL := models/smollm2-135m-instruct.bin
 MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 export KVC_DATA
 
-.PHONY: all setup data model test chat bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds
+.PHONY: all setup data model test chat bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer
 all: run libkvc.so
 
 run: run.c
@@ -73,6 +73,23 @@ $(MODEL_Q8): $(SMOLLM2_GGUF) | setup
 # (kvc.bench only reads the models; they are made here)
 bench: all model $(MODEL_Q8)
 	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+
+# ----------------------------------------------------------------------------
+# llama.cpp side by side (`make peer`, not part of `make test`): its llama-bench, llama-perplexity,
+# llama-server and llama-quantize, built once from the pinned llama-cpp-python sdist's vendored
+# llama.cpp into peer/bin (tools/peer.sh); `python -m kvc.bench.peer kld` compares KV cache quality.
+# PEER_JOBS sets the build's parallelism; `rm -rf peer` rebuilds from scratch.
+PEER_VERSION := 0.3.36
+PEER_DIR := peer
+PEER_STAMP := $(PEER_DIR)/.built-$(PEER_VERSION)
+PEER_JOBS ?= 2
+
+peer: $(PEER_STAMP)
+	@echo "llama.cpp tools (llama-cpp-python $(PEER_VERSION)): $(CURDIR)/$(PEER_DIR)/bin"
+
+$(PEER_STAMP): tools/peer.sh
+	PYTHON=$(PYTHON) PEER_JOBS=$(PEER_JOBS) tools/peer.sh $(PEER_VERSION) $(KVC_DATA) $(PEER_DIR)
+	touch $@
 
 # ----------------------------------------------------------------------------
 # Sanitizers, valgrind and fuzzing (README: "Fuzzing and sanitizers")
