@@ -2221,22 +2221,6 @@ static KVRun cache_run(const KVCache *c, int layer, int pos, int n) {
                    c->key_row, c->value_row, n};
 }
 
-// The group of query heads q (group x head_dim) as this cache's keys need them: rotated into buf
-// when the keys are, else q itself.
-static const float *cache_query(const KVCache *c, const float *q, int group, float *buf) {
-    if (!c->spec.rotate) return q;
-    memcpy(buf, q, (size_t)group * c->head_dim * sizeof(float));
-    for (int g = 0; g < group; g++) hadamard(buf + (size_t)g * c->head_dim, c->head_dim);
-    return buf;
-}
-
-// Attention outputs of `group` heads (a weighted sum of stored values) turned back from the values'
-// rotation, in place.
-static void cache_output(const KVCache *c, float *out, int group) {
-    if (c->spec.rotate)
-        for (int g = 0; g < group; g++) hadamard(out + (size_t)g * c->head_dim, c->head_dim);
-}
-
 // One stored row as float32 kv_dim values, rotated back.
 static void load_unrotated(const KVCache *c, int type, const uint8_t *src, float *out) {
     load_row(type, src, out, c->kv_dim);
@@ -2271,43 +2255,338 @@ static void cache_reset(KVCache *c, float fill) {
     }
 }
 
-// Scores of `group` query heads (q: group x hd, adjacent, as cache_query gives them) against the
-// run's keys in columns col..col+hd: att[g * att_stride + i] = scale * q_g . k_i. Each key row is
-// read (and, if stored narrower, widened) once for the group.
-static void kv_dot(const KVRun *r, int col, const float *q, int group, int hd, float scale, float *att,
-                   size_t att_stride) {
-    const uint8_t *k = r->keys + row_bytes(r->type_k, col);
-    size_t prefetch_bytes = row_bytes(r->type_k, hd);
-    float row[r->type_k == CACHE_F32 ? 1 : hd];
-    for (int i = 0; i < r->n; i++, k += r->key_stride) {
-        if (i + PREFETCH_ROWS < r->n) prefetch((const float *)(k + PREFETCH_ROWS * r->key_stride), (int)(prefetch_bytes / 4));
-        const float *kf = (const float *)k;
-        if (r->type_k != CACHE_F32) load_row(r->type_k, k, row, hd), kf = row;
-        for (int g = 0; g < group; g++) att[(size_t)g * att_stride + i] = dot(q + g * hd, kf, hd) * scale;
+// ---- Reading the cache: attention's scores and weighted sums, straight from the stored type
+
+// A kv head's group of query heads as its keys are read with them (cache_query makes it): float32,
+// rotated as the keys are; for int8 keys (q8_0, q4_0) also quantized per CACHE_GROUP values as the
+// matmuls quantize activations (scale max|x| / 127), so that each score is int8 dot products.
+// The int8 form comes in 64-value chunks, as the AVX-512 kernel takes it (an odd last block of a
+// head is zero-padded to a whole chunk).
+typedef struct {
+    const float *f;       // (group, hd)
+    const int8_t *q;      // (group, chunks * 64) int8 queries
+    const int32_t *bias;  // (group, chunks * 16) 128 * the sum of each 4 of them (see kv_dot)
+    const float *lanes;   // (group, chunks * 16) scale of block 2c in lanes 0-7 of chunk c, of 2c + 1 in 8-15
+} KVQuery;
+
+static int cache_int8(int type) { return type == CACHE_Q8_0 || type == CACHE_Q4_0; }
+static int query_chunks(int hd) { return (hd + 63) / 64; }
+
+// Bytes of one query head's int8 form (cache_query's int8 buffer holds group of them).
+static size_t query_int8_bytes(int hd) { return (size_t)query_chunks(hd) * (64 + 16 * sizeof(int32_t) + 16 * sizeof(float)); }
+
+// The group of query heads q (group x head_dim) as this cache's keys need them: rotated into f when
+// the keys are, and quantized into int8 (group x query_int8_bytes) when they are int8.
+static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f, uint8_t *int8) {
+    int hd = c->head_dim, chunks = query_chunks(hd);
+    if (c->spec.rotate) {
+        memcpy(f, q, (size_t)group * hd * sizeof(float));
+        for (int g = 0; g < group; g++) hadamard(f + (size_t)g * hd, hd);
+        q = f;
+    }
+    KVQuery out = {q, NULL, NULL, NULL};
+    if (!cache_int8(c->spec.type_k)) return out;
+    int8_t *qi = (int8_t *)int8;
+    int32_t *bias = (int32_t *)(int8 + (size_t)group * chunks * 64);
+    float *lanes = (float *)(bias + (size_t)group * chunks * 16);
+    for (int g = 0; g < group; g++) {
+        int8_t *qg = qi + (size_t)g * chunks * 64;
+        memset(qg, 0, (size_t)chunks * 64);
+        for (int b = 0; b < 2 * chunks; b++) {
+            float s = b * CACHE_GROUP < hd ? quantize_group(qg + b * CACHE_GROUP, q + (size_t)g * hd + b * CACHE_GROUP, CACHE_GROUP) : 0;
+            for (int lane = 0; lane < 8; lane++) lanes[((size_t)g * chunks + b / 2) * 16 + (b % 2) * 8 + lane] = s;
+        }
+        for (int i = 0; i < chunks * 16; i++)
+            bias[(size_t)g * chunks * 16 + i] = 128 * (qg[4 * i] + qg[4 * i + 1] + qg[4 * i + 2] + qg[4 * i + 3]);
+    }
+    return (KVQuery){q, qi, bias, lanes};
+}
+
+// Attention outputs of `group` heads (a weighted sum of stored values) turned back from the values'
+// rotation, in place.
+static void cache_output(const KVCache *c, float *out, int group) {
+    if (c->spec.rotate)
+        for (int g = 0; g < group; g++) hadamard(out + (size_t)g * c->head_dim, c->head_dim);
+}
+
+// The fp16 scale at the start of a q8_0/q4_0 block.
+static float block_scale(const uint8_t *block) {
+    uint16_t d;
+    memcpy(&d, block, 2);
+    return f16_to_f32(d);
+}
+
+#define KV_TILE_ROWS 16 // rows kv_dot scores together: their sums across lanes are one transpose
+#define KV_DOT_HEADS 8  // query heads kv_dot scores per pass over a tile of rows
+#define KV_AXPY_HEADS 4 // heads kv_axpy sums per pass over the rows: 4 x 64 outputs stay in registers
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define KV_SIMD 1
+
+// 16 values of an f32, f16 or bf16 row as float32.
+static inline __m512 kv_floats16(int type, const uint8_t *p) {
+    if (type == CACHE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (type == CACHE_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps((const float *)p);
+}
+
+// The int8 values of a q8_0/q4_0 block and, when `two`, the next one: 64 bytes, block one's in
+// bytes 0-31 (zeros for a missing second block, which is never read).
+static inline __m512i kv_block_pair(int type, const uint8_t *block, int two) {
+    int bytes = CACHE_TYPES[type].bytes;
+    if (type == CACHE_Q8_0) {
+        __m256i second = two ? _mm256_loadu_si256((const __m256i *)(block + bytes + 2)) : _mm256_setzero_si256();
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(block + 2))), second, 1);
+    }
+    __m128i second = two ? _mm_loadu_si128((const __m128i *)(block + bytes + 2)) : _mm_set1_epi8((char)0x88); // q = 8: 0
+    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(block + 2))), second, 1);
+    __m256i nibble = _mm256_set1_epi8(15);
+    __m256i low = _mm256_and_si256(both, nibble), high = _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble);
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);  // low 1, low 2, high 1, high 2
+    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));               // low 1, high 1, low 2, high 2
+    return _mm512_sub_epi8(z, _mm512_set1_epi8(8));
+}
+
+// The scales of a block and (when `two`) the next: lanes 0-7 and 8-15.
+static inline __m512 kv_scale_pair(const uint8_t *block, int bytes, int two) {
+    uint16_t d0, d1 = 0;
+    memcpy(&d0, block, 2);
+    if (two) memcpy(&d1, block + bytes, 2);
+    __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(d0 | (uint32_t)d1 << 16)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(both));
+}
+
+// 16 vectors in, one out: lane r holds the sum of v[r]'s lanes (16 sums across lanes in 15 steps
+// of shuffles and adds, instead of 16 reductions of 4 steps each).
+static inline __m512 sum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) // lanes 0-7: v[2i]'s halves added, 8-15: v[2i + 1]'s
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) // quarter k: four partial sums of v[4i + k]
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+    __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1])); // quarter k: v[k], v[8+k], v[4+k], v[12+k]
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), d);
+}
+
+// acc[g] += the lane-wise products of one key row with heads g0.. (heads of them), for every chunk:
+// float keys 16 values a chunk; int8 keys 64 (two blocks) a chunk, as dpbusd sums of (k + 128) * q
+// per 4 bytes, less 128 * the sum of those q (the query's bias), times both blocks' scales.
+static inline void kv_dot_row(int type, const uint8_t *k, const KVQuery *q, int g0, int heads, int hd, __m512 *acc) {
+    for (int g = 0; g < KV_DOT_HEADS; g++) acc[g] = _mm512_setzero_ps();
+    if (cache_int8(type)) {
+        int chunks = query_chunks(hd), bytes = CACHE_TYPES[type].bytes;
+        for (int c = 0; c < chunks; c++) {
+            int two = 64 * c + 32 < hd;
+            const uint8_t *block = k + (size_t)2 * c * bytes;
+            __m512i kv = _mm512_xor_si512(kv_block_pair(type, block, two), _mm512_set1_epi8((char)0x80));
+            __m512 ks = kv_scale_pair(block, bytes, two);
+            for (int g = 0; g < KV_DOT_HEADS; g++) { // a fixed count, unrolled: acc stays in registers
+                if (g >= heads) continue;
+                size_t at = (size_t)(g0 + g) * query_chunks(hd) + c;
+                __m512i sums = _mm512_dpbusd_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(q->bias + at * 16)), kv,
+                                                   _mm512_loadu_si512(q->q + at * 64));
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ks, _mm512_loadu_ps(q->lanes + at * 16)), acc[g]);
+            }
+        }
+        return;
+    }
+    size_t width = CACHE_TYPES[type].bytes;
+    for (int c = 0; c < hd; c += 16) {
+        __m512 kc = kv_floats16(type, k + c * width);
+        for (int g = 0; g < KV_DOT_HEADS; g++) {
+            if (g >= heads) continue;
+            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q->f + (size_t)(g0 + g) * hd + c), kc, acc[g]);
+        }
     }
 }
 
-#define KV_TILE_FLOATS 4096 // values of stored rows widened at once by kv_axpy (16 KB of stack)
+// 32 values of a q8_0/q4_0 block as float32, in two registers.
+static inline void kv_block_floats(int type, const uint8_t *block, __m512 *x) {
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(block[0] | block[1] << 8));
+    __m128i a, b;
+    if (type == CACHE_Q8_0) {
+        a = _mm_loadu_si128((const __m128i *)(block + 2));
+        b = _mm_loadu_si128((const __m128i *)(block + 18));
+    } else {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 2)), nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        a = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
+        b = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
+    }
+    x[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d);
+    x[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+}
+
+// The first regs * 16 values (regs 1..4) of a row at p as float32 in x[0..regs), zeros after.
+static inline void kv_floats64(int type, const uint8_t *p, int regs, __m512 *x) {
+    if (cache_int8(type)) {
+        kv_block_floats(type, p, x);
+        if (regs > 2) kv_block_floats(type, p + CACHE_TYPES[type].bytes, x + 2);
+        else x[2] = x[3] = _mm512_setzero_ps();
+        return;
+    }
+    for (int j = 0; j < 4; j++)
+        x[j] = j < regs ? kv_floats16(type, p + (size_t)16 * j * CACHE_TYPES[type].bytes) : _mm512_setzero_ps();
+}
+#endif
+
+
+#ifdef KV_SIMD
+// kv_dot's AVX-512 body for keys of `type`: tiles of KV_TILE_ROWS rows, each row read once for up
+// to KV_DOT_HEADS heads, the tile's scores summed across lanes together.
+static inline __attribute__((always_inline)) void kv_dot_simd(const KVRun *r, const uint8_t *k0, const KVQuery *q, int group, int hd,
+                                                              float scale, float *att, size_t att_stride, int type) {
+    int prefetch_floats = (int)(row_bytes(type, hd) / 4);
+    __m512 part[KV_DOT_HEADS][KV_TILE_ROWS];
+    for (int i0 = 0; i0 < r->n; i0 += KV_TILE_ROWS) {
+        int rows = r->n - i0 < KV_TILE_ROWS ? r->n - i0 : KV_TILE_ROWS;
+        for (int g0 = 0; g0 < group; g0 += KV_DOT_HEADS) {
+            int heads = group - g0 < KV_DOT_HEADS ? group - g0 : KV_DOT_HEADS;
+            for (int i = 0; i < KV_TILE_ROWS; i++) {
+                __m512 acc[KV_DOT_HEADS];
+                if (i < rows) {
+                    const uint8_t *k = k0 + (size_t)(i0 + i) * r->key_stride;
+                    if (g0 == 0 && i0 + i + PREFETCH_ROWS < r->n) prefetch((const float *)(k + PREFETCH_ROWS * r->key_stride), prefetch_floats);
+                    kv_dot_row(type, k, q, g0, heads, hd, acc);
+                } else
+                    for (int g = 0; g < KV_DOT_HEADS; g++) acc[g] = _mm512_setzero_ps();
+                for (int g = 0; g < heads; g++) part[g][i] = acc[g];
+            }
+            for (int g = 0; g < heads; g++)
+                _mm512_mask_storeu_ps(att + (size_t)(g0 + g) * att_stride + i0, (__mmask16)((1u << rows) - 1),
+                                      _mm512_mul_ps(sum16(part[g]), _mm512_set1_ps(scale)));
+        }
+    }
+}
+
+// kv_dot_simd for one type, head_dim 64 (the common size) as a constant, or any other.
+static inline __attribute__((always_inline)) void kv_dot_typed(const KVRun *r, const uint8_t *k0, const KVQuery *q, int group, int hd,
+                                                               float scale, float *att, size_t att_stride, int type) {
+    if (hd == 64) kv_dot_simd(r, k0, q, group, 64, scale, att, att_stride, type);
+    else kv_dot_simd(r, k0, q, group, hd, scale, att, att_stride, type);
+}
+#endif
+
+// Scores of `group` query heads (as cache_query gives them) against the run's keys in columns
+// col..col+hd: att[g * att_stride + i] = scale * q_g . k_i. With int8 keys each score is a sum over
+// blocks of key scale x query scale x an int8 dot product.
+static void kv_dot(const KVRun *r, int col, const KVQuery *q, int group, int hd, float scale, float *att,
+                   size_t att_stride) {
+    const uint8_t *k0 = r->keys + row_bytes(r->type_k, col);
+    int prefetch_floats = (int)(row_bytes(r->type_k, hd) / 4);
+#ifdef KV_SIMD
+    if (cache_int8(r->type_k) || hd % 16 == 0) {
+        switch (r->type_k) { // constant types (and head_dims, in kv_dot_typed) unroll into their own copies
+        case CACHE_F16: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_F16); return;
+        case CACHE_BF16: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_BF16); return;
+        case CACHE_Q8_0: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_Q8_0); return;
+        case CACHE_Q4_0: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_Q4_0); return;
+        }
+    }
+#endif
+    int bytes = CACHE_TYPES[r->type_k].bytes, chunks = query_chunks(hd);
+    float row[hd];
+    for (int i = 0; i < r->n; i++) {
+        const uint8_t *k = k0 + (size_t)i * r->key_stride;
+        if (i + PREFETCH_ROWS < r->n) prefetch((const float *)(k + PREFETCH_ROWS * r->key_stride), prefetch_floats);
+        if (!cache_int8(r->type_k)) {
+            const float *kf = (const float *)k;
+            if (r->type_k != CACHE_F32) load_row(r->type_k, k, row, hd), kf = row;
+            for (int g = 0; g < group; g++) att[(size_t)g * att_stride + i] = dot(q->f + (size_t)g * hd, kf, hd) * scale;
+            continue;
+        }
+        for (int g = 0; g < group; g++) {
+            const int8_t *qg = q->q + (size_t)g * chunks * 64;
+            float sum = 0;
+            for (int b = 0; b < hd / CACHE_GROUP; b++) {
+                const uint8_t *block = k + (size_t)b * bytes;
+                int isum = 0;
+                for (int j = 0; j < CACHE_GROUP; j++) {
+                    int kj = r->type_k == CACHE_Q8_0 ? (int8_t)block[2 + j]
+                                                     : (j < CACHE_GROUP / 2 ? block[2 + j] & 15 : block[2 + j - CACHE_GROUP / 2] >> 4) - 8;
+                    isum += kj * qg[b * CACHE_GROUP + j];
+                }
+                sum += (float)isum * (block_scale(block) * q->lanes[((size_t)g * chunks + b / 2) * 16 + (b % 2) * 8]);
+            }
+            att[(size_t)g * att_stride + i] = sum * scale;
+        }
+    }
+}
+
+#define KV_TILE_FLOATS 4096 // values of stored rows the portable kv_axpy widens at once (16 KB of stack)
+
+#ifdef KV_SIMD
+// kv_axpy's AVX-512 body for values of `type` (not f32): 64 columns (q8_0/q4_0: two blocks) at a
+// time, KV_AXPY_HEADS heads' sums of them in registers over all the rows.
+static inline __attribute__((always_inline)) void kv_axpy_simd(const KVRun *r, const uint8_t *v0, const float *weights, size_t w_stride,
+                                                               int group, int hd, float *out, int type) {
+    int prefetch_floats = (int)(row_bytes(type, hd) / 4);
+    for (int d = 0; d < hd; d += 64) { // 64 columns (q8_0/q4_0: two blocks) at a time
+        int regs = (hd - d < 64 ? hd - d : 64) / 16;
+        const uint8_t *v = v0 + row_bytes(type, d);
+        for (int g0 = 0; g0 < group; g0 += KV_AXPY_HEADS) {
+            int heads = group - g0 < KV_AXPY_HEADS ? group - g0 : KV_AXPY_HEADS;
+            __m512 acc[KV_AXPY_HEADS][4];
+            for (int g = 0; g < KV_AXPY_HEADS; g++)
+                for (int j = 0; j < 4; j++)
+                    acc[g][j] = g < heads && j < regs ? _mm512_loadu_ps(out + (size_t)(g0 + g) * hd + d + 16 * j) : _mm512_setzero_ps();
+            for (int i = 0; i < r->n; i++) {
+                const uint8_t *row = v + (size_t)i * r->value_stride;
+                if (d == 0 && g0 == 0 && i + PREFETCH_ROWS < r->n) prefetch((const float *)(row + PREFETCH_ROWS * r->value_stride), prefetch_floats);
+                __m512 x[4];
+                kv_floats64(type, row, regs, x);
+                for (int g = 0; g < KV_AXPY_HEADS; g++) { // a fixed count, unrolled: acc stays in registers
+                    if (g >= heads) continue;
+                    __m512 w = _mm512_set1_ps(weights[(size_t)(g0 + g) * w_stride + i]);
+                    for (int j = 0; j < 4; j++)
+                        if (j < regs) acc[g][j] = _mm512_fmadd_ps(w, x[j], acc[g][j]);
+                }
+            }
+            for (int g = 0; g < heads; g++)
+                for (int j = 0; j < regs; j++) _mm512_storeu_ps(out + (size_t)(g0 + g) * hd + d + 16 * j, acc[g][j]);
+        }
+    }
+}
+
+// kv_axpy_simd for one type, head_dim 64 as a constant, or any other.
+static inline __attribute__((always_inline)) void kv_axpy_typed(const KVRun *r, const uint8_t *v0, const float *weights, size_t w_stride,
+                                                                int group, int hd, float *out, int type) {
+    if (hd == 64) kv_axpy_simd(r, v0, weights, w_stride, group, 64, out, type);
+    else kv_axpy_simd(r, v0, weights, w_stride, group, hd, out, type);
+}
+#endif
 
 // For each of `group` heads g: out_g (hd, at out + g * hd) += sum over the run's rows i of
-// weights[g * w_stride + i] * v_i in columns col..col+hd. Each value row is read (and, if stored
-// narrower, widened) once for the group.
+// weights[g * w_stride + i] * v_i in columns col..col+hd, each stored value widened in registers
+// as it is summed (portable: a tile of rows widened, then summed as float32 rows).
 static void kv_axpy(const KVRun *r, int col, const float *weights, size_t w_stride, int group, int hd, float *out) {
-    const uint8_t *v = r->values + row_bytes(r->type_v, col);
+    const uint8_t *v0 = r->values + row_bytes(r->type_v, col);
+    int prefetch_floats = (int)(row_bytes(r->type_v, hd) / 4);
     if (r->type_v == CACHE_F32) { // rows stay in cache between the group's passes
         for (int g = 0; g < group; g++)
-            weighted_sum(out + (size_t)g * hd, weights + g * w_stride, (const float *)v, r->value_stride / sizeof(float),
+            weighted_sum(out + (size_t)g * hd, weights + g * w_stride, (const float *)v0, r->value_stride / sizeof(float),
                          r->n, hd);
         return;
     }
-    // widen a tile of rows at a time, then sum it as f32 rows: the outputs stay in registers over the tile
-    int tile = KV_TILE_FLOATS / hd > 0 ? KV_TILE_FLOATS / hd : 1, row_floats = (int)(row_bytes(r->type_v, hd) / 4);
+#ifdef KV_SIMD
+    if (cache_int8(r->type_v) || hd % 16 == 0) {
+        switch (r->type_v) { // constant types unroll into their own copies, as in kv_dot
+        case CACHE_F16: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_F16); return;
+        case CACHE_BF16: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_BF16); return;
+        case CACHE_Q8_0: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_Q8_0); return;
+        case CACHE_Q4_0: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_Q4_0); return;
+        }
+    }
+#endif
+    int tile = KV_TILE_FLOATS / hd > 0 ? KV_TILE_FLOATS / hd : 1;
     float rows[(size_t)tile * hd];
     for (int i = 0; i < r->n; i += tile) {
         int count = r->n - i < tile ? r->n - i : tile;
         for (int j = 0; j < count; j++) {
-            const uint8_t *row = v + (size_t)(i + j) * r->value_stride;
-            if (i + j + PREFETCH_ROWS < r->n) prefetch((const float *)(row + PREFETCH_ROWS * r->value_stride), row_floats);
+            const uint8_t *row = v0 + (size_t)(i + j) * r->value_stride;
+            if (i + j + PREFETCH_ROWS < r->n) prefetch((const float *)(row + PREFETCH_ROWS * r->value_stride), prefetch_floats);
             load_row(r->type_v, row, rows + (size_t)j * hd, hd);
         }
         for (int g = 0; g < group; g++)
@@ -2340,6 +2619,7 @@ typedef struct {
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
     float *query;             // (threads, n_heads / n_kv_heads, head_dim) a kv head's queries as the cache wants them
+    uint8_t *query_int8;      // (threads, n_heads / n_kv_heads, query_int8_bytes) and their int8 form for int8 keys
     float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
     float *part_out;          // (split tasks, n_heads / n_kv_heads, head_dim) per range: unnormalized output
     Rope rope;                // (batch, head_dim / 2) cos/sin of the block's positions
@@ -2371,6 +2651,7 @@ static int state_init(RunState *s, const Config *p, int threads, int capacity) {
     size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
     s->att = scratch_alloc(s, (size_t)s->threads * group * capacity, sizeof(float));
     s->query = scratch_alloc(s, (size_t)s->threads * group * p->head_dim, sizeof(float));
+    s->query_int8 = scratch_alloc(s, (size_t)s->threads * group, query_int8_bytes(p->head_dim));
     s->part_max = scratch_alloc(s, tasks * group, sizeof(float));
     s->part_sum = scratch_alloc(s, tasks * group, sizeof(float));
     s->part_out = scratch_alloc(s, split_tasks * group * p->head_dim, sizeof(float));
@@ -2388,13 +2669,13 @@ static int state_init(RunState *s, const Config *p, int threads, int capacity) {
         in->q.lane_scale = scratch_alloc(s, B * lane_scales_per_row((int)widest), sizeof(float));
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
     }
-    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query &&
+    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->att); free(s->query); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
     }
@@ -2493,10 +2774,11 @@ static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv
     int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo, col = kv_head * hd;
     float scale = 1.0f / sqrtf((float)hd);
     const float *q = seq->state.q + (size_t)t * q_dim(p) + (size_t)col * group; // the group's heads are adjacent
-    q = cache_query(&seq->cache, q, group, seq->state.query + (size_t)thread_index() * group * hd);
+    KVQuery query = cache_query(&seq->cache, q, group, seq->state.query + (size_t)thread_index() * group * hd,
+                                seq->state.query_int8 + (size_t)thread_index() * group * query_int8_bytes(hd));
     for (int i = lo; i < hi;) {
         KVRun run = cache_run(&seq->cache, layer, i, hi - i);
-        kv_dot(&run, col, q, group, hd, scale, att + (i - lo), (size_t)len);
+        kv_dot(&run, col, &query, group, hd, scale, att + (i - lo), (size_t)len);
         i += run.n;
     }
     for (int g = 0; g < group; g++) sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);

@@ -2,8 +2,10 @@
 
 `roundtrip(x, type)` is what a float32 row comes back as after the C cache stored it: f16 and bf16
 round to nearest even; q8_0 and q4_0 quantize each group of 32 values with an fp16 scale (GGML's
-blocks; a group holding NaN or Inf comes back all NaN). `hadamard(x)` is the orthonormal rotation run.c applies per head before storing when the
-cache rotates, with the same butterflies in the same order, so both compute the same bits.
+blocks; a group holding NaN or Inf comes back all NaN). `hadamard(x)` is the orthonormal rotation
+run.c applies per head before storing when the cache rotates, with the same butterflies in the same
+order, so both compute the same bits. `query_as_read` is the query as attention multiplies it with
+int8 keys (quantized to int8 itself, so that scores are int8 dot products).
 """
 from __future__ import annotations
 
@@ -77,6 +79,27 @@ def stored(x: torch.Tensor, cache_type: str, rotate: bool) -> torch.Tensor:
     if not rotate:
         return roundtrip(x, cache_type)
     return hadamard(roundtrip(hadamard(x), cache_type))
+
+
+def _quantize_query(x: torch.Tensor) -> torch.Tensor:
+    """x (..., n) quantized per group of 32 as run.c quantizes activations (scale max|x| / 127 in
+    float32, no fp16 rounding; x times 1 / scale rounded to nearest even), then dequantized."""
+    g = x.reshape(-1, GROUP)
+    s = g.abs().amax(dim=1) / torch.tensor(127.0)
+    inv = torch.where(s > 0, torch.tensor(1.0) / s, torch.zeros_like(s))
+    return (torch.round(g * inv[:, None]) * s[:, None]).reshape(x.shape)
+
+
+def query_as_read(q: torch.Tensor, cache_type_k: str, rotate: bool) -> torch.Tensor:
+    """Query heads q (..., head_dim) as attention multiplies them with the stored keys: run.c scores
+    int8 keys (q8_0, q4_0) with an int8 query (quantized per 32 values, after the rotation when the
+    cache rotates); other key types read the float32 query itself."""
+    if cache_type_k not in ("q8_0", "q4_0"):
+        return q
+    q = q.to(torch.float32)
+    if not rotate:
+        return _quantize_query(q)
+    return hadamard(_quantize_query(hadamard(q)))
 
 
 def default_rotate(cache_type_k: str, cache_type_v: str) -> bool:

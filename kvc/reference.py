@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .format import Checkpoint, Config, read_model
-from .kvtypes import default_rotate, stored
+from .kvtypes import default_rotate, query_as_read, stored
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,6 +79,7 @@ class Llama:
             q = rope((h @ w["wq"][l].T).view(T, c.n_heads, c.head_dim), positions, c.rope_theta)
             k = rope((h @ w["wk"][l].T).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
             v = (h @ w["wv"][l].T).view(T, c.n_kv_heads, c.head_dim)
+            q = query_as_read(q, self.cache_type_k, self.cache_rotate).to(self.dtype)  # int8 keys: an int8 query
             k = stored(k, self.cache_type_k, self.cache_rotate).to(self.dtype)  # what the cache gives back
             v = stored(v, self.cache_type_v, self.cache_rotate).to(self.dtype)
             keys, values = kv_source(l, k, v)
