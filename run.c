@@ -3140,6 +3140,16 @@ int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, 
     return 0;
 }
 
+// The cache's own storage of keys (which 0) or values (1), (n_layers, context, kv_dim) values of its
+// type, when that is a plain array of f32 or f16 values (not rotated); else NULL. It stays valid
+// until kvc_sequence_free.
+const void *kvc_cache_data(const Sequence *seq, int which) {
+    const KVCache *c = &seq->cache;
+    int type = which ? c->spec.type_v : c->spec.type_k;
+    if ((type != CACHE_F32 && type != CACHE_F16) || c->spec.rotate) return NULL;
+    return which ? c->values : c->keys;
+}
+
 // Empties the sequence; every cache slot is set to `fill` (0, or NaN so that a stray read shows).
 void kvc_cache_reset(Sequence *seq, float fill) {
     cache_reset(&seq->cache, fill);

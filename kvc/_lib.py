@@ -32,6 +32,7 @@ ffi.cdef(
     int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits);
     float *kvc_logits(Sequence *seq);
     int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values);
+    const void *kvc_cache_data(const Sequence *seq, int which);
     void kvc_cache_reset(Sequence *seq, float fill);
     int kvc_encode(const Model *m, const char *text, int add_bos, int special, int *out, int capacity);
     int kvc_encode_capacity(int text_bytes);

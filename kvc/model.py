@@ -80,6 +80,15 @@ class GenerationStats:
     stop_reason: str = ""  # "stop" (end token), "length" (max_tokens) or "context" (cache full)
 
 
+class _CacheView:
+    """A read-only numpy array interface over a sequence's cache memory; holding the sequence (whose
+    finalizer frees that memory) for as long as any array made from it lives."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], dtype: np.dtype, owner: object):
+        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (address, True), "version": 3}
+        self._owner = owner
+
+
 class Model:
     """A checkpoint loaded by the C engine, with one sequence: its KV cache and run state.
 
@@ -152,10 +161,9 @@ class Model:
         Every later call, and the next step of a generator, raises ValueError("the model is closed").
         """
         with self._lock:
-            if self._seq is not None:  # the sequence goes first: it was made for this model
-                seq, self._seq = self._seq, None
-                ffi.gc(seq, None)  # detaches the finalizer, so kvc_sequence_free runs once
-                self._lib.kvc_sequence_free(seq)
+            # the sequence's finalizer (kvc_sequence_free) runs when the last reference goes: now, or
+            # when the last kv_cache_view() array that still reads its cache is gone
+            self._seq = None
             if self._m is not None:
                 m, self._m = self._m, None
                 ffi.gc(m, None)
@@ -262,8 +270,8 @@ class Model:
     def kv_cache(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values): float32 copies (n_layers, seq_len, kv_dim) of the C cache, every slot.
 
-        A copy, not a view: the cache's own storage is the engine's business (its element type and
-        layout may differ from float32 rows), so writing to these arrays changes nothing.
+        A copy, dequantized and rotated back, for every cache type: writing to these arrays changes
+        nothing. kv_cache_view() gives the cache's own memory without a copy where numpy has its type.
         """
         c = self.config
         keys = np.empty((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
@@ -276,6 +284,25 @@ class Model:
                 if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
                     raise ValueError(last_error())
         return keys, values
+
+    def kv_cache_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values): read-only numpy views (n_layers, seq_len, kv_dim) of the C cache itself, no
+        copy, for caches stored as f32 or f16 without rotation (float32 / float16 arrays). They follow
+        every later forward and reset, and keep the cache's memory alive after close(). Other cache
+        types raise ValueError: use kv_cache, the float32 copy every type gives.
+        """
+        c = self.config
+        with self._lock:
+            _, seq = self._open()
+            views = []
+            for which, name in ((0, self.cache_type_k), (1, self.cache_type_v)):
+                data = self._lib.kvc_cache_data(seq, which)
+                if data == ffi.NULL:
+                    raise ValueError(f"no view of a {name} cache{' that rotates' if self.cache_rotate else ''}: "
+                                     "only unrotated f32 and f16 caches are numpy arrays (use kv_cache for a copy)")
+                views.append(np.asarray(_CacheView(int(ffi.cast("uintptr_t", data)), (c.n_layers, c.seq_len, c.kv_dim),
+                                                   np.dtype(np.float32 if name == "f32" else np.float16), seq)))
+        return views[0], views[1]
 
     # -- text -----------------------------------------------------------------------------------
 

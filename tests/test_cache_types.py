@@ -312,3 +312,26 @@ def test_c_api_refuses_unknown_type_numbers(model_path):
             assert "unknown cache type" in last_error()
     finally:
         lib.kvc_close(m)
+
+
+def test_kv_cache_views_are_the_cache_itself(model_path):
+    """f32 and f16 caches (unrotated) are numpy views: no copy, following every forward and reset,
+    read-only, alive after close(); other types refuse with a pointer to the float32 copy."""
+    tokens = prompt(40, seed=9)
+    for cache_type, dtype in (("f32", np.float32), ("f16", np.float16)):
+        m = kvc.Model(model_path, cache_type_k=cache_type, cache_type_v=cache_type)
+        keys, values = m.kv_cache_view()
+        assert keys.dtype == values.dtype == dtype and keys.shape == (m.config.n_layers, m.config.seq_len, m.config.kv_dim)
+        assert not keys.flags.writeable and not values.flags.writeable
+        m.forward(tokens, 0)
+        copy_k, copy_v = m.kv_cache
+        assert np.array_equal(keys.astype(np.float32), copy_k) and np.array_equal(values.astype(np.float32), copy_v)
+        m.reset(fill=np.nan)
+        assert np.isnan(keys).all()  # the same memory, not a snapshot
+        m.forward(tokens[:5], 0)
+        m.close()
+        assert np.isfinite(keys[:, :5]).all() and np.isnan(keys[:, 5:]).all()  # still readable after close
+        del keys, values
+    for kw in ({"cache_type_k": "q8_0"}, {"cache_type_v": "bf16"}, {"cache_type_k": "f16", "cache_rotate": True}):
+        with pytest.raises(ValueError, match="use kv_cache for a copy"):
+            kvc.Model(model_path, **kw).kv_cache_view()
