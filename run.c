@@ -74,7 +74,12 @@ static int max_threads(void) {
 // ----------------------------------------------------------------------------
 // The model: hyperparameters and weights
 
-enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1 };
+enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1, WEIGHT_Q4_0 = 2, WEIGHT_Q4_1 = 3 };
+#define N_WEIGHT_TYPES 4
+#define Q4_BLOCK 32   // values per q4_0 / q4_1 block: GGUF's, with one fp16 scale (and min) each
+#define MAX_GROUP 4096 // the largest q8_0 group a file may ask for
+
+static const char *const WEIGHT_TYPE_NAMES[N_WEIGHT_TYPES] = {"f32", "q8_0", "q4_0", "q4_1"};
 
 typedef struct {
     int dim;               // residual stream width
@@ -88,18 +93,30 @@ typedef struct {
     float rope_theta;
     float norm_eps;
     int shared_classifier; // the classifier reuses tok_embeddings
-    int weight_type;       // WEIGHT_F32 or WEIGHT_Q8_0
-    int group_size;        // Q8_0 values per scale
     int bos_id, eos_id;    // -1 when the model has none
 } Config;
 
-// A weight matrix (rows x cols, row-major): fp32 values, or int8 values with one fp32 scale per
-// group_size consecutive values.
+// How each weight matrix is stored (the norms are always fp32): a WEIGHT_* type per matrix, and
+// the values per scale of the q8_0 ones.
 typedef struct {
+    int32_t group_size;    // q8_0 values per scale; 0 when no matrix is q8_0
+    int32_t tok_embeddings, wq, wk, wv, wo, w1, w2, w3, wcls; // wcls: tok_embeddings' when shared
+} WeightTypes;
+
+// A weight matrix (rows x cols, row-major) in its type:
+//   f32:  f, the values
+//   q8_0: q, int8 values; scale, one fp32 scale per group_size values of a row (x = q scale)
+//   q4_0: q4, 4-bit values two a byte in GGUF's order (byte j of a 32-value block holds value j in
+//         its low nibble and value j + 16 in its high one); d, one fp16 scale per block (x = (q - 8) d)
+//   q4_1: the same, plus m, one fp16 min per block (x = q d + m)
+typedef struct {
+    int type;              // WEIGHT_*
+    int group_size;        // values per scale: q8_0's, Q4_BLOCK for q4
     const float *f;
     const int8_t *q;
     const float *scale;
-    int group_size;
+    const uint8_t *q4;
+    const uint16_t *d, *m; // m: q4_1 only
 } Matrix;
 
 // Layer tensors are stored type-major, (n_layers, rows, cols): matrix_at picks one layer's slice.
@@ -111,14 +128,25 @@ typedef struct {
     Matrix w1, w2, w3;          // (layer, hidden, dim), (layer, dim, hidden), (layer, hidden, dim)
     const float *rms_final;     // (dim)
     Matrix wcls;                // (vocab, dim)
+    int input_group;            // values per scale of the int8 matmul inputs: every quantized matrix's
+                                // group size (0: all matrices are f32)
+    int input_sums;             // q4 matrices also take each input group's sum
 } Weights;
 
 static Matrix matrix_at(Matrix m, size_t index, size_t numel) {
     Matrix out = m;
-    if (m.f) out.f = m.f + index * numel;
-    else {
+    if (m.type == WEIGHT_F32) {
+        out.f = m.f + index * numel;
+        return out;
+    }
+    size_t groups = index * (numel / m.group_size);
+    if (m.type == WEIGHT_Q8_0) {
         out.q = m.q + index * numel;
-        out.scale = m.scale + index * (numel / m.group_size);
+        out.scale = m.scale + groups;
+    } else {
+        out.q4 = m.q4 + index * numel / 2;
+        out.d = m.d + groups;
+        if (m.m) out.m = m.m + groups;
     }
     return out;
 }
@@ -144,13 +172,6 @@ static int check_config(const Config *p) {
     if (!(p->norm_eps > 0) || !(p->norm_eps < 1)) return fail("bad header: norm_eps = %g", p->norm_eps);
     if (p->shared_classifier != 0 && p->shared_classifier != 1)
         return fail("bad header: shared_classifier = %d (must be 0 or 1)", p->shared_classifier);
-    if (p->weight_type != WEIGHT_F32 && p->weight_type != WEIGHT_Q8_0)
-        return fail("bad header: unknown weight type %d", p->weight_type);
-    if (p->weight_type == WEIGHT_Q8_0) {
-        int gs = p->group_size;
-        if (gs <= 0 || gs > 4096 || p->dim % gs || p->hidden_dim % gs || q_dim(p) % gs)
-            return fail("bad header: group_size = %d does not divide the model's rows", gs);
-    }
     if (p->bos_id < -1 || p->bos_id >= p->vocab_size || p->eos_id < -1 || p->eos_id >= p->vocab_size)
         return fail("bad header: bos %d / eos %d outside the vocab of %d", p->bos_id, p->eos_id, p->vocab_size);
     return 0;
@@ -1179,60 +1200,98 @@ static int take_u32(Cursor *c, uint32_t *v, const char *name) {
     return 0;
 }
 
-// Takes `count` matrices of rows x cols: fp32 values, or int8 values followed by their scales.
-static int take_matrix(Cursor *c, const Config *p, size_t count, size_t rows, size_t cols, const char *name,
+// Takes `count` matrices of rows x cols stored as `type`: fp32 values; int8 values, then their fp32
+// scales; or 4-bit values, then their fp16 scales (and, q4_1, their fp16 mins). Each part starts
+// on the cursor's alignment. A type the rows do not fit is an error naming the tensor.
+static int take_matrix(Cursor *c, int type, int group_size, size_t count, size_t rows, size_t cols, const char *name,
                        Matrix *m) {
     size_t numel = count * rows * cols;
     memset(m, 0, sizeof *m);
-    if (p->weight_type == WEIGHT_F32) return (m->f = take(c, numel * sizeof(float), name)) ? 0 : -1;
-    m->group_size = p->group_size;
-    if (!(m->q = take(c, numel, name))) return -1;
-    return (m->scale = take(c, numel / p->group_size * sizeof(float), name)) ? 0 : -1;
+    m->type = type;
+    if (type == WEIGHT_F32) return (m->f = take(c, numel * sizeof(float), name)) ? 0 : -1;
+    if (type < 0 || type >= N_WEIGHT_TYPES) return fail("bad header: %s has unknown weight type %d", name, type);
+    m->group_size = type == WEIGHT_Q8_0 ? group_size : Q4_BLOCK;
+    if (m->group_size <= 0 || m->group_size > MAX_GROUP || cols % m->group_size)
+        return type == WEIGHT_Q8_0
+                   ? fail("bad header: group_size = %d does not divide %s's rows of %zu", group_size, name, cols)
+                   : fail("bad header: %s's rows of %zu are not whole %s blocks of %d", name, cols,
+                          WEIGHT_TYPE_NAMES[type], Q4_BLOCK);
+    size_t groups = numel / m->group_size;
+    if (type == WEIGHT_Q8_0)
+        return (m->q = take(c, numel, name)) && (m->scale = take(c, groups * sizeof(float), name)) ? 0 : -1;
+    if (!(m->q4 = take(c, numel / 2, name)) || !(m->d = take(c, groups * sizeof(uint16_t), name))) return -1;
+    return type == WEIGHT_Q4_0 || (m->m = take(c, groups * sizeof(uint16_t), name)) ? 0 : -1;
 }
 
 static int take_floats(Cursor *c, size_t n, const char *name, const float **out) {
     return (*out = take(c, n * sizeof(float), name)) ? 0 : -1;
 }
 
-static int take_attention(Cursor *c, const Config *p, Weights *w) {
+static int take_attention(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
     size_t L = p->n_layers, dim = p->dim;
-    if (take_matrix(c, p, L, q_dim(p), dim, "wq", &w->wq)) return -1;
-    if (take_matrix(c, p, L, kv_dim(p), dim, "wk", &w->wk)) return -1;
-    if (take_matrix(c, p, L, kv_dim(p), dim, "wv", &w->wv)) return -1;
-    return take_matrix(c, p, L, dim, q_dim(p), "wo", &w->wo);
+    int gs = t->group_size;
+    if (take_matrix(c, t->wq, gs, L, q_dim(p), dim, "wq", &w->wq)) return -1;
+    if (take_matrix(c, t->wk, gs, L, kv_dim(p), dim, "wk", &w->wk)) return -1;
+    if (take_matrix(c, t->wv, gs, L, kv_dim(p), dim, "wv", &w->wv)) return -1;
+    return take_matrix(c, t->wo, gs, L, dim, q_dim(p), "wo", &w->wo);
 }
 
-static int take_ffn(Cursor *c, const Config *p, Weights *w) {
+static int take_ffn(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
     size_t L = p->n_layers, dim = p->dim, hid = p->hidden_dim;
-    if (take_matrix(c, p, L, hid, dim, "w1", &w->w1)) return -1;
-    if (take_matrix(c, p, L, dim, hid, "w2", &w->w2)) return -1;
-    return take_matrix(c, p, L, hid, dim, "w3", &w->w3);
+    int gs = t->group_size;
+    if (take_matrix(c, t->w1, gs, L, hid, dim, "w1", &w->w1)) return -1;
+    if (take_matrix(c, t->w2, gs, L, dim, hid, "w2", &w->w2)) return -1;
+    return take_matrix(c, t->w3, gs, L, hid, dim, "w3", &w->w3);
+}
+
+static int take_embeddings(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
+    return take_matrix(c, t->tok_embeddings, t->group_size, 1, p->vocab_size, p->dim, "tok_embeddings",
+                       &w->tok_embeddings);
 }
 
 // kvc files and llama2.c v0 store embeddings first and each norm before its matrices.
-static int take_weights_embeddings_first(Cursor *c, const Config *p, Weights *w) {
+static int take_weights_embeddings_first(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
     size_t norms = (size_t)p->n_layers * p->dim;
-    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
-    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_attention(c, p, w)) return -1;
-    if (take_floats(c, norms, "rms_ffn", &w->rms_ffn) || take_ffn(c, p, w)) return -1;
+    if (take_embeddings(c, p, t, w)) return -1;
+    if (take_floats(c, norms, "rms_att", &w->rms_att) || take_attention(c, p, t, w)) return -1;
+    if (take_floats(c, norms, "rms_ffn", &w->rms_ffn) || take_ffn(c, p, t, w)) return -1;
     return take_floats(c, p->dim, "rms_final", &w->rms_final);
 }
 
 // llama2.c v1/v2 store the norms first.
-static int take_weights_norms_first(Cursor *c, const Config *p, Weights *w) {
+static int take_weights_norms_first(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
     size_t norms = (size_t)p->n_layers * p->dim;
     if (take_floats(c, norms, "rms_att", &w->rms_att) || take_floats(c, norms, "rms_ffn", &w->rms_ffn)) return -1;
     if (take_floats(c, p->dim, "rms_final", &w->rms_final)) return -1;
-    if (take_matrix(c, p, 1, p->vocab_size, p->dim, "tok_embeddings", &w->tok_embeddings)) return -1;
-    return take_attention(c, p, w) || take_ffn(c, p, w) ? -1 : 0;
+    if (take_embeddings(c, p, t, w)) return -1;
+    return take_attention(c, p, t, w) || take_ffn(c, p, t, w) ? -1 : 0;
 }
 
-static int take_classifier(Cursor *c, const Config *p, Weights *w) {
+// The classifier (tok_embeddings itself when shared), then what the matrices' types ask of the
+// matmul inputs: the quantized matrices must agree on one int8 group for them.
+static int take_classifier(Cursor *c, const Config *p, const WeightTypes *t, Weights *w) {
     if (p->shared_classifier) {
+        if (t->wcls != t->tok_embeddings)
+            return fail("bad header: the shared classifier's type %d is not tok_embeddings' %d", t->wcls,
+                        t->tok_embeddings);
         w->wcls = w->tok_embeddings;
-        return 0;
+    } else if (take_matrix(c, t->wcls, t->group_size, 1, p->vocab_size, p->dim, "wcls", &w->wcls)) {
+        return -1;
     }
-    return take_matrix(c, p, 1, p->vocab_size, p->dim, "wcls", &w->wcls);
+    const Matrix *all[] = {&w->tok_embeddings, &w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3, &w->wcls};
+    int has_q8 = 0;
+    w->input_group = w->input_sums = 0;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        const Matrix *m = all[i];
+        if (m->type == WEIGHT_F32) continue;
+        has_q8 |= m->type == WEIGHT_Q8_0;
+        w->input_sums |= m->type != WEIGHT_Q8_0;
+        if (w->input_group && m->group_size != w->input_group)
+            return fail("bad header: q8_0 groups of %d cannot be mixed with q4 blocks of %d", t->group_size, Q4_BLOCK);
+        w->input_group = m->group_size;
+    }
+    if (!has_q8 && t->group_size) return fail("bad header: group_size = %d but no matrix is q8_0", t->group_size);
+    return 0;
 }
 
 // The tokenizer section of a kvc file: a header of 8 uint32, then per token (f32 score, u32 type,
@@ -1321,8 +1380,8 @@ done:
 }
 
 #define KVC_MAGIC "KVCM"
-#define KVC_VERSION 1
-#define KVC_HEADER_BYTES 256         // the header's room in the file; KvcHeader uses the first 120
+#define KVC_VERSION 2               // 2: a weight type per matrix (1: one for all, f32 or q8_0)
+#define KVC_HEADER_BYTES 256         // the header's room in the file; KvcHeader uses the first 152
 #define LLAMA2C_MAGIC 0x616b3432u    // "ak42": llama2.c's v1/v2 files
 #define LLAMA2C_HEADER_BYTES 256     // v1/v2
 #define LLAMA2C_LEGACY_HEADER_BYTES 28 // v0: 7 int32
@@ -1337,6 +1396,7 @@ typedef struct {
     Config config;           // the hyperparameters, in Config's field order
     int32_t reserved;
     Section tokenizer, chat, weights;
+    WeightTypes types;       // how each matrix of the weights section is stored
 } KvcHeader;
 _Static_assert(sizeof(KvcHeader) <= KVC_HEADER_BYTES, "the kvc header outgrew its room");
 
@@ -1385,7 +1445,8 @@ static int open_kvc(Model *m) {
     Section tokenizer = hdr.tokenizer, chat = hdr.chat, weights = hdr.weights;
     Cursor c;
     if (section_cursor(m, weights, "weights", 64, &c)) return -1;
-    if (take_weights_embeddings_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
+    if (take_weights_embeddings_first(&c, p, &hdr.types, &m->weights) || take_classifier(&c, p, &hdr.types, &m->weights))
+        return -1;
     if (c.pos != c.size)
         return fail("bad header: the weights section is %zu bytes but the dims need %zu", c.size, c.pos);
     if (section_cursor(m, chat, "chat template", 1, &c) || chat_read_section(&m->chat, &c, p)) return -1;
@@ -1399,17 +1460,21 @@ static int open_kvc(Model *m) {
 }
 
 // Both llama2.c headers hold 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
-// seq_len) at `dims`; the rest is llama2.c's fixed choice: theta 1e4, eps 1e-5, bos 1, eos 2, fp32,
+// seq_len) at `dims`; the rest is llama2.c's fixed choice: theta 1e4, eps 1e-5, bos 1, eos 2,
 // head_dim = dim / n_heads. A negative vocab_size means an unshared classifier in v0 files.
-static int llama2c_config(Config *p, const uint8_t *dims, int shared_classifier, int weight_type, int group_size) {
+static int llama2c_config(Config *p, const uint8_t *dims, int shared_classifier) {
     int vocab = read_i32(dims + 20);
     *p = (Config){read_i32(dims), read_i32(dims + 4), read_i32(dims + 8), read_i32(dims + 12), read_i32(dims + 16), 0,
-                  vocab == INT32_MIN ? 0 : abs(vocab), read_i32(dims + 24), 10000.0f, 1e-5f, shared_classifier,
-                  weight_type, group_size, 1, 2};
+                  vocab == INT32_MIN ? 0 : abs(vocab), read_i32(dims + 24), 10000.0f, 1e-5f, shared_classifier, 1, 2};
     if (p->n_heads <= 0 || p->dim % p->n_heads)
         return fail("not a kvc or llama2.c checkpoint (dim %d, n_heads %d)", p->dim, p->n_heads);
     p->head_dim = p->dim / p->n_heads;
     return check_config(p);
+}
+
+// llama2.c's files store every matrix in one type: fp32 (v0, v1) or int8 in groups (v2).
+static WeightTypes uniform_types(int type, int group_size) {
+    return (WeightTypes){group_size, type, type, type, type, type, type, type, type, type};
 }
 
 // llama2.c's v1 (fp32) and v2 (int8, groups) files: a 256-byte header, norms first, no padding.
@@ -1420,11 +1485,10 @@ static int open_llama2c_versioned(Model *m) {
     int version = read_i32(h + 4);
     if (version != 1 && version != 2) return fail("unsupported llama2.c file version %d", version);
     Config *p = &m->config;
-    if (version == 1 ? llama2c_config(p, h + 8, h[36], WEIGHT_F32, 0)
-                     : llama2c_config(p, h + 8, h[36], WEIGHT_Q8_0, read_i32(h + 37)))
-        return -1;
+    if (llama2c_config(p, h + 8, h[36])) return -1;
+    WeightTypes t = version == 1 ? uniform_types(WEIGHT_F32, 0) : uniform_types(WEIGHT_Q8_0, read_i32(h + 37));
     Cursor c = {m->map, m->map_size, LLAMA2C_HEADER_BYTES, 1, "checkpoint"};
-    if (take_weights_norms_first(&c, p, &m->weights) || take_classifier(&c, p, &m->weights)) return -1;
+    if (take_weights_norms_first(&c, p, &t, &m->weights) || take_classifier(&c, p, &t, &m->weights)) return -1;
     if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
     return 0;
 }
@@ -1435,11 +1499,12 @@ static int open_llama2c_legacy(Model *m) {
     Config *p = &m->config;
     if (m->map_size < LLAMA2C_LEGACY_HEADER_BYTES)
         return fail("checkpoint is truncated: %zu bytes, less than a llama2.c header", m->map_size);
-    if (llama2c_config(p, h, read_i32(h + 20) > 0, WEIGHT_F32, 0)) return -1;
+    if (llama2c_config(p, h, read_i32(h + 20) > 0)) return -1;
+    WeightTypes t = uniform_types(WEIGHT_F32, 0);
     Cursor c = {m->map, m->map_size, LLAMA2C_LEGACY_HEADER_BYTES, 1, "checkpoint"};
-    if (take_weights_embeddings_first(&c, p, &m->weights)) return -1;
+    if (take_weights_embeddings_first(&c, p, &t, &m->weights)) return -1;
     if (!take(&c, (size_t)p->seq_len * p->head_dim * sizeof(float), "freq_cis")) return -1; // unused RoPE tables
-    if (take_classifier(&c, p, &m->weights)) return -1;
+    if (take_classifier(&c, p, &t, &m->weights)) return -1;
     if (c.pos != c.size) return fail("checkpoint has %zu bytes more than its header describes", c.size - c.pos);
     return 0;
 }
@@ -1483,6 +1548,8 @@ static int model_open(Model *m, const char *checkpoint, const char *tokenizer_pa
 typedef struct {
     int8_t *q;          // (tokens, in) values, padded by 64 bytes: the AVX-512 kernel reads whole 64s
     float *scale;       // (tokens, in / group_size)
+    float *sum;         // (tokens, in / group_size) each group's scale times the sum of its values (the
+                        // q4 kernels' offset term), or NULL when no weights need it
     float *lane_scale;  // (tokens, 16 * ceil(in / 64)): for each 64 values, the scale of the first 32
                         // in lanes 0-7 and of the next 32 in lanes 8-15, as the AVX-512 kernel uses them
 } QuantizedRows;
@@ -1542,9 +1609,16 @@ static float quantize_group(int8_t *q, const float *x, int n) {
     return s;
 }
 
-static void quantize_row(int8_t *q, float *scale, float *lane_scale, const float *x, int n, int group_size) {
-    for (int g = 0; g < n / group_size; g++)
-        scale[g] = quantize_group(q + g * group_size, x + g * group_size, group_size);
+// Quantizes a row of n values in groups (sum: NULL, or where each group's scaled sum goes).
+static void quantize_row(int8_t *q, float *scale, float *sum, float *lane_scale, const float *x, int n, int group_size) {
+    for (int g = 0; g < n / group_size; g++) {
+        int8_t *qg = q + g * group_size;
+        scale[g] = quantize_group(qg, x + g * group_size, group_size);
+        if (!sum) continue;
+        int32_t total = 0;
+        for (int j = 0; j < group_size; j++) total += qg[j];
+        sum[g] = scale[g] * (float)total;
+    }
     for (int i = 0; i < n; i += 32) // lanes past the end stay 0
         for (int lane = 0; lane < 8; lane++) lane_scale[i / 4 + lane] = scale[i / group_size];
 }
@@ -1607,6 +1681,158 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, i
     return sum;
 }
 
+static float f16_to_f32(uint16_t h); // IEEE half to float, exactly (with the KV cache's types below)
+
+#define Q4_SPAN (16 * Q4_BLOCK) // values whose block scales the AVX-512 q4 kernels convert at once
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 64 4-bit weights (two blocks) from byte i/2 of a q4 row of n as 64 unsigned bytes in value order,
+// unpacked in registers; 32 (upper half zero) at the end of a row. A block's 16 bytes hold its values
+// 0-15 in their low nibbles and 16-31 in their high ones: each 16 bytes go to two 128-bit lanes, the
+// second shifted down by 4, then both masked to 4 bits.
+static __m512i q4_weights(const uint8_t *w, int i, int n) {
+    __m512i packed = n - i >= 64 ? _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + i / 2)))
+                                 : _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(w + i / 2)));
+    __m512i lanes = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), packed);
+    lanes = _mm512_srlv_epi64(lanes, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+    return _mm512_and_si512(lanes, _mm512_set1_epi8(0x0F));
+}
+
+// The blocks b.. of a span (at most 16): which of them exist, and their fp16 values (scales or mins) as fp32.
+static __mmask16 q4_span_mask(int blocks, int b) {
+    return blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+}
+static __m512 q4_halves(const uint16_t *h, __mmask16 mask) {
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(mask, h)));
+}
+
+// Each block's offset factor: its min (q4_1), or -8 times its scale (q4_0).
+static __m512 q4_offset_factors(__m512 d, const uint16_t *m, __mmask16 mask) {
+    return m ? q4_halves(m, mask) : _mm512_mul_ps(_mm512_set1_ps(-8.0f), d);
+}
+
+// The permute index that puts lane 0 of a span's block values in lanes 0-7 and lane 1 in lanes 8-15:
+// the first chunk's two block scales, placed as dpbusd leaves the two blocks' sums. Each chunk after
+// it adds 2.
+static __m512i q4_pair_index(void) { return _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1); }
+
+// The integer dot products of 64 unpacked weights with 64 int8 activations, per 4 bytes, as floats.
+// dpbusd takes the weights as its unsigned operand as they are (0..15).
+static __m512 q4_sums(__m512i w, __m512i x) {
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x));
+}
+#endif
+
+// A q4 weight row (values w, scales d, mins m or NULL for q4_0) dotted with token t's int8
+// activations: sum over blocks of d xscale (q . x) + (m or -8 d) (the block's scaled activation sum).
+// The AVX-512 kernel takes 16 blocks (Q4_SPAN values) a step: their scales times the activations'
+// in one vector, spread over the chunks by a permute; the offsets with one FMA.
+static float dot_q4(const uint8_t *w, const uint16_t *d, const uint16_t *m, const QuantizedRows *xq, int t, int n) {
+    int blocks = n / Q4_BLOCK;
+    const int8_t *x = xq->q + (size_t)t * n;
+    const float *xs = xq->scale + (size_t)t * blocks, *x_sum = xq->sum + (size_t)t * blocks;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __builtin_prefetch(d + 8 * blocks); // the scale and min streams are too thin for the prefetcher
+    if (m) __builtin_prefetch(m + 8 * blocks);
+    __m512 acc = _mm512_setzero_ps();
+    for (int span = 0; span < n; span += Q4_SPAN) {
+        int b = span / Q4_BLOCK;
+        __mmask16 mask = q4_span_mask(blocks, b);
+        __m512 wd = q4_halves(d + b, mask), x_scale = _mm512_maskz_loadu_ps(mask, xs + b);
+        __m512 offsets = q4_offset_factors(wd, m ? m + b : NULL, mask);
+        acc = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(mask, x_sum + b), acc);
+        __m512 scale = _mm512_mul_ps(wd, x_scale);
+        __m512i index = q4_pair_index();
+        for (int i = span; i < n && i < span + Q4_SPAN; i += 64) {
+            __m512 sums = q4_sums(q4_weights(w, i, n), _mm512_loadu_si512(x + i));
+            acc = _mm512_fmadd_ps(sums, _mm512_permutexvar_ps(index, scale), acc);
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float sum = 0;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * (Q4_BLOCK / 2);
+        const int8_t *xb = x + b * Q4_BLOCK;
+        int32_t s = 0;
+        for (int j = 0; j < Q4_BLOCK / 2; j++) s += (wb[j] & 15) * xb[j] + (wb[j] >> 4) * xb[j + Q4_BLOCK / 2];
+        float scale = f16_to_f32(d[b]);
+        sum += scale * xs[b] * (float)s + (m ? f16_to_f32(m[b]) : -8.0f * scale) * x_sum[b];
+    }
+    return sum;
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One q4 row's 64 weights, unpacked once, against four tokens' activations (x_scale: the tokens'
+// block scales for them): the inner step of dot4x4_q4.
+static inline void q4_row_x4(const uint8_t *w, __m512 w_scale, int i, int n, const __m512i x[4], const __m512 x_scale[4],
+                             __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
+    __m512i wv = q4_weights(w, i, n);
+    *a0 = _mm512_fmadd_ps(q4_sums(wv, x[0]), _mm512_mul_ps(w_scale, x_scale[0]), *a0);
+    *a1 = _mm512_fmadd_ps(q4_sums(wv, x[1]), _mm512_mul_ps(w_scale, x_scale[1]), *a1);
+    *a2 = _mm512_fmadd_ps(q4_sums(wv, x[2]), _mm512_mul_ps(w_scale, x_scale[2]), *a2);
+    *a3 = _mm512_fmadd_ps(q4_sums(wv, x[3]), _mm512_mul_ps(w_scale, x_scale[3]), *a3);
+}
+
+// acc[k] + the offset terms of one q4 row's span against four tokens' scaled activation sums.
+static inline void q4_offsets_x4(__m512 factors, const __m512 x_sum[4], __m512 *a0, __m512 *a1, __m512 *a2, __m512 *a3) {
+    *a0 = _mm512_fmadd_ps(factors, x_sum[0], *a0);
+    *a1 = _mm512_fmadd_ps(factors, x_sum[1], *a1);
+    *a2 = _mm512_fmadd_ps(factors, x_sum[2], *a2);
+    *a3 = _mm512_fmadd_ps(factors, x_sum[3], *a3);
+}
+#endif
+
+// Four q4 rows (row stride n values) against tokens t..t+3, as dot4x4_q8 does for int8 rows, a
+// span of 16 blocks at a time as in dot_q4. Returns 0 where there is no such kernel (no AVX-512 VNNI).
+static int dot4x4_q4(const uint8_t *w, const uint16_t *d, const uint16_t *m, const QuantizedRows *xq, int t, int n,
+                     float out[4][4]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int blocks = n / Q4_BLOCK;
+    size_t bytes = n / 2;
+    __m512 r00 = _mm512_setzero_ps(), r01 = r00, r02 = r00, r03 = r00, r10 = r00, r11 = r00, r12 = r00, r13 = r00,
+           r20 = r00, r21 = r00, r22 = r00, r23 = r00, r30 = r00, r31 = r00, r32 = r00, r33 = r00;
+    for (int span = 0; span < n; span += Q4_SPAN) {
+        int b = span / Q4_BLOCK;
+        __mmask16 mask = q4_span_mask(blocks, b);
+        __m512 wd[4], xs[4], x_sum[4];
+        for (int k = 0; k < 4; k++) {
+            const size_t at = (size_t)(t + k) * blocks + b;
+            xs[k] = _mm512_maskz_loadu_ps(mask, xq->scale + at);
+            x_sum[k] = _mm512_maskz_loadu_ps(mask, xq->sum + at);
+            wd[k] = q4_halves(d + (size_t)k * blocks + b, mask); // row k's scales
+        }
+        q4_offsets_x4(q4_offset_factors(wd[0], m ? m + b : NULL, mask), x_sum, &r00, &r01, &r02, &r03);
+        q4_offsets_x4(q4_offset_factors(wd[1], m ? m + blocks + b : NULL, mask), x_sum, &r10, &r11, &r12, &r13);
+        q4_offsets_x4(q4_offset_factors(wd[2], m ? m + 2 * blocks + b : NULL, mask), x_sum, &r20, &r21, &r22, &r23);
+        q4_offsets_x4(q4_offset_factors(wd[3], m ? m + 3 * blocks + b : NULL, mask), x_sum, &r30, &r31, &r32, &r33);
+        __m512i index = q4_pair_index();
+        for (int i = span; i < n && i < span + Q4_SPAN; i += 64) {
+            __m512i x[4];
+            __m512 x_scale[4];
+            for (int k = 0; k < 4; k++) {
+                x[k] = _mm512_loadu_si512(xq->q + (size_t)(t + k) * n + i);
+                x_scale[k] = _mm512_permutexvar_ps(index, xs[k]);
+            }
+            q4_row_x4(w, _mm512_permutexvar_ps(index, wd[0]), i, n, x, x_scale, &r00, &r01, &r02, &r03);
+            q4_row_x4(w + bytes, _mm512_permutexvar_ps(index, wd[1]), i, n, x, x_scale, &r10, &r11, &r12, &r13);
+            q4_row_x4(w + 2 * bytes, _mm512_permutexvar_ps(index, wd[2]), i, n, x, x_scale, &r20, &r21, &r22, &r23);
+            q4_row_x4(w + 3 * bytes, _mm512_permutexvar_ps(index, wd[3]), i, n, x, x_scale, &r30, &r31, &r32, &r33);
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
+        }
+    }
+    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
+    for (int r = 0; r < 4; r++)
+        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+    return 1;
+#else
+    (void)w, (void)d, (void)m, (void)xq, (void)t, (void)n, (void)out;
+    return 0;
+#endif
+}
+
 // One weight row against 4 tokens' activations at once: each weight load feeds 4 FMAs (prefill).
 static void dot4(const float *w, const float *x, size_t stride, int n, float out[4]) {
 #if defined(__AVX512F__)
@@ -1644,8 +1870,12 @@ typedef struct {
 } Projection;
 
 static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
-    if (w.f) return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
-    return dot_q8(w.q + (size_t)row * in, w.scale + (size_t)row * (in / w.group_size), xq, t, in, w.group_size);
+    size_t groups = w.group_size ? (size_t)row * (in / w.group_size) : 0;
+    switch (w.type) {
+    case WEIGHT_F32: return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
+    case WEIGHT_Q8_0: return dot_q8(w.q + (size_t)row * in, w.scale + groups, xq, t, in, w.group_size);
+    default: return dot_q4(w.q4 + (size_t)row * in / 2, w.d + groups, w.m ? w.m + groups : NULL, xq, t, in);
+    }
 }
 
 // One int8 weight row against tokens t..t+3: each 64 weights are loaded and prepared once for the
@@ -1766,12 +1996,13 @@ static void store(const Projection *p, int t, int i, float value) {
 // Row i of W against tokens first..n-1: the row is loaded once and stays in L1 across the tokens.
 static void matmul_row(const Projection *p, int i, const float *x, const QuantizedRows *xq, int first, int n, int in) {
     Matrix w = p->w;
-    int four = w.f || q8_simd_shift(w.group_size) >= 0; // 4-token kernels: fp32, and int8 on AVX-512
+    // 4-token kernels: fp32, and int8 on AVX-512 (q4 rows left over from 4-row blocks go one token at a time)
+    int four = w.type == WEIGHT_F32 || (w.type == WEIGHT_Q8_0 && q8_simd_shift(w.group_size) >= 0);
     float r[4];
     for (int t = first; t < n;) {
         int k = four && n - t >= 4 ? 4 : 1;
         if (k == 1) r[0] = dot_row(w, i, x, xq, t, in);
-        else if (w.f) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
+        else if (w.type == WEIGHT_F32) dot4(w.f + (size_t)i * in, x + (size_t)t * in, in, in, r);
         else dot4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r);
         for (int j = 0; j < k; j++, t++) store(p, t, i, r[j]);
     }
@@ -1782,10 +2013,15 @@ static void matmul_row(const Projection *p, int i, const float *x, const Quantiz
 static void matmul_block(const Projection *p, int i, int count, const float *x, const QuantizedRows *xq, int n, int in) {
     Matrix w = p->w;
     int t = 0;
+    size_t groups = w.group_size ? (size_t)i * (in / w.group_size) : 0;
     for (float r[4][4]; count == 4 && n - t >= 4; t += 4) {
-        if (w.f) dot4x4(w.f + (size_t)i * in, x + (size_t)t * in, in, r);
-        else if (!dot4x4_q8(w.q + (size_t)i * in, w.scale + (size_t)i * (in / w.group_size), xq, t, in, w.group_size, r))
-            break;
+        int done = 1;
+        switch (w.type) {
+        case WEIGHT_F32: dot4x4(w.f + (size_t)i * in, x + (size_t)t * in, in, r); break;
+        case WEIGHT_Q8_0: done = dot4x4_q8(w.q + (size_t)i * in, w.scale + groups, xq, t, in, w.group_size, r); break;
+        default: done = dot4x4_q4(w.q4 + (size_t)i * in / 2, w.d + groups, w.m ? w.m + groups : NULL, xq, t, in, r);
+        }
+        if (!done) break;
         for (int a = 0; a < 4; a++)
             for (int b = 0; b < 4; b++) store(p, t + b, i + a, r[a][b]);
     }
@@ -1875,14 +2111,22 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
+// Row `token` of the embedding table, dequantized.
 static void embed(float *out, Matrix table, int token, int dim) {
-    if (table.f) {
-        memcpy(out, table.f + (size_t)token * dim, dim * sizeof(float));
-        return;
+    Matrix row = matrix_at(table, token, dim);
+    switch (row.type) {
+    case WEIGHT_F32: memcpy(out, row.f, dim * sizeof(float)); break;
+    case WEIGHT_Q8_0: for (int i = 0; i < dim; i++) out[i] = row.q[i] * row.scale[i / row.group_size]; break;
+    default:
+        for (int b = 0; b < dim / Q4_BLOCK; b++) {
+            float d = f16_to_f32(row.d[b]), offset = row.m ? f16_to_f32(row.m[b]) : -8.0f * d;
+            for (int j = 0; j < Q4_BLOCK / 2; j++) {
+                uint8_t byte = row.q4[b * (Q4_BLOCK / 2) + j];
+                out[b * Q4_BLOCK + j] = (byte & 15) * d + offset;
+                out[b * Q4_BLOCK + j + Q4_BLOCK / 2] = (byte >> 4) * d + offset;
+            }
+        }
     }
-    const int8_t *q = table.q + (size_t)token * dim;
-    const float *scale = table.scale + (size_t)token * dim / table.group_size;
-    for (int i = 0; i < dim; i++) out[i] = q[i] * scale[i / table.group_size];
 }
 
 // A head's slice of a cache row is a few cache lines every kv_dim floats: a stride the hardware
@@ -2612,6 +2856,8 @@ typedef struct {
 typedef struct {
     int threads;              // OpenMP threads of this model's parallel regions
     int batch;                // tokens per forward block
+    int input_group;          // the model's Weights.input_group: values per scale of the int8 inputs (0: none)
+    int input_sums;           // and whether its q4 matrices need each group's sum
     float *x;                 // (batch, dim) residual stream
     float *xb;                // (batch, q_dim) attention output
     float *q;                 // (batch, q_dim) queries
@@ -2634,10 +2880,13 @@ static void *scratch_alloc(RunState *s, size_t count, size_t size) {
     return alloc_zeroed(count, size);
 }
 
-// Scratch for `threads` threads running blocks of up to MAX_BATCH tokens over up to `capacity` positions.
-static int state_init(RunState *s, const Config *p, int threads, int capacity) {
+// Scratch for `threads` threads running blocks of up to MAX_BATCH tokens over up to `capacity`
+// positions of a model with weights w.
+static int state_init(RunState *s, const Config *p, const Weights *w, int threads, int capacity) {
     s->threads = threads;
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
+    s->input_group = w->input_group;
+    s->input_sums = w->input_sums;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
     s->x = scratch_alloc(s, B * p->dim, sizeof(float));
     s->xb = scratch_alloc(s, B * q_dim(p), sizeof(float));
@@ -2660,14 +2909,16 @@ static int state_init(RunState *s, const Config *p, int threads, int capacity) {
     s->rope.sin = scratch_alloc(s, B * s->rope.half, sizeof(float));
     s->logits = scratch_alloc(s, p->vocab_size, sizeof(float));
     size_t widest = wide > (size_t)p->hidden_dim ? wide : (size_t)p->hidden_dim;
+    size_t groups = s->input_group ? B * widest / s->input_group : 0;
     if (!(s->input = scratch_alloc(s, s->threads, sizeof(ThreadInput)))) return -1;
     for (int i = 0; i < s->threads; i++) {
         ThreadInput *in = &s->input[i];
         in->x = scratch_alloc(s, B * wide, sizeof(float));
         in->q.q = scratch_alloc(s, B * widest + 64, 1); // + 64: the int8 kernels read whole 64-byte chunks
-        in->q.scale = scratch_alloc(s, B * widest / (p->group_size > 0 ? p->group_size : 1) + 1, sizeof(float));
+        in->q.scale = scratch_alloc(s, groups + 1, sizeof(float));
         in->q.lane_scale = scratch_alloc(s, B * lane_scales_per_row((int)widest), sizeof(float));
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
+        if (s->input_sums && !(in->q.sum = scratch_alloc(s, groups, sizeof(float)))) return -1;
     }
     return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
@@ -2677,7 +2928,8 @@ static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
     free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
-        free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.lane_scale);
+        free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.sum);
+        free(s->input[i].q.lane_scale);
     }
     free(s->input);
 }
@@ -2716,7 +2968,8 @@ static int sequence_init(Sequence *seq, const Model *m, int context, int threads
     if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     int capacity = context > 0 ? context : m->config.seq_len;
     if (cache_spec_check(spec, m->config.head_dim) || check_sequence_size(&m->config, spec, capacity, threads)) return -1;
-    if (cache_init(&seq->cache, &m->config, spec, capacity) || state_init(&seq->state, &m->config, threads, capacity)) {
+    if (cache_init(&seq->cache, &m->config, spec, capacity) ||
+        state_init(&seq->state, &m->config, &m->weights, threads, capacity)) {
         sequence_free(seq);
         return -1;
     }
@@ -2744,23 +2997,25 @@ static void rope_table(RunState *s, const Config *p, int pos, int n) {
 // across threads is a worksharing loop ("omp for", a barrier at its end); the matmul inputs each
 // thread prepares for itself (ThreadInput) need no barrier.
 
-// This thread's int8 copy of x (n x in) when the weights w are int8; NULL for fp32 weights.
-static const QuantizedRows *quantize_rows(RunState *s, Matrix w, const float *x, int n, int in) {
-    if (w.f) return NULL;
+// This thread's int8 copy of x (n x in) when the model has quantized matrices (any of them may be
+// the next matmul's); NULL when all are fp32.
+static const QuantizedRows *quantize_rows(RunState *s, const float *x, int n, int in) {
+    int gs = s->input_group;
+    if (!gs) return NULL;
     QuantizedRows *q = &s->input[thread_index()].q;
     for (int t = 0; t < n; t++)
-        quantize_row(q->q + (size_t)t * in, q->scale + (size_t)t * (in / w.group_size),
-                     q->lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, w.group_size);
+        quantize_row(q->q + (size_t)t * in, q->scale + (size_t)t * (in / gs), q->sum ? q->sum + (size_t)t * (in / gs) : NULL,
+                     q->lane_scale + t * lane_scales_per_row(in), x + (size_t)t * in, in, gs);
     return q;
 }
 
-// RMSNorm of n rows of x into this thread's input (quantized into *xq too when the next matmul's
-// weights are int8). x must be complete: the step before ended in a barrier.
-static const float *norm_rows(RunState *s, const float *x, const float *weight, Matrix next, int n, int dim, float eps,
+// RMSNorm of n rows of x into this thread's input (quantized into *xq too when the model has int8
+// kernels). x must be complete: the step before ended in a barrier.
+static const float *norm_rows(RunState *s, const float *x, const float *weight, int n, int dim, float eps,
                               const QuantizedRows **xq) {
     float *out = s->input[thread_index()].x;
     for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
-    *xq = quantize_rows(s, next, out, n, dim);
+    *xq = quantize_rows(s, out, n, dim);
     return out;
 }
 
@@ -2868,7 +3123,7 @@ static void layer_forward(const Model *m, Sequence *seq, int l, int n, int pos) 
 
     Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
     const QuantizedRows *xq;
-    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, wq, n, dim, p->norm_eps, &xq);
+    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, n, dim, p->norm_eps, &xq);
     Projection qkv[3] = {{s->q, wq, qd, 0, &s->rope},
                          {s->k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, &s->rope},
                          {s->v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
@@ -2877,13 +3132,13 @@ static void layer_forward(const Model *m, Sequence *seq, int l, int n, int pos) 
     for (int t = 0; t < n; t++) cache_write(&seq->cache, l, pos + t, 1, s->k + (size_t)t * kvd, s->v + (size_t)t * kvd);
     attention(m, seq, l, n, pos);
     Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
-    xq = quantize_rows(s, wo, s->xb, n, qd);
+    xq = quantize_rows(s, s->xb, n, qd);
     matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
 
     Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
-    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, w1, n, dim, p->norm_eps, &xq);
+    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, n, dim, p->norm_eps, &xq);
     gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), xn, xq, n, dim, hid);
-    xq = quantize_rows(s, w2, s->hb, n, hid);
+    xq = quantize_rows(s, s->hb, n, hid);
     matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
 }
 
@@ -2901,7 +3156,7 @@ static void forward_block(const Model *m, Sequence *seq, const int *tokens, int 
     {
         for (int l = 0; l < p->n_layers; l++) layer_forward(m, seq, l, n, pos);
         const QuantizedRows *xq;
-        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, w->wcls, n - first, dim, p->norm_eps, &xq);
+        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps, &xq);
         matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
     }
 }

@@ -1,7 +1,8 @@
-"""python -m export SRC OUT [--dtype f32|q8_0] [--group-size 32] [--tokenizer PATH] [--seq-len N]
+"""python -m export SRC OUT [--dtype f32|q8_0|q4_0|q4_1] [--group-size 32] [--tokenizer PATH] [--seq-len N]
 
 SRC is a Hugging Face Llama folder, a Meta Llama folder, a GGUF file, a llama2.c checkpoint
-(v0/v1/v2) or a kvc file; OUT is the kvc .bin to write.
+(v0/v1/v2) or a kvc file; OUT is the kvc .bin to write. Without --dtype each matrix keeps the
+type the source stores it in where kvc runs it (a Q4_1 GGUF stays Q4_1).
 
 Expected errors print one `error: ...` line and exit 1. SIGINT, SIGTERM and SIGHUP (unless
 ignored, as under nohup) stop the export: the temp file is removed, one line says so and the exit
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .common import ExportError
+from kvc.format import WEIGHT_TYPES, describe_types, tensor_types
+
 from .convert import export_model
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
@@ -66,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description="Convert a Llama checkpoint to a kvc .bin file.")
     p.add_argument("src", help="HF folder, Meta folder, .gguf file, llama2.c .bin or kvc .bin")
     p.add_argument("out", help="kvc .bin file to write")
-    p.add_argument("--dtype", choices=["f32", "q8_0"], default="f32", help="weight type (default f32)")
-    p.add_argument("--group-size", type=int, default=32, help="q8_0 group size (default 32)")
+    p.add_argument("--dtype", choices=list(WEIGHT_TYPES),
+                   help="convert every matrix to this type (default: each as the source stores it, where kvc "
+                        "runs that type; float types become f32, other quantized types q8_0)")
+    p.add_argument("--group-size", type=int, help="q8_0 group size, with --dtype q8_0 (default 32)")
     p.add_argument("--tokenizer", help="sentencepiece .model, llama2.c tokenizer.bin or HF tokenizer.json "
                                        "(required for llama2.c checkpoints; replaces the source's own)")
     p.add_argument("--seq-len", type=int, help="context length to store (default: the source's; Meta: 2048)")
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with signals_raise():
-            c = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
-            print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {args.dtype}")
+            model = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
+            c = model.config
+            types = describe_types(c, tensor_types(c, model.tensors))
+            print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {types}")
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc.format import INT32_MAX, ChatTemplate, Config, Tokenizer, tensor_shapes
+from kvc.format import INT32_MAX, ChatTemplate, Config, QuantizedTensor, Tensor, Tokenizer, tensor_shapes
 
 
 class ExportError(Exception):
@@ -22,13 +22,14 @@ class SourceModel:
     """A model as read from a source (HF, Meta, GGUF, llama2.c or kvc file), ready for
     kvc.format.write_model; not the engine's kvc.Model, which runs a written file.
 
-    `tensors` holds float32 arrays named and shaped as kvc.format.tensor_shapes(config);
+    `tensors` holds tensors named and shaped as kvc.format.tensor_shapes(config): float32 arrays,
+    or QuantizedTensors for matrices kept in a quantized type the source stores them in;
     `tokenizer` is None when the source carries none (then --tokenizer is required);
     `jinja` is the source's chat template text, turned into `template` once the tokenizer is known.
     """
 
     config: Config
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Tensor]
     tokenizer: Tokenizer | None = None
     template: ChatTemplate = field(default_factory=ChatTemplate)
     jinja: str | None = None
@@ -64,9 +65,11 @@ def check_float(name: str, dtype: str, is_float: bool) -> None:
         raise ExportError(f"tensor {name} has dtype {dtype}, expected a float type")
 
 
-def check_finite(name: str, arr: np.ndarray) -> None:
-    """Raise ExportError naming the tensor `name` if `arr` holds a NaN or an infinity."""
-    if not np.isfinite(arr).all():
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ExportError naming the tensor `name` if `t` (its scales and mins, when quantized) holds
+    a NaN or an infinity."""
+    arrays = t.arrays()[1:] if isinstance(t, QuantizedTensor) else [t]
+    if not all(np.isfinite(a).all() for a in arrays):
         raise ExportError(f"tensor {name} has NaN or Inf values")
 
 

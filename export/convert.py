@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvc.format import WEIGHT_TYPES, Config, write_model
+from kvc.format import Q4_BLOCK, WEIGHT_TYPES, Config, quantize_model, write_model
 
 from .chat import detect_template, token_text
 from .common import ExportError, SourceModel, positive_int, progress_bar
@@ -92,17 +92,28 @@ def check_output(out: Path, src: Path, tokenizer: str | os.PathLike | None = Non
             raise ExportError(f"output {out} is {what}")
 
 
-def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32", group_size: int = 32,
-                 tokenizer: str | os.PathLike | None = None, seq_len: int | None = None) -> Config:
-    """Convert `src` to a kvc file at `out` (written atomically) and return its Config."""
-    if dtype not in WEIGHT_TYPES:
+def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+                 group_size: int | None = None, tokenizer: str | os.PathLike | None = None,
+                 seq_len: int | None = None) -> SourceModel:
+    """Convert `src` to a kvc file at `out` (written atomically) and return what was written.
+
+    `dtype` None keeps each matrix in the type the source stores it in where kvc runs that type
+    (f32, q8_0, q4_0, q4_1; see export.gguf for the others); a dtype converts every matrix to it,
+    q8_0 in groups of `group_size` (default 32).
+    """
+    if dtype is not None and dtype not in WEIGHT_TYPES:
         raise ExportError(f"unknown dtype {dtype!r} (choose from {', '.join(WEIGHT_TYPES)})")
+    if group_size is not None and dtype != "q8_0":
+        raise ExportError("--group-size is the q8_0 group: it needs --dtype q8_0")
     out = Path(out)
     check_output(out, Path(src), tokenizer)
     model = load_source(src, tokenizer, seq_len)
     c = model.config
-    c.weight_type = WEIGHT_TYPES[dtype]
-    c.group_size = group_size if dtype == "q8_0" else 0
+    if dtype is not None:
+        try:
+            model.tensors = quantize_model(model.tensors, WEIGHT_TYPES[dtype], group_size or Q4_BLOCK)
+        except ValueError as e:  # rows that are not whole groups
+            raise ExportError(f"cannot store the weights as {dtype}: {e}") from None
     with progress_bar(len(model.tensors), "writing") as bar:
         try:
             write_model(out, c, model.tensors, model.tokenizer, model.template, progress=lambda name: bar.update())
@@ -110,4 +121,4 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "f
             raise ExportError(str(e)) from None
         except OSError as e:
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    return c
+    return model

@@ -1,10 +1,11 @@
-"""llama2.c checkpoints (v0 legacy, v1 fp32, v2 q8_0) and kvc files (for re-export, e.g. to q8_0)."""
+"""llama2.c checkpoints (v0 legacy, v1 fp32, v2 q8_0) and kvc files (for re-export, e.g. to q8_0).
+Their matrices come as stored (v2's and a kvc file's quantized ones as QuantizedTensors)."""
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
-from kvc.format import MAGIC, FormatError, read_llama2c_header, read_model
+from kvc.format import MAGIC, FormatError, QuantizedTensor, read_llama2c_header, read_model
 
 from .common import ExportError, SourceModel, check_finite
 
@@ -28,9 +29,9 @@ WHOLE = ("tok_embeddings", "rms_final", "wcls")  # the tensors that are not stac
 
 
 def _check_values(tensors: dict) -> None:
-    """ExportError naming the tensor (and layer) of the first NaN or Inf."""
+    """ExportError naming the tensor (and for float ones the layer) of the first NaN or Inf."""
     for name, a in tensors.items():
-        if name in WHOLE:
+        if name in WHOLE or isinstance(a, QuantizedTensor):
             check_finite(name, a)
         else:
             for layer, part in enumerate(a):

@@ -64,15 +64,16 @@ static void kvc_file(Buf *b, const uint8_t *tok, size_t tok_len, int vocab, int 
     size_t w_len = b->len - w_off;
     Buf h = {0};
     put(&h, "KVCM", 4);
-    put_i32(&h, 1);
+    put_i32(&h, KVC_VERSION);
     int32_t dims[] = {DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, vocab, SEQ_LEN};
     for (int i = 0; i < 8; i++) put_i32(&h, dims[i]);
     put_f32(&h, 10000.0f);
     put_f32(&h, 1e-5f);
-    int32_t rest[] = {1 /* shared classifier */, 0 /* f32 */, 0, vocab > 1 ? 1 : -1, vocab > 2 ? 2 : -1, 0};
-    for (int i = 0; i < 6; i++) put_i32(&h, rest[i]);
+    int32_t rest[] = {1 /* shared classifier */, vocab > 1 ? 1 : -1, vocab > 2 ? 2 : -1, 0};
+    for (int i = 0; i < 4; i++) put_i32(&h, rest[i]);
     put_u64(&h, tok_off), put_u64(&h, tok_len), put_u64(&h, chat_off), put_u64(&h, chat_len);
     put_u64(&h, w_off), put_u64(&h, w_len);
+    put(&h, NULL, sizeof(WeightTypes)); // every matrix f32, no q8_0 group
     memcpy(b->p, h.p, h.len);
     free(h.p);
 }

@@ -134,8 +134,12 @@ def load_seeds(d: Path) -> None:
     t = random_tensors(cfg, 0)
     tok = byte_tokenizer(cfg.vocab_size)
     fmt.write_model(d / "kvc_f32", cfg, t, tok, fmt.ChatTemplate(fmt.CHAT_CHATML, 2, "Be brief."))
-    q8 = fmt.Config(**TINY, weight_type=fmt.Q8_0, group_size=4)
-    fmt.write_model(d / "kvc_q8_0", q8, t, tok)
+    fmt.write_model(d / "kvc_q8_0", cfg, fmt.quantize_model(t, fmt.Q8_0, 4), tok)
+    # q4_1 layers beside q8_0 embeddings (as SmolLM2 ships): rows of 32, whole blocks
+    blocks = fmt.Config(**{**TINY, "dim": 32, "hidden_dim": 32, "n_heads": 1}, head_dim=32)
+    t4 = random_tensors(blocks, 3)
+    q4 = fmt.quantize_model(t4, fmt.Q4_1) | {"tok_embeddings": fmt.quantize(t4["tok_embeddings"], fmt.Q8_0, 32)}
+    fmt.write_model(d / "kvc_q4_1", blocks, q4, tok)
     untied = fmt.Config(**{**TINY, "n_kv_heads": 2}, shared_classifier=False, bos_id=-1, eos_id=-1)
     fmt.write_model(d / "kvc_untied", untied, random_tensors(untied, 1), tok, fmt.ChatTemplate(fmt.CHAT_LLAMA3, -1))
     # head_dim 32 (not dim / n_heads): the quantized cache types' groups of 32 fit it

@@ -12,7 +12,7 @@ ffi.cdef(
     typedef struct {
         int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len;
         float rope_theta, norm_eps;
-        int shared_classifier, weight_type, group_size, bos_id, eos_id;
+        int shared_classifier, bos_id, eos_id;
     } Config;
     typedef struct Model Model;
     typedef struct Sequence Sequence;

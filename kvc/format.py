@@ -4,6 +4,8 @@ A kvc file is a 256-byte little-endian header, then three sections, each startin
 boundary: the tokenizer, the chat template and the weights. HEADER_FIELDS below defines the header
 (run.c's KvcHeader, README.md's table and kvc/_lib.py's Config are tested against it); `write_model`
 and `read_model` are the sections' executable definition, and run.c's loader reads exactly this.
+Each weight matrix has its own type (WEIGHT_TYPES): float32, or quantized as a QuantizedTensor
+(`quantize` makes one from floats, `QuantizedTensor.dequantize` turns it back, as run.c reads it).
 llama2.c's v0/v1/v2 checkpoints and its tokenizer.bin are read here too (`read_llama2c_header` is
 the one parser of their headers), so the torch reference can load every file the C engine loads.
 """
@@ -22,16 +24,20 @@ from typing import BinaryIO
 import numpy as np
 
 MAGIC = b"KVCM"
-VERSION = 1
+VERSION = 2  # 2: a weight type per matrix (1: one type, f32 or q8_0, for all)
 HEADER_BYTES = 256
 ALIGN = 64
 INT32_MAX = 2**31 - 1  # the header's int fields
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# weight types
+# weight types: how a matrix is stored (norms are always float32)
 F32 = 0
-Q8_0 = 1
-WEIGHT_TYPES = {"f32": F32, "q8_0": Q8_0}
+Q8_0 = 1  # int8 q, one float32 scale s per group_size values of a row: x = q s
+Q4_0 = 2  # GGUF's blocks of 32 values: 4-bit q, one float16 scale d a block: x = (q - 8) d
+Q4_1 = 3  # the same with one float16 min m a block too: x = q d + m
+WEIGHT_TYPES = {"f32": F32, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+Q4_BLOCK = 32  # values per q4_0 / q4_1 block
+MATRICES = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "wcls")  # the tensors with a type
 
 # tokenizer kinds
 TOK_SENTENCEPIECE = 1  # score-driven BPE over characters, byte fallback (Llama 1/2, Mistral)
@@ -77,8 +83,6 @@ HEADER_FIELDS: list[tuple[str, str]] = [
     ("config.rope_theta", "f"),
     ("config.norm_eps", "f"),
     ("config.shared_classifier", "i"),
-    ("config.weight_type", "i"),
-    ("config.group_size", "i"),
     ("config.bos_id", "i"),
     ("config.eos_id", "i"),
     ("reserved", "i"),
@@ -88,7 +92,8 @@ HEADER_FIELDS: list[tuple[str, str]] = [
     ("chat.size", "Q"),
     ("weights.offset", "Q"),
     ("weights.size", "Q"),
-]
+    ("types.group_size", "i"),
+] + [(f"types.{name}", "i") for name in MATRICES]
 HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 CONFIG_FIELDS = [name.removeprefix("config.") for name, _ in HEADER_FIELDS if name.startswith("config.")]
 SECTIONS = ("tokenizer", "chat", "weights")  # in file order
@@ -112,8 +117,6 @@ class Config:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     shared_classifier: bool = True
-    weight_type: int = F32
-    group_size: int = 0
     bos_id: int = 1
     eos_id: int = 2
 
@@ -158,10 +161,56 @@ class ChatTemplate:
     jinja: str = ""
 
 
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A weight matrix, or a stack of them, in a quantized type, as a kvc file stores it.
+
+    q8_0: `values` int8 and `scales` float32, one per `group_size` values of a row.
+    q4_0 / q4_1: `values` uint8, 16 bytes a block of 32 values (byte j holds value j in its low
+    nibble and value j + 16 in its high one, as GGUF's blocks do), `scales` float16 (d), one a block,
+    and for q4_1 `mins` float16 (m). Every array is flat, in the row-major order of `shape`.
+    """
+
+    type: int
+    shape: tuple[int, ...]
+    values: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None = None
+    group_size: int = Q4_BLOCK
+
+    def arrays(self) -> list[np.ndarray]:
+        """The arrays in file order: values, scales, then mins (q4_1)."""
+        return [self.values, self.scales] + ([self.mins] if self.type == Q4_1 else [])
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values, each computed as run.c computes it (q s; (q - 8) d; q d + m)."""
+        if self.type == Q8_0:
+            x = self.values.astype(np.float32).reshape(-1, self.group_size) * self.scales.astype(np.float32)[:, None]
+            return x.reshape(self.shape)
+        nibbles = self.values.reshape(-1, 1, Q4_BLOCK // 2) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)
+        q = (nibbles & 15).reshape(-1, Q4_BLOCK).astype(np.float32)
+        d = self.scales.astype(np.float32)[:, None]
+        x = (q - 8) * d if self.type == Q4_0 else q * d + self.mins.astype(np.float32)[:, None]
+        return x.reshape(self.shape)
+
+
+Tensor = np.ndarray | QuantizedTensor  # a weight as stored: float values (norms, f32 matrices) or quantized
+
+
+def type_of(t: Tensor) -> int:
+    """The weight type `t` is stored in."""
+    return t.type if isinstance(t, QuantizedTensor) else F32
+
+
+def as_float(t: Tensor) -> np.ndarray:
+    """`t` as float32 values (quantized tensors dequantized)."""
+    return t.dequantize() if isinstance(t, QuantizedTensor) else np.asarray(t, dtype=np.float32)
+
+
 @dataclass
 class Checkpoint:
     config: Config
-    tensors: dict[str, np.ndarray]  # float32, shapes as in tensor_shapes()
+    tensors: dict[str, Tensor]  # as stored (float32 arrays or QuantizedTensor), shapes as in tensor_shapes()
     tokenizer: Tokenizer | None
     template: ChatTemplate
 
@@ -191,13 +240,23 @@ def is_norm(name: str) -> bool:
     return name.startswith("rms_")
 
 
-def is_quantized(c: Config, name: str) -> bool:
-    """Whether tensor `name` is stored as int8 values + scales (q8_0 matrices; norms stay float32)."""
-    return c.weight_type == Q8_0 and not is_norm(name)
+def parts(weight_type: int, n: int, group_size: int) -> list[tuple[str, int]]:
+    """(numpy dtype, count) of each array an n-value matrix of `weight_type` is stored as, in file
+    order: QuantizedTensor.arrays() for the quantized types."""
+    if weight_type == F32:
+        return [("<f4", n)]
+    if weight_type == Q8_0:
+        return [("i1", n), ("<f4", n // group_size)]
+    return [("u1", n // 2)] + [("<f2", n // Q4_BLOCK)] * (2 if weight_type == Q4_1 else 1)
+
+
+def matrix_bytes(weight_type: int, n: int, group_size: int) -> int:
+    """Bytes of an n-value matrix of `weight_type` (without the padding between its arrays)."""
+    return sum(np.dtype(dtype).itemsize * count for dtype, count in parts(weight_type, n, group_size))
 
 
 # ----------------------------------------------------------------------------------------------
-# writing
+# quantizing
 
 
 def quantize_q8_0(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +267,64 @@ def quantize_q8_0(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarra
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.round(groups / safe[:, None]).clip(-127, 127).astype(np.int8)
     return q.reshape(-1), scale
+
+
+def _quantize_q4(w: np.ndarray, weight_type: int) -> QuantizedTensor:
+    """GGUF's q4_0 / q4_1 blocks, computed as ggml's reference quantizers do (bit for bit)."""
+    blocks = w.astype(np.float32).reshape(-1, Q4_BLOCK)
+    if weight_type == Q4_0:  # d from the value of largest magnitude, which becomes q = 0
+        top = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)[:, 0]
+        d, low, offset, mins = top / np.float32(-8), np.float32(0), np.float32(8.5), None
+    else:  # d spans min..max in 15 steps
+        low, high = blocks.min(axis=1), blocks.max(axis=1)
+        d, offset, mins = (high - low) / np.float32(15), np.float32(0.5), low.astype(np.float16)
+        low = low[:, None]
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.trunc((blocks - low) * inv[:, None] + offset).clip(0, 15).astype(np.uint8)
+    values = q[:, :Q4_BLOCK // 2] | (q[:, Q4_BLOCK // 2:] << 4)
+    return QuantizedTensor(weight_type, tuple(w.shape), values.reshape(-1), d.astype(np.float16), mins)
+
+
+def quantize(w: np.ndarray, weight_type: int, group_size: int = Q4_BLOCK) -> Tensor:
+    """The float matrix `w` stored as `weight_type` (f32: float32 values; q8_0 in groups of
+    `group_size`; q4 in blocks of 32). Rows must be whole groups."""
+    w = np.asarray(w, dtype=np.float32)
+    if weight_type == F32:
+        return w
+    gs = group_size if weight_type == Q8_0 else Q4_BLOCK
+    if gs <= 0 or w.shape[-1] % gs:
+        raise ValueError(f"rows of {w.shape[-1]} are not whole groups of {gs}")
+    if weight_type == Q8_0:
+        q, s = quantize_q8_0(w, gs)
+        return QuantizedTensor(Q8_0, tuple(w.shape), q, s, None, gs)
+    return _quantize_q4(w, weight_type)
+
+
+def convert(t: Tensor, weight_type: int, group_size: int = Q4_BLOCK) -> Tensor:
+    """`t` stored as `weight_type`: as it is when it already is (never quantized twice), else
+    quantized from its float values."""
+    if type_of(t) == weight_type and (weight_type != Q8_0 or t.group_size == group_size):
+        return t
+    return quantize(as_float(t), weight_type, group_size)
+
+
+def quantize_model(tensors: dict[str, Tensor], weight_type: int, group_size: int = Q4_BLOCK) -> dict[str, Tensor]:
+    """Every matrix of `tensors` converted to `weight_type`; norms stay float32."""
+    return {name: t if is_norm(name) else convert(t, weight_type, group_size) for name, t in tensors.items()}
+
+
+def stack(layers: list[QuantizedTensor]) -> QuantizedTensor:
+    """Quantized matrices of one type and shape stacked along a new first axis, as a kvc file stores
+    a tensor's layers."""
+    first = layers[0]
+    arrays = [np.concatenate(column) for column in zip(*(t.arrays() for t in layers))]
+    mins = arrays[2] if first.type == Q4_1 else None
+    return QuantizedTensor(first.type, (len(layers), *first.shape), arrays[0], arrays[1], mins, first.group_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
 
 
 def encode_tokenizer(t: Tokenizer) -> bytes:
@@ -240,8 +357,8 @@ def config_error(values: dict) -> str | None:
     """What makes a Config's fields (as a dict) no model a kvc header can hold, or None.
 
     Dims in 1..2^31-1, heads that divide, an even head_dim, finite positive float32 rope_theta,
-    norm_eps in (0, 1), a known weight type (q8_0 with a positive group size), bos/eos in the vocab
-    or -1. run.c's check_config adds the engine's own size limits.
+    norm_eps in (0, 1), bos/eos in the vocab or -1. run.c's check_config adds the engine's own
+    size limits.
     """
     for name in DIMS:
         if not 0 < values[name] <= INT32_MAX:
@@ -254,23 +371,108 @@ def config_error(values: dict) -> str | None:
         return f"rope_theta = {values['rope_theta']} (must be a positive float32)"
     if not 0 < values["norm_eps"] < 1:
         return f"norm_eps = {values['norm_eps']} (must be in (0, 1))"
-    if values["weight_type"] not in (F32, Q8_0):
-        return f"unknown weight type {values['weight_type']}"
-    if values["weight_type"] == Q8_0 and not 0 < values["group_size"] <= INT32_MAX:
-        return "q8_0 needs a positive group size"
     for name in ("bos_id", "eos_id"):
         if not -1 <= values[name] < values["vocab_size"]:
             return f"{name} = {values[name]} is outside the vocab of {values['vocab_size']}"
     return None
 
 
-def _check_tensors(config: Config, tensors: dict[str, np.ndarray]) -> None:
-    """ValueError unless `tensors` has every tensor of `config`, shaped as tensor_shapes() says,
-    of a float dtype, without NaN or Inf."""
+def types_error(config: Config, types: dict[str, int]) -> str | None:
+    """What makes `types` (the header's types.* fields, without the prefix) wrong for `config`, or None.
+
+    Each matrix of a known type whose rows are whole groups (q8_0: of group_size, positive; q4: of
+    32); group_size 0 unless some matrix is q8_0; a shared classifier of tok_embeddings' type; and
+    one int8 group for every quantized matrix (q8_0 beside q4 must use groups of 32), because run.c
+    quantizes each matmul input once for all of them.
+    """
+    gs = types["group_size"]
+    shapes = dict(tensor_shapes(config))
+    groups = set()
+    for name in MATRICES:
+        t = types[name]
+        if name == "wcls" and config.shared_classifier:
+            if t != types["tok_embeddings"]:
+                return f"the shared classifier's type {t} is not tok_embeddings' {types['tok_embeddings']}"
+            continue
+        if t not in WEIGHT_TYPES.values():
+            return f"{name} has unknown weight type {t}"
+        if t == F32:
+            continue
+        group = gs if t == Q8_0 else Q4_BLOCK
+        cols = shapes[name][-1]
+        if group <= 0 or cols % group:
+            return (f"group_size = {gs} does not divide {name}'s rows of {cols}" if t == Q8_0
+                    else f"{name}'s rows of {cols} are not whole {TYPE_NAMES[t]} blocks of {Q4_BLOCK}")
+        groups.add(group)
+    if len(groups) > 1:
+        return f"q8_0 groups of {gs} cannot be mixed with q4 blocks of {Q4_BLOCK}"
+    if gs and Q8_0 not in (types[name] for name in MATRICES):
+        return f"group_size = {gs} but no matrix is q8_0"
+    return None
+
+
+TYPE_NAMES = {v: k for k, v in WEIGHT_TYPES.items()}
+
+
+def tensor_types(config: Config, tensors: dict[str, Tensor]) -> dict[str, int]:
+    """The header's types.* fields (without the prefix) for `tensors`: each matrix's type and the
+    q8_0 group size (0 without q8_0 matrices); ValueError if the q8_0 matrices disagree on it."""
+    names = [name for name, _ in tensor_shapes(config) if not is_norm(name)]
+    q8_groups = {tensors[name].group_size for name in names if type_of(tensors[name]) == Q8_0}
+    if len(q8_groups) > 1:
+        raise ValueError(f"q8_0 matrices with different group sizes {sorted(q8_groups)}")
+    types = {"group_size": q8_groups.pop() if q8_groups else 0}
+    types.update((name, type_of(tensors[name])) for name in names)
+    types["wcls"] = types.get("wcls", types["tok_embeddings"])
+    return types
+
+
+def describe_types(config: Config, types: dict[str, int]) -> str:
+    """The matrices' types in a few words: the most common one, then the tensors of any other, e.g.
+    "q8_0" or "q4_1, tok_embeddings q8_0" (a shared classifier is tok_embeddings)."""
+    names = [name for name in MATRICES if name != "wcls" or not config.shared_classifier]
+    counts = {t: sum(types[name] == t for name in names) for t in (types[name] for name in names)}
+    main = max(counts, key=counts.get)
+    return ", ".join([TYPE_NAMES[main]] + [f"{name} {TYPE_NAMES[types[name]]}" for name in names if types[name] != main])
+
+
+def read_types(path: str | os.PathLike) -> dict[str, int]:
+    """The weight types of a kvc (or llama2.c) checkpoint, from its header, as tensor_types() gives them."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if head[:4] == MAGIC:
+        if len(head) < HEADER_BYTES:
+            raise FormatError("file too short for a kvc header")
+        return header_types(unpack_header(head))
+    return read_llama2c_header(head).types
+
+
+def _check_tensors(config: Config, tensors: dict[str, Tensor]) -> None:
+    """ValueError unless `tensors` has every tensor of `config`, shaped as tensor_shapes() says:
+    norms and f32 matrices as arrays of a float dtype, quantized ones as QuantizedTensors whose
+    arrays fit their shape, with no NaN or Inf in values, scales or mins."""
     for name, shape in tensor_shapes(config):
         if name not in tensors:
             raise ValueError(f"missing tensor {name}")
-        a = np.asarray(tensors[name])
+        t = tensors[name]
+        if isinstance(t, QuantizedTensor):
+            if is_norm(name):
+                raise ValueError(f"tensor {name} is a norm: it must be float values, not {TYPE_NAMES.get(t.type)}")
+            if t.type not in (Q8_0, Q4_0, Q4_1):
+                raise ValueError(f"tensor {name} has unknown weight type {t.type}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+            gs = t.group_size
+            if gs <= 0 or shape[-1] % gs or (t.type != Q8_0 and gs != Q4_BLOCK):
+                raise ValueError(f"tensor {name}: rows of {shape[-1]} are not whole {TYPE_NAMES[t.type]} groups of {gs}")
+            arrays = t.arrays()
+            for a, (dtype, count) in zip(arrays, parts(t.type, math.prod(shape), gs), strict=True):
+                if a.size != count or a.dtype.kind != np.dtype(dtype).kind or a.dtype.itemsize != np.dtype(dtype).itemsize:
+                    raise ValueError(f"tensor {name}: {a.dtype} array of {a.size} where {count} {dtype} belong")
+            if not all(np.isfinite(a).all() for a in arrays[1:]):
+                raise ValueError(f"tensor {name} has NaN or Inf scales")
+            continue
+        a = np.asarray(t)
         if tuple(a.shape) != shape:
             raise ValueError(f"tensor {name} has shape {tuple(a.shape)}, expected {shape}")
         if not np.issubdtype(a.dtype, np.floating):
@@ -282,19 +484,19 @@ def _check_tensors(config: Config, tensors: dict[str, np.ndarray]) -> None:
 def write_model(
     path: str | os.PathLike,
     config: Config,
-    tensors: dict[str, np.ndarray],
+    tensors: dict[str, Tensor],
     tokenizer: Tokenizer,
     template: ChatTemplate | None = None,
     progress=None,
 ) -> None:
     """Write a kvc file atomically (temp file + rename): a failure leaves nothing at `path`.
 
-    `tensors` maps the names of tensor_shapes() to arrays of those shapes (any float dtype, finite).
-    With config.weight_type Q8_0 every matrix is quantized in groups of config.group_size.
-    `progress`, if given, is called with each tensor name as it is written. The file gets the mode
-    a new file gets (0666 less the umask). Any exception while writing, KeyboardInterrupt included,
-    removes the temp file; for other signals the caller turns them into exceptions (as the export
-    CLI does).
+    `tensors` maps the names of tensor_shapes() to tensors of those shapes, each written as it is:
+    float arrays (any float dtype, finite) as float32, QuantizedTensors in their type (`quantize`
+    and `quantize_model` make them). `progress`, if given, is called with each tensor name as it is
+    written. The file gets the mode a new file gets (0666 less the umask). Any exception while
+    writing, KeyboardInterrupt included, removes the temp file; for other signals the caller turns
+    them into exceptions (as the export CLI does).
     """
     template = template or ChatTemplate()
     problem = config_error(asdict(config))
@@ -305,11 +507,10 @@ def write_model(
             f"tokenizer has {len(tokenizer.pieces)} tokens but the model's vocab is {config.vocab_size}"
         )
     _check_tensors(config, tensors)
-    if config.weight_type == Q8_0:
-        gs = config.group_size
-        for name, shape in tensor_shapes(config):
-            if not is_norm(name) and shape[-1] % gs:
-                raise ValueError(f"tensor {name}: row length {shape[-1]} is not a multiple of group size {gs}")
+    types = tensor_types(config, tensors)
+    problem = types_error(config, types)
+    if problem:
+        raise ValueError(problem)
 
     tok_bytes = encode_tokenizer(tokenizer)
     tmpl_bytes = encode_template(template)
@@ -324,18 +525,15 @@ def write_model(
         f.write(tmpl_bytes)
         f.write(b"\0" * (w_off - f.tell()))
         for name, shape in tensor_shapes(config):
-            arr = np.ascontiguousarray(np.asarray(tensors[name], dtype=np.float32))
-            if is_quantized(config, name):
-                q, s = quantize_q8_0(arr, config.group_size)
-                _write_aligned(f, q.tobytes())
-                _write_aligned(f, s.astype("<f4").tobytes())
-            else:
-                _write_aligned(f, arr.astype("<f4").tobytes())
+            t = tensors[name]
+            arrays = t.arrays() if isinstance(t, QuantizedTensor) else [np.asarray(t)]
+            for a, (dtype, _) in zip(arrays, parts(type_of(t), math.prod(shape), types["group_size"])):
+                _write_aligned(f, np.ascontiguousarray(a, dtype=dtype).tobytes())
             if progress:
                 progress(name)
         w_size = f.tell() - w_off
         f.seek(0)
-        f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)]))
+        f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)], types))
 
 
 @contextmanager
@@ -374,12 +572,14 @@ def _remove(path: Path) -> None:
         pass
 
 
-def pack_header(config: Config, sections: list[tuple[int, int]]) -> bytes:
-    """The header's HEADER.size bytes: `config`, and (offset, size) for each of SECTIONS."""
+def pack_header(config: Config, sections: list[tuple[int, int]], types: dict[str, int]) -> bytes:
+    """The header's HEADER.size bytes: `config`, (offset, size) for each of SECTIONS, and `types`
+    (tensor_types())."""
     values = {"magic": MAGIC, "version": VERSION, "reserved": 0}
     values.update((f"config.{name}", getattr(config, name)) for name in CONFIG_FIELDS)
     for name, (offset, size) in zip(SECTIONS, sections, strict=True):
         values[f"{name}.offset"], values[f"{name}.size"] = offset, size
+    values.update((f"types.{name}", value) for name, value in types.items())
     return HEADER.pack(*(values[name] for name, _ in HEADER_FIELDS))
 
 
@@ -404,7 +604,7 @@ class FormatError(ValueError):
 def read_model(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Checkpoint:
     """Read a kvc file, or a llama2.c v0/v1/v2 checkpoint (whose tokenizer comes from `tokenizer_path`).
 
-    Quantized weights come back dequantized to float32.
+    Weights come back as stored: float32 arrays, and QuantizedTensors (`as_float` dequantizes them).
     """
     data = memoryview(Path(path).read_bytes())
     if len(data) >= 4 and bytes(data[:4]) == MAGIC:
@@ -429,6 +629,10 @@ def _read_kvc(data: memoryview) -> Checkpoint:
     if problem:
         raise FormatError(f"bad header: {problem}")
     cfg = Config(**values)
+    types = header_types(h)
+    problem = types_error(cfg, types)
+    if problem:
+        raise FormatError(f"bad header: {problem}")
     sections = {}
     for name in SECTIONS:
         off, size = h[f"{name}.offset"], h[f"{name}.size"]
@@ -439,44 +643,40 @@ def _read_kvc(data: memoryview) -> Checkpoint:
     if len(tok.pieces) != cfg.vocab_size:
         raise FormatError(f"tokenizer has {len(tok.pieces)} tokens but the header's vocab is {cfg.vocab_size}")
     tmpl = _decode_template(sections["chat"])
-    layout, end = _kvc_layout(cfg, h["weights.offset"])
+    tensors, end = _read_tensors(data, cfg, types, h["weights.offset"], ALIGN, [name for name, _ in tensor_shapes(cfg)])
     if end - h["weights.offset"] != h["weights.size"]:
         raise FormatError(f"weights section is {h['weights.size']} bytes, the header's config needs "
                           f"{end - h['weights.offset']}")
-    tensors = {}
-    for name, shape, off, scales in layout:
-        if scales is None:
-            tensors[name] = np.frombuffer(data, "<f4", int(np.prod(shape)), off).reshape(shape)
-        else:
-            tensors[name] = _dequantize(data, off, scales, shape, cfg.group_size)
     return Checkpoint(cfg, tensors, tok, tmpl)
 
 
-def _kvc_layout(cfg: Config, offset: int) -> tuple[list[tuple[str, tuple[int, ...], int, int | None]], int]:
-    """(name, shape, offset, scales offset or None) of each tensor of a kvc weights section starting at
-    `offset`, and where it ends; FormatError if a q8_0 row is not made of whole groups."""
-    layout, off = [], offset
-    for name, shape in tensor_shapes(cfg):
-        n = math.prod(shape)
-        off += -off % ALIGN
-        if is_quantized(cfg, name):  # int8 values, then the scales on the next 64-byte boundary
-            if shape[-1] % cfg.group_size:
-                raise FormatError(f"bad header: group_size = {cfg.group_size} does not divide {name}'s rows")
-            scales = off + n + (-(off + n) % ALIGN)
-            layout.append((name, shape, off, scales))
-            off = scales + 4 * (n // cfg.group_size)
+def header_types(h: dict) -> dict[str, int]:
+    """The types.* fields of an unpacked header, without the prefix."""
+    return {name.removeprefix("types."): value for name, value in h.items() if name.startswith("types.")}
+
+
+def _read_tensors(data, cfg: Config, types: dict[str, int], offset: int, align: int,
+                  names: list[str]) -> tuple[dict[str, Tensor], int]:
+    """The tensors `names`, in that order from `offset`, each array of each starting on `align`
+    bytes; and where they end. FormatError if the data ends first."""
+    shapes, tensors, off = dict(tensor_shapes(cfg)), {}, offset
+    for name in names:
+        shape = shapes[name]
+        t = F32 if is_norm(name) else types[name]
+        arrays = []
+        for dtype, count in parts(t, math.prod(shape), types["group_size"]):
+            off += -off % align
+            size = np.dtype(dtype).itemsize * count
+            if off + size > len(data):
+                raise FormatError(f"weights end inside {name}")
+            arrays.append(np.frombuffer(data, dtype, count, off))
+            off += size
+        if t == F32:
+            tensors[name] = arrays[0].reshape(shape)
         else:
-            layout.append((name, shape, off, None))
-            off += 4 * n
-    return layout, off
-
-
-def _dequantize(data, values: int, scales: int, shape: tuple[int, ...], group_size: int) -> np.ndarray:
-    """A q8_0 tensor as float32: int8 values at offset `values`, one float32 scale per group at `scales`."""
-    n = int(np.prod(shape))
-    q = np.frombuffer(data, np.int8, n, values).astype(np.float32)
-    s = np.frombuffer(data, "<f4", n // group_size, scales)
-    return (q.reshape(-1, group_size) * s[:, None]).reshape(shape)
+            gs = types["group_size"] if t == Q8_0 else Q4_BLOCK
+            tensors[name] = QuantizedTensor(t, shape, arrays[0], arrays[1], arrays[2] if t == Q4_1 else None, gs)
+    return tensors, off
 
 
 def _decode_tokenizer(buf: memoryview) -> Tokenizer:
@@ -529,7 +729,8 @@ LLAMA2C_V1_ORDER = ["rms_att", "rms_ffn", "rms_final", "tok_embeddings", "wq", "
 class Llama2cHeader:
     """What a llama2.c checkpoint's header says, checked to describe a loadable model."""
 
-    config: Config  # llama2.c's fixed theta 1e4, eps 1e-5, bos 1, eos 2; v2: Q8_0 and its group size
+    config: Config  # llama2.c's fixed theta 1e4, eps 1e-5, bos 1, eos 2
+    types: dict[str, int]  # as tensor_types() gives them: every matrix f32, or (v2) q8_0 and its group size
     version: int  # 0 legacy (fp32, embeddings first), 1 fp32 (norms first), 2 int8 groups (norms first)
     size: int  # header bytes before the first tensor
 
@@ -546,8 +747,8 @@ class Llama2cHeader:
                 off += 4 * c.seq_len * c.head_dim
                 continue
             tensors.append((name, shapes[name], off))
-            n = int(np.prod(shapes[name]))
-            off += n + 4 * (n // c.group_size) if is_quantized(c, name) else 4 * n  # no padding
+            weight_type = F32 if is_norm(name) else self.types[name]
+            off += matrix_bytes(weight_type, math.prod(shapes[name]), self.types["group_size"])  # no padding
         return tensors, off
 
 
@@ -579,22 +780,18 @@ def read_llama2c_header(data: bytes | memoryview) -> Llama2cHeader:
     if version == 2 and (gs <= 0 or dim % gs or hid % gs):
         raise FormatError(f"llama2.c v2 checkpoint has invalid group size {gs}")
     config = Config(dim=dim, hidden_dim=hid, n_layers=L, n_heads=nh, n_kv_heads=nkv, vocab_size=V, seq_len=T,
-                    rope_theta=10000.0, norm_eps=1e-5, shared_classifier=shared,
-                    weight_type=Q8_0 if version == 2 else F32, group_size=gs, bos_id=1, eos_id=2)
-    return Llama2cHeader(config, version, size)
+                    rope_theta=10000.0, norm_eps=1e-5, shared_classifier=shared, bos_id=1, eos_id=2)
+    types = {"group_size": gs} | dict.fromkeys(MATRICES, Q8_0 if version == 2 else F32)
+    return Llama2cHeader(config, types, version, size)
 
 
 def _read_llama2c(data: memoryview) -> Checkpoint:
     """llama2.c v0 (legacy, 28-byte header) and v1/v2 (256-byte header, magic "ak42")."""
     h = read_llama2c_header(data)
-    c = h.config
     tensors = {}
-    for name, shape, off in h.layout()[0]:
-        if is_quantized(c, name):  # llama2.c's scales follow the int8 values without padding
-            tensors[name] = _dequantize(data, off, off + int(np.prod(shape)), shape, c.group_size)
-        else:
-            tensors[name] = np.frombuffer(data, "<f4", int(np.prod(shape)), off).reshape(shape)
-    return Checkpoint(c, tensors, None, ChatTemplate())
+    for name, _, off in h.layout()[0]:  # llama2.c's q8_0 scales follow their int8 values without padding
+        tensors.update(_read_tensors(data, h.config, h.types, off, 1, [name])[0])
+    return Checkpoint(h.config, tensors, None, ChatTemplate())
 
 
 def llama2c_piece_type(i: int, piece: bytes) -> int:

@@ -145,7 +145,7 @@ class Model:
             dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
             vocab_size=c.vocab_size, seq_len=self._lib.kvc_context(self._seq), head_dim=c.head_dim,
             rope_theta=c.rope_theta, norm_eps=c.norm_eps, shared_classifier=bool(c.shared_classifier),
-            weight_type=c.weight_type, group_size=c.group_size, bos_id=c.bos_id, eos_id=c.eos_id,
+            bos_id=c.bos_id, eos_id=c.eos_id,
         )
         self.has_tokenizer = bool(self._lib.kvc_has_tokenizer(self._m))
         self.end_of_turn = self._lib.kvc_end_of_turn(self._m)

@@ -1,6 +1,7 @@
 """A small, readable PyTorch Llama: the reference every C result is checked against.
 
-It loads the same files the C engine loads (via kvc.format) and computes in float32 by default.
+It loads the same files the C engine loads (via kvc.format), runs quantized weights dequantized
+exactly as run.c dequantizes them (kvc.format.as_float), and computes in float32 by default.
 `forward(tokens, pos)` uses and fills a KV cache shaped like the C one, (n_layers, seq_len, kv_dim);
 `forward_full(tokens)` recomputes everything from scratch with no cache. The two must agree.
 With cache types (kvc.kvtypes), keys and values pass through the same rounding run.c's cache applies,
@@ -13,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from .format import Checkpoint, Config, read_model
+from .format import Checkpoint, Config, as_float, read_model
 from .kvtypes import default_rotate, query_as_read, stored
 
 
@@ -39,7 +40,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 class Llama:
-    """Llama forward pass over a kvc Checkpoint's float32 weights."""
+    """Llama forward pass over a kvc Checkpoint's weights, as float32 values."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, cache_type_k: str = "f32",
                  cache_type_v: str = "f32", cache_rotate: bool | None = None):
@@ -47,7 +48,7 @@ class Llama:
         self.dtype = dtype
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.cache_rotate = default_rotate(cache_type_k, cache_type_v) if cache_rotate is None else cache_rotate
-        self.w = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in checkpoint.tensors.items()}
+        self.w = {k: torch.from_numpy(np.array(as_float(v))).to(dtype) for k, v in checkpoint.tensors.items()}
         if "wcls" not in self.w:
             self.w["wcls"] = self.w["tok_embeddings"]
         c = self.config

@@ -31,8 +31,8 @@ RUN_ASAN = ROOT / "run_asan"
 # small: the whole file is ~60 KB, so a sweep of ~100 truncations stays fast
 CFG = dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
 FIELDS = ("magic version dim hidden_dim n_layers n_heads n_kv_heads head_dim vocab_size seq_len rope_theta "
-          "norm_eps shared_classifier weight_type group_size bos_id eos_id reserved tokenizer_offset "
-          "tokenizer_size template_offset template_size weights_offset weights_size").split()
+          "norm_eps shared_classifier bos_id eos_id reserved tokenizer_offset tokenizer_size template_offset "
+          "template_size weights_offset weights_size group_size").split() + [f"type_{m}" for m in fmt.MATRICES]
 assert len(FIELDS) == len(fmt.HEADER.unpack(bytes(fmt.HEADER.size)))
 
 
@@ -178,6 +178,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     # q8_0 kvc
     out["q8"] = d / "q8.bin"
     write_random_model(out["q8"], seed=3, weight_type=fmt.Q8_0, group_size=16, **CFG)
+    # q4_1 layers, q8_0 embeddings and an f32 w2: every weight type in one file
+    out["q4"] = d / "q4.bin"
+    qcfg = fmt.Config(**CFG)
+    qt = random_tensors(qcfg, 8)
+    mixed = fmt.quantize_model(qt, fmt.Q4_1) | {"tok_embeddings": fmt.quantize(qt["tok_embeddings"], fmt.Q8_0, 32),
+                                                 "w2": qt["w2"], "wq": fmt.quantize(qt["wq"], fmt.Q4_0)}
+    fmt.write_model(out["q4"], qcfg, mixed, byte_tokenizer(qcfg.vocab_size))
     # llama2.c v0 (shared and unshared classifier), v1, v2 and their tokenizer.bin; v0/v1 are MHA there
     lcfg = fmt.Config(**dict(CFG, n_kv_heads=4))
     lt = random_tensors(lcfg, 4)
@@ -198,7 +205,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def test_good_files_load(files):
     """The untouched files all work, so each broken variant below fails for its one defect."""
-    for key in ("kvc", "bpe", "q8"):
+    for key in ("kvc", "bpe", "q8", "q4"):
         proc = run_cli(files[key], "-n", "3", "-t", "0", "-i", "the thin")
         assert proc.returncode == 0, (key, proc.stderr)
     for key in ("v0", "v0u", "v1", "v2"):
@@ -261,10 +268,10 @@ def truncation_offsets(size: int, extra=()) -> list[int]:
 def truncated(files, tmp_path_factory) -> list[tuple[str, Path, Path | None]]:
     d = tmp_path_factory.mktemp("truncated")
     cases = []
-    for key in ("kvc", "bpe", "q8", "v0", "v0u", "v1", "v2"):
+    for key in ("kvc", "bpe", "q8", "q4", "v0", "v0u", "v1", "v2"):
         data = files[key].read_bytes()
         extra = ()
-        if key in ("kvc", "bpe", "q8"):
+        if key in ("kvc", "bpe", "q8", "q4"):
             h = header(files[key])
             extra = [h[f] + k for f in ("tokenizer_offset", "template_offset", "weights_offset") for k in (0, 1, 12)]
             extra += [h["tokenizer_offset"] + h["tokenizer_size"] - 1, h["template_offset"] + h["template_size"] - 1]
@@ -343,7 +350,8 @@ def test_garbage_python(garbage):
 NAN = float("nan")
 BIG = 2**31 - 1
 HEADER_CASES = {
-    "version0": dict(version=0), "version2": dict(version=2), "version_max": dict(version=2**32 - 1),
+    "version0": dict(version=0), "version1": dict(version=1), "version3": dict(version=3),
+    "version_max": dict(version=2**32 - 1),
     "dim0": dict(dim=0), "dim_neg": dict(dim=-32), "dim_huge": dict(dim=BIG), "dim_64": dict(dim=64),
     "hidden0": dict(hidden_dim=0), "hidden_neg": dict(hidden_dim=-1), "hidden_huge": dict(hidden_dim=BIG),
     "layers0": dict(n_layers=0), "layers_neg": dict(n_layers=-2), "layers_huge": dict(n_layers=BIG),
@@ -361,9 +369,13 @@ HEADER_CASES = {
     "eps_nan": dict(norm_eps=NAN), "eps_neg": dict(norm_eps=-1e-5), "eps0": dict(norm_eps=0.0),
     "eps_inf": dict(norm_eps=math.inf),
     "unshared_without_wcls": dict(shared_classifier=0),
-    "wtype2": dict(weight_type=2), "wtype_neg": dict(weight_type=-1), "wtype_q8_gs0": dict(weight_type=1),
-    "wtype_q8_gs7": dict(weight_type=1, group_size=7), "wtype_q8_gs_neg": dict(weight_type=1, group_size=-16),
-    "wtype_q8_gs16_f32_data": dict(weight_type=1, group_size=16),
+    "wtype4": dict(type_wq=4), "wtype_neg": dict(type_w1=-1), "wtype_max": dict(type_tok_embeddings=2**31 - 1),
+    "wtype_q8_gs0": dict(type_wq=1), "wtype_q8_gs7": dict(type_wq=1, group_size=7),
+    "wtype_q8_gs_neg": dict(type_wq=1, group_size=-16), "wtype_q8_gs_huge": dict(type_wq=1, group_size=2**20),
+    "wtype_q8_gs16_f32_data": dict(type_wq=1, group_size=16), "wtype_q4_0_f32_data": dict(type_w2=2),
+    "wtype_q4_1_f32_data": dict(type_wo=3), "gs_without_q8": dict(group_size=32),
+    "q8_gs16_beside_q4": dict(type_wq=1, type_wk=2, group_size=16),
+    "shared_classifier_type": dict(type_wcls=1), "unshared_wcls_type": dict(shared_classifier=0, type_wcls=7),
     "bos_eq_vocab": dict(bos_id=300), "bos_neg2": dict(bos_id=-2), "bos_huge": dict(bos_id=BIG),
     "eos_eq_vocab": dict(eos_id=300), "eos_neg2": dict(eos_id=-2), "eos_intmin": dict(eos_id=-2**31),
     "tok_off_past_end": dict(tokenizer_offset=10**7), "tok_size_past_end": dict(tokenizer_size=10**7),
@@ -408,13 +420,39 @@ def test_header_python(header_cases):
 def test_header_messages(header_cases):
     """The message names what is wrong."""
     by_name = {n: p for n, p, _ in header_cases}
-    expect = {"version2": "version", "dim0": "dim", "heads_not_multiple": "multiple", "head_dim_odd": "head_dim",
-              "theta_nan": "rope_theta", "eps_neg": "norm_eps", "wtype2": "weight type", "bos_eq_vocab": "bos",
+    expect = {"version1": "version", "dim0": "dim", "heads_not_multiple": "multiple", "head_dim_odd": "head_dim",
+              "theta_nan": "rope_theta", "eps_neg": "norm_eps", "wtype4": "weight type", "bos_eq_vocab": "bos",
+              "wtype_q8_gs7": "group_size", "gs_without_q8": "group_size", "q8_gs16_beside_q4": "mixed",
+              "shared_classifier_type": "classifier", "wtype_q4_0_f32_data": "weights",
               "tok_off_2_63": "tokenizer", "w_size_max": "weights", "tmpl_off_2_63": "chat template",
               "seq_huge": "seq_len", "w_off_misaligned": "aligned"}
     for name, word in expect.items():
         err = assert_error(run_cli(by_name[name], "-n", "1", "-i", "hi"))
         assert word in err, (name, err)
+
+
+def test_q4_types_the_data_does_not_fit(files, tmp_path):
+    """A q4 type on rows that are not whole blocks of 32, or on data of another type (the weights
+    section's size then disagrees), or a short section: one line naming the problem from ./run, and
+    ValueError from kvc.Model and from the Python reader."""
+    odd = tmp_path / "rows48.bin"
+    write_random_model(odd, dim=48, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=16)
+    size = header(files["q4"])["weights_size"]
+    cases = {
+        "rows_not_blocks": (odd, dict(type_wq=fmt.Q4_0), "blocks of 32"),
+        "q4_1_as_q4_0": (files["q4"], dict(type_w1=fmt.Q4_0), "weights"),
+        "q4_0_as_q4_1": (files["q4"], dict(type_wq=fmt.Q4_1), "weights"),
+        "q4_1_as_q8_0": (files["q4"], dict(type_w3=fmt.Q8_0), "weights"),
+        "q4_section_short": (files["q4"], dict(weights_size=size - 64), "weights"),
+        "q4_section_long": (files["q4"], dict(weights_size=size + 64), "weights"),
+    }
+    for name, (src, change, word) in cases.items():
+        path = patched(src, tmp_path / f"{name}.bin", **change)
+        assert word in assert_error(run_cli(path, "-n", "1", "-i", "hi")), name
+        with pytest.raises(ValueError, match=word):
+            Model(path)
+        with pytest.raises(ValueError):
+            fmt.read_model(path)
 
 
 def test_weights_section_over_header(files, tmp_path):

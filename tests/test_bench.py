@@ -88,12 +88,17 @@ def test_child_prints_one_json_line(tiny):
 def test_weight_bytes_per_token():
     c = fmt.Config(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
     n_all = sum(int(np.prod(s)) for _, s in fmt.tensor_shapes(c))
-    assert traffic.weight_bytes_per_token(c) == 4 * n_all  # tied: the embedding table is the classifier
+    f32 = {"group_size": 0} | dict.fromkeys(fmt.MATRICES, fmt.F32)
+    assert traffic.weight_bytes_per_token(c, f32) == 4 * n_all  # tied: the embedding table is the classifier
     untied = fmt.Config(**{**c.__dict__, "shared_classifier": False})
-    assert traffic.weight_bytes_per_token(untied) == 4 * n_all + 4 * 64  # + classifier - table + one row
-    q = fmt.Config(**{**c.__dict__, "weight_type": fmt.Q8_0, "group_size": 32})
+    assert traffic.weight_bytes_per_token(untied, f32) == 4 * n_all + 4 * 64  # + classifier - table + one row
     n_norm = sum(int(np.prod(s)) for name, s in fmt.tensor_shapes(c) if fmt.is_norm(name))
-    assert traffic.weight_bytes_per_token(q) == 4 * n_norm + (n_all - n_norm) * (1 + 4 / 32)
+    q8 = {"group_size": 32} | dict.fromkeys(fmt.MATRICES, fmt.Q8_0)
+    assert traffic.weight_bytes_per_token(c, q8) == 4 * n_norm + (n_all - n_norm) * (1 + 4 / 32)
+    q4_1 = {**dict.fromkeys(fmt.MATRICES, fmt.Q4_1), "group_size": 32, "tok_embeddings": fmt.Q8_0, "wcls": fmt.Q8_0}
+    n_embed = 300 * 64
+    assert traffic.weight_bytes_per_token(c, q4_1) == \
+        4 * n_norm + n_embed * (1 + 4 / 32) + (n_all - n_norm - n_embed) * (0.5 + 4 / 32)
     assert traffic.kv_bytes_read(c, 0) == 2 * 2 * 1 * 32 * 4
 
 

@@ -22,9 +22,9 @@ from export.common import permute_hf_rope
 from export.tokenizers import bytes_to_unicode, read_sentencepiece
 from helpers import ROOT, byte_tokenizer, random_tensors, write_llama2c, write_tokenizer_bin
 from kvc.format import (
-    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, LLAMA2C_MAGIC, NORMAL,
-    PRETOK_SMOLLM, TOK_BYTE_BPE, UNKNOWN, ChatTemplate, Checkpoint, Config, quantize_q8_0, read_llama2c_header,
-    read_model, tensor_shapes, write_model,
+    BYTE, CHAT_CHATML, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, LLAMA2C_MAGIC, MATRICES, NORMAL,
+    PRETOK_SMOLLM, Q8_0, TOK_BYTE_BPE, UNKNOWN, ChatTemplate, Checkpoint, Config, quantize_q8_0, read_llama2c_header,
+    as_float, read_model, tensor_shapes, write_model,
 )
 from kvc.reference import Llama
 
@@ -225,7 +225,7 @@ def test_q8_0_export(tmp_path):
     out = tmp_path / "q.bin"
     export_model(src, out, dtype="q8_0", group_size=32)
     ck = read_model(out)
-    assert ck.config.weight_type == 1 and ck.config.group_size == 32
+    assert all(ck.tensors[m].type == Q8_0 and ck.tensors[m].group_size == 32 for m in MATRICES if m in ck.tensors)
     got = Llama(ck).forward_full(TOKENS)
     print(f"q8_0 gs32: max |logit diff| vs transformers fp32 = {max_diff(got, ref):.3f}, "
           f"top-1 agreement {np.mean(got.argmax(-1) == ref.argmax(-1)):.2f}")
@@ -383,8 +383,8 @@ def test_llama2c(tmp_path, version, shared):
     if version == 2:  # the source holds q8_0 weights: export must reproduce their dequantized values
         expect = {n: a if n.startswith("rms") else (lambda q, s: (q.reshape(-1, 32).astype(np.float32) * s[:, None])
                   .reshape(a.shape))(*quantize_q8_0(a, 32)) for n, a in t.items()}
-    for name, _ in tensor_shapes(c):
-        assert np.array_equal(ck.tensors[name], expect[name]), name
+    for name, _ in tensor_shapes(c):  # v2's q8_0 matrices stay q8_0
+        assert np.array_equal(as_float(ck.tensors[name]), expect[name]), name
     d = max_diff(Llama(ck).forward_full(TOKENS), Llama(Checkpoint(c, expect, None, ChatTemplate())).forward_full(TOKENS))
     assert d == 0.0
     tok = ck.tokenizer
@@ -850,7 +850,8 @@ def test_error_kvc_source_with_bad_header(tmp_path, capsys):
     data = bytearray((tmp_path / "m.bin").read_bytes())
     fields = [n for n, _ in HEADER_FIELDS]
     for field, value, word in (("config.n_heads", 0, "n_heads"), ("config.n_layers", 1000, "weights"),
-                               ("config.dim", -64, "dim"), ("config.weight_type", 7, "weight type")):
+                               ("config.dim", -64, "dim"), ("types.wq", 7, "weight type"),
+                               ("types.group_size", 16, "group_size")):
         values = list(HEADER.unpack_from(data, 0))
         values[fields.index(field)] = value
         bad = tmp_path / f"bad-{field}.bin"

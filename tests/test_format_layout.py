@@ -22,7 +22,8 @@ TYPES = {"4s": "char[4]", "I": "uint32", "i": "int32", "f": "float32", "Q": "uin
 C_TYPES = {"char[4]": "char[4]", "uint32": "uint32_t", "int32": "int32_t", "float32": "float", "uint64": "uint64_t"}
 # the families of constants shared with run.c, by their C prefix
 ENUM_PREFIXES = ("WEIGHT_", "TOK_", "PRETOK_", "FLAG_", "PIECE_", "CHAT_")
-C_DEFINES = ("KVC_HEADER_BYTES", "KVC_VERSION", "LLAMA2C_MAGIC", "LLAMA2C_HEADER_BYTES", "LLAMA2C_LEGACY_HEADER_BYTES")
+C_DEFINES = ("KVC_HEADER_BYTES", "KVC_VERSION", "LLAMA2C_MAGIC", "LLAMA2C_HEADER_BYTES", "LLAMA2C_LEGACY_HEADER_BYTES",
+             "Q4_BLOCK")
 
 
 def header_offsets() -> dict[str, int]:
@@ -144,6 +145,7 @@ def test_constants_match_run_c(c_facts):
     assert c_facts["LLAMA2C_MAGIC"] == fmt.LLAMA2C_MAGIC
     assert c_facts["LLAMA2C_HEADER_BYTES"] == fmt.LLAMA2C_HEADER_BYTES
     assert c_facts["LLAMA2C_LEGACY_HEADER_BYTES"] == fmt.LLAMA2C_LEGACY_HEADER_BYTES
+    assert c_facts["Q4_BLOCK"] == fmt.Q4_BLOCK
     for name, value in python_constants().items():
         assert c_facts[name] == value, f"{name}: run.c {c_facts[name]}, format.py {value}"
 

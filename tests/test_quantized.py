@@ -60,12 +60,11 @@ def test_q8_cached_decode_equals_one_pass(tmp_path):
 
 
 def test_all_zero_group_does_not_divide_by_zero(tmp_path):
-    cfg = fmt.Config(dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=300, seq_len=16,
-                     weight_type=fmt.Q8_0, group_size=32)
+    cfg = fmt.Config(dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=300, seq_len=16)
     tensors = random_tensors(cfg, 1)
     tensors["wq"][0, :, :32] = 0  # a zero group in every row
     tensors["tok_embeddings"][5] = 0  # a zero embedding: zero activations, zero activation scales
-    fmt.write_model(tmp_path / "z.bin", cfg, tensors, byte_tokenizer(300))
+    fmt.write_model(tmp_path / "z.bin", cfg, fmt.quantize_model(tensors, fmt.Q8_0, 32), byte_tokenizer(300))
     logits = kvc.Model(tmp_path / "z.bin").forward([5, 6, 5])
     assert np.isfinite(logits).all()
 
@@ -77,7 +76,7 @@ def test_llama2c_v2_files_load(tmp_path, shared):
     tensors = random_tensors(cfg, 3)
     write_llama2c(tmp_path / "v2.bin", cfg, tensors, version=2, group_size=64)
     model = kvc.Model(tmp_path / "v2.bin")
-    assert model.config.weight_type == fmt.Q8_0 and model.config.group_size == 64
+    assert fmt.read_types(tmp_path / "v2.bin") == {"group_size": 64} | dict.fromkeys(fmt.MATRICES, fmt.Q8_0)
     tokens = TOKENS[:60]
     c = model.forward(tokens)
     ref = Llama.load(tmp_path / "v2.bin").forward_full(tokens)  # dequantized v2 weights

@@ -64,9 +64,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     tensors = random_tensors(cfg, 1)
     out["f32"] = d / "f32.bin"
     fmt.write_model(out["f32"], cfg, tensors, byte_tokenizer(cfg.vocab_size))
-    q8 = fmt.Config(**CFG, weight_type=fmt.Q8_0, group_size=16)
     out["q8_0"] = d / "q8_0.bin"
-    fmt.write_model(out["q8_0"], q8, tensors, byte_tokenizer(cfg.vocab_size))
+    fmt.write_model(out["q8_0"], cfg, fmt.quantize_model(tensors, fmt.Q8_0, 16), byte_tokenizer(cfg.vocab_size))
+    out["q4_1"] = d / "q4_1.bin"  # q4_1 layers beside q8_0 embeddings in groups of 32, as SmolLM2 ships
+    q4 = fmt.quantize_model(tensors, fmt.Q4_1) | {"tok_embeddings": fmt.quantize(tensors["tok_embeddings"], fmt.Q8_0, 32)}
+    fmt.write_model(out["q4_1"], cfg, q4, byte_tokenizer(cfg.vocab_size))
     out["llama2c"] = d / "v2.bin"
     l2c = fmt.Config(**dict(CFG, n_kv_heads=4))
     write_llama2c(out["llama2c"], l2c, random_tensors(l2c, 2), version=2, group_size=16)
@@ -101,7 +103,7 @@ def valgrind(exe: Path, *args, stdin: bytes = b"", log: Path) -> subprocess.Comp
     return proc
 
 
-@pytest.mark.parametrize("which", ["f32", "q8_0", "llama2c"])
+@pytest.mark.parametrize("which", ["f32", "q8_0", "q4_1", "llama2c"])
 def test_valgrind_generate(portable, models, which, tmp_path):
     tok = ["-z", models["tokenizer.bin"]] if which == "llama2c" else []
     proc = valgrind(portable, models[which], *tok, "-n", "12", "-t", "0.9", "-s", "7", "-j", "1", "-i", "hello world",

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ..format import WEIGHT_TYPES
+from ..format import describe_types, read_types
 from ..model import Model
 from .kvc_run import measure_decode, text_tokens
 from .rss import current_rss_mb, peak_rss_mb
@@ -79,7 +79,8 @@ def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, size
     rss_start = current_rss_mb()
     model = Model(path, threads=threads, **cache_options(cache))
     cfg = model.config
-    dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(cfg.weight_type, str(cfg.weight_type))
+    types = read_types(path)
+    dtype = describe_types(cfg, types)
     positions = clamp_positions(sizes.positions, sizes.steps, cfg.seq_len)
     end = max([used for _, used in positions], default=0) + sizes.steps
     toks = text_tokens(model, max(end, sizes.short_prompt + sizes.short_decode, 16))
@@ -88,7 +89,7 @@ def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, size
     for i in range(8):  # and a few single-token steps (overwritten by the measurement)
         model.prefill([toks[8 + i]], 8 + i)
     by_pos = measure_cache_by_position(model, positions, sizes.steps, toks)
-    wbytes = weight_bytes_per_token(cfg)
+    wbytes = weight_bytes_per_token(cfg, types)
     for row in by_pos:
         mid = row["pos"] + row["steps"] // 2
         kv = kv_bytes_read(cfg, mid, model.cache_type_k, model.cache_type_v)

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from ..format import WEIGHT_TYPES
+from ..format import describe_types, read_types
 from ..model import Model
 from .rss import current_rss_mb, peak_rss_mb
 from .timing import best_time, decode_record, throughput, time_by_position
@@ -71,8 +71,9 @@ def run_one(path: str | os.PathLike, threads: int | None, sizes: Sizes = FULL) -
     t_start = time.perf_counter()
     model = Model(path, seq_len=sizes.seq_len, threads=threads)
     cfg = model.config
-    dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(cfg.weight_type, str(cfg.weight_type))
-    wbytes = weight_bytes_per_token(cfg)
+    types = read_types(path)
+    dtype = describe_types(cfg, types)
+    wbytes = weight_bytes_per_token(cfg, types)
     toks = text_tokens(model, sizes.seq_len)
     measure_prefill(model, toks[:min(32, len(toks))], repeats=1)  # warm-up: page the weights in
     prefill = [measure_prefill(model, toks[:n], sizes.repeats) for n in sizes.prefill]

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ..format import WEIGHT_TYPES
+from ..format import describe_types, read_types
 from ..model import Model
 from .kvc_run import text_tokens
 from .rss import peak_rss_mb
@@ -76,7 +76,7 @@ def run_one_no_cache(path: str | os.PathLike, threads: int | None, sizes: CacheS
     """The cost curve of one model (default f32 cache), in this process."""
     t_start = time.perf_counter()
     model = Model(path, threads=threads, seq_len=sizes.no_cache_prompt + max(sizes.no_cache) + 1)
-    dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(model.config.weight_type, str(model.config.weight_type))
+    dtype = describe_types(model.config, read_types(path))
     toks = text_tokens(model, sizes.no_cache_prompt)
     step_times(model, toks, 4, use_cache=True)  # warm-up: page the weights in, run a few single-token steps
     curve = cost_curve(model, toks, sizes.no_cache)

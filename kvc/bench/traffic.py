@@ -3,31 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..format import Q8_0, Config, is_norm, tensor_shapes
+from ..format import F32, Config, is_norm, matrix_bytes, tensor_shapes
 
 
-def matrix_bytes(cfg: Config, n: int) -> int:
-    """Bytes of an n-element weight matrix in the model's weight type."""
-    if cfg.weight_type == Q8_0:
-        return n + 4 * (n // cfg.group_size)  # int8 values + one f32 scale per group
-    return 4 * n
-
-
-def weight_bytes_per_token(cfg: Config) -> int:
-    """Weight bytes one decode step reads: every layer matrix and norm, the classifier in full.
+def weight_bytes_per_token(cfg: Config, types: dict[str, int]) -> int:
+    """Weight bytes one decode step reads, each matrix in its type (`types` as format.read_types
+    gives them): every layer matrix and norm, the classifier in full.
 
     With a tied classifier the embedding table is read in full as the classifier (its one-row
     lookup is not counted again); an untied model reads one embedding row plus its classifier.
     """
     total = 0
     for name, shape in tensor_shapes(cfg):
-        n = int(np.prod(shape))
-        if is_norm(name):
-            total += 4 * n
-        elif name == "tok_embeddings" and not cfg.shared_classifier:
-            total += matrix_bytes(cfg, cfg.dim)
-        else:
-            total += matrix_bytes(cfg, n)
+        n = cfg.dim if name == "tok_embeddings" and not cfg.shared_classifier else int(np.prod(shape))
+        total += matrix_bytes(F32 if is_norm(name) else types[name], n, types["group_size"])
     return total
 
 
