@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvc.format import INT32_MAX, ChatTemplate, Config, QuantizedTensor, Tensor, Tokenizer, tensor_shapes
+from kvc.format import INT32_MAX, ChatTemplate, Config, QuantizedTensor, Tensor, Tokenizer, stack, tensor_shapes
 
 
 class ExportError(Exception):
@@ -45,11 +45,6 @@ def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=None, leave=False)
-
-
-def empty_tensors(config: Config) -> dict[str, np.ndarray]:
-    """Uninitialized float32 arrays for every tensor of `config`, filled in by the readers."""
-    return {name: np.empty(shape, dtype=np.float32) for name, shape in tensor_shapes(config)}
 
 
 def check_shape(name: str, arr, shape: tuple[int, ...]) -> None:
@@ -94,13 +89,15 @@ def slots(c: Config, top: dict[str, str], per_layer: dict[str, str]) -> Iterator
 
 
 def read_tensors(c: Config, top: dict[str, str], per_layer: dict[str, str],
-                 shape_of: Callable[[Slot], tuple[int, ...]], load: Callable[[Slot], np.ndarray],
-                 desc: str = "reading") -> dict[str, np.ndarray]:
-    """Every tensor of `c` as float32, from a source described by its names (see slots()).
+                 shape_of: Callable[[Slot], tuple[int, ...]], load: Callable[[Slot], Tensor],
+                 desc: str = "reading") -> dict[str, Tensor]:
+    """Every tensor of `c` from a source described by its names (see slots()).
 
     First every source tensor's shape is checked with `shape_of` (metadata only; it raises
     ExportError for a missing or non-float tensor), so a config the files do not back is one error
     line before anything is allocated; then each is read with `load` and checked for NaN/Inf.
+    `load` gives float arrays, written into one float32 array per tensor, or QuantizedTensors (all
+    the slots of a tensor in one type), stacked by layer.
     """
     full = dict(tensor_shapes(c))
 
@@ -109,15 +106,23 @@ def read_tensors(c: Config, top: dict[str, str], per_layer: dict[str, str],
 
     for s in slots(c, top, per_layer):
         check_shape(s.source, shape_of(s), expected(s))
-    t = empty_tensors(c)
+    t: dict[str, Tensor] = {}
+    quantized: dict[str, list[QuantizedTensor]] = {}
     n = sum(1 for name in top if name != "wcls" or not c.shared_classifier) + c.n_layers * len(per_layer)
     with progress_bar(n, desc) as bar:
         for s in slots(c, top, per_layer):
             a = load(s)
-            check_shape(s.source, a, expected(s))
+            check_shape(s.source, a.shape, expected(s))
             check_finite(s.source, a)
-            (t[s.name] if s.layer is None else t[s.name][s.layer])[...] = a
+            if isinstance(a, QuantizedTensor):
+                quantized.setdefault(s.name, []).append(a)
+            else:
+                if s.name not in t:
+                    t[s.name] = np.empty(full[s.name], dtype=np.float32)
+                (t[s.name] if s.layer is None else t[s.name][s.layer])[...] = a
             bar.update()
+    for name, parts in quantized.items():
+        t[name] = parts[0] if name in top else stack(parts)
     return t
 
 

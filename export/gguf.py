@@ -1,7 +1,10 @@
 """GGUF files (llama.cpp): llama architecture, any quantization the gguf package dequantizes.
 
-GGUF stores attn_q/attn_k rows already in the interleaved RoPE layout (llama.cpp's converter
-permutes HF weights on the way in), so no permutation happens here.
+Matrices in a type kvc runs (F32, Q8_0, Q4_0, Q4_1) are kept as stored, block for block; the
+float types (F16, BF16) become f32, and every other quantized type (K-quants, Q5_x, IQ...) is
+dequantized and stored as q8_0 in groups of 32, the nearest kvc type that loses nothing of note,
+with a warning naming the tensors. GGUF stores attn_q/attn_k rows already in the interleaved RoPE
+layout (llama.cpp's converter permutes HF weights on the way in), so no permutation happens here.
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ import numpy as np
 from kvc.format import (
     CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, FLAG_IGNORE_MERGES,
     FLAG_REMOVE_EXTRA_WHITESPACES,
-    NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_NONE, PRETOK_SMOLLM, TOK_BYTE_BPE, TOK_SENTENCEPIECE, UNKNOWN,
-    USER_DEFINED, Config, Tokenizer,
+    NORMAL, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_NONE, PRETOK_SMOLLM, Q4_0, Q4_1, Q4_BLOCK, Q8_0, TOK_BYTE_BPE,
+    TOK_SENTENCEPIECE, UNKNOWN, USER_DEFINED, Config, QuantizedTensor, Tensor, Tokenizer, is_norm,
+    quantize,
 )
 
-from .common import ExportError, Slot, SourceModel, check_float, positive_int, positive_number, read_tensors, token_id
+from .common import (
+    ExportError, Slot, SourceModel, check_float, positive_int, positive_number, read_tensors, slots, token_id, warn,
+)
 from .tokenizers import LLAMA3_REGEX, PRETOKENIZERS, byte_level_decode
 
 GGUF_MAGIC = b"GGUF"
@@ -37,6 +43,9 @@ LAYER_TENSORS = {
     "w3": "blk.{layer}.ffn_up.weight",
 }
 INT_TYPES = {"I8", "I16", "I32", "I64"}  # GGML tensor types that hold no float values
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}  # stored as f32
+NATIVE = {"Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1}  # GGML block types kvc runs as stored
+BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}  # fp16 d, (fp16 m,) the values
 
 
 def is_gguf(path: Path) -> bool:
@@ -131,6 +140,34 @@ def _tensor(t) -> np.ndarray:
     if a.size != math.prod(shape):
         raise ExportError(f"tensor {t.name}: {a.size} values for shape {shape}")
     return a.reshape(shape)
+
+
+def _blocks(t) -> QuantizedTensor:
+    """A GGUF tensor of a NATIVE type as kvc stores it: its blocks' values and scales (and mins) split
+    into arrays, nothing recomputed (Q8_0's fp16 scales become float32, exactly)."""
+    shape, kind = _shape(t), t.tensor_type.name
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1)
+    if blocks.size != math.prod(shape) // Q4_BLOCK * BLOCK_BYTES[kind]:
+        raise ExportError(f"tensor {t.name}: {blocks.size} bytes of {kind} blocks for shape {shape}")
+    blocks = blocks.reshape(-1, BLOCK_BYTES[kind])
+    d = blocks[:, :2].copy().view(np.float16).reshape(-1)
+    if kind == "Q8_0":
+        return QuantizedTensor(Q8_0, shape, blocks[:, 2:].copy().view(np.int8).reshape(-1), d.astype(np.float32),
+                               None, Q4_BLOCK)
+    if kind == "Q4_0":
+        return QuantizedTensor(Q4_0, shape, blocks[:, 2:].reshape(-1).copy(), d)
+    return QuantizedTensor(Q4_1, shape, blocks[:, 4:].reshape(-1).copy(), d, blocks[:, 2:4].copy().view(np.float16).reshape(-1))
+
+
+def _stored_types(c: Config, tensors: dict) -> dict[str, str]:
+    """Each kvc matrix's source type: the GGUF type all its tensors share, "F32" when they are all
+    of float types, else their types joined by "+"."""
+    kinds: dict[str, set[str]] = {}
+    for s in slots(c, TOP_TENSORS, LAYER_TENSORS):
+        if not is_norm(s.name):
+            kinds.setdefault(s.name, set()).add(tensors[s.source].tensor_type.name)
+    return {name: k.pop() if len(k) == 1 else "F32" if k <= FLOAT_TYPES else "+".join(sorted(k))
+            for name, k in kinds.items()}
 
 
 def _bos_flag(meta: _Meta, kind: str, pretokenizer: int = PRETOK_NONE) -> int:
@@ -253,7 +290,8 @@ def read_config(meta: _Meta, tensors: dict) -> Config:
 
 
 def read_gguf(path: Path, with_tokenizer: bool = True) -> SourceModel:
-    """Read a llama-architecture GGUF file, dequantizing every tensor to float32."""
+    """Read a llama-architecture GGUF file: matrices of a NATIVE type as stored, the rest as float32
+    and then (quantized sources) as q8_0 in groups of 32, which a warning names."""
     reader = _open(path)
     meta = _Meta(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -264,7 +302,20 @@ def read_gguf(path: Path, with_tokenizer: bool = True) -> SourceModel:
             raise ExportError(f"missing tensor {s.source}")
         return _shape(tensors[s.source])
 
-    t = read_tensors(c, TOP_TENSORS, LAYER_TENSORS, shape_of, lambda s: _tensor(tensors[s.source]), "dequantizing")
+    for s in slots(c, TOP_TENSORS, LAYER_TENSORS):
+        shape_of(s)  # a missing tensor is named before anything else is said about the types
+    stored = _stored_types(c, tensors)
+
+    def load(s: Slot) -> Tensor:
+        t = tensors[s.source]
+        return _blocks(t) if stored.get(s.name) in NATIVE else _tensor(t)
+
+    t = read_tensors(c, TOP_TENSORS, LAYER_TENSORS, shape_of, load, "reading")
+    converted = sorted(name for name, kind in stored.items() if kind not in NATIVE and kind not in FLOAT_TYPES)
+    if converted:
+        warn(f"no kvc kernel for {', '.join(f'{name} ({stored[name]})' for name in converted)}: stored as q8_0")
+    for name in converted:
+        t[name] = quantize(t[name], Q8_0, Q4_BLOCK)
     has_tokens = "tokenizer.ggml.tokens" in meta.fields
     tok = read_tokenizer(meta) if with_tokenizer and has_tokens else None
     return SourceModel(c, t, tok, jinja=meta.get("tokenizer.chat_template", "string"))

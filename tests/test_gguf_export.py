@@ -14,9 +14,11 @@ from export.__main__ import main
 from export.gguf import hf_tokenizer_json
 from export.tokenizers import bytes_to_unicode
 from kvc.format import (
-    BYTE, CHAT_CHATML, CHAT_NONE, CONTROL, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, NORMAL, PRETOK_SMOLLM,
-    TOK_BYTE_BPE, TOK_SENTENCEPIECE, ChatTemplate, Checkpoint, Config, read_model, tensor_shapes,
+    BYTE, CHAT_CHATML, CHAT_NONE, CONTROL, F32, FLAG_ADD_BOS, FLAG_ADD_DUMMY_PREFIX, FLAG_BYTE_FALLBACK, MATRICES,
+    NORMAL, PRETOK_SMOLLM, Q8_0, TOK_BYTE_BPE, TOK_SENTENCEPIECE, ChatTemplate, Checkpoint, Config, as_float, read_model,
+    read_types, tensor_shapes,
 )
+from kvc import format as fmt
 from kvc.reference import Llama
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -108,11 +110,13 @@ def small_vocab(kind: str) -> tuple[list[str], list[int], list[str], list[float]
 
 def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", drop: str | None = None, seed: int = 0,
                      pre: str = "smollm", add_bos: bool | None = None, meta: dict | None = None,
-                     replace: dict[str, np.ndarray] | None = None) -> tuple[Config, dict[str, np.ndarray]]:
-    """A random llama GGUF (f32 norms, Q8_0 token_embd, f32 or f16 matrices); returns the tensors it
-    holds, as dequantized float32 in kvc names. `pre` is the gpt2 pre-tokenizer; `add_bos` None
-    leaves tokenizer.ggml.add_bos_token out; `meta` ({key: (value, GGUFValueType)}) sets metadata
-    last, over what was there; `replace` ({GGUF name: array}) stores those arrays as they are."""
+                     replace: dict[str, np.ndarray] | None = None,
+                     layer_types: tuple[str, ...] = ("f32", "f16")) -> tuple[Config, dict[str, np.ndarray]]:
+    """A random llama GGUF (f32 norms, Q8_0 token_embd, layer l's matrices of layer_types[l]: f32,
+    f16 or a GGML block type gguf quantizes); returns the tensors it holds, as dequantized float32
+    in kvc names. `pre` is the gpt2 pre-tokenizer; `add_bos` None leaves tokenizer.ggml.add_bos_token
+    out; `meta` ({key: (value, GGUFValueType)}) sets metadata last, over what was there; `replace`
+    ({GGUF name: array}) stores those arrays as they are."""
     tokens, types, merges, scores = small_vocab(kind)
     c = Config(**{**SMALL.__dict__, "vocab_size": len(tokens), "shared_classifier": tied})
     rng = np.random.default_rng(seed)
@@ -153,15 +157,16 @@ def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", 
         if name in (replace or {}):
             w.add_tensor(name, replace[name])
             return a
-        if quant == "q8_0":
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            return gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)
         if quant == "f16":
             w.add_tensor(name, a.astype(np.float16))
             return a.astype(np.float16).astype(np.float32)
-        w.add_tensor(name, a)
-        return a
+        if quant == "f32":
+            w.add_tensor(name, a)
+            return a
+        gtype = gguf.GGMLQuantizationType[quant.upper()]
+        q = gguf.quants.quantize(a, gtype)
+        w.add_tensor(name, q, raw_dtype=gtype)
+        return gguf.quants.dequantize(q, gtype).reshape(a.shape)
 
     t["tok_embeddings"] = add("token_embd.weight", t["tok_embeddings"], "q8_0")
     t["rms_final"] = add("output_norm.weight", t["rms_final"], "f32")
@@ -169,13 +174,37 @@ def write_small_gguf(path: Path, kind: str, tied: bool, *, arch: str = "llama", 
         t["wcls"] = add("output.weight", t["wcls"], "f16")
     for kname, gname in GGUF_NAMES.items():
         for l in range(c.n_layers):
-            quant = "f32" if kname.startswith("rms") else ("f16" if l else "f32")
+            quant = "f32" if kname.startswith("rms") else layer_types[l]
             t[kname][l] = add(f"blk.{l}.{gname}.weight", t[kname][l], quant)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return c, t
+
+
+@pytest.mark.parametrize("layer_types,kept", [(("q4_0", "q4_0"), fmt.Q4_0), (("q4_1", "q4_1"), fmt.Q4_1),
+                                              (("q4_1", "q5_0"), None), (("q5_0", "q5_0"), None)])
+def test_gguf_block_types(tmp_path, capsys, layer_types, kept):
+    """Q4_0 and Q4_1 matrices export as they are stored, block for block (their values unchanged);
+    a type kvc has no kernel for (Q5_0 here), or types that differ from layer to layer, become q8_0
+    in groups of 32, which a warning names; --dtype converts everything."""
+    src, out = tmp_path / "m.gguf", tmp_path / "m.bin"
+    c, t = write_small_gguf(src, "gpt2", True, layer_types=layer_types)
+    assert main([str(src), str(out)]) == 0
+    err = capsys.readouterr().err
+    ck = read_model(out)
+    types = read_types(out)
+    for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+        if kept is not None:
+            assert types[name] == kept and np.array_equal(as_float(ck.tensors[name]), t[name]), name
+        else:
+            assert types[name] == Q8_0 and ck.tensors[name].group_size == 32, name
+            assert name in err and "q8_0" in err
+    if kept is not None:
+        assert "warning" not in err
+    assert main([str(src), str(out), "--dtype", "q4_1"]) == 0
+    assert set(read_types(out).values()) == {fmt.Q4_1, 0}  # group_size 0: no q8_0 left
 
 
 @pytest.mark.parametrize("kind,tied", [("gpt2", True), ("gpt2", False), ("llama", False)])
@@ -186,7 +215,10 @@ def test_small_gguf(tmp_path, kind, tied):
     ck = read_model(out)
     assert (ck.config.n_kv_heads, ck.config.head_dim, ck.config.rope_theta, ck.config.shared_classifier) == (2, 16, 1e5, tied)
     for name, _ in tensor_shapes(c):
-        assert np.array_equal(ck.tensors[name], t[name]), name  # no permutation: GGUF is interleaved already
+        assert np.array_equal(as_float(ck.tensors[name]), t[name]), name  # no permutation: GGUF is interleaved already
+    # Q8_0 kept as stored (its blocks, not requantized), F16 and F32 as f32
+    assert read_types(out) == {"group_size": 32, **dict.fromkeys(MATRICES, F32), "tok_embeddings": Q8_0,
+                               **({"wcls": Q8_0} if tied else {})}
     tokens = [0, 5, 17, 3, 99, 42, 7, 250, 1, 64]
     d = np.abs(Llama(ck).forward_full(tokens) - Llama(Checkpoint(c, t, None, ChatTemplate())).forward_full(tokens)).max()
     assert d == 0.0
