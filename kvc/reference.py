@@ -14,12 +14,21 @@ import os
 import numpy as np
 import torch
 
-from .format import Checkpoint, Config, as_float, read_model
+from .format import Checkpoint, Config, QuantizedTensor, as_float, read_model
 from .kvtypes import default_rotate, query_as_read, stored
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def int8_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as run.c's int8 kernels take a matmul input: per `group` values of a row, scale max|x| / 127
+    and each value rounded to a multiple of it (ties to even; an all-zero group stays zero)."""
+    g = x.reshape(-1, group)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(g * inverse) * scale).reshape(x.shape)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -40,12 +49,19 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 class Llama:
-    """Llama forward pass over a kvc Checkpoint's weights, as float32 values."""
+    """Llama forward pass over a kvc Checkpoint's weights, as float32 values.
+
+    With int8_inputs, the input of each quantized matrix is first rounded to int8 as run.c's kernels
+    round it (int8_rows, in the matrix's groups), so that only float rounding separates the two.
+    """
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, cache_type_k: str = "f32",
-                 cache_type_v: str = "f32", cache_rotate: bool | None = None):
+                 cache_type_v: str = "f32", cache_rotate: bool | None = None, int8_inputs: bool = False):
         self.config: Config = checkpoint.config
         self.dtype = dtype
+        stored = {"wcls": checkpoint.tensors["tok_embeddings"], **checkpoint.tensors}  # shared: tok_embeddings
+        self.input_groups = {name: t.group_size for name, t in stored.items()  # of each quantized matrix
+                             if int8_inputs and isinstance(t, QuantizedTensor)}
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.cache_rotate = default_rotate(cache_type_k, cache_type_v) if cache_rotate is None else cache_rotate
         self.w = {k: torch.from_numpy(np.array(as_float(v))).to(dtype) for k, v in checkpoint.tensors.items()}
@@ -70,6 +86,13 @@ class Llama:
         scores = scores.masked_fill(mask[None], float("-inf"))
         return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)
 
+    def _matmul(self, x: torch.Tensor, name: str, layer: int | None = None) -> torch.Tensor:
+        """x W^T for matrix `name` (one layer's), x rounded first as run.c does when asked (int8_inputs)."""
+        w = self.w[name] if layer is None else self.w[name][layer]
+        if name in self.input_groups:
+            x = int8_rows(x, self.input_groups[name])
+        return x @ w.T
+
     def _layers(self, tokens: list[int], pos: int, kv_source) -> torch.Tensor:
         c, w = self.config, self.w
         T = len(tokens)
@@ -77,19 +100,19 @@ class Llama:
         x = w["tok_embeddings"][torch.tensor(tokens, dtype=torch.long)]
         for l in range(c.n_layers):
             h = rms_norm(x, w["rms_att"][l], c.norm_eps)
-            q = rope((h @ w["wq"][l].T).view(T, c.n_heads, c.head_dim), positions, c.rope_theta)
-            k = rope((h @ w["wk"][l].T).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
-            v = (h @ w["wv"][l].T).view(T, c.n_kv_heads, c.head_dim)
+            q = rope(self._matmul(h, "wq", l).view(T, c.n_heads, c.head_dim), positions, c.rope_theta)
+            k = rope(self._matmul(h, "wk", l).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
+            v = self._matmul(h, "wv", l).view(T, c.n_kv_heads, c.head_dim)
             q = query_as_read(q, self.cache_type_k, self.cache_rotate).to(self.dtype)  # int8 keys: an int8 query
             k = stored(k, self.cache_type_k, self.cache_rotate).to(self.dtype)  # what the cache gives back
             v = stored(v, self.cache_type_v, self.cache_rotate).to(self.dtype)
             keys, values = kv_source(l, k, v)
             att = self.attention(q, keys, values, positions).reshape(T, c.q_dim)
-            x = x + att @ w["wo"][l].T
+            x = x + self._matmul(att, "wo", l)
             h = rms_norm(x, w["rms_ffn"][l], c.norm_eps)
-            x = x + (torch.nn.functional.silu(h @ w["w1"][l].T) * (h @ w["w3"][l].T)) @ w["w2"][l].T
+            x = x + self._matmul(torch.nn.functional.silu(self._matmul(h, "w1", l)) * self._matmul(h, "w3", l), "w2", l)
         x = rms_norm(x, w["rms_final"], c.norm_eps)
-        return x @ w["wcls"].T
+        return self._matmul(x, "wcls")
 
     @torch.no_grad()
     def forward(self, tokens: list[int], pos: int = 0) -> np.ndarray:
