@@ -194,3 +194,19 @@ def test_cache_children_tables_and_plot(tiny32, tmp_path):
     json.dumps(results)
     assert plot_cache(results, tmp_path / "c.png") is None
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kv_quality_part(tiny32):
+    """The kv-quality part scores every cache setup against the f32 cache into results and a table,
+    and says why when it cannot run (no f32 model)."""
+    from kvc.bench.suite import Plan, run_bench
+    from kvc.bench.workload import QUICK, QUICK_CACHE
+    plan = Plan(models={"f32": tiny32}, threads=[1], sizes=QUICK, mode="test", llama=False, parts=("kv-quality",),
+                cache_sizes=QUICK_CACHE, kv_quality_chunks=1, kv_quality_ctx=64)
+    results = run_bench(plan)
+    kq = results["kv_quality"]
+    assert kq["chunks"] == 1 and kq["ctx"] == 64 and len(kq["rows"]) == 9 and "runs" in results
+    assert kq["rows"][0]["mean_kl"] == 0 and all(r["mean_kl"] >= 0 for r in kq["rows"])
+    assert "KV cache quality against the f32 cache" in tables.markdown_tables(results)
+    plan.models = {"q8_0": tiny32}
+    assert "needs the f32 model" in run_bench(plan)["kv_quality"]["error"]

@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"what to run (default {','.join(PARTS)}): speed: tok/s, ms/token and RSS per weight type and"
                          " thread count; cache: each KV cache type's ms/token, RSS and memory as the cache fills;"
-                         " no-cache: generating with and without the cache")
+                         " no-cache: generating with and without the cache; kv-quality: perplexity and KL divergence"
+                         " of each KV cache type against the f32 cache (kvc.kvquality)")
     ap.add_argument("--cache-types", metavar="TYPES",
                     help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
                          + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
@@ -57,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--short-decode", metavar="PROMPT,N", help="short-context decode: prompt length, tokens")
     ap.add_argument("--no-cache-n", metavar="N,...", help="tokens generated with and without the cache, e.g. 32,64,128")
     ap.add_argument("--no-cache-prompt", type=int, help="prompt length before them")
+    ap.add_argument("--kv-quality-chunks", type=int, metavar="N",
+                    help="chunks of 2048 tokens the kv-quality part scores (default 8; --quick: 1)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-llama", nargs=2, metavar=("GGUF", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-cache", nargs=3, metavar=("MODEL", "THREADS", "CACHE"), help=argparse.SUPPRESS)
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                for d in dtypes}
     plan = Plan(models=models, threads=_ints(a.threads), sizes=sizes, mode="quick" if a.quick else "full",
                 gguf=Path(a.gguf) if a.gguf else None, llama=not a.no_llama, wait_idle=a.wait_idle,
-                timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs)
+                timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs,
+                kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8))
     results = run_bench(plan)
 
     out = Path(a.out)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     why_not = [f"no {name}: {why}" for name, why in pngs if why is not None]
     print(f"\nwrote {', '.join([str(out / 'results.json')] + wrote)}" + "".join(f" ({w})" for w in why_not),
           file=sys.stderr)
-    records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {})]
+    records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {}), results.get("kv_quality", {})]
     return 1 if any("error" in r for r in records) else 0
 
 

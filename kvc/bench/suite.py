@@ -1,7 +1,8 @@
 """The whole bench: the read-bandwidth roofline, every kvc configuration in a child process, Q8_0's
 quality against f32, and llama.cpp when it is installed (part "speed"); every KV cache type's decode
 latency and memory as the cache fills (part "cache"); the cost of generating without a cache (part
-"no-cache"); one results dict (results.json)."""
+"no-cache"); what each KV cache type costs in quality (part "kv-quality", kvc.kvquality on the f32
+model); one results dict (results.json)."""
 from __future__ import annotations
 
 import os
@@ -16,10 +17,11 @@ from .child import run_cache_child, run_child
 from .files import find_gguf
 from .llama import have_llama_cpp, llama_gguf
 from .logit_quality import quality
+from ..kvquality import DEFAULT_CTX, default_text, evaluate
 from .machine import machine_info, wait_for_quiet
 from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, CacheSizes, Sizes
 
-PARTS = ("speed", "cache", "no-cache")
+PARTS = ("speed", "cache", "no-cache", "kv-quality")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Plan:
     parts: tuple[str, ...] = PARTS  # which of PARTS to run
     cache_sizes: CacheSizes = field(default_factory=lambda: FULL_CACHE)
     cache_configs: dict[str, list[str]] = field(default_factory=lambda: dict(CACHE_CONFIGS))  # dtype -> caches
+    kv_quality_chunks: int = 8  # chunks the kv-quality part scores,
+    kv_quality_ctx: int = DEFAULT_CTX  # of this many tokens
 
 
 def _say(text: str) -> None:
@@ -126,6 +130,21 @@ def _cache_runs(plan: Plan, results: dict) -> None:
         results["no_cache"] = res
 
 
+def _kv_quality(plan: Plan, results: dict) -> None:
+    """Perplexity and KL divergence of every KV cache type against the f32 cache, on the f32 model
+    (results["kv_quality"]; see kvc.kvquality). Skipped, with the reason, without an f32 model."""
+    if "f32" not in plan.models:
+        results["kv_quality"] = {"error": "skipped: the kv-quality part needs the f32 model (--dtypes f32,...)"}
+        return
+    _settle(plan)
+    _say(f"KV cache quality: {plan.kv_quality_chunks} chunks of {plan.kv_quality_ctx} tokens...")
+    try:
+        results["kv_quality"] = evaluate(plan.models["f32"], default_text(), plan.kv_quality_ctx, plan.kv_quality_chunks,
+                                         plan.cache_sizes.threads, log=_say)
+    except (ValueError, IndexError) as e:  # report it with the rest rather than lose the timings
+        results["kv_quality"] = {"error": f"{type(e).__name__}: {e}"}
+
+
 def run_bench(plan: Plan) -> dict:
     """Every measurement of the plan, with the machine's description: what results.json holds."""
     results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes),
@@ -137,6 +156,8 @@ def run_bench(plan: Plan) -> dict:
     if "speed" in plan.parts:
         _speed_runs(plan, results)
     _cache_runs(plan, results)
+    if "kv-quality" in plan.parts:
+        _kv_quality(plan, results)
     results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - t0
     return results

@@ -2,6 +2,8 @@
 each KV cache type's ms/token and memory as the cache fills; generating with and without the cache."""
 from __future__ import annotations
 
+from ..kvquality import format_table
+
 
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
@@ -163,6 +165,13 @@ def cache_tables(results: dict) -> list[str]:
     return lines
 
 
+def kv_quality_table(kq: dict) -> list[str]:
+    """The kv-quality part's table (kvc.kvquality's), or the line saying why it is missing."""
+    if "error" in kq:
+        return ["", f"KV cache quality: {kq['error']}"]
+    return ["", "KV cache quality against the f32 cache (f32 weights):", "", format_table(kq)]
+
+
 def markdown_tables(results: dict) -> str:
     """The README tables: throughput per configuration, ms/token by position, Q8_0 quality, then the
     cache types and the cost without a cache (those of the parts that ran)."""
@@ -171,4 +180,6 @@ def markdown_tables(results: dict) -> str:
     if results["runs"]:
         lines += [""] + _throughput(runs, results.get("roofline", {})) + _by_position(runs)
     lines += _notes(results) + cache_tables(results)
+    if "kv_quality" in results:
+        lines += kv_quality_table(results["kv_quality"])
     return "\n".join(lines)
