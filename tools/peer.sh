@@ -30,7 +30,9 @@ BIN=$OUT_DIR/bin
 step="starting"
 fail() {
     echo "make peer: failed while $step; nothing is marked built, so the next \`make peer\` retries" >&2
-    echo "(the build tree $BUILD is kept and resumes; remove $OUT_DIR to start over)" >&2
+    if [ -d "$BUILD" ]; then
+        echo "(the build tree $BUILD is kept and resumes; remove $OUT_DIR to start over)" >&2
+    fi
 }
 trap fail ERR
 
