@@ -52,7 +52,6 @@ LOG_VERBOSITY = 4  # llama.cpp's -lv: 4 (trace) logs the KV cache's attn_rot_k /
 NUMBER = r"([-+0-9.eE]+|nan|inf)"
 KLD_PATTERNS = {
     "ppl": rf"Mean PPL\(Q\)\s*:\s*{NUMBER}",
-    "ppl_ratio": rf"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{NUMBER}",
     "mean_kl": rf"Mean\s+KLD:\s*{NUMBER}",
     "mean_kl_se": rf"Mean\s+KLD:\s*\S+\s*±\s*{NUMBER}",
     "p99_kl": rf"99\.0%\s+KLD:\s*{NUMBER}",
@@ -130,14 +129,14 @@ def check_same_chunks(llama_chunks: np.ndarray, kvc_chunks: list[np.ndarray]) ->
 
 
 def parse_kld(log: str) -> dict[str, float | bool]:
-    """The summary of a `llama-perplexity --kl-divergence` run: PPL, PPL ratio, KL statistics, top-1
-    agreement (a fraction) and whether K and V were rotated (rot_k, rot_v)."""
+    """The summary of a `llama-perplexity --kl-divergence` run: PPL, KL statistics, top-1 agreement (a
+    fraction) and whether K and V were rotated (rot_k, rot_v)."""
     row: dict[str, float | bool] = {}
     for key, pattern in KLD_PATTERNS.items():
         m = re.search(pattern, log)
         if m is None:
             raise ValueError(f"no {key} in llama-perplexity's output (pattern {pattern!r})")
-        row[key] = float(m.group(1))
+        row[key] = float(m.group(1)) + 0.0  # + 0.0: a printed -0.000000 becomes 0
     row["top1_agreement"] /= 100
     for axis, on in re.findall(ROTATION_PATTERN, log):
         row[f"rot_{axis}"] = on == "1"
@@ -163,6 +162,13 @@ def cache_rotated(setup: CacheSetup, row: dict) -> bool:
         raise RuntimeError(f"{setup.label}: llama.cpp's log says attn_rot_k={row.get('rot_k')} "
                            f"attn_rot_v={row.get('rot_v')}, the setup asks rotate={setup.rotate}")
     return rotated
+
+
+def add_ppl_ratios(rows: list[dict]) -> None:
+    """Each row's PPL over the first (f32) row's, as kvquality's ppl_ratio. llama.cpp's own PPL(Q)/PPL(base)
+    divides by the PPL of the 16-bit saved log-probabilities, a little off the f32 cache's."""
+    for row in rows:
+        row["ppl_ratio"] = row["ppl"] / rows[0]["ppl"]
 
 
 def evaluate(gguf: Path, kvc_model: Path, text: str, ctx: int, n_chunks: int | None, threads: int,
@@ -195,6 +201,7 @@ def evaluate(gguf: Path, kvc_model: Path, text: str, ctx: int, n_chunks: int | N
             log(f"{setup.label} done, {time.perf_counter() - started:.0f} s")
     finally:
         base.unlink(missing_ok=True)  # ~100 MB per chunk
+    add_ppl_ratios(rows)
     return {"engine": "llama.cpp", "model": str(model), "ctx": ctx, "chunks": len(kvc_chunks),
             "scored_per_chunk": ctx - 1 - ctx // 2, "threads": threads,
             "seconds": round(time.perf_counter() - started, 1), "load_before": load_before,
