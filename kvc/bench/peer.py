@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kld = sub.add_parser("kld", help="llama.cpp's KV cache quality, as `python -m kvc.kvquality` measures kvc's")
     kld.add_argument("--gguf", type=Path, help="the SmolLM2 GGUF (default: found like `make data` puts it)")
     kld.add_argument("--kvc-model", type=Path, default=DEFAULT_MODELS["f32"][0],
-                     help="kvc's f32 model, whose tokenizer makes kvquality's chunks (default: `make model`'s)")
+                     help=f"a kvc model, whose tokenizer makes kvquality's chunks (default {DEFAULT_MODELS['f32'][0].name})")
     kld.add_argument("--text", type=Path, help="a UTF-8 text file (default: kvquality's, Python's pydoc topics)")
     kld.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"tokens per chunk (default {DEFAULT_CTX})")
     kld.add_argument("--chunks", type=int, help="how many chunks (default: as many as fit)")
