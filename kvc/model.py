@@ -84,8 +84,9 @@ class _CacheView:
     """A read-only numpy array interface over a sequence's cache memory; holding the sequence (whose
     finalizer frees that memory) for as long as any array made from it lives."""
 
-    def __init__(self, address: int, shape: tuple[int, ...], dtype: np.dtype, owner: object):
-        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (address, True), "version": 3}
+    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: np.dtype, owner: object):
+        self.__array_interface__ = {"shape": shape, "strides": strides, "typestr": dtype.str, "data": (address, True),
+                                    "version": 3}
         self._owner = owner
 
 
@@ -286,10 +287,11 @@ class Model:
         return keys, values
 
     def kv_cache_view(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, values): read-only numpy views (n_layers, seq_len, kv_dim) of the C cache itself, no
-        copy, for caches stored as f32 or f16 without rotation (float32 / float16 arrays). They follow
-        every later forward and reset, and keep the cache's memory alive after close(). Other cache
-        types raise ValueError: use kv_cache, the float32 copy every type gives.
+        """(keys, values): read-only numpy views (n_layers, seq_len, n_kv_heads, head_dim) of the C
+        cache itself, no copy, for caches stored as f32 or f16 without rotation (float32 / float16
+        arrays). The C cache is head-major, (n_layers, n_kv_heads, seq_len, head_dim): the views are
+        strided over it. They follow every later forward and reset, and keep the cache's memory alive
+        after close(). Other cache types raise ValueError: use kv_cache, the float32 copy every type gives.
         """
         c = self.config
         with self._lock:
@@ -300,8 +302,11 @@ class Model:
                 if data == ffi.NULL:
                     raise ValueError(f"no view of a {name} cache{' that rotates' if self.cache_rotate else ''}: "
                                      "only unrotated f32 and f16 caches are numpy arrays (use kv_cache for a copy)")
-                views.append(np.asarray(_CacheView(int(ffi.cast("uintptr_t", data)), (c.n_layers, c.seq_len, c.kv_dim),
-                                                   np.dtype(np.float32 if name == "f32" else np.float16), seq)))
+                dtype = np.dtype(np.float32 if name == "f32" else np.float16)
+                shape = (c.n_layers, c.seq_len, c.n_kv_heads, c.head_dim)
+                e = dtype.itemsize  # strides of the head-major (layer, head, pos, value) memory, in that shape's order
+                strides = (c.n_kv_heads * c.seq_len * c.head_dim * e, c.head_dim * e, c.seq_len * c.head_dim * e, e)
+                views.append(np.asarray(_CacheView(int(ffi.cast("uintptr_t", data)), shape, strides, dtype, seq)))
         return views[0], views[1]
 
     # -- text -----------------------------------------------------------------------------------

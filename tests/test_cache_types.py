@@ -86,8 +86,8 @@ int main(void) {
     cache_write(&c, 0, 0, n, x + nq, x + nq + nkv);
     KVRun run = cache_run(&c, 0, 0, n);
     KVQuery q = cache_query(&c, x, group, f, int8);
-    kv_dot(&run, hd, &q, group, hd, 1.0f, att, (size_t)n);
-    kv_axpy(&run, hd, x + nq + 2 * nkv, (size_t)n, group, hd, out);
+    kv_dot(&run, 1, &q, group, hd, 1.0f, att, (size_t)n);
+    kv_axpy(&run, 1, x + nq + 2 * nkv, (size_t)n, group, hd, out);
     cache_output(&c, out, group);
     fwrite(att, 4, nw, stdout);
     fwrite(out, 4, nq, stdout);
@@ -321,11 +321,13 @@ def test_kv_cache_views_are_the_cache_itself(model_path):
     for cache_type, dtype in (("f32", np.float32), ("f16", np.float16)):
         m = kvc.Model(model_path, cache_type_k=cache_type, cache_type_v=cache_type)
         keys, values = m.kv_cache_view()
-        assert keys.dtype == values.dtype == dtype and keys.shape == (m.config.n_layers, m.config.seq_len, m.config.kv_dim)
+        c = m.config
+        assert keys.dtype == values.dtype == dtype and keys.shape == (c.n_layers, c.seq_len, c.n_kv_heads, c.head_dim)
         assert not keys.flags.writeable and not values.flags.writeable
         m.forward(tokens, 0)
         copy_k, copy_v = m.kv_cache
-        assert np.array_equal(keys.astype(np.float32), copy_k) and np.array_equal(values.astype(np.float32), copy_v)
+        assert np.array_equal(keys.astype(np.float32).reshape(copy_k.shape), copy_k)
+        assert np.array_equal(values.astype(np.float32).reshape(copy_v.shape), copy_v)
         m.reset(fill=np.nan)
         assert np.isnan(keys).all()  # the same memory, not a snapshot
         m.forward(tokens[:5], 0)
