@@ -11,14 +11,15 @@ llama-cpp-python is importable, llama.cpp is measured the same way on GGUFs of t
 For the KV cache's element types (2 threads, a child each): ms per decoded token with the cache
 filled to 0..8,192 positions (the context's end) for f32, f16, bf16, q8_0, q4_0 and rotated q4_0 K+V
 with Q8_0 weights, f32, f16 and q8_0 with f32 weights, the RSS after each fill, Model.memory(), and a
-short-context decode against the f32 cache; and generating n tokens with the cache and without it
-(every token recomputing the sequence), with the growth exponent of total time in n.
+short-context decode against the f32 cache; generating n tokens with the cache and without it
+(every token recomputing the sequence), with the growth exponent of total time in n; and each KV
+cache type's perplexity and KL divergence against the f32 cache (kvc.kvquality, part kv-quality).
 
 The modules, one job each:
 
 - `__main__`: the command line (and the hidden child mode that measures one configuration);
 - `suite`: the whole run: roofline, every configuration in a child process, quality, llama.cpp,
-  the cache types and the no-cache curve (--parts picks);
+  the cache types, the no-cache curve and the cache types' quality (--parts picks);
 - `child`: runs one configuration in a child process and reads back its JSON line;
 - `files`: where the models, the source GGUF and the outputs are;
 - `workload`: what is measured: the sizes and the fixed text;
@@ -27,6 +28,7 @@ The modules, one job each:
 - `cache_types`: one KV cache configuration's ms/token and RSS as the cache fills, and its summary;
 - `no_cache`: generating with and without the cache, and the growth exponent;
 - `llama`: the same with llama.cpp (llama-cpp-python), and its GGUFs;
+- `peer`: the llama.cpp tools `make peer` builds, and llama.cpp's own KV cache quality (`kld`);
 - `traffic`: bytes a decode step reads; `bandwidth`: the measured read bandwidth (roofline);
 - `rss`: this process's resident memory;
 - `logit_quality`: top-1 agreement, KL and perplexity of two models' logits;
