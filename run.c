@@ -2391,9 +2391,10 @@ static void hadamard(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= scale;
 }
 
-// A spec; rotate < 0 picks the default: rotate when a type is 4-bit, where it matters most.
-static CacheSpec cache_spec(int type_k, int type_v, int rotate) {
-    if (rotate < 0) rotate = type_k == CACHE_Q4_0 || type_v == CACHE_Q4_0;
+// A spec for heads of head_dim values; rotate < 0 picks the default: rotate when a type is 4-bit,
+// where it matters most, and head_dim is a power of two (the rotation's size), as llama.cpp does.
+static CacheSpec cache_spec(int type_k, int type_v, int rotate, int head_dim) {
+    if (rotate < 0) rotate = (type_k == CACHE_Q4_0 || type_v == CACHE_Q4_0) && (head_dim & (head_dim - 1)) == 0;
     return (CacheSpec){type_k, type_v, rotate != 0};
 }
 
@@ -3347,7 +3348,7 @@ const Config *kvc_config(const Model *m) { return &m->config; }
 int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
 
 // A sequence on m: its own KV cache of `context` positions (0: the model's), keys and values
-// stored as type_k and type_v (kvc_cache_type), rotated or not (rotate -1: only for a 4-bit type),
+// stored as type_k and type_v (kvc_cache_type), rotated or not (rotate -1: for a 4-bit type when head_dim is a power of two),
 // and scratch for `threads` threads (0: all cores). Free it (kvc_sequence_free) before its model.
 Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate) {
     Sequence *seq = malloc(sizeof *seq);
@@ -3355,7 +3356,7 @@ Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k,
         fail("out of memory");
         return NULL;
     }
-    CacheSpec spec = cache_spec(type_k, type_v, rotate);
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
     if (sequence_init(seq, m, context, threads, &spec)) {
         free(seq);
         return NULL;
@@ -3629,7 +3630,7 @@ static void usage(FILE *f) {
             "  -j <int>    threads (1..%d), default all cores\n"
             "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
-            "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0)\n"
+            "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0, head_dim a power of 2)\n"
             "  --no-cache                   recompute the whole sequence for every token (what the cache saves)\n"
             "  -h          this help\n", MAX_THREADS);
 }

@@ -102,6 +102,6 @@ def query_as_read(q: torch.Tensor, cache_type_k: str, rotate: bool) -> torch.Ten
     return hadamard(_quantize_query(hadamard(q)))
 
 
-def default_rotate(cache_type_k: str, cache_type_v: str) -> bool:
-    """run.c's default: rotate when a type is 4-bit."""
-    return "q4_0" in (cache_type_k, cache_type_v)
+def default_rotate(cache_type_k: str, cache_type_v: str, head_dim: int) -> bool:
+    """run.c's default: rotate when a type is 4-bit and head_dim is a power of two."""
+    return "q4_0" in (cache_type_k, cache_type_v) and head_dim & (head_dim - 1) == 0

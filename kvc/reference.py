@@ -63,7 +63,8 @@ class Llama:
         self.input_groups = {name: t.group_size for name, t in stored.items()  # of each quantized matrix
                              if int8_inputs and isinstance(t, QuantizedTensor)}
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
-        self.cache_rotate = default_rotate(cache_type_k, cache_type_v) if cache_rotate is None else cache_rotate
+        self.cache_rotate = (default_rotate(cache_type_k, cache_type_v, checkpoint.config.head_dim)
+                             if cache_rotate is None else cache_rotate)
         self.w = {k: torch.from_numpy(np.array(as_float(v))).to(dtype) for k, v in checkpoint.tensors.items()}
         if "wcls" not in self.w:
             self.w["wcls"] = self.w["tok_embeddings"]

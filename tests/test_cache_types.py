@@ -76,7 +76,7 @@ int main(void) {
     if (fread(a, 4, 6, stdin) != 6) return 1;
     int hd = a[3], group = a[4], n = a[5];
     Config p = {.n_layers = 1, .n_heads = 2 * group, .n_kv_heads = 2, .head_dim = hd};
-    CacheSpec spec = cache_spec(a[0], a[1], a[2]);
+    CacheSpec spec = cache_spec(a[0], a[1], a[2], hd);
     KVCache c;
     if (cache_spec_check(&spec, hd) || cache_init(&c, &p, &spec, n)) return 1;
     size_t nq = (size_t)group * hd, nkv = (size_t)n * 2 * hd, nw = (size_t)group * n;
@@ -229,6 +229,12 @@ def test_bad_cache_types(model_path, tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         kvc.Model(odd, cache_rotate=True)
     assert kvc.Model(odd, cache_type_k="f16", cache_type_v="bf16").forward([1, 2]).shape == (2, 300)
+    hd96 = tmp_path / "hd96.bin"
+    write_random_model(hd96, dim=192, hidden_dim=64, n_heads=2, n_kv_heads=2)  # groups of 32 fit, no rotation
+    m = kvc.Model(hd96, cache_type_k="q4_0", cache_type_v="q4_0")  # the default does not rotate here, as llama.cpp
+    assert m.cache_rotate is False and m.forward([1, 2]).shape == (2, 300)
+    with pytest.raises(ValueError, match="power of two"):
+        kvc.Model(hd96, cache_type_k="q4_0", cache_rotate=True)
     proc = run_cli(odd, "-ctk", "q4_0", "-i", "hi")
     assert proc.returncode == 1 and proc.stderr.decode().startswith("error: cache types q4_0/f32")
     assert len(proc.stderr.decode().splitlines()) == 1
