@@ -2326,6 +2326,13 @@ static void fill_row(int type, uint8_t *dst, float fill, int n) {
     for (int i = 0; i < n; i++) store_row(type, dst + row_bytes(type, i), &fill, 1); // no row-sized buffer: kv_dim can be large
 }
 
+// The fp16 scale at the start of a q8_0/q4_0 block.
+static float block_scale(const uint8_t *block) {
+    uint16_t d;
+    memcpy(&d, block, 2);
+    return f16_to_f32(d);
+}
+
 // n values stored as `type` at src, as float32 into out: every build gives the same bits.
 static void load_row(int type, const uint8_t *src, float *out, int n) {
     int i = 0;
@@ -2349,9 +2356,7 @@ static void load_row(int type, const uint8_t *src, float *out, int n) {
     case CACHE_Q8_0:
     case CACHE_Q4_0:
         for (; i < n; i += CACHE_GROUP, src += CACHE_TYPES[type].bytes) {
-            uint16_t d16;
-            memcpy(&d16, src, 2);
-            float d = f16_to_f32(d16);
+            float d = block_scale(src);
             const uint8_t *q = src + 2;
 #if defined(__AVX512F__)
             __m512 vd = _mm512_set1_ps(d);
@@ -2518,7 +2523,7 @@ static void cache_reset(KVCache *c, float fill) {
 typedef struct {
     const float *f;       // (group, hd)
     const int8_t *q;      // (group, chunks * 64) int8 queries
-    const int32_t *bias;  // (group, chunks * 16) 128 * the sum of each 4 of them (see kv_dot)
+    const int32_t *neg_bias; // (group, chunks * 16) -128 * the sum of each 4 of them (see kv_dot_row)
     const float *lanes;   // (group, chunks * 16) scale of block 2c in lanes 0-7 of chunk c, of 2c + 1 in 8-15
 } KVQuery;
 
@@ -2540,8 +2545,8 @@ static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f
     KVQuery out = {q, NULL, NULL, NULL};
     if (!cache_int8(c->spec.type_k)) return out;
     int8_t *qi = (int8_t *)int8;
-    int32_t *bias = (int32_t *)(int8 + (size_t)group * chunks * 64);
-    float *lanes = (float *)(bias + (size_t)group * chunks * 16);
+    int32_t *neg_bias = (int32_t *)(int8 + (size_t)group * chunks * 64);
+    float *lanes = (float *)(neg_bias + (size_t)group * chunks * 16);
     for (int g = 0; g < group; g++) {
         int8_t *qg = qi + (size_t)g * chunks * 64;
         memset(qg, 0, (size_t)chunks * 64);
@@ -2550,9 +2555,9 @@ static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f
             for (int lane = 0; lane < 8; lane++) lanes[((size_t)g * chunks + b / 2) * 16 + (b % 2) * 8 + lane] = s;
         }
         for (int i = 0; i < chunks * 16; i++)
-            bias[(size_t)g * chunks * 16 + i] = 128 * (qg[4 * i] + qg[4 * i + 1] + qg[4 * i + 2] + qg[4 * i + 3]);
+            neg_bias[(size_t)g * chunks * 16 + i] = -128 * (qg[4 * i] + qg[4 * i + 1] + qg[4 * i + 2] + qg[4 * i + 3]);
     }
-    return (KVQuery){q, qi, bias, lanes};
+    return (KVQuery){q, qi, neg_bias, lanes};
 }
 
 // Attention outputs of `group` heads (a weighted sum of stored values) turned back from the values'
@@ -2560,13 +2565,6 @@ static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f
 static void cache_output(const KVCache *c, float *out, int group) {
     if (c->spec.rotate)
         for (int g = 0; g < group; g++) hadamard(out + (size_t)g * c->head_dim, c->head_dim);
-}
-
-// The fp16 scale at the start of a q8_0/q4_0 block.
-static float block_scale(const uint8_t *block) {
-    uint16_t d;
-    memcpy(&d, block, 2);
-    return f16_to_f32(d);
 }
 
 #define KV_TILE_ROWS 16 // rows kv_dot scores together: their sums across lanes are one transpose
@@ -2626,7 +2624,8 @@ static inline __m512 sum16(const __m512 *v) {
 
 // acc[g] += the lane-wise products of one key row with heads g0.. (heads of them), for every chunk:
 // float keys 16 values a chunk; int8 keys 64 (two blocks) a chunk, as dpbusd sums of (k + 128) * q
-// per 4 bytes, less 128 * the sum of those q (the query's bias), times both blocks' scales.
+// per 4 bytes, less 128 * the sum of those q (dpbusd starts from the query's neg_bias), times both
+// blocks' scales.
 static inline void kv_dot_row(int type, const uint8_t *k, const KVQuery *q, int g0, int heads, int hd, __m512 *acc) {
     for (int g = 0; g < KV_DOT_HEADS; g++) acc[g] = _mm512_setzero_ps();
     if (cache_int8(type)) {
@@ -2639,7 +2638,7 @@ static inline void kv_dot_row(int type, const uint8_t *k, const KVQuery *q, int 
             for (int g = 0; g < KV_DOT_HEADS; g++) { // a fixed count, unrolled: acc stays in registers
                 if (g >= heads) continue;
                 size_t at = (size_t)(g0 + g) * query_chunks(hd) + c;
-                __m512i sums = _mm512_dpbusd_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(q->bias + at * 16)), kv,
+                __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(q->neg_bias + at * 16), kv,
                                                    _mm512_loadu_si512(q->q + at * 64));
                 acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ks, _mm512_loadu_ps(q->lanes + at * 16)), acc[g]);
             }
