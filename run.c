@@ -71,6 +71,19 @@ static int max_threads(void) {
 #endif
 }
 
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// CPU time the calling thread has used: less than the wall time that passed while it was descheduled.
+static double thread_cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 // ----------------------------------------------------------------------------
 // The model: hyperparameters and weights
 
@@ -2861,8 +2874,67 @@ typedef struct {
     QuantizedRows q;    // (batch, widest matmul input)
 } ThreadInput;
 
+// The thread governor. OpenMP threads spin at every barrier until the slowest thread arrives, and
+// a forward block has a few barriers per layer. When another process takes one of the cores, the
+// thread that shares it with that process is descheduled for whole time slices, and every barrier
+// waits for it: two threads then decode slower than one. So the governor watches how much CPU each
+// thread got during a block (its CPU time over the block's wall time). When a thread got less than
+// GOVERNOR_SHARE in GOVERNOR_STRIKES blocks in a row, the next blocks run on one thread fewer; after
+// `backoff` blocks the governor tries one more again, and doubles backoff each time that try finds
+// the core still taken. Results do not depend on the team's size: work is always split as for
+// RunState.threads.
+#define GOVERNOR_SHARE 0.75        // a thread that ran for less of a block's wall time than this was descheduled
+#define GOVERNOR_MIN_SECONDS 5e-4  // blocks shorter than this are not judged (timer and wake-up noise)
+#define GOVERNOR_STRIKES 2         // blocks in a row with a descheduled thread before the team shrinks (a
+                                   // sequence's first block, faulting in weights and scratch, can look like one)
+#define GOVERNOR_BACKOFF 16        // blocks run on a smaller team before one more thread is tried,
+#define GOVERNOR_BACKOFF_MAX 1024  // doubled after each try that finds a core still taken, up to this
+
 typedef struct {
-    int threads;              // OpenMP threads of this model's parallel regions
+    int team;            // threads the next block runs on, 1..RunState.threads
+    int backoff;         // blocks to run on this team before trying one more thread
+    int countdown;       // blocks left before that try
+    int trying;          // the last block ran on a team just grown by one
+    int strikes;         // judged blocks in a row in which a thread was descheduled
+    double *cpu;         // (threads) CPU seconds each thread used during the last block
+    long blocks, reduced; // blocks run, and how many of them on fewer than RunState.threads
+} Governor;
+
+static void governor_init(Governor *g, int threads) {
+    g->team = threads;
+    g->backoff = g->countdown = GOVERNOR_BACKOFF;
+    g->trying = g->strikes = 0;
+    g->blocks = g->reduced = 0;
+}
+
+// After a block of `seconds` that ran on g->team of `threads` threads: the team of the next one.
+static void governor_update(Governor *g, int threads, double seconds) {
+    g->blocks++;
+    g->reduced += g->team < threads;
+    if (seconds < GOVERNOR_MIN_SECONDS) return;
+    double least = INFINITY;
+    for (int i = 0; i < g->team; i++) least = fmin(least, g->cpu[i] / seconds);
+    g->strikes = g->team > 1 && least < GOVERNOR_SHARE ? g->strikes + 1 : 0;
+    if (g->strikes && (g->trying || g->strikes >= GOVERNOR_STRIKES)) { // a core is taken: one thread fewer
+        if (g->trying) g->backoff = 2 * g->backoff < GOVERNOR_BACKOFF_MAX ? 2 * g->backoff : GOVERNOR_BACKOFF_MAX;
+        g->team--;
+        g->countdown = g->backoff;
+        g->trying = g->strikes = 0;
+        return;
+    }
+    if (g->trying) { // the larger team ran undisturbed: the core is free again
+        g->trying = 0;
+        g->backoff = g->countdown = GOVERNOR_BACKOFF;
+    }
+    if (g->team < threads && --g->countdown <= 0) {
+        g->team++;
+        g->trying = 1;
+    }
+}
+
+typedef struct {
+    int threads;              // OpenMP threads of this model's parallel regions (at most: see Governor)
+    Governor governor;        // how many of them the next forward block runs on
     int batch;                // tokens per forward block
     int input_group;          // the model's Weights.input_group: values per scale of the int8 inputs (0: none)
     int input_sums;           // and whether its q4 matrices need each group's sum
@@ -2892,6 +2964,8 @@ static void *scratch_alloc(RunState *s, size_t count, size_t size) {
 // positions of a model with weights w.
 static int state_init(RunState *s, const Config *p, const Weights *w, int threads, int capacity) {
     s->threads = threads;
+    governor_init(&s->governor, threads);
+    s->governor.cpu = scratch_alloc(s, threads, sizeof(double));
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
     s->input_group = w->input_group;
     s->input_sums = w->input_sums;
@@ -2928,13 +3002,13 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
         if (s->input_sums && !(in->q.sum = scratch_alloc(s, groups, sizeof(float)))) return -1;
     }
-    return s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
+    return s->governor.cpu && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->governor.cpu); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.sum);
         free(s->input[i].q.lane_scale);
@@ -3160,13 +3234,18 @@ static void forward_block(const Model *m, Sequence *seq, const int *tokens, int 
     int dim = p->dim, first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
     for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
     rope_table(s, p, pos, n);
-#pragma omp parallel num_threads(s->threads)
+    memset(s->governor.cpu, 0, s->threads * sizeof(double)); // a thread the runtime did not start counts as descheduled
+    double start = now_seconds();
+#pragma omp parallel num_threads(s->governor.team)
     {
+        double cpu = thread_cpu_seconds();
         for (int l = 0; l < p->n_layers; l++) layer_forward(m, seq, l, n, pos);
         const QuantizedRows *xq;
         const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps, &xq);
         matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
+        s->governor.cpu[thread_index()] = thread_cpu_seconds() - cpu;
     }
+    governor_update(&s->governor, s->threads, now_seconds() - start);
 }
 
 // Runs any number of tokens at positions pos.. in blocks; out as in forward_block (NULL: only
@@ -3382,6 +3461,17 @@ void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]) 
     out[2] = seq->state.bytes;
 }
 
+// How the sequence used its threads: out[0] the threads it was given, out[1] the team its next
+// forward block runs on (fewer while another process holds a core: see Governor), out[2] the
+// forward blocks it has run and out[3] how many of them ran on fewer threads than out[0].
+void kvc_threads(const Sequence *seq, long long out[4]) {
+    const Governor *g = &seq->state.governor;
+    out[0] = seq->state.threads;
+    out[1] = g->team;
+    out[2] = g->blocks;
+    out[3] = g->reduced;
+}
+
 // Whether the sequence's cache rotates its heads (after the default was resolved).
 int kvc_cache_rotates(const Sequence *seq) { return seq->cache.spec.rotate; }
 
@@ -3547,12 +3637,6 @@ static void stream_flush(Utf8Stream *u) {
     fflush(stdout);
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 typedef struct {
     int prompt_tokens, generated_tokens;
     double prefill_seconds, decode_seconds;
@@ -3605,10 +3689,15 @@ done:
     return rc;
 }
 
-static void print_stats(const GenerationStats *s) {
+// The speed line; and, when the governor ran blocks on fewer threads (so far in the sequence), how many.
+static void print_stats(const GenerationStats *s, const Sequence *seq) {
     fprintf(stderr, "prompt %d tokens, %.1f tok/s | generated %d tokens, %.1f tok/s\n", s->prompt_tokens,
             s->prefill_seconds > 0 ? s->prompt_tokens / s->prefill_seconds : 0.0, s->generated_tokens,
             s->decode_seconds > 0 ? s->generated_tokens / s->decode_seconds : 0.0);
+    const Governor *g = &seq->state.governor;
+    if (g->reduced)
+        fprintf(stderr, "threads: %ld of %ld forward blocks ran on fewer than %d threads (another process was using a core)\n",
+                g->reduced, g->blocks, seq->state.threads);
 }
 
 static void usage(FILE *f) {
@@ -3708,7 +3797,7 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
     free(ids);
     if (rc) return -1;
     printf("\n");
-    print_stats(&stats);
+    print_stats(&stats, seq);
     return 0;
 }
 
@@ -3759,7 +3848,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         if (stats.last_token >= 0) tail[n_tail++] = stats.last_token;
         if (stop >= 0) tail[n_tail++] = stop;
         fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens, cached);
-        print_stats(&stats);
+        print_stats(&stats, seq);
         if (n_tail > context - seq->len) {
             fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", context);
             break;

@@ -27,6 +27,7 @@ ffi.cdef(
     int kvc_cache_type(const char *name);
     int kvc_cache_rotates(const Sequence *seq);
     void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]);
+    void kvc_threads(const Sequence *seq, long long out[4]);
     void kvc_sequence_free(Sequence *seq);
     int kvc_context(const Sequence *seq);
     int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits);

@@ -267,6 +267,17 @@ class Model:
         sizes["total"] = sum(sizes.values())
         return sizes
 
+    def thread_use(self) -> dict[str, int]:
+        """How the forward pass uses its threads: threads (as asked for), team (what the next forward
+        block runs on: fewer while another process keeps a core busy, then threads again once the core
+        is free), blocks (forward blocks run so far) and reduced_blocks (how many of them ran on fewer).
+        Results do not depend on the team: only speed does."""
+        out = ffi.new("long long[4]")
+        with self._lock:
+            _, seq = self._open()
+            self._lib.kvc_threads(seq, out)
+        return {"threads": int(out[0]), "team": int(out[1]), "blocks": int(out[2]), "reduced_blocks": int(out[3])}
+
     @property
     def kv_cache(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values): float32 copies (n_layers, seq_len, kv_dim) of the C cache, every slot.
