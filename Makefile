@@ -73,12 +73,15 @@ CHAT_ARGS ?= -t 0.3 -p 0.9
 chat: all model
 	./run $(MODEL) -m chat $(CHAT_ARGS)
 
-# prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a measured roofline, f32 and q8_0;
-# each KV cache type's ms/token and RSS as the cache fills to 8192, and generating without a cache
-# (long: every cache type fills the whole context; BENCH_ARGS="--parts speed" skips the cache parts)
+# kvc beside llama.cpp's llama-bench, alternately on the same weights (needs `make peer` first, else
+# that part says it was skipped); prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a
+# measured roofline for f32, q8_0 and the shipped q4_1; each KV cache type's ms/token and RSS as the
+# cache fills to 8192, generating without a cache, each cache type's KL divergence (long: the cache
+# parts fill the whole context; BENCH_ARGS="--parts side-by-side" runs only the first)
 # (kvc.bench only reads the models; they are made here)
-bench: all $(MODEL_F32) $(MODEL_Q8)
-	$(PY) -m kvc.bench --f32 $(MODEL_F32) --q8_0 $(MODEL_Q8) --gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+bench: all $(MODEL_F32) $(MODEL_Q8) models/smollm2-135m-instruct.bin
+	$(PY) -m kvc.bench --f32 $(MODEL_F32) --q8_0 $(MODEL_Q8) --q4_1 models/smollm2-135m-instruct.bin \
+		--gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
 
 # ----------------------------------------------------------------------------
 # llama.cpp side by side (`make peer`, not part of `make test`): its llama-bench, llama-perplexity,

@@ -201,7 +201,7 @@ def test_kv_quality_part(tiny32):
     and says why when it cannot run (no f32 model)."""
     from kvc.bench.suite import Plan, run_bench
     from kvc.bench.workload import QUICK, QUICK_CACHE
-    plan = Plan(models={"f32": tiny32}, threads=[1], sizes=QUICK, mode="test", llama=False, parts=("kv-quality",),
+    plan = Plan(models={"f32": tiny32}, threads=[1], sizes=QUICK, mode="test", parts=("kv-quality",),
                 cache_sizes=QUICK_CACHE, kv_quality_chunks=1, kv_quality_ctx=64)
     results = run_bench(plan)
     kq = results["kv_quality"]
@@ -210,3 +210,67 @@ def test_kv_quality_part(tiny32):
     assert "KV cache quality against the f32 cache" in tables.markdown_tables(results)
     plan.models = {"q8_0": tiny32}
     assert "needs the f32 model" in run_bench(plan)["kv_quality"]["error"]
+
+
+FAKE_LLAMA_BENCH = """#!{python}
+# llama-bench's -o json for the -p and -n it is given: pp at 100 tok/s, tg at 10 tok/s; logs its args
+import json, sys
+args = sys.argv[1:]
+open({log!r}, "a").write(" ".join(args) + "\\n")
+prompts = [int(x) for x in args[args.index("-p") + 1].split(",") if int(x)]
+gen = int(args[args.index("-n") + 1])
+recs = [dict(n_prompt=p, n_gen=0, avg_ts=100.0, build_commit="fake") for p in prompts]
+recs += [dict(n_prompt=0, n_gen=gen, avg_ts=10.0, build_commit="fake")] if gen else []
+print(json.dumps(recs))
+"""
+
+
+def test_parse_llama_bench():
+    from kvc.bench.side_by_side import parse_llama_bench
+    text = json.dumps([{"n_prompt": 128, "n_gen": 0, "avg_ts": 42.5}, {"n_prompt": 0, "n_gen": 256, "avg_ts": 7.0},
+                       {"n_prompt": 0, "n_gen": 0, "avg_ts": 1.0}])
+    assert parse_llama_bench(text) == {"pp128": 42.5, "tg256": 7.0}
+    with pytest.raises(ValueError):
+        parse_llama_bench("[]")
+
+
+def test_side_by_side_alternates_and_reports(tiny, tmp_path, monkeypatch):
+    """Both engines measured in alternating order each round, every figure kept per engine, the
+    ratio of medians in the table, the busy-core rounds on the most threads, llama-bench's arguments
+    as given (a fake llama-bench stands in for `make peer`'s)."""
+    from kvc.bench import side_by_side
+    log = tmp_path / "llama.log"
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    monkeypatch.setattr(side_by_side, "peer_binary", lambda name: fake)
+    monkeypatch.setattr(side_by_side, "contenders", lambda models, gguf: ({"f32": (tiny, tmp_path / "m.gguf")}, []))
+    said = []
+    sizes = side_by_side.SideSizes(prefill=[8, 16], decode=6, busy_decode=4, rounds=2)
+    side = side_by_side.run_side_by_side({"f32": tiny}, [1, 2], sizes, None, 120, said.append)
+    assert not side["errors"], side["errors"]
+    rows = {(r["dtype"], r["threads"], r["test"]): r for r in side["rows"]}
+    assert set(rows) == {("f32", t, test) for t in (1, 2) for test in ("pp8", "pp16", "tg6")} | {("f32", 2, "tg4 busy")}
+    for r in rows.values():
+        assert len(r["kvc"]) == 2 and len(r["llama.cpp"]) == 2 and all(x > 0 for x in r["kvc"])
+        assert r["llama.cpp"] == ([10.0] * 2 if r["test"].startswith("tg") else [100.0] * 2)
+    assert [s.endswith("(kvc then llama.cpp)...") for s in said] == [True, True, False, False, True, False]
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6 and all("-ctk f16 -ctv f16" in c and "-r 1" in c for c in calls)
+    assert sum("-p 0 -n 4" in c and "-t 2" in c for c in calls) == 2
+    assert [u["busy"] for u in side["thread_use"]] == [False] * 4 + [True] * 2
+    table = "\n".join(tables.side_by_side_table(side))
+    pp8 = side_by_side.summarize(rows[("f32", 1, "pp8")])
+    assert f"| f32 | 1 | pp8 | {pp8['kvc'][0]:,.1f} (" in table and f"| {pp8['ratio']:.2f} |" in table
+    assert "f32: decode with one core busy over the same engine's idle 1-thread decode" in table
+
+
+def test_side_by_side_without_llama_bench(tiny, monkeypatch):
+    from kvc.bench import side_by_side
+
+    def missing(name):
+        raise FileNotFoundError(f"no {name}: run `make peer`")
+    monkeypatch.setattr(side_by_side, "peer_binary", missing)
+    side = side_by_side.run_side_by_side({"f32": tiny}, [1], side_by_side.QUICK_SIDE, None, 60, print)
+    assert side == {"error": "skipped: no llama-bench: run `make peer`"}
+    assert tables.side_by_side_table(side) == ["", "kvc beside llama.cpp: skipped: no llama-bench: run `make peer`"]

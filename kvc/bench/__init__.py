@@ -1,12 +1,17 @@
-"""`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, and how close Q8_0 stays to f32.
+"""`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, beside llama.cpp, and how
+close Q8_0 stays to f32.
 
-For each weight type (f32, q8_0) and thread count (1, 2) a fresh subprocess measures prefill tok/s
+Side by side (with `make peer`'s llama-bench): for each weight type (f32, q8_0, the shipped q4_1) and
+thread count (1, 2), kvc and llama.cpp measured alternately on the same weights, several rounds:
+prefill tok/s for 128- and 512-token prompts and decode tok/s over 256 tokens, then decode with
+one core kept busy by a spinning process; medians, spreads and the ratio of the medians.
+
+For each weight type and thread count a fresh subprocess measures prefill tok/s
 for 128- and 512-token prompts, greedy decode tok/s over 256 tokens, ms per decoded token as the
 position grows to 2,048, and its own peak RSS (the peak only grows within a process, so each
 configuration gets its own). Decode reads every weight once per token, so tok/s times the bytes
 read per token is an effective memory bandwidth, set beside a read bandwidth the bench measures
-itself. The f32 and Q8_0 models' logits on a fixed English text give Q8_0's quality. If
-llama-cpp-python is importable, llama.cpp is measured the same way on GGUFs of the same precisions.
+itself. The f32 and Q8_0 models' logits on a fixed English text give Q8_0's quality.
 
 For the KV cache's element types (2 threads, a child each): ms per decoded token with the cache
 filled to 0..8,192 positions (the context's end) for f32, f16, bf16, q8_0, q4_0 and rotated q4_0 K+V
@@ -18,8 +23,8 @@ cache type's perplexity and KL divergence against the f32 cache (kvc.kvquality, 
 The modules, one job each:
 
 - `__main__`: the command line (and the hidden child mode that measures one configuration);
-- `suite`: the whole run: roofline, every configuration in a child process, quality, llama.cpp,
-  the cache types, the no-cache curve and the cache types' quality (--parts picks);
+- `suite`: the whole run: side by side with llama.cpp, roofline, every configuration in a child
+  process, quality, the cache types, the no-cache curve and the cache types' quality (--parts picks);
 - `child`: runs one configuration in a child process and reads back its JSON line;
 - `files`: where the models, the source GGUF and the outputs are;
 - `workload`: what is measured: the sizes and the fixed text;
@@ -27,8 +32,9 @@ The modules, one job each:
 - `kvc_run`: every measurement of one kvc configuration (kvc.Model's public API);
 - `cache_types`: one KV cache configuration's ms/token and RSS as the cache fills, and its summary;
 - `no_cache`: generating with and without the cache, and the growth exponent;
-- `llama`: the same with llama.cpp (llama-cpp-python), and its GGUFs;
-- `peer`: the llama.cpp tools `make peer` builds, and llama.cpp's own KV cache quality (`kld`);
+- `side_by_side`: kvc and llama-bench alternately on the same weights, and the busy-core rounds;
+- `peer`: the llama.cpp tools `make peer` builds, its requantized GGUFs, and llama.cpp's own KV cache
+  quality (`kld`);
 - `traffic`: bytes a decode step reads; `bandwidth`: the measured read bandwidth (roofline);
 - `rss`: this process's resident memory;
 - `logit_quality`: top-1 agreement, KL and perplexity of two models' logits;

@@ -1,7 +1,7 @@
-"""`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, and how close Q8_0 stays to f32.
+"""`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, beside llama.cpp, and how close Q8_0 stays to f32.
 
 The command line: options to a Plan, then results.json, bench.png, cache.png and the markdown tables.
-With the hidden --one / --one-llama / --one-cache / --one-no-cache it is instead the child that
+With the hidden --one / --one-side / --one-cache / --one-no-cache it is instead the child that
 measures one configuration (see child.py).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from .cache_types import run_one_cache
 from .files import BENCH_DIR, DEFAULT_MODELS, require_model
 from .kvc_run import run_one
-from .llama import gguf_dtype, run_one_llama
 from .no_cache import run_one_no_cache
 from .plot import plot, plot_cache
+from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
 from .workload import CACHE_CONFIGS, FULL, FULL_CACHE, QUICK, QUICK_CACHE, CacheSizes, Sizes
@@ -26,15 +26,15 @@ from .workload import CACHE_CONFIGS, FULL, FULL_CACHE, QUICK, QUICK_CACHE, Cache
 def parser() -> argparse.ArgumentParser:
     """The bench's options (`python -m kvc.bench --help`)."""
     ap = argparse.ArgumentParser(prog="python -m kvc.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dtypes", default="f32,q8_0", help="weight types to run (default f32,q8_0)")
+    ap.add_argument("--dtypes", default=",".join(DEFAULT_MODELS),
+                    help=f"weight types to run (default {','.join(DEFAULT_MODELS)})")
     for dtype, (path, target) in DEFAULT_MODELS.items():
         ap.add_argument(f"--{dtype}", metavar="MODEL", default=str(path),
                         help=f"kvc {dtype} model (default {path.parent.name}/{path.name}, from `{target}`)")
     ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a fast check")
     ap.add_argument("--out", default=str(BENCH_DIR), help="folder for results.json and bench.png")
-    ap.add_argument("--gguf", help="SmolLM2 GGUF for llama.cpp (default: found like `make data` puts it)")
-    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if llama-cpp-python is installed")
+    ap.add_argument("--gguf", help="SmolLM2's Q4_1 GGUF, llama.cpp's weights (default: found like `make data` puts it)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each configuration wait up to S seconds for the CPU to be under 10%% busy")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per configuration")
@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                     help=f"what to run (default {','.join(PARTS)}): speed: tok/s, ms/token and RSS per weight type and"
                          " thread count; cache: each KV cache type's ms/token, RSS and memory as the cache fills;"
                          " no-cache: generating with and without the cache; kv-quality: perplexity and KL divergence"
-                         " of each KV cache type against the f32 cache (kvc.kvquality)")
+                         " of each KV cache type against the f32 cache (kvc.kvquality); side-by-side: kvc and"
+                         " llama.cpp's llama-bench (`make peer`) alternately on the same weights")
     ap.add_argument("--cache-types", metavar="TYPES",
                     help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
                          + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
@@ -60,8 +61,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cache-prompt", type=int, help="prompt length before them")
     ap.add_argument("--kv-quality-chunks", type=int, metavar="N",
                     help="chunks of 2048 tokens the kv-quality part scores (default 8; --quick: 1)")
+    ap.add_argument("--side-rounds", type=int, metavar="N", help="rounds of the side-by-side part (default 3)")
+    ap.add_argument("--side-prefill", metavar="N,...", help="prompt lengths of the side-by-side part (default 128,512)")
+    ap.add_argument("--side-decode", type=int, metavar="N", help="tokens decoded in the side-by-side part (default 256)")
+    ap.add_argument("--side-busy-decode", type=int, metavar="N",
+                    help="tokens decoded with one core busy in the side-by-side part (default 64; 0: skip)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
-    ap.add_argument("--one-llama", nargs=2, metavar=("GGUF", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-side", nargs=4, metavar=("MODEL", "THREADS", "PREFILL", "DECODE"), help=argparse.SUPPRESS)
     ap.add_argument("--one-cache", nargs=3, metavar=("MODEL", "THREADS", "CACHE"), help=argparse.SUPPRESS)
     ap.add_argument("--one-no-cache", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
     return ap
@@ -105,6 +111,20 @@ def cache_sizes_from_args(a: argparse.Namespace) -> CacheSizes:
     return s
 
 
+def side_sizes_from_args(a: argparse.Namespace) -> SideSizes:
+    """QUICK_SIDE or FULL_SIDE sizes, with the options that override them."""
+    s = SideSizes(**asdict(QUICK_SIDE if a.quick else FULL_SIDE))
+    if a.side_rounds is not None:
+        s.rounds = a.side_rounds
+    if a.side_prefill:
+        s.prefill = _ints(a.side_prefill)
+    if a.side_decode is not None:
+        s.decode = a.side_decode
+    if a.side_busy_decode is not None:
+        s.busy_decode = a.side_busy_decode
+    return s
+
+
 def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
     """One configuration in this process, printed as one JSON line for the parent (child.py)."""
     if a.one:
@@ -117,19 +137,19 @@ def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
         path, threads = a.one_no_cache
         res = run_one_no_cache(path, int(threads), cache_sizes)
     else:
-        path, threads = a.one_llama
-        res = run_one_llama(path, int(threads), sizes)
-        res["dtype"] = gguf_dtype(path)
+        path, threads, prefill, decode = a.one_side
+        res = kvc_figures(path, int(threads), _ints(prefill), int(decode))
     print(json.dumps(res), flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the bench (or, with --one / --one-llama, one configuration); 1 if a configuration failed."""
+    """Run the bench (or, with --one / --one-side / --one-cache / --one-no-cache, one configuration); 1 if a
+    configuration failed."""
     ap = parser()
     a = ap.parse_args(argv)
     sizes, cache_sizes = sizes_from_args(a), cache_sizes_from_args(a)
-    if a.one or a.one_llama or a.one_cache or a.one_no_cache:
+    if a.one or a.one_side or a.one_cache or a.one_no_cache:
         return _child(a, sizes, cache_sizes)
     parts = tuple(p for p in a.parts.split(",") if p)
     for p in parts:
@@ -141,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DEFAULT_MODELS:
             ap.error(f"unknown dtype {d!r} (choose from {', '.join(DEFAULT_MODELS)})")
     models = {d: require_model(d, getattr(a, d)).resolve() for d in dtypes}
-    configs = {d: CACHE_CONFIGS[d] if a.cache_types is None else [c for c in a.cache_types.split(",") if c]
+    configs = {d: CACHE_CONFIGS.get(d, []) if a.cache_types is None else [c for c in a.cache_types.split(",") if c]
                for d in dtypes}
     plan = Plan(models=models, threads=_ints(a.threads), sizes=sizes, mode="quick" if a.quick else "full",
-                gguf=Path(a.gguf) if a.gguf else None, llama=not a.no_llama, wait_idle=a.wait_idle,
+                gguf=Path(a.gguf) if a.gguf else None, wait_idle=a.wait_idle,
                 timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs,
-                kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8))
+                kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8), side_sizes=side_sizes_from_args(a))
     results = run_bench(plan)
 
     out = Path(a.out)
@@ -163,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {', '.join([str(out / 'results.json')] + wrote)}" + "".join(f" ({w})" for w in why_not),
           file=sys.stderr)
     records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {}), results.get("kv_quality", {})]
-    return 1 if any("error" in r for r in records) else 0
+    side = results.get("side_by_side", {})
+    failed = any("error" in r for r in records) or bool(side.get("errors"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

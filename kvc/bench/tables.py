@@ -1,8 +1,10 @@
-"""The README's markdown tables from a results dict: throughput, ms/token by position, Q8_0 quality;
-each KV cache type's ms/token and memory as the cache fills; generating with and without the cache."""
+"""The README's markdown tables from a results dict: kvc beside llama.cpp; throughput, ms/token by
+position, Q8_0 quality; each KV cache type's ms/token and memory as the cache fills; generating with
+and without the cache."""
 from __future__ import annotations
 
 from ..kvquality import format_table
+from .side_by_side import summarize
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
@@ -63,7 +65,7 @@ def _by_position(runs: list[dict]) -> list[str]:
 
 
 def _notes(results: dict) -> list[str]:
-    """Q8_0's quality, failed configurations, and what became of llama.cpp."""
+    """Q8_0's quality and failed configurations."""
     lines = []
     q = results.get("quality")
     if q and "error" not in q:
@@ -75,8 +77,41 @@ def _notes(results: dict) -> list[str]:
     for r in results["runs"]:
         if "error" in r:
             lines += ["", f"{r.get('engine', '?')} {r.get('dtype', '?')} {r.get('threads', '?')} threads failed: {r['error']}"]
-    if results.get("llama_cpp"):
-        lines += ["", f"llama.cpp: {results['llama_cpp']}"]
+    return lines
+
+
+def _spread(stats: tuple[float, float, float] | None) -> str:
+    return "-" if stats is None else f"{stats[0]:,.1f} ({stats[1]:,.1f}-{stats[2]:,.1f})"
+
+
+def side_by_side_table(side: dict) -> list[str]:
+    """kvc and llama.cpp per (weights, threads, test): median tok/s (min-max) and the ratio of the
+    medians; then the busy-core figure against kvc's idle 1-thread decode, and what went wrong."""
+    if "error" in side:
+        return ["", f"kvc beside llama.cpp: {side['error']}"]
+    head = ["weights", "threads", "test", "kvc tok/s", "llama.cpp tok/s", "kvc / llama.cpp"]
+    rows, by_key = [], {}
+    for r in side["rows"]:
+        s = summarize(r)
+        by_key[(r["dtype"], r["threads"], r["test"])] = s
+        rows.append([r["dtype"], str(r["threads"]), r["test"], _spread(s["kvc"]), _spread(s["llama.cpp"]),
+                     _fmt(s["ratio"], 2)])
+    sizes = side["sizes"]
+    lines = ["", f"kvc beside llama.cpp (llama-bench, build {side['llama_build']}) on the same weights, measured "
+             f"alternately, {side['rounds']} round(s); median tok/s (min-max); ppN: an N-token prompt, tgN: N tokens "
+             f"decoded, both from an empty cache; f16 K/V cache in both; busy: another process spins on one core. "
+             f"Load average {', '.join(map(str, side['load_before']))} before, {', '.join(map(str, side['load_after']))} "
+             f"after ({side['seconds']:.0f} s). The ratios are the figures that count.", ""] + _table(head, rows)
+    busy = f"tg{sizes['busy_decode']} busy"
+    for dtype in dict.fromkeys(r["dtype"] for r in side["rows"]):
+        hot = [s for (d, _, test), s in by_key.items() if d == dtype and test == busy]
+        idle = by_key.get((dtype, 1, f"tg{sizes['decode']}"))
+        if hot and idle:
+            parts = [f"{e} {hot[0][e][0] / idle[e][0]:.2f}x" for e in ("kvc", "llama.cpp") if hot[0][e] and idle[e]]
+            lines += ["", f"{dtype}: decode with one core busy over the same engine's idle 1-thread decode: "
+                      + ", ".join(parts) + "."]
+    for note in side.get("notes", []) + side.get("errors", []):
+        lines += ["", note]
     return lines
 
 
@@ -173,10 +208,12 @@ def kv_quality_table(kq: dict) -> list[str]:
 
 
 def markdown_tables(results: dict) -> str:
-    """The README tables: throughput per configuration, ms/token by position, Q8_0 quality, then the
-    cache types and the cost without a cache (those of the parts that ran)."""
+    """The README tables: kvc beside llama.cpp, throughput per configuration, ms/token by position, Q8_0
+    quality, then the cache types and the cost without a cache (those of the parts that ran)."""
     runs = [r for r in results["runs"] if "error" not in r]
     lines = _heading(results)
+    if "side_by_side" in results:
+        lines += side_by_side_table(results["side_by_side"])
     if results["runs"]:
         lines += [""] + _throughput(runs, results.get("roofline", {})) + _by_position(runs)
     lines += _notes(results) + cache_tables(results)
