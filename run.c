@@ -1666,6 +1666,13 @@ static __m512 q8_chunk(__m512 acc, __m512i w, __m512i bias, __m512 w_scale, cons
 }
 #endif
 
+// Decode streams every weight once per token, a row at a time, and the hardware prefetcher stops at
+// each 4 KiB page: the decode kernels ask for the weights PREFETCH_AHEAD bytes ahead of what they
+// read. SmolLM2's decode on one thread: Q8_0 +20%, Q4_1 +10%, f32 +6%. The quantized kernels spread
+// one request per 64 bytes through their loops (a burst per row, before the loop, ran slower there);
+// f32 rows ask in one burst before dot, which other callers share.
+#define PREFETCH_AHEAD 4096
+
 // An int8 weight row (scales ws) dotted with token t's int8 activations: int32 sums per group,
 // scaled in fp32.
 static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, int t, int n, int group_size) {
@@ -1678,6 +1685,7 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, i
         for (int i = 0; i < n; i += 64) {
             __m512i bias;
             __m512 w_scale;
+            __builtin_prefetch(w + i + PREFETCH_AHEAD);
             __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
             acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
         }
@@ -1757,6 +1765,7 @@ static float dot_q4(const uint8_t *w, const uint16_t *d, const uint16_t *m, cons
         __m512 scale = _mm512_mul_ps(wd, x_scale);
         __m512i index = q4_pair_index();
         for (int i = span; i < n && i < span + Q4_SPAN; i += 64) {
+            if (i % 128 == 0) __builtin_prefetch(w + i / 2 + PREFETCH_AHEAD); // 64 bytes: two steps' weights
             __m512 sums = q4_sums(q4_weights(w, i, n), _mm512_loadu_si512(x + i));
             acc = _mm512_fmadd_ps(sums, _mm512_permutexvar_ps(index, scale), acc);
             index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
@@ -1885,7 +1894,11 @@ typedef struct {
 static float dot_row(Matrix w, int row, const float *x, const QuantizedRows *xq, int t, int in) {
     size_t groups = w.group_size ? (size_t)row * (in / w.group_size) : 0;
     switch (w.type) {
-    case WEIGHT_F32: return dot(w.f + (size_t)row * in, x + (size_t)t * in, in);
+    case WEIGHT_F32: { // PREFETCH_AHEAD's burst
+        const float *w_row = w.f + (size_t)row * in;
+        for (int i = 0; i < in; i += 16) __builtin_prefetch(w_row + i + PREFETCH_AHEAD / sizeof(float));
+        return dot(w_row, x + (size_t)t * in, in);
+    }
     case WEIGHT_Q8_0: return dot_q8(w.q + (size_t)row * in, w.scale + groups, xq, t, in, w.group_size);
     default: return dot_q4(w.q4 + (size_t)row * in / 2, w.d + groups, w.m ? w.m + groups : NULL, xq, t, in);
     }
