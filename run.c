@@ -1600,6 +1600,26 @@ static float dot(const float *a, const float *b, int n) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// 16 vectors in, one out: lane r holds the sum of v[r]'s lanes (16 sums across lanes in 15 steps
+// of shuffles and adds, instead of 16 reductions of 4 steps each).
+static inline __m512 sum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) // lanes 0-7: v[2i]'s halves added, 8-15: v[2i + 1]'s
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) // quarter k: four partial sums of v[4i + k]
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+    __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1])); // quarter k: v[k], v[8+k], v[4+k], v[12+k]
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), d);
+}
+
+// The 16 dot products of a block of 4 weight rows x 4 tokens, from their accumulators (row-major),
+// into out[row][token]: one sum16 instead of 16 reductions.
+static inline void store_sums4x4(const __m512 acc[16], float out[4][4]) { _mm512_storeu_ps(&out[0][0], sum16(acc)); }
+#endif
+
 // Quantizes one group: its scale is max|x| / 127 (0 for an all-zero group, which stays zero).
 static float quantize_group(int8_t *q, const float *x, int n) {
     float amax = 0;
@@ -1845,9 +1865,8 @@ static int dot4x4_q4(const uint8_t *w, const uint16_t *d, const uint16_t *m, con
             index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
         }
     }
-    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
-    for (int r = 0; r < 4; r++)
-        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+    __m512 acc[16] = {r00, r01, r02, r03, r10, r11, r12, r13, r20, r21, r22, r23, r30, r31, r32, r33};
+    store_sums4x4(acc, out);
     return 1;
 #else
     (void)w, (void)d, (void)m, (void)xq, (void)t, (void)n, (void)out;
@@ -1972,9 +1991,8 @@ static int dot4x4_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, 
         q8_row_x4(w + 2 * (size_t)n, ws + 2 * groups, i, n, shift, x, x_scale, &r20, &r21, &r22, &r23);
         q8_row_x4(w + 3 * (size_t)n, ws + 3 * groups, i, n, shift, x, x_scale, &r30, &r31, &r32, &r33);
     }
-    __m512 acc[4][4] = {{r00, r01, r02, r03}, {r10, r11, r12, r13}, {r20, r21, r22, r23}, {r30, r31, r32, r33}};
-    for (int r = 0; r < 4; r++)
-        for (int k = 0; k < 4; k++) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+    __m512 acc[16] = {r00, r01, r02, r03, r10, r11, r12, r13, r20, r21, r22, r23, r30, r31, r32, r33};
+    store_sums4x4(acc, out);
     return 1;
 #else
     (void)w, (void)ws, (void)xq, (void)t, (void)n, (void)group_size, (void)out;
@@ -2006,9 +2024,8 @@ static void dot4x4(const float *w, const float *x, int n, float out[4][4]) {
         a30 = _mm512_fmadd_ps(w3, x0, a30); a31 = _mm512_fmadd_ps(w3, x1, a31);
         a32 = _mm512_fmadd_ps(w3, x2, a32); a33 = _mm512_fmadd_ps(w3, x3, a33);
     }
-    __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < 4; t++) out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    __m512 acc[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
+    store_sums4x4(acc, out);
 #else
     for (int r = 0; r < 4; r++) dot4(w + (size_t)r * n, x, n, n, out[r]);
 #endif
@@ -2632,20 +2649,6 @@ static inline __m512 kv_scale_pair(const uint8_t *block, int bytes, int two) {
     if (two) memcpy(&d1, block + bytes, 2);
     __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(d0 | (uint32_t)d1 << 16)));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), _mm512_castps128_ps512(both));
-}
-
-// 16 vectors in, one out: lane r holds the sum of v[r]'s lanes (16 sums across lanes in 15 steps
-// of shuffles and adds, instead of 16 reductions of 4 steps each).
-static inline __m512 sum16(const __m512 *v) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++) // lanes 0-7: v[2i]'s halves added, 8-15: v[2i + 1]'s
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++) // quarter k: four partial sums of v[4i + k]
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
-    __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1])); // quarter k: v[k], v[8+k], v[4+k], v[12+k]
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15), d);
 }
 
 // acc[g] += the lane-wise products of one key row with heads g0.. (heads of them), for every chunk:
