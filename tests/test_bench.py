@@ -261,7 +261,7 @@ def test_side_by_side_alternates_and_reports(tiny, tmp_path, monkeypatch):
     assert [u["busy"] for u in side["thread_use"]] == [False] * 4 + [True] * 2
     table = "\n".join(tables.side_by_side_table(side))
     pp8 = side_by_side.summarize(rows[("f32", 1, "pp8")])
-    assert f"| f32 | 1 | pp8 | {pp8['kvc'][0]:,.1f} (" in table and f"| {pp8['ratio']:.2f} |" in table
+    assert f"| f32 | 1 | pp8 | {pp8['kvc'][0]:,.1f} (" in table and f"| {pp8['ratio']:,.2f} |" in table
     assert "f32: decode with one core busy over the same engine's idle 1-thread decode" in table
 
 
@@ -274,3 +274,12 @@ def test_side_by_side_without_llama_bench(tiny, monkeypatch):
     side = side_by_side.run_side_by_side({"f32": tiny}, [1], side_by_side.QUICK_SIDE, None, 60, print)
     assert side == {"error": "skipped: no llama-bench: run `make peer`"}
     assert tables.side_by_side_table(side) == ["", "kvc beside llama.cpp: skipped: no llama-bench: run `make peer`"]
+
+
+def test_side_by_side_plot(tmp_path):
+    from kvc.bench.plot import plot_side_by_side
+    results = {"machine": {"cpu": "cpu", "usable_cores": 2, "date": "today"},
+               "side_by_side": {"rows": [{"dtype": "q8_0", "threads": 2, "test": "tg64", "kvc": [2.0, 3.0], "llama.cpp": [1.0]},
+                                         {"dtype": "q8_0", "threads": 2, "test": "tg64 busy", "kvc": [2.0], "llama.cpp": []}]}}
+    assert plot_side_by_side(results, tmp_path / "s.png") is None
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

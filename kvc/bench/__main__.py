@@ -16,7 +16,7 @@ from .cache_types import run_one_cache
 from .files import BENCH_DIR, DEFAULT_MODELS, require_model
 from .kvc_run import run_one
 from .no_cache import run_one_no_cache
-from .plot import plot, plot_cache
+from .plot import plot, plot_cache, plot_side_by_side
 from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     pngs = []
+    if results.get("side_by_side", {}).get("rows"):
+        pngs.append(("side_by_side.png", plot_side_by_side(results, out / "side_by_side.png")))
     if results["runs"]:
         pngs.append(("bench.png", plot(results, out / "bench.png")))
     if "cache_types" in results or "no_cache" in results:

@@ -1,5 +1,6 @@
-"""The PNGs (need matplotlib): bench.png, ms/token against position and tok/s bars per configuration;
-cache.png, ms/token and RSS against position per KV cache type, and generating with and without the cache."""
+"""The PNGs (need matplotlib): side_by_side.png, kvc over llama.cpp per figure; bench.png, ms/token
+against position and tok/s bars per configuration; cache.png, ms/token and RSS against position per
+KV cache type, and generating with and without the cache."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -134,4 +135,29 @@ def plot_cache(results: dict, path: Path) -> str | None:
     if nc and "error" not in nc:
         _no_cache_panels(ax3, ax4, nc)
     _save(plt, fig, results, "kvc KV cache, SmolLM2-135M-Instruct", path)
+    return None
+
+
+def plot_side_by_side(results: dict, path: Path) -> str | None:
+    """kvc over llama.cpp per (weights, threads, test) as bars (the ratio of the medians, log scale, 1 marked),
+    with each engine's median tok/s written on the bar; returns why not if matplotlib is missing."""
+    from .side_by_side import summarize
+
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed"
+    rows = [(r, summarize(r)) for r in results["side_by_side"]["rows"]]
+    rows = [(r, s) for r, s in rows if s["ratio"] is not None]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows) + 2), 5))
+    xs = np.arange(len(rows))
+    ax.bar(xs, [s["ratio"] for _, s in rows], color=["tab:blue" if "busy" not in r["test"] else "tab:orange" for r, _ in rows])
+    for x, (_, s) in zip(xs, rows):
+        ax.annotate(f"{s['kvc'][0]:.0f}\n{s['llama.cpp'][0]:.0f}", (x, s["ratio"]), ha="center", va="bottom", fontsize=6)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")  # 0.8x and 1.25x lie as far from 1 as they are
+    ax.set_xticks(xs, [f"{r['dtype']} t{r['threads']} {r['test']}" for r, _ in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("kvc / llama.cpp (median tok/s; kvc over llama.cpp on each bar)")
+    ax.set_title("kvc beside llama.cpp, alternated on the same weights (orange: one core busy)")
+    ax.grid(alpha=0.3, axis="y")
+    _save(plt, fig, results, "kvc vs llama.cpp, SmolLM2-135M-Instruct", path)
     return None
