@@ -1701,16 +1701,15 @@ static float dot_q8(const int8_t *w, const float *ws, const QuantizedRows *xq, i
     int shift = q8_simd_shift(group_size);
     if (shift >= 0) {
         const float *lanes = xq->lane_scale + (size_t)t * lane_scales_per_row(n);
-        __m512 acc = _mm512_setzero_ps(), acc2 = acc; // two chains: the FMAs' latency, not their count, set the pace
+        __m512 acc = _mm512_setzero_ps();
         for (int i = 0; i < n; i += 64) {
             __m512i bias;
             __m512 w_scale;
             __builtin_prefetch(w + i + PREFETCH_AHEAD);
             __m512i wv = q8_weights(w, ws, i, n, shift, &bias, &w_scale);
-            if (i % 128) acc2 = q8_chunk(acc2, wv, bias, w_scale, x + i, lanes + i / 4);
-            else acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
+            acc = q8_chunk(acc, wv, bias, w_scale, x + i, lanes + i / 4);
         }
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
+        return _mm512_reduce_add_ps(acc);
     }
 #endif
     const float *xs = xq->scale + (size_t)t * (n / group_size);
@@ -1776,26 +1775,23 @@ static float dot_q4(const uint8_t *w, const uint16_t *d, const uint16_t *m, cons
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     __builtin_prefetch(d + 8 * blocks); // the scale and min streams are too thin for the prefetcher
     if (m) __builtin_prefetch(m + 8 * blocks);
-    __m512 acc = _mm512_setzero_ps(), acc2 = acc; // two chains: the FMAs' latency, not their count, set the pace
+    __m512 acc = _mm512_setzero_ps();
     for (int span = 0; span < n; span += Q4_SPAN) {
-        int b = span / Q4_BLOCK, end = n - span < Q4_SPAN ? n : span + Q4_SPAN;
+        int b = span / Q4_BLOCK;
         __mmask16 mask = q4_span_mask(blocks, b);
         __m512 wd = q4_halves(d + b, mask), x_scale = _mm512_maskz_loadu_ps(mask, xs + b);
         __m512 offsets = q4_offset_factors(wd, m ? m + b : NULL, mask);
-        acc2 = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(mask, x_sum + b), acc2);
+        acc = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(mask, x_sum + b), acc);
         __m512 scale = _mm512_mul_ps(wd, x_scale);
         __m512i index = q4_pair_index();
-        for (int i = span; i < end; i += 128) { // two steps of 64 values: 64 bytes of weights
-            __builtin_prefetch(w + i / 2 + PREFETCH_AHEAD);
-            acc = _mm512_fmadd_ps(q4_sums(q4_weights(w, i, n), _mm512_loadu_si512(x + i)), _mm512_permutexvar_ps(index, scale), acc);
-            index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
-            if (i + 64 >= end) break;
-            acc2 = _mm512_fmadd_ps(q4_sums(q4_weights(w, i + 64, n), _mm512_loadu_si512(x + i + 64)),
-                                   _mm512_permutexvar_ps(index, scale), acc2);
+        for (int i = span; i < n && i < span + Q4_SPAN; i += 64) {
+            if (i % 128 == 0) __builtin_prefetch(w + i / 2 + PREFETCH_AHEAD); // 64 bytes: two steps' weights
+            __m512 sums = q4_sums(q4_weights(w, i, n), _mm512_loadu_si512(x + i));
+            acc = _mm512_fmadd_ps(sums, _mm512_permutexvar_ps(index, scale), acc);
             index = _mm512_add_epi32(index, _mm512_set1_epi32(2));
         }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
+    return _mm512_reduce_add_ps(acc);
 #else
     float sum = 0;
     for (int b = 0; b < blocks; b++) {
