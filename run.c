@@ -2330,23 +2330,62 @@ static float product(float x, float y) {
     return p;
 }
 
-// The iq4_nl level nearest x / d: how many midpoints between levels lie below it (a tie goes to the lower level).
-static int iq4_nl_level(float x, float d) {
-    float v = x / d;
-    int q = 0;
-    for (int k = 0; k < 15; k++) q += v > 0.5f * (float)(IQ4_NL_LEVELS[k] + IQ4_NL_LEVELS[k + 1]);
-    return q;
-}
+// The midpoint between iq4_nl levels k and k + 1.
+static float iq4_nl_midpoint(int k) { return 0.5f * (float)(IQ4_NL_LEVELS[k] + IQ4_NL_LEVELS[k + 1]); }
 
-// Each value's nearest level at scale d into q; returns sum (x - d L[q])^2, summed in order.
-static float iq4_nl_assign(const float *x, float d, uint8_t *q) {
-    float error = 0;
-    for (int j = 0; j < CACHE_GROUP; j++) {
-        q[j] = (uint8_t)iq4_nl_level(x[j], d);
-        float e = x[j] - product(d, IQ4_NL_LEVELS[q[j]]);
-        error += product(e, e);
+// The sum of a block's 32 terms s (AVX-512: in two registers, values 0-15 and 16-31) in a fixed
+// order, halving: s[i] + s[i + w] for w = 16, 8, 4, 2, 1, as the reference sums them.
+#if defined(__AVX512F__)
+static inline float block_sum(__m512 lo, __m512 hi) {
+    __m512 s16 = _mm512_add_ps(lo, hi);
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s16), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s16), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+#else
+static float block_sum(float *s) {
+    for (int w = CACHE_GROUP / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
+#endif
+
+// Each value's nearest iq4_nl level at scale d into q: how many midpoints between levels lie below
+// x / d (a tie goes to the lower level). Returns sum (x - d L[q])^2 and sets *xl = sum x L[q], each
+// product rounded by itself (never fused into an fma) and summed in block_sum's order.
+static float iq4_nl_assign(const float *x, float d, uint8_t *q, float *xl) {
+#if defined(__AVX512F__)
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; // the _round products are never fused
+    __m512 vd = _mm512_set1_ps(d), levels = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)IQ4_NL_LEVELS)));
+    __m512 e2[2], p[2];
+    for (int h = 0; h < 2; h++) {
+        __m512 xv = _mm512_loadu_ps(x + 16 * h), v = _mm512_div_ps(xv, vd);
+        __m512i level = _mm512_setzero_si512();
+        for (int k = 0; k < 15; k++)
+            level = _mm512_mask_add_epi32(level, _mm512_cmp_ps_mask(v, _mm512_set1_ps(iq4_nl_midpoint(k)), _CMP_GT_OQ), level,
+                                          _mm512_set1_epi32(1));
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(level));
+        __m512 l = _mm512_permutexvar_ps(level, levels), e = _mm512_sub_ps(xv, _mm512_mul_round_ps(vd, l, round));
+        e2[h] = _mm512_mul_round_ps(e, e, round);
+        p[h] = _mm512_mul_round_ps(xv, l, round);
     }
-    return error;
+    *xl = block_sum(p[0], p[1]);
+    return block_sum(e2[0], e2[1]);
+#else
+    float e2[CACHE_GROUP], p[CACHE_GROUP];
+    for (int j = 0; j < CACHE_GROUP; j++) {
+        float v = x[j] / d;
+        int level = 0;
+        for (int k = 0; k < 15; k++) level += v > iq4_nl_midpoint(k);
+        q[j] = (uint8_t)level;
+        float e = x[j] - product(d, IQ4_NL_LEVELS[level]);
+        e2[j] = product(e, e);
+        p[j] = product(x[j], IQ4_NL_LEVELS[level]);
+    }
+    *xl = block_sum(p);
+    return block_sum(e2);
+#endif
 }
 
 // An iq4_nl block: for each trial scale d = peak / t (peak: the first value of largest magnitude),
@@ -2366,15 +2405,12 @@ static void store_iq4_nl(uint8_t *b, const float *x) {
         uint16_t d16 = f32_to_f16(peak / IQ4_NL_TRIALS[i]);
         float d = f16_to_f32(d16);
         if (d == 0 || !isfinite(d)) continue;
-        float error = iq4_nl_assign(x, d, q), xl = 0;
+        float xl, error = iq4_nl_assign(x, d, q, &xl);
         int ll = 0; // exact: at most 32 x 127^2
-        for (int j = 0; j < CACHE_GROUP; j++) {
-            xl += product(x[j], IQ4_NL_LEVELS[q[j]]);
-            ll += IQ4_NL_LEVELS[q[j]] * IQ4_NL_LEVELS[q[j]];
-        }
+        for (int j = 0; j < CACHE_GROUP; j++) ll += IQ4_NL_LEVELS[q[j]] * IQ4_NL_LEVELS[q[j]];
         uint16_t refit16 = f32_to_f16(xl / (float)ll);
         float refit = f16_to_f32(refit16);
-        if (refit != 0 && isfinite(refit)) d16 = refit16, error = iq4_nl_assign(x, refit, q);
+        if (refit != 0 && isfinite(refit)) d16 = refit16, error = iq4_nl_assign(x, refit, q, &xl);
         if (!found || error < best_error) {
             found = 1;
             best_error = error;
@@ -2395,8 +2431,7 @@ static void store_q4_0(uint8_t *b, const float *x) {
     memcpy(b, &d16, 2);
     uint8_t q[CACHE_GROUP];
     for (int j = 0; j < CACHE_GROUP; j++) {
-        volatile float scaled = x[j] * inv; // rounded before the add, never fused into an fma: as the reference
-        float v = floorf(scaled + 8.5f);
+        float v = floorf(product(x[j], inv) + 8.5f);
         q[j] = (uint8_t)(v < 0 ? 0 : v > 15 ? 15 : v);
     }
     for (int j = 0; j < CACHE_GROUP / 2; j++) b[2 + j] = (uint8_t)(q[j] | q[j + CACHE_GROUP / 2] << 4);

@@ -61,16 +61,21 @@ def _q4_0(x: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * d[:, None]).reshape(x.shape)
 
 
-def _iq4_nl_assign(g: torch.Tensor, d: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks g (B, 32) at scales d (B,): each value's nearest level index (the midpoints below
-    g / d; a tie goes to the lower level) and sum (g - d L[q])^2, summed in order as run.c sums."""
+def _block_sum(s: torch.Tensor) -> torch.Tensor:
+    """s (B, 32) summed per row in run.c's block_sum order: s[i] + s[i + w] for w = 16, 8, 4, 2, 1."""
+    while s.shape[1] > 1:
+        half = s.shape[1] // 2
+        s = s[:, :half] + s[:, half:]
+    return s[:, 0]
+
+
+def _iq4_nl_assign(g: torch.Tensor, d: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Blocks g (B, 32) at scales d (B,): each value's nearest level index q (the midpoints below
+    g / d; a tie goes to the lower level), sum (g - d L[q])^2 and sum g L[q], summed as run.c sums."""
     mids = (levels[:-1] + levels[1:]) / 2
     q = ((g / d[:, None])[..., None] > mids).sum(-1)
-    error = torch.zeros_like(d)
-    for j in range(GROUP):  # one value at a time: float32 sums in run.c's order
-        e = g[:, j] - d * levels[q[:, j]]
-        error = error + e * e
-    return q, error
+    e = g - d[:, None] * levels[q]
+    return q, _block_sum(e * e), _block_sum(g * levels[q])
 
 
 def iq4_nl_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +98,12 @@ def iq4_nl_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = d16.to(torch.float32)
         ok = (d != 0) & torch.isfinite(d)
         d = torch.where(ok, d, torch.ones_like(d))  # placeholders where not ok, never chosen
-        q, error = _iq4_nl_assign(g, d, levels)
-        xl = torch.zeros_like(d)
-        for j in range(GROUP):
-            xl = xl + g[:, j] * levels[q[:, j]]
+        q, error, xl = _iq4_nl_assign(g, d, levels)
         ll = (levels[q].to(torch.int64) ** 2).sum(dim=1).to(torch.float32)
         refit16 = (xl / ll).to(torch.float16)
         refit = refit16.to(torch.float32)
         use = (refit != 0) & torch.isfinite(refit)
-        q2, error2 = _iq4_nl_assign(g, torch.where(use, refit, torch.ones_like(refit)), levels)
+        q2, error2, _ = _iq4_nl_assign(g, torch.where(use, refit, torch.ones_like(refit)), levels)
         d16 = torch.where(use, refit16, d16)
         q = torch.where(use[:, None], q2, q)
         error = torch.where(use, error2, error)
