@@ -4015,8 +4015,8 @@ int main(int argc, char **argv) {
     Sequence *seq = kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
     if (seq->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
-        fprintf(stderr, "note: %s has no key_mean: iq4_nl keys are stored uncentered (export the model again for them)\n",
-                checkpoint);
+        fprintf(stderr, "note: %s has no key_mean, so iq4_nl keys are stored uncentered, at a cost in quality "
+                "(python -m export measures one)\n", checkpoint);
     Sampler sampler;
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
     error_message[0] = 0;
