@@ -57,11 +57,12 @@ $(SP_MODEL):
 	touch $@
 
 model: $(MODEL)
-models/smollm2-135m-instruct.bin: $(SMOLLM2_GGUF) $(EXPORTER) | setup
+# (the exporter runs libkvc.so over calibration text to measure the model's key_mean)
+models/smollm2-135m-instruct.bin: $(SMOLLM2_GGUF) $(EXPORTER) libkvc.so | setup
 	mkdir -p models
 	$(PY) -m export $(SMOLLM2_GGUF) $@
 
-models/smollm2-135m-instruct.%.bin: $(SMOLLM2_GGUF) $(EXPORTER) | setup
+models/smollm2-135m-instruct.%.bin: $(SMOLLM2_GGUF) $(EXPORTER) libkvc.so | setup
 	mkdir -p models
 	$(PY) -m export --dtype $* $(SMOLLM2_GGUF) $@
 

@@ -144,6 +144,7 @@ typedef struct {
     int input_group;            // values per scale of the int8 matmul inputs: every quantized matrix's
                                 // group size (0: all matrices are f32)
     int input_sums;             // q4 matrices also take each input group's sum
+    const float *key_mean;      // (layer, n_kv_heads, head_dim) the mean key after RoPE (take_key_mean), or NULL
 } Weights;
 
 static Matrix matrix_at(Matrix m, size_t index, size_t numel) {
@@ -1445,6 +1446,22 @@ static int chat_read_section(ChatTemplate *chat, Cursor *c, const Config *p) {
     return 0;
 }
 
+// A kvc weights section may end with one more tensor, float32 key_mean (n_layers, n_kv_heads,
+// head_dim): each kv head's mean key after RoPE, which an iq4_nl cache takes from every key before
+// storing it. The section's size says whether it is there; the rest of the section must be it.
+static int take_key_mean(Cursor *c, const Config *p, Weights *w) {
+    size_t n = (size_t)p->n_layers * kv_dim(p), start = (c->pos + c->align - 1) / c->align * c->align;
+    if (c->pos == c->size) return 0;
+    if (start > c->size || c->size - start != n * sizeof(float))
+        return fail("bad header: the weights section is %zu bytes but the dims need %zu (%zu with key_mean)", c->size,
+                    c->pos, start + n * sizeof(float));
+    if (take_floats(c, n, "key_mean", &w->key_mean)) return -1;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(w->key_mean[i]))
+            return fail("bad key_mean: value %zu (layer %zu) is %g", i, i / kv_dim(p), w->key_mean[i]);
+    return 0;
+}
+
 static int open_kvc(Model *m) {
     const uint8_t *h = m->map;
     Config *p = &m->config;
@@ -1458,10 +1475,9 @@ static int open_kvc(Model *m) {
     Section tokenizer = hdr.tokenizer, chat = hdr.chat, weights = hdr.weights;
     Cursor c;
     if (section_cursor(m, weights, "weights", 64, &c)) return -1;
-    if (take_weights_embeddings_first(&c, p, &hdr.types, &m->weights) || take_classifier(&c, p, &hdr.types, &m->weights))
+    if (take_weights_embeddings_first(&c, p, &hdr.types, &m->weights) || take_classifier(&c, p, &hdr.types, &m->weights) ||
+        take_key_mean(&c, p, &m->weights))
         return -1;
-    if (c.pos != c.size)
-        return fail("bad header: the weights section is %zu bytes but the dims need %zu", c.size, c.pos);
     if (section_cursor(m, chat, "chat template", 1, &c) || chat_read_section(&m->chat, &c, p)) return -1;
     if (tokenizer.size == 0) return 0;
     if (section_cursor(m, tokenizer, "tokenizer", 1, &c)) return -1;
@@ -2226,19 +2242,38 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
 // kv_axpy). Nothing outside this section knows the layout or the element type, so a quantized
 // type, a ring buffer or a block table changes this section only.
 
-enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_BF16 = 2, CACHE_Q8_0 = 3, CACHE_Q4_0 = 4, N_CACHE_TYPES = 5 };
-#define CACHE_GROUP 32 // values per fp16 scale in q8_0 and q4_0 blocks
+enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_BF16 = 2, CACHE_Q8_0 = 3, CACHE_Q4_0 = 4, CACHE_IQ4_NL = 5, N_CACHE_TYPES = 6 };
+#define CACHE_GROUP 32 // values per fp16 scale in q8_0, q4_0 and iq4_nl blocks
 
 // A row is stored in blocks of `values` values in `bytes` bytes. q8_0: an fp16 scale d, then 32
 // int8 q, x = q * d. q4_0: an fp16 scale d, then 16 bytes holding value j in the low nibble of
-// byte j and value j + 16 in its high nibble, x = (q - 8) * d (GGML's blocks, so the numbers compare).
+// byte j and value j + 16 in its high nibble, x = (q - 8) * d. iq4_nl: q4_0's bytes, x =
+// IQ4_NL_LEVELS[q] * d (GGML's blocks, so the numbers compare and -ctk names the same storage).
 static const struct { const char *name; int values, bytes; } CACHE_TYPES[N_CACHE_TYPES] = {
     [CACHE_F32] = {"f32", 1, 4},
     [CACHE_F16] = {"f16", 1, 2},
     [CACHE_BF16] = {"bf16", 1, 2},
     [CACHE_Q8_0] = {"q8_0", CACHE_GROUP, 2 + CACHE_GROUP},
     [CACHE_Q4_0] = {"q4_0", CACHE_GROUP, 2 + CACHE_GROUP / 2},
+    [CACHE_IQ4_NL] = {"iq4_nl", CACHE_GROUP, 2 + CACHE_GROUP / 2},
 };
+
+// iq4_nl's 16 levels (GGML's kvalues_iq4nl), denser near zero. They fit int8, so the int8 kernels
+// read iq4_nl exactly as they read q8_0.
+static const int8_t IQ4_NL_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+// The scales store_iq4_nl tries for a block, as peak / t: the peak on or near either end level.
+static const float IQ4_NL_TRIALS[] = {-141, -134, -127, -120, -113, -106, 127, 120, 113, 106};
+
+// An iq4_nl cache also centers its keys and keeps its first position apart: every key is stored
+// less its kv head's mean key (the model's key_mean; none: nothing taken), which leaves attention
+// unchanged (a query's scores all move by q . mean, and softmax ignores that), and position 0, the
+// attention sink most heads look at, is stored as CACHE_SINK_TYPE in a slot of its own.
+#define CACHE_SINK_TYPE CACHE_Q8_0
+
+static int cache_4bit(int type) { return type == CACHE_Q4_0 || type == CACHE_IQ4_NL; }
+static int cache_has_sink(int type) { return type == CACHE_IQ4_NL; }
+// Types stored in blocks of int8 values (4-bit ones unpacked to int8) and a scale: read by int8 kernels.
+static int cache_int8(int type) { return type == CACHE_Q8_0 || cache_4bit(type); }
 
 // What a sequence's cache stores: element types of keys and values, and whether each head's keys
 // (and queries) and values (and attention output) are turned by an orthonormal Hadamard rotation
@@ -2253,6 +2288,10 @@ typedef struct {
     int n_layers, n_kv_heads, capacity, kv_dim, head_dim;
     size_t head_row_k, head_row_v;  // bytes of one head's keys, values at one position
     uint8_t *keys, *values;         // (n_layers, n_kv_heads, capacity, head_row_k / head_row_v bytes)
+    size_t head_row_sink;           // bytes of one head's row as CACHE_SINK_TYPE
+    uint8_t *sink_keys, *sink_values; // (n_layers, n_kv_heads, head_row_sink bytes): position 0 when the
+                                      // keys / values have a sink (cache_has_sink), else NULL
+    const float *key_mean;          // (n_layers, n_kv_heads, head_dim) taken from iq4_nl keys, else NULL
 } KVCache;
 
 // Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
@@ -2328,6 +2367,104 @@ static void store_q8_0(uint8_t *b, const float *x) {
     }
 }
 
+// x * y rounded to float32 by itself, never fused with a following add into an fma: as the reference rounds it.
+static float product(float x, float y) {
+    volatile float p = x * y;
+    return p;
+}
+
+// The midpoint between iq4_nl levels k and k + 1.
+static float iq4_nl_midpoint(int k) { return 0.5f * (float)(IQ4_NL_LEVELS[k] + IQ4_NL_LEVELS[k + 1]); }
+
+// The sum of a block's 32 terms s (AVX-512: in two registers, values 0-15 and 16-31) in a fixed
+// order, halving: s[i] + s[i + w] for w = 16, 8, 4, 2, 1, as the reference sums them.
+#if defined(__AVX512F__)
+static inline float block_sum(__m512 lo, __m512 hi) {
+    __m512 s16 = _mm512_add_ps(lo, hi);
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s16), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s16), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+#else
+static float block_sum(float *s) {
+    for (int w = CACHE_GROUP / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    return s[0];
+}
+#endif
+
+// Each value's nearest iq4_nl level at scale d into q: how many midpoints between levels lie below
+// x / d (a tie goes to the lower level). Returns sum (x - d L[q])^2 and sets *xl = sum x L[q], each
+// product rounded by itself (never fused into an fma) and summed in block_sum's order.
+static float iq4_nl_assign(const float *x, float d, uint8_t *q, float *xl) {
+#if defined(__AVX512F__)
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; // the _round products are never fused
+    __m512 vd = _mm512_set1_ps(d), levels = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)IQ4_NL_LEVELS)));
+    __m512 e2[2], p[2];
+    for (int h = 0; h < 2; h++) {
+        __m512 xv = _mm512_loadu_ps(x + 16 * h), v = _mm512_div_ps(xv, vd);
+        __m512i level = _mm512_setzero_si512();
+        for (int k = 0; k < 15; k++)
+            level = _mm512_mask_add_epi32(level, _mm512_cmp_ps_mask(v, _mm512_set1_ps(iq4_nl_midpoint(k)), _CMP_GT_OQ), level,
+                                          _mm512_set1_epi32(1));
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(level));
+        __m512 l = _mm512_permutexvar_ps(level, levels), e = _mm512_sub_ps(xv, _mm512_mul_round_ps(vd, l, round));
+        e2[h] = _mm512_mul_round_ps(e, e, round);
+        p[h] = _mm512_mul_round_ps(xv, l, round);
+    }
+    *xl = block_sum(p[0], p[1]);
+    return block_sum(e2[0], e2[1]);
+#else
+    float e2[CACHE_GROUP], p[CACHE_GROUP];
+    for (int j = 0; j < CACHE_GROUP; j++) {
+        float v = x[j] / d;
+        int level = 0;
+        for (int k = 0; k < 15; k++) level += v > iq4_nl_midpoint(k);
+        q[j] = (uint8_t)level;
+        float e = x[j] - product(d, IQ4_NL_LEVELS[level]);
+        e2[j] = product(e, e);
+        p[j] = product(x[j], IQ4_NL_LEVELS[level]);
+    }
+    *xl = block_sum(p);
+    return block_sum(e2);
+#endif
+}
+
+// An iq4_nl block: for each trial scale d = peak / t (peak: the first value of largest magnitude),
+// the nearest levels, then d refit by least squares to those levels and the levels chosen again;
+// the scale with the smallest squared error wins (the first of equals). No usable scale (an
+// all-zero block): level 1 times peak / -127.
+static void store_iq4_nl(uint8_t *b, const float *x) {
+    if (store_nonfinite(b, x, CACHE_TYPES[CACHE_IQ4_NL].bytes)) return;
+    float peak = x[0];
+    for (int j = 1; j < CACHE_GROUP; j++) if (fabsf(x[j]) > fabsf(peak)) peak = x[j];
+    uint16_t best_d = f32_to_f16(peak / -127.0f);
+    uint8_t best[CACHE_GROUP], q[CACHE_GROUP];
+    memset(best, 8, sizeof best); // level 1
+    float best_error = 0;
+    int found = 0;
+    for (size_t i = 0; i < sizeof IQ4_NL_TRIALS / sizeof IQ4_NL_TRIALS[0]; i++) {
+        uint16_t d16 = f32_to_f16(peak / IQ4_NL_TRIALS[i]);
+        float d = f16_to_f32(d16);
+        if (d == 0 || !isfinite(d)) continue;
+        float xl, error = iq4_nl_assign(x, d, q, &xl);
+        int ll = 0; // exact: at most 32 x 127^2
+        for (int j = 0; j < CACHE_GROUP; j++) ll += IQ4_NL_LEVELS[q[j]] * IQ4_NL_LEVELS[q[j]];
+        uint16_t refit16 = f32_to_f16(xl / (float)ll);
+        float refit = f16_to_f32(refit16);
+        if (refit != 0 && isfinite(refit)) d16 = refit16, error = iq4_nl_assign(x, refit, q, &xl);
+        if (!found || error < best_error) {
+            found = 1;
+            best_error = error;
+            best_d = d16;
+            memcpy(best, q, sizeof q);
+        }
+    }
+    memcpy(b, &best_d, 2);
+    for (int j = 0; j < CACHE_GROUP / 2; j++) b[2 + j] = (uint8_t)(best[j] | best[j + CACHE_GROUP / 2] << 4);
+}
+
 static void store_q4_0(uint8_t *b, const float *x) {
     if (store_nonfinite(b, x, CACHE_TYPES[CACHE_Q4_0].bytes)) return;
     float max = x[0]; // the first value of largest magnitude, with its sign: it becomes -8 * d
@@ -2337,8 +2474,7 @@ static void store_q4_0(uint8_t *b, const float *x) {
     memcpy(b, &d16, 2);
     uint8_t q[CACHE_GROUP];
     for (int j = 0; j < CACHE_GROUP; j++) {
-        volatile float scaled = x[j] * inv; // rounded before the add, never fused into an fma: as the reference
-        float v = floorf(scaled + 8.5f);
+        float v = floorf(product(x[j], inv) + 8.5f);
         q[j] = (uint8_t)(v < 0 ? 0 : v > 15 ? 15 : v);
     }
     for (int j = 0; j < CACHE_GROUP / 2; j++) b[2 + j] = (uint8_t)(q[j] | q[j + CACHE_GROUP / 2] << 4);
@@ -2352,29 +2488,56 @@ static void store_row(int type, uint8_t *dst, const float *x, int n) {
     case CACHE_BF16: for (int i = 0; i < n; i++) { uint16_t h = f32_to_bf16(x[i]); memcpy(dst + 2 * i, &h, 2); } break;
     case CACHE_Q8_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q8_0(dst + row_bytes(type, i), x + i); break;
     case CACHE_Q4_0: for (int i = 0; i < n; i += CACHE_GROUP) store_q4_0(dst + row_bytes(type, i), x + i); break;
+    case CACHE_IQ4_NL: for (int i = 0; i < n; i += CACHE_GROUP) store_iq4_nl(dst + row_bytes(type, i), x + i); break;
     }
 }
 
-// n copies of `fill` stored as `type` (as near as the type gets: a q block is the scale fill times
+// n copies of `fill` stored as `type` (as near as the type gets: a block is the scale fill times
 // one step, so NaN fills every value with NaN).
 static void fill_row(int type, uint8_t *dst, float fill, int n) {
-    if (type == CACHE_Q8_0 || type == CACHE_Q4_0) {
+    if (cache_int8(type)) {
         uint16_t d16 = f32_to_f16(fill);
+        int one = type == CACHE_Q8_0 ? 1 : type == CACHE_Q4_0 ? 0x99 : 0x88; // q = 1; 9 - 8 = 1; level 8 = 1
         for (int i = 0; i < n; i += CACHE_GROUP, dst += CACHE_TYPES[type].bytes) {
             memcpy(dst, &d16, 2);
-            memset(dst + 2, type == CACHE_Q8_0 ? 1 : 0x99, CACHE_TYPES[type].bytes - 2); // q = 1, or 9 - 8 = 1
+            memset(dst + 2, one, CACHE_TYPES[type].bytes - 2);
         }
         return;
     }
     for (int i = 0; i < n; i++) store_row(type, dst + row_bytes(type, i), &fill, 1); // no row-sized buffer: kv_dim can be large
 }
 
-// The fp16 scale at the start of a q8_0/q4_0 block.
+// The fp16 scale at the start of a q8_0/q4_0/iq4_nl block.
 static float block_scale(const uint8_t *block) {
     uint16_t d;
     memcpy(&d, block, 2);
     return f16_to_f32(d);
 }
+
+// Value j of a q8_0/q4_0/iq4_nl block as an int8 (x = it times the block's scale).
+static int block_value(int type, const uint8_t *block, int j) {
+    if (type == CACHE_Q8_0) return (int8_t)block[2 + j];
+    int q = j < CACHE_GROUP / 2 ? block[2 + j] & 15 : block[2 + j - CACHE_GROUP / 2] >> 4;
+    return type == CACHE_Q4_0 ? q - 8 : IQ4_NL_LEVELS[q];
+}
+
+#if defined(__AVX512F__)
+// The int8 values of a q4_0/iq4_nl block's 16 bytes of nibbles: values 0-15 (the low nibbles) into
+// lo, 16-31 into hi.
+static inline void nibble_values(int type, __m128i bytes, __m128i *lo, __m128i *hi) {
+    __m128i nibble = _mm_set1_epi8(15);
+    *lo = _mm_and_si128(bytes, nibble);
+    *hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    if (type == CACHE_Q4_0) {
+        *lo = _mm_sub_epi8(*lo, _mm_set1_epi8(8));
+        *hi = _mm_sub_epi8(*hi, _mm_set1_epi8(8));
+    } else {
+        __m128i levels = _mm_loadu_si128((const __m128i *)IQ4_NL_LEVELS);
+        *lo = _mm_shuffle_epi8(levels, *lo);
+        *hi = _mm_shuffle_epi8(levels, *hi);
+    }
+}
+#endif
 
 // n values stored as `type` at src, as float32 into out: every build gives the same bits.
 static void load_row(int type, const uint8_t *src, float *out, int n) {
@@ -2398,26 +2561,18 @@ static void load_row(int type, const uint8_t *src, float *out, int n) {
         return;
     case CACHE_Q8_0:
     case CACHE_Q4_0:
+    case CACHE_IQ4_NL:
         for (; i < n; i += CACHE_GROUP, src += CACHE_TYPES[type].bytes) {
             float d = block_scale(src);
-            const uint8_t *q = src + 2;
 #if defined(__AVX512F__)
             __m512 vd = _mm512_set1_ps(d);
-            __m512i lo, hi;
-            if (type == CACHE_Q8_0) {
-                lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
-                hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
-            } else {
-                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), eight = _mm512_set1_epi32(8);
-                lo = _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), eight);
-                hi = _mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight);
-            }
-            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), vd));
-            _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), vd));
+            __m128i lo = _mm_loadu_si128((const __m128i *)(src + 2)), hi;
+            if (type == CACHE_Q8_0) hi = _mm_loadu_si128((const __m128i *)(src + 18));
+            else nibble_values(type, lo, &lo, &hi);
+            _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), vd));
+            _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), vd));
 #else
-            for (int j = 0; j < CACHE_GROUP; j++)
-                out[i + j] = d * (type == CACHE_Q8_0 ? (float)(int8_t)q[j]
-                                  : (float)((j < CACHE_GROUP / 2 ? q[j] & 15 : q[j - CACHE_GROUP / 2] >> 4) - 8));
+            for (int j = 0; j < CACHE_GROUP; j++) out[i + j] = d * (float)block_value(type, src, j);
 #endif
         }
         return;
@@ -2442,7 +2597,7 @@ static void hadamard(float *x, int n) {
 // A spec for heads of head_dim values; rotate < 0 picks the default: rotate when a type is 4-bit,
 // where it matters most, and head_dim is a power of two (the rotation's size), as llama.cpp does.
 static CacheSpec cache_spec(int type_k, int type_v, int rotate, int head_dim) {
-    if (rotate < 0) rotate = (type_k == CACHE_Q4_0 || type_v == CACHE_Q4_0) && (head_dim & (head_dim - 1)) == 0;
+    if (rotate < 0) rotate = (cache_4bit(type_k) || cache_4bit(type_v)) && (head_dim & (head_dim - 1)) == 0;
     return (CacheSpec){type_k, type_v, rotate != 0};
 }
 
@@ -2461,13 +2616,16 @@ static int cache_spec_check(const CacheSpec *spec, int head_dim) {
     return 0;
 }
 
-// Bytes a cache of `capacity` positions takes, keys and values (what cache_init allocates).
+// Bytes a cache of `capacity` positions takes, keys and values with their sink slots (what cache_init allocates).
 static double cache_bytes(const Config *p, const CacheSpec *spec, int capacity) {
-    return (double)p->n_layers * capacity * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p)));
+    int sinks = cache_has_sink(spec->type_k) + cache_has_sink(spec->type_v);
+    return (double)p->n_layers * (capacity * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p))) +
+                                  sinks * row_bytes(CACHE_SINK_TYPE, kv_dim(p)));
 }
 
-// A cache of `capacity` positions as spec says (checked by cache_spec_check).
-static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int capacity) {
+// A cache of `capacity` positions as spec says (checked by cache_spec_check); key_mean (n_layers,
+// n_kv_heads, head_dim) or NULL is the model's, for iq4_nl keys.
+static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int capacity, const float *key_mean) {
     c->spec = *spec;
     c->n_layers = p->n_layers;
     c->n_kv_heads = p->n_kv_heads;
@@ -2476,31 +2634,43 @@ static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int ca
     c->head_dim = p->head_dim;
     c->head_row_k = row_bytes(spec->type_k, c->head_dim);
     c->head_row_v = row_bytes(spec->type_v, c->head_dim);
-    size_t rows = (size_t)c->n_layers * c->n_kv_heads * capacity;
+    c->head_row_sink = row_bytes(CACHE_SINK_TYPE, c->head_dim);
+    size_t rows = (size_t)c->n_layers * c->n_kv_heads * capacity, heads = (size_t)c->n_layers * c->n_kv_heads;
     c->keys = alloc_zeroed(rows, c->head_row_k);
     c->values = alloc_zeroed(rows, c->head_row_v);
-    return c->keys && c->values ? 0 : -1;
+    c->sink_keys = cache_has_sink(spec->type_k) ? alloc_zeroed(heads, c->head_row_sink) : NULL;
+    c->sink_values = cache_has_sink(spec->type_v) ? alloc_zeroed(heads, c->head_row_sink) : NULL;
+    c->key_mean = spec->type_k == CACHE_IQ4_NL ? key_mean : NULL;
+    return c->keys && c->values && (c->sink_keys || !cache_has_sink(spec->type_k)) &&
+           (c->sink_values || !cache_has_sink(spec->type_v)) ? 0 : -1;
 }
 
 static void cache_free(KVCache *c) {
     free(c->keys);
     free(c->values);
+    free(c->sink_keys);
+    free(c->sink_values);
 }
 
-// The index of row (layer, head, pos): rows of head_row_k bytes in keys, head_row_v in values.
-static size_t cache_row(const KVCache *c, int layer, int head, int pos) {
-    return ((size_t)layer * c->n_kv_heads + head) * c->capacity + pos;
-}
-
-// One head's head_dim values x stored as `type` at dst, turned by the rotation first when the cache rotates.
-static void store_head(const KVCache *c, int type, uint8_t *dst, const float *x) {
-    if (!c->spec.rotate) {
-        store_row(type, dst, x, c->head_dim);
-        return;
+// Where row (layer, head, pos) of the keys (value 0) or the values (1) lies, and its type: position
+// 0 of a type with a sink lies in the sink slot, every other row in keys / values.
+static uint8_t *cache_slot(const KVCache *c, int value, int layer, int head, int pos, int *type) {
+    uint8_t *sink = value ? c->sink_values : c->sink_keys;
+    size_t index = (size_t)layer * c->n_kv_heads + head;
+    if (pos == 0 && sink) {
+        *type = CACHE_SINK_TYPE;
+        return sink + index * c->head_row_sink;
     }
+    *type = value ? c->spec.type_v : c->spec.type_k;
+    return (value ? c->values : c->keys) + (index * c->capacity + pos) * (value ? c->head_row_v : c->head_row_k);
+}
+
+// One head's head_dim values x, less `mean` (NULL: none), stored as `type` at dst, turned by the
+// rotation first when the cache rotates.
+static void store_head(const KVCache *c, int type, uint8_t *dst, const float *x, const float *mean) {
     float head[c->head_dim]; // head_dim <= 4096 (check_config): 16 KB at most
-    memcpy(head, x, sizeof head);
-    hadamard(head, c->head_dim);
+    for (int i = 0; i < c->head_dim; i++) head[i] = mean ? x[i] - mean[i] : x[i];
+    if (c->spec.rotate) hadamard(head, c->head_dim);
     store_row(type, dst, head, c->head_dim);
 }
 
@@ -2509,17 +2679,29 @@ static void store_head(const KVCache *c, int type, uint8_t *dst, const float *x)
 static void cache_write(KVCache *c, int layer, int pos, int n, const float *k, const float *v) {
     for (int t = 0; t < n; t++)
         for (int h = 0; h < c->n_kv_heads; h++) {
-            size_t row = cache_row(c, layer, h, pos + t), at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
-            store_head(c, c->spec.type_k, c->keys + row * c->head_row_k, k + at);
-            store_head(c, c->spec.type_v, c->values + row * c->head_row_v, v + at);
+            size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
+            const float *mean = c->key_mean ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)h * c->head_dim : NULL;
+            int type;
+            uint8_t *dst = cache_slot(c, 0, layer, h, pos + t, &type);
+            store_head(c, type, dst, k + at, mean);
+            dst = cache_slot(c, 1, layer, h, pos + t, &type);
+            store_head(c, type, dst, v + at, NULL);
         }
 }
 
-// The run of positions pos.. of a layer, at most n long (ranges are read run after run).
+// The run of positions pos.. of a layer, at most n long (ranges are read run after run): position
+// 0 alone when it lies in a sink slot.
 static KVRun cache_run(const KVCache *c, int layer, int pos, int n) {
-    size_t row = cache_row(c, layer, 0, pos), head = (size_t)c->capacity;
-    return (KVRun){c->spec.type_k, c->spec.type_v, c->keys + row * c->head_row_k, c->values + row * c->head_row_v,
-                   c->head_row_k, c->head_row_v, head * c->head_row_k, head * c->head_row_v, n};
+    KVRun r;
+    r.keys = cache_slot(c, 0, layer, 0, pos, &r.type_k);
+    r.values = cache_slot(c, 1, layer, 0, pos, &r.type_v);
+    int sink_k = pos == 0 && c->sink_keys, sink_v = pos == 0 && c->sink_values;
+    r.key_stride = sink_k ? c->head_row_sink : c->head_row_k;
+    r.value_stride = sink_v ? c->head_row_sink : c->head_row_v;
+    r.key_head = sink_k ? c->head_row_sink : c->capacity * c->head_row_k;
+    r.value_head = sink_v ? c->head_row_sink : c->capacity * c->head_row_v;
+    r.n = sink_k || sink_v ? 1 : n;
+    return r;
 }
 
 // One stored head row as float32 head_dim values, rotated back.
@@ -2529,37 +2711,46 @@ static void load_head(const KVCache *c, int type, const uint8_t *src, float *out
 }
 
 // Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each: what the cache
-// holds, dequantized and rotated back.
+// holds, dequantized and rotated back (iq4_nl keys: less the model's key_mean, as they are stored).
 static void cache_read(const KVCache *c, int layer, int pos, int n, float *keys, float *values) {
     for (int t = 0; t < n; t++)
         for (int h = 0; h < c->n_kv_heads; h++) {
-            size_t row = cache_row(c, layer, h, pos + t), at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
-            load_head(c, c->spec.type_k, c->keys + row * c->head_row_k, keys + at);
-            load_head(c, c->spec.type_v, c->values + row * c->head_row_v, values + at);
+            size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
+            int type;
+            const uint8_t *src = cache_slot(c, 0, layer, h, pos + t, &type);
+            load_head(c, type, src, keys + at);
+            src = cache_slot(c, 1, layer, h, pos + t, &type);
+            load_head(c, type, src, values + at);
         }
+}
+
+// `rows` rows of `bytes` at dst set to `fill` stored as `type`.
+static void fill_rows(int type, uint8_t *dst, size_t rows, size_t bytes, float fill, int head_dim) {
+    fill_row(type, dst, fill, head_dim);
+    for (size_t r = 1; r < rows; r++) memcpy(dst + r * bytes, dst, bytes);
 }
 
 // Sets every slot to `fill`: 0 to forget, NaN so that any read of a slot never written shows (in
 // every type: NaN stores as a NaN scale in the q types).
 static void cache_reset(KVCache *c, float fill) {
-    size_t rows = (size_t)c->n_layers * c->n_kv_heads * c->capacity;
+    size_t rows = (size_t)c->n_layers * c->n_kv_heads * c->capacity, heads = (size_t)c->n_layers * c->n_kv_heads;
     if (fill == 0) { // all-zero bytes are 0 in every type
         memset(c->keys, 0, rows * c->head_row_k);
         memset(c->values, 0, rows * c->head_row_v);
+        if (c->sink_keys) memset(c->sink_keys, 0, heads * c->head_row_sink);
+        if (c->sink_values) memset(c->sink_values, 0, heads * c->head_row_sink);
         return;
     }
-    fill_row(c->spec.type_k, c->keys, fill, c->head_dim);
-    fill_row(c->spec.type_v, c->values, fill, c->head_dim);
-    for (size_t r = 1; r < rows; r++) {
-        memcpy(c->keys + r * c->head_row_k, c->keys, c->head_row_k);
-        memcpy(c->values + r * c->head_row_v, c->values, c->head_row_v);
-    }
+    fill_rows(c->spec.type_k, c->keys, rows, c->head_row_k, fill, c->head_dim);
+    fill_rows(c->spec.type_v, c->values, rows, c->head_row_v, fill, c->head_dim);
+    if (c->sink_keys) fill_rows(CACHE_SINK_TYPE, c->sink_keys, heads, c->head_row_sink, fill, c->head_dim);
+    if (c->sink_values) fill_rows(CACHE_SINK_TYPE, c->sink_values, heads, c->head_row_sink, fill, c->head_dim);
 }
 
 // ---- Reading the cache: attention's scores and weighted sums, straight from the stored type
 
 // A kv head's group of query heads as its keys are read with them (cache_query makes it): float32,
-// rotated as the keys are; for int8 keys (q8_0, q4_0) also quantized per CACHE_GROUP values as the
+// rotated as the keys are; for int8 keys (q8_0, q4_0, iq4_nl) also quantized per CACHE_GROUP values as the
 // matmuls quantize activations (scale max|x| / 127), so that each score is int8 dot products.
 // The int8 form comes in 64-value chunks, as the AVX-512 kernel takes it (an odd last block of a
 // head is zero-padded to a whole chunk).
@@ -2570,7 +2761,6 @@ typedef struct {
     const float *lanes;   // (group, chunks * 16) scale of block 2c in lanes 0-7 of chunk c, of 2c + 1 in 8-15
 } KVQuery;
 
-static int cache_int8(int type) { return type == CACHE_Q8_0 || type == CACHE_Q4_0; }
 static int query_chunks(int hd) { return (hd + 63) / 64; }
 
 // Bytes of one query head's int8 form (cache_query's int8 buffer holds group of them).
@@ -2625,8 +2815,8 @@ static inline __m512 kv_floats16(int type, const uint8_t *p) {
     return _mm512_loadu_ps((const float *)p);
 }
 
-// The int8 values of a q8_0/q4_0 block and, when `two`, the next one: 64 bytes, block one's in
-// bytes 0-31 (zeros for a missing second block, which is never read).
+// The int8 values of a q8_0/q4_0/iq4_nl block and, when `two`, the next one: 64 bytes, block one's
+// in bytes 0-31 (for a missing second block, values the zero-padded query never counts).
 static inline __m512i kv_block_pair(int type, const uint8_t *block, int two) {
     int bytes = CACHE_TYPES[type].bytes;
     if (type == CACHE_Q8_0) {
@@ -2639,7 +2829,8 @@ static inline __m512i kv_block_pair(int type, const uint8_t *block, int two) {
     __m256i low = _mm256_and_si256(both, nibble), high = _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble);
     __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);  // low 1, low 2, high 1, high 2
     z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));               // low 1, high 1, low 2, high 2
-    return _mm512_sub_epi8(z, _mm512_set1_epi8(8));
+    if (type == CACHE_Q4_0) return _mm512_sub_epi8(z, _mm512_set1_epi8(8));
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_NL_LEVELS)), z); // each 128-bit lane looks up the 16 levels
 }
 
 // The scales of a block and (when `two`) the next: lanes 0-7 and 8-15.
@@ -2684,18 +2875,12 @@ static inline void kv_dot_row(int type, const uint8_t *k, const KVQuery *q, int 
     }
 }
 
-// 32 values of a q8_0/q4_0 block as float32, in two registers.
+// 32 values of a q8_0/q4_0/iq4_nl block as float32, in two registers.
 static inline void kv_block_floats(int type, const uint8_t *block, __m512 *x) {
     __m512 d = _mm512_set1_ps(_cvtsh_ss(block[0] | block[1] << 8));
-    __m128i a, b;
-    if (type == CACHE_Q8_0) {
-        a = _mm_loadu_si128((const __m128i *)(block + 2));
-        b = _mm_loadu_si128((const __m128i *)(block + 18));
-    } else {
-        __m128i bytes = _mm_loadu_si128((const __m128i *)(block + 2)), nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-        a = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
-        b = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
-    }
+    __m128i a = _mm_loadu_si128((const __m128i *)(block + 2)), b;
+    if (type == CACHE_Q8_0) b = _mm_loadu_si128((const __m128i *)(block + 18));
+    else nibble_values(type, a, &a, &b);
     x[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d);
     x[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
@@ -2764,6 +2949,7 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
         case CACHE_BF16: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_BF16); return;
         case CACHE_Q8_0: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_Q8_0); return;
         case CACHE_Q4_0: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_Q4_0); return;
+        case CACHE_IQ4_NL: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_IQ4_NL); return;
         }
     }
 #endif
@@ -2784,11 +2970,7 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
             for (int b = 0; b < hd / CACHE_GROUP; b++) {
                 const uint8_t *block = k + (size_t)b * bytes;
                 int isum = 0;
-                for (int j = 0; j < CACHE_GROUP; j++) {
-                    int kj = r->type_k == CACHE_Q8_0 ? (int8_t)block[2 + j]
-                                                     : (j < CACHE_GROUP / 2 ? block[2 + j] & 15 : block[2 + j - CACHE_GROUP / 2] >> 4) - 8;
-                    isum += kj * qg[b * CACHE_GROUP + j];
-                }
+                for (int j = 0; j < CACHE_GROUP; j++) isum += block_value(r->type_k, block, j) * qg[b * CACHE_GROUP + j];
                 sum += (float)isum * (block_scale(block) * q->lanes[((size_t)g * chunks + b / 2) * 16 + (b % 2) * 8]);
             }
             att[(size_t)g * att_stride + i] = sum * scale;
@@ -2799,12 +2981,12 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
 #define KV_TILE_FLOATS 4096 // values of stored rows the portable kv_axpy widens at once (16 KB of stack)
 
 #ifdef KV_SIMD
-// kv_axpy's AVX-512 body for values of `type` (not f32): 64 columns (q8_0/q4_0: two blocks) at a
+// kv_axpy's AVX-512 body for values of `type` (not f32): 64 columns (block types: two blocks) at a
 // time, KV_AXPY_HEADS heads' sums of them in registers over all the rows.
 static inline __attribute__((always_inline)) void kv_axpy_simd(const KVRun *r, const uint8_t *v0, const float *weights, size_t w_stride,
                                                                int group, int hd, float *out, int type) {
     int prefetch_floats = (int)(row_bytes(type, hd) / 4);
-    for (int d = 0; d < hd; d += 64) { // 64 columns (q8_0/q4_0: two blocks) at a time
+    for (int d = 0; d < hd; d += 64) { // 64 columns (block types: two blocks) at a time
         int regs = (hd - d < 64 ? hd - d : 64) / 16;
         const uint8_t *v = v0 + row_bytes(type, d);
         for (int g0 = 0; g0 < group; g0 += KV_AXPY_HEADS) {
@@ -2858,6 +3040,7 @@ static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_str
         case CACHE_BF16: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_BF16); return;
         case CACHE_Q8_0: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_Q8_0); return;
         case CACHE_Q4_0: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_Q4_0); return;
+        case CACHE_IQ4_NL: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_IQ4_NL); return;
         }
     }
 #endif
@@ -3066,7 +3249,7 @@ static int sequence_init(Sequence *seq, const Model *m, int context, int threads
     if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
     int capacity = context > 0 ? context : m->config.seq_len;
     if (cache_spec_check(spec, m->config.head_dim) || check_sequence_size(&m->config, spec, capacity, threads)) return -1;
-    if (cache_init(&seq->cache, &m->config, spec, capacity) ||
+    if (cache_init(&seq->cache, &m->config, spec, capacity, m->weights.key_mean) ||
         state_init(&seq->state, &m->config, &m->weights, threads, capacity)) {
         sequence_free(seq);
         return -1;
@@ -3478,7 +3661,7 @@ void kvc_sequence_free(Sequence *seq) {
 
 int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
 
-// The cache type called `name` ("f32", "f16", "bf16", "q8_0", "q4_0"), or -1.
+// The cache type called `name` ("f32", "f16", "bf16", "q8_0", "q4_0", "iq4_nl"), or -1.
 int kvc_cache_type(const char *name) { return cache_type_by_name(name); }
 
 // Bytes in use, from the engine's own accounting: out[0] the mapped checkpoint (weights, tokenizer),
@@ -3744,9 +3927,9 @@ static void usage(FILE *f) {
             "  -y <string> system prompt in chat mode (default: the model's own)\n"
             "  -c <int>    context length (KV cache size), default the model's\n"
             "  -j <int>    threads (1..%d), default all cores\n"
-            "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0\n"
+            "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0, iq4_nl\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
-            "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0, head_dim a power of 2)\n"
+            "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0 and iq4_nl, head_dim a power of 2)\n"
             "  --no-cache                   recompute the whole sequence for every token (what the cache saves)\n"
             "  -h          this help\n", MAX_THREADS);
 }
@@ -3798,7 +3981,7 @@ static const struct { const char *name; char code; } LONG_FLAGS[] = {
 
 static int parse_cache_type(const char *flag, const char *s) {
     int type = cache_type_by_name(s);
-    if (type < 0) bad_usage("bad value for %s (f32|f16|bf16|q8_0|q4_0)", flag);
+    if (type < 0) bad_usage("bad value for %s (f32|f16|bf16|q8_0|q4_0|iq4_nl)", flag);
     return type;
 }
 
@@ -3948,6 +4131,9 @@ int main(int argc, char **argv) {
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
     Sequence *seq = kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
+    if (seq->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
+        fprintf(stderr, "note: %s has no key_mean, so iq4_nl keys are stored uncentered, at a cost in quality "
+                "(python -m export measures one)\n", checkpoint);
     Sampler sampler;
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
     error_message[0] = 0;

@@ -1,8 +1,10 @@
-"""python -m export SRC OUT [--dtype f32|q8_0|q4_0|q4_1] [--group-size 32] [--tokenizer PATH] [--seq-len N]
+"""python -m export SRC OUT [--dtype f32|q8_0|q4_0|q4_1] [--group-size 32] [--tokenizer PATH] [--seq-len N] [--no-key-mean]
 
 SRC is a Hugging Face Llama folder, a Meta Llama folder, a GGUF file, a llama2.c checkpoint
 (v0/v1/v2) or a kvc file; OUT is the kvc .bin to write. Without --dtype each matrix keeps the
-type the source stores it in where kvc runs it (a Q4_1 GGUF stays Q4_1).
+type the source stores it in where kvc runs it (a Q4_1 GGUF stays Q4_1). The file carries the
+model's key_mean (for iq4_nl KV caches), measured by running the engine (libkvc.so) on calibration
+text, unless --no-key-mean.
 
 Expected errors print one `error: ...` line and exit 1. SIGINT, SIGTERM and SIGHUP (unless
 ignored, as under nohup) stop the export: the temp file is removed, one line says so and the exit
@@ -21,6 +23,7 @@ from .common import ExportError
 from kvc.format import WEIGHT_TYPES, describe_types, tensor_types
 
 from .convert import export_model
+from .key_mean import CALIBRATION_TOKENS
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="sentencepiece .model, llama2.c tokenizer.bin or HF tokenizer.json "
                                        "(required for llama2.c checkpoints; replaces the source's own)")
     p.add_argument("--seq-len", type=int, help="context length to store (default: the source's; Meta: 2048)")
+    p.add_argument("--no-key-mean", action="store_true",
+                   help="write no key_mean (it centers iq4_nl cache keys; measuring it runs the model on "
+                        f"{CALIBRATION_TOKENS} tokens of calibration text)")
     return p.parse_args(argv)
 
 
@@ -84,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with signals_raise():
-            model = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len)
+            model = export_model(args.src, args.out, args.dtype, args.group_size, args.tokenizer, args.seq_len,
+                                 not args.no_key_mean)
             c = model.config
             types = describe_types(c, tensor_types(c, model.tensors))
             print(f"wrote {args.out}: {c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}, {types}")

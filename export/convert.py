@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
-from kvc.format import Q4_BLOCK, WEIGHT_TYPES, Config, quantize_model, write_model
+from kvc.format import KEY_MEAN, Q4_BLOCK, WEIGHT_TYPES, Config, quantize_model, write_model
 
 from .chat import detect_template, token_text
 from .common import ExportError, SourceModel, positive_int, progress_bar
 from .gguf import is_gguf, read_gguf
 from .hf import is_hf_folder, read_hf
+from .key_mean import measure_key_mean
 from .llama2c import read_llama2c
 from .meta import is_meta_folder, read_meta
 from .tokenizers import read_tokenizer
@@ -92,14 +94,27 @@ def check_output(out: Path, src: Path, tokenizer: str | os.PathLike | None = Non
             raise ExportError(f"output {out} is {what}")
 
 
+def _write(out: Path, model: SourceModel) -> None:
+    """write_model with its errors as ExportErrors."""
+    with progress_bar(len(model.tensors), "writing") as bar:
+        try:
+            write_model(out, model.config, model.tensors, model.tokenizer, model.template, progress=lambda name: bar.update())
+        except ValueError as e:  # write_model's own checks (config, vocab, shapes, values, group size)
+            raise ExportError(str(e)) from None
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                  group_size: int | None = None, tokenizer: str | os.PathLike | None = None,
-                 seq_len: int | None = None) -> SourceModel:
+                 seq_len: int | None = None, key_mean: bool = True) -> SourceModel:
     """Convert `src` to a kvc file at `out` (written atomically) and return what was written.
 
     `dtype` None keeps each matrix in the type the source stores it in where kvc runs that type
     (f32, q8_0, q4_0, q4_1; see export.gguf for the others); a dtype converts every matrix to it,
-    q8_0 in groups of `group_size` (default 32).
+    q8_0 in groups of `group_size` (default 32). With `key_mean` the model is written to a temp file
+    first and run by the engine (libkvc.so) over calibration text to measure its key_mean
+    (export.key_mean), which the final file carries; without, the file has none.
     """
     if dtype is not None and dtype not in WEIGHT_TYPES:
         raise ExportError(f"unknown dtype {dtype!r} (choose from {', '.join(WEIGHT_TYPES)})")
@@ -114,11 +129,16 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str | No
             model.tensors = quantize_model(model.tensors, WEIGHT_TYPES[dtype], group_size or Q4_BLOCK)
         except ValueError as e:  # rows that are not whole groups
             raise ExportError(f"cannot store the weights as {dtype}: {e}") from None
-    with progress_bar(len(model.tensors), "writing") as bar:
+    model.tensors.pop(KEY_MEAN, None)  # a kvc source's own: measured again for these weights, or left out
+    if key_mean:
+        calibrated = out.with_name(f"{out.name}.{secrets.token_hex(4)}.key_mean.tmp")
         try:
-            write_model(out, c, model.tensors, model.tokenizer, model.template, progress=lambda name: bar.update())
-        except ValueError as e:  # write_model's own checks (config, vocab, shapes, values, group size)
-            raise ExportError(str(e)) from None
-        except OSError as e:
-            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+            _write(calibrated, model)
+            try:
+                model.tensors[KEY_MEAN] = measure_key_mean(calibrated)
+            except OSError as e:  # the engine is not built
+                raise ExportError(f"measuring key_mean: {e} (or export with --no-key-mean)") from None
+        finally:
+            calibrated.unlink(missing_ok=True)
+    _write(out, model)
     return model

@@ -35,7 +35,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(logits);
     kvc_sequence_free(seq);
 
-    int type_k = size % 5, type_v = size / 5 % 5, rotate = (int)(size / 25 % 3) - 1; // kvc_cache_type's numbers
+    int type_k = (int)(size % N_CACHE_TYPES), type_v = (int)(size / N_CACHE_TYPES % N_CACHE_TYPES); // kvc_cache_type's numbers
+    int rotate = (int)(size / (N_CACHE_TYPES * N_CACHE_TYPES) % 3) - 1;
     seq = kvc_sequence_new(m, c->seq_len < 8 ? 0 : 8, 1, type_k, type_v, rotate);
     if (!seq) FUZZ_CHECK(kvc_last_error()[0]); // e.g. a 32-value group that does not divide head_dim
     else {

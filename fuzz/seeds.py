@@ -142,9 +142,10 @@ def load_seeds(d: Path) -> None:
     fmt.write_model(d / "kvc_q4_1", blocks, q4, tok)
     untied = fmt.Config(**{**TINY, "n_kv_heads": 2}, shared_classifier=False, bos_id=-1, eos_id=-1)
     fmt.write_model(d / "kvc_untied", untied, random_tensors(untied, 1), tok, fmt.ChatTemplate(fmt.CHAT_LLAMA3, -1))
-    # head_dim 32 (not dim / n_heads): the quantized cache types' groups of 32 fit it
+    # head_dim 32 (not dim / n_heads): the quantized cache types' groups of 32 fit it; with a key_mean for iq4_nl
     wide = fmt.Config(**{**TINY, "n_heads": 1, "n_kv_heads": 1}, head_dim=32)
-    fmt.write_model(d / "kvc_head_dim_32", wide, random_tensors(wide, 2), tok)
+    mean = np.random.default_rng(4).standard_normal(fmt.key_mean_shape(wide)).astype(np.float32)
+    fmt.write_model(d / "kvc_head_dim_32", wide, random_tensors(wide, 2) | {fmt.KEY_MEAN: mean}, tok)
     write_llama2c(d / "llama2c_v0", cfg, t, 0)
     write_llama2c(d / "llama2c_v0_untied", untied, random_tensors(untied, 1), 0)
     write_llama2c(d / "llama2c_v1", cfg, t, 1)

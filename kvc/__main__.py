@@ -23,10 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--seed", type=int)
         p.add_argument("--context", type=int, help="context length (KV cache size)")
-        p.add_argument("-ctk", "--cache-type-k", default="f32", help="key cache type: f32, f16, bf16, q8_0, q4_0")
-        p.add_argument("-ctv", "--cache-type-v", default="f32", help="value cache type: f32, f16, bf16, q8_0, q4_0")
+        p.add_argument("-ctk", "--cache-type-k", default="f32", help="key cache type: f32, f16, bf16, q8_0, q4_0, iq4_nl")
+        p.add_argument("-ctv", "--cache-type-v", default="f32", help="value cache type: f32, f16, bf16, q8_0, q4_0, iq4_nl")
         p.add_argument("--cache-rotate", choices=("on", "off"),
-                       help="Hadamard-rotate heads before storing (default: on only for q4_0)")
+                       help="Hadamard-rotate heads before storing (default: on only for q4_0 and iq4_nl)")
     return ap.parse_args(argv)
 
 

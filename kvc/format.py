@@ -6,6 +6,9 @@ boundary: the tokenizer, the chat template and the weights. HEADER_FIELDS below 
 and `read_model` are the sections' executable definition, and run.c's loader reads exactly this.
 Each weight matrix has its own type (WEIGHT_TYPES): float32, or quantized as a QuantizedTensor
 (`quantize` makes one from floats, `QuantizedTensor.dequantize` turns it back, as run.c reads it).
+The weights section may end with one optional tensor, KEY_MEAN (float32, key_mean_shape()): each kv
+head's mean key after RoPE, which an iq4_nl KV cache takes from every key before storing it (the
+exporter measures it); the section's size says whether it is there.
 llama2.c's v0/v1/v2 checkpoints and its tokenizer.bin are read here too (`read_llama2c_header` is
 the one parser of their headers), so the torch reference can load every file the C engine loads.
 """
@@ -24,7 +27,8 @@ from typing import BinaryIO
 import numpy as np
 
 MAGIC = b"KVCM"
-VERSION = 2  # 2: a weight type per matrix (1: one type, f32 or q8_0, for all)
+VERSION = 2  # 2: a weight type per matrix (1: one type, f32 or q8_0, for all); an optional key_mean
+# ends the weights section (a reader that predates it refuses such a file on the section's size)
 HEADER_BYTES = 256
 ALIGN = 64
 INT32_MAX = 2**31 - 1  # the header's int fields
@@ -236,6 +240,14 @@ def tensor_shapes(c: Config) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+KEY_MEAN = "key_mean"  # the optional last tensor of the weights section
+
+
+def key_mean_shape(c: Config) -> tuple[int, int, int]:
+    """KEY_MEAN's shape: (n_layers, n_kv_heads, head_dim), float32."""
+    return (c.n_layers, c.n_kv_heads, c.head_dim)
+
+
 def is_norm(name: str) -> bool:
     return name.startswith("rms_")
 
@@ -310,8 +322,9 @@ def convert(t: Tensor, weight_type: int, group_size: int = Q4_BLOCK) -> Tensor:
 
 
 def quantize_model(tensors: dict[str, Tensor], weight_type: int, group_size: int = Q4_BLOCK) -> dict[str, Tensor]:
-    """Every matrix of `tensors` converted to `weight_type`; norms stay float32."""
-    return {name: t if is_norm(name) else convert(t, weight_type, group_size) for name, t in tensors.items()}
+    """Every matrix of `tensors` converted to `weight_type`; norms (and a key_mean) stay float32."""
+    return {name: t if is_norm(name) or name == KEY_MEAN else convert(t, weight_type, group_size)
+            for name, t in tensors.items()}
 
 
 def stack(layers: list[QuantizedTensor]) -> QuantizedTensor:
@@ -479,6 +492,12 @@ def _check_tensors(config: Config, tensors: dict[str, Tensor]) -> None:
             raise ValueError(f"tensor {name} has dtype {a.dtype}, expected a float type")
         if not np.isfinite(a).all():
             raise ValueError(f"tensor {name} has NaN or Inf values")
+    if KEY_MEAN in tensors:
+        a = np.asarray(tensors[KEY_MEAN])
+        if tuple(a.shape) != key_mean_shape(config) or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"tensor {KEY_MEAN} is {a.dtype} {tuple(a.shape)}, expected float {key_mean_shape(config)}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"tensor {KEY_MEAN} has NaN or Inf values")
 
 
 def write_model(
@@ -493,7 +512,7 @@ def write_model(
 
     `tensors` maps the names of tensor_shapes() to tensors of those shapes, each written as it is:
     float arrays (any float dtype, finite) as float32, QuantizedTensors in their type (`quantize`
-    and `quantize_model` make them). `progress`, if given, is called with each tensor name as it is
+    and `quantize_model` make them); and optionally KEY_MEAN, written as float32 last. `progress`, if given, is called with each tensor name as it is
     written. The file gets the mode a new file gets (0666 less the umask). Any exception while
     writing, KeyboardInterrupt included, removes the temp file; for other signals the caller turns
     them into exceptions (as the export CLI does).
@@ -531,6 +550,8 @@ def write_model(
                 _write_aligned(f, np.ascontiguousarray(a, dtype=dtype).tobytes())
             if progress:
                 progress(name)
+        if KEY_MEAN in tensors:
+            _write_aligned(f, np.ascontiguousarray(tensors[KEY_MEAN], dtype="<f4").tobytes())
         w_size = f.tell() - w_off
         f.seek(0)
         f.write(pack_header(config, [(tok_off, len(tok_bytes)), (tmpl_off, len(tmpl_bytes)), (w_off, w_size)], types))
@@ -644,9 +665,17 @@ def _read_kvc(data: memoryview) -> Checkpoint:
         raise FormatError(f"tokenizer has {len(tok.pieces)} tokens but the header's vocab is {cfg.vocab_size}")
     tmpl = _decode_template(sections["chat"])
     tensors, end = _read_tensors(data, cfg, types, h["weights.offset"], ALIGN, [name for name, _ in tensor_shapes(cfg)])
-    if end - h["weights.offset"] != h["weights.size"]:
-        raise FormatError(f"weights section is {h['weights.size']} bytes, the header's config needs "
-                          f"{end - h['weights.offset']}")
+    size, need = h["weights.size"], end - h["weights.offset"]
+    mean_at = end + (-end % ALIGN)
+    mean_bytes = 4 * math.prod(key_mean_shape(cfg))
+    if size != need:
+        if size != mean_at - h["weights.offset"] + mean_bytes:
+            raise FormatError(f"weights section is {size} bytes, the header's config needs {need} "
+                              f"({mean_at - h['weights.offset'] + mean_bytes} with {KEY_MEAN})")
+        mean = np.frombuffer(data, "<f4", mean_bytes // 4, mean_at).reshape(key_mean_shape(cfg))
+        if not np.isfinite(mean).all():
+            raise FormatError(f"{KEY_MEAN} has NaN or Inf values")
+        tensors[KEY_MEAN] = mean
     return Checkpoint(cfg, tensors, tok, tmpl)
 
 

@@ -54,6 +54,8 @@ SETUPS = [
     CacheSetup("bf16", "bf16", False),
     *(CacheSetup(k, v, rotate) for k, v in (("q8_0", "q8_0"), ("q4_0", "q8_0"), ("q4_0", "q4_0"))
       for rotate in (False, True)),
+    CacheSetup("iq4_nl", "q8_0", True),
+    CacheSetup("iq4_nl", "iq4_nl", True),
 ]
 
 

@@ -8,8 +8,10 @@ as in the engine):
 
     bytes = 2 x layers x kv_heads x head_dim x seq_len x batch x bytes per value
 
-f32 is 4 bytes a value, f16/bf16 2, q8_0 34 per 32 values and q4_0 18 per 32 (a group of 32
-values shares one fp16 scale). For a `.bin` the sizes equal kvc.Model(...).memory() exactly.
+f32 is 4 bytes a value, f16/bf16 2, q8_0 34 per 32 values and q4_0 and iq4_nl 18 per 32 (a group of
+32 values shares one fp16 scale). An iq4_nl cache also keeps position 0 as q8_0 in a slot of its own
+(per layer, and per keys and values that are iq4_nl): a constant added per sequence. For a `.bin` the
+sizes equal kvc.Model(...).memory() exactly.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ CACHE_TYPES: dict[str, tuple[int, int]] = {
     "bf16": (2, 1),
     "q8_0": (34, 32),
     "q4_0": (18, 32),
+    "iq4_nl": (18, 32),
 }
+SINK_TYPES = {"iq4_nl": "q8_0"}  # a type that stores position 0 apart, and how (run.c's CACHE_SINK_TYPE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,12 @@ def kv_bytes_per_token(shape: Shape, type_k: str, type_v: str) -> int:
     """Bytes one position of one sequence takes in the cache: every layer's key and value rows."""
     kv_dim = shape.n_kv_heads * shape.head_dim
     return shape.n_layers * (row_bytes(type_k, kv_dim) + row_bytes(type_v, kv_dim))
+
+
+def kv_sink_bytes(shape: Shape, type_k: str, type_v: str) -> int:
+    """Bytes of one sequence's sink slots: position 0 of each layer's iq4_nl keys / values, as q8_0."""
+    kv_dim = shape.n_kv_heads * shape.head_dim
+    return shape.n_layers * sum(row_bytes(SINK_TYPES[t], kv_dim) for t in (type_k, type_v) if t in SINK_TYPES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +268,8 @@ def cost(shape: Shape, seq_len: int | None, batch: int, type_k: str, type_v: str
     if shape.checkpoint is not None and seq_len > shape.context:
         raise MemError(f"--seq-len {seq_len} is beyond the model's context of {shape.context} tokens")
     per_token = kv_bytes_per_token(shape, type_k, type_v)
-    kv = per_token * seq_len * batch
+    sink = kv_sink_bytes(shape, type_k, type_v)
+    kv = (per_token * seq_len + sink) * batch
     scratch = scratch_bytes(shape, seq_len, type_k, type_v, threads)
     mha = None if shape.n_heads is None else kv * shape.n_heads // shape.n_kv_heads
     return {
@@ -266,7 +277,7 @@ def cost(shape: Shape, seq_len: int | None, batch: int, type_k: str, type_v: str
         "n_kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "context": shape.context,
         "seq_len": seq_len, "batch": batch, "cache_type_k": type_k, "cache_type_v": type_v,
         "k_bytes_per_value": per_value(type_k), "v_bytes_per_value": per_value(type_v),
-        "kv_bytes_per_token": per_token, "kv_bytes": kv, "weights_bytes": shape.weights_bytes,
+        "kv_bytes_per_token": per_token, "kv_sink_bytes": sink, "kv_bytes": kv, "weights_bytes": shape.weights_bytes,
         "weights_note": shape.weights_note, "scratch_bytes": None if scratch is None else scratch * batch,
         "total_bytes": kv + (shape.weights_bytes or 0) + (scratch or 0) * batch,
         "mha_kv_bytes": mha, "gqa_saving": None if mha is None else shape.n_heads / shape.n_kv_heads,
@@ -317,6 +328,10 @@ def report(r: dict) -> str:
         f"KV cache = {formula(r)}",
         f"         = {r['kv_bytes_per_token']:,} bytes per token ({human(r['kv_bytes_per_token'])}) "
         f"x {r['seq_len']} tokens x {r['batch']} sequence{'s' if r['batch'] > 1 else ''}",
+    ]
+    if r["kv_sink_bytes"]:
+        lines.append(f"         + {r['kv_sink_bytes']:,} bytes per sequence (position 0 as q8_0, iq4_nl's sink)")
+    lines += [
         f"         = {r['kv_bytes']:,} bytes ({human(r['kv_bytes'])})",
     ]
     if r["weights_bytes"] is not None:

@@ -98,8 +98,9 @@ class Model:
     threads: OpenMP threads of the forward pass (1..512; default: every core, at most 512).
     config.seq_len is this sequence's context.
     cache_type_k, cache_type_v: how the KV cache stores keys and values: "f32" (default), "f16",
-    "bf16", "q8_0" or "q4_0" (int8 / 4-bit, one fp16 scale per 32 values). cache_rotate: turn each
-    head by a Hadamard rotation before storing (None: only when a type is q4_0).
+    "bf16", "q8_0", "q4_0" or "iq4_nl" (int8 / 4-bit, one fp16 scale per 32 values; iq4_nl: 16
+    non-uniform levels, keys less the file's key_mean, position 0 as q8_0). cache_rotate: turn each
+    head by a Hadamard rotation before storing (None: only when a type is 4-bit).
 
     Threads: a Model can be shared. Every call that touches the C model or cache holds the Model's
     lock, so calls on one Model run one at a time and each sees the cache as the previous one left
@@ -132,7 +133,7 @@ class Model:
         types = [self._lib.kvc_cache_type(str(t).encode()) for t in (cache_type_k, cache_type_v)]
         if min(types) < 0:
             self.close()
-            raise ValueError(f"unknown cache type in {cache_type_k!r}/{cache_type_v!r} (f32, f16, bf16, q8_0, q4_0)")
+            raise ValueError(f"unknown cache type in {cache_type_k!r}/{cache_type_v!r} (f32, f16, bf16, q8_0, q4_0, iq4_nl)")
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
         seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
@@ -283,7 +284,8 @@ class Model:
         """(keys, values): float32 copies (n_layers, seq_len, kv_dim) of the C cache, every slot.
 
         A copy, dequantized and rotated back, for every cache type: writing to these arrays changes
-        nothing. kv_cache_view() gives the cache's own memory without a copy where numpy has its type.
+        nothing. iq4_nl keys come back as stored, less the file's key_mean (attention reads them so:
+        the mean moves every score of a query alike, which softmax ignores). kv_cache_view() gives the cache's own memory without a copy where numpy has its type.
         """
         c = self.config
         keys = np.empty((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)

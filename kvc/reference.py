@@ -5,7 +5,7 @@ exactly as run.c dequantizes them (kvc.format.as_float), and computes in float32
 `forward(tokens, pos)` uses and fills a KV cache shaped like the C one, (n_layers, seq_len, kv_dim);
 `forward_full(tokens)` recomputes everything from scratch with no cache. The two must agree.
 With cache types (kvc.kvtypes), keys and values pass through the same rounding run.c's cache applies,
-in both paths.
+in both paths (iq4_nl keys less the file's key_mean, position 0 as kvtypes.SINK_TYPE, as run.c stores them).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .format import Checkpoint, Config, QuantizedTensor, as_float, read_model
-from .kvtypes import default_rotate, query_as_read, stored
+from .kvtypes import default_rotate, query_as_read, stored_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,8 +105,9 @@ class Llama:
             k = rope(self._matmul(h, "wk", l).view(T, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
             v = self._matmul(h, "wv", l).view(T, c.n_kv_heads, c.head_dim)
             q = query_as_read(q, self.cache_type_k, self.cache_rotate).to(self.dtype)  # int8 keys: an int8 query
-            k = stored(k, self.cache_type_k, self.cache_rotate).to(self.dtype)  # what the cache gives back
-            v = stored(v, self.cache_type_v, self.cache_rotate).to(self.dtype)
+            mean = w["key_mean"][l] if "key_mean" in w else None
+            k = stored_rows(k, positions, self.cache_type_k, self.cache_rotate, mean).to(self.dtype)  # what the cache gives back
+            v = stored_rows(v, positions, self.cache_type_v, self.cache_rotate).to(self.dtype)
             keys, values = kv_source(l, k, v)
             att = self.attention(q, keys, values, positions).reshape(T, c.q_dim)
             x = x + self._matmul(att, "wo", l)

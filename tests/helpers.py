@@ -87,14 +87,18 @@ def byte_tokenizer(vocab_size: int) -> fmt.Tokenizer:
 
 
 def write_random_model(path: Path, seed: int = 0, weight_type: int = fmt.F32, group_size: int = 32,
-                       **kw) -> tuple[fmt.Config, dict[str, np.ndarray]]:
-    """A random model at path, its matrices stored as weight_type (q8_0 in groups of group_size);
-    returns its config and its float weights (before quantization)."""
+                       key_mean: bool = False, **kw) -> tuple[fmt.Config, dict[str, np.ndarray]]:
+    """A random model at path, its matrices stored as weight_type (q8_0 in groups of group_size), with
+    a random key_mean when asked; returns its config and its float weights (before quantization)."""
     defaults = dict(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300, seq_len=160)
     defaults.update(kw)
     cfg = fmt.Config(**defaults)
     tensors = random_tensors(cfg, seed)
-    fmt.write_model(path, cfg, fmt.quantize_model(tensors, weight_type, group_size), byte_tokenizer(cfg.vocab_size))
+    stored = fmt.quantize_model(tensors, weight_type, group_size)
+    if key_mean:
+        tensors[fmt.KEY_MEAN] = stored[fmt.KEY_MEAN] = \
+            np.random.default_rng(seed + 1).standard_normal(fmt.key_mean_shape(cfg)).astype(np.float32)
+    fmt.write_model(path, cfg, stored, byte_tokenizer(cfg.vocab_size))
     return cfg, tensors
 
 

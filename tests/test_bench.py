@@ -201,11 +201,12 @@ def test_kv_quality_part(tiny32):
     and says why when it cannot run (no f32 model)."""
     from kvc.bench.suite import Plan, run_bench
     from kvc.bench.workload import QUICK, QUICK_CACHE
+    from kvc.kvquality import SETUPS
     plan = Plan(models={"f32": tiny32}, threads=[1], sizes=QUICK, mode="test", parts=("kv-quality",),
                 cache_sizes=QUICK_CACHE, kv_quality_chunks=1, kv_quality_ctx=64)
     results = run_bench(plan)
     kq = results["kv_quality"]
-    assert kq["chunks"] == 1 and kq["ctx"] == 64 and len(kq["rows"]) == 9 and "runs" in results
+    assert kq["chunks"] == 1 and kq["ctx"] == 64 and len(kq["rows"]) == 1 + len(SETUPS) and "runs" in results
     assert kq["rows"][0]["mean_kl"] == 0 and all(r["mean_kl"] >= 0 for r in kq["rows"])
     assert "KV cache quality against the f32 cache" in tables.markdown_tables(results)
     plan.models = {"q8_0": tiny32}

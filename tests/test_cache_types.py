@@ -1,4 +1,4 @@
-"""KV cache element types (f16, bf16, q8_0, q4_0) and the Hadamard rotation, against the reference.
+"""KV cache element types (f16, bf16, q8_0, q4_0, iq4_nl) and the Hadamard rotation, against the reference.
 
 Three checks make "C equals the reference" exact for every type: the C store/load of a row equals
 kvc.kvtypes bit for bit on the same input, the attention kernels' scores and weighted sums over the
@@ -23,7 +23,7 @@ from helpers import ROOT, run_cli, write_random_model
 TOL = 1e-4
 COMBOS = [("f32", "f32", False), ("f16", "f16", False), ("bf16", "bf16", False), ("q8_0", "q8_0", False),
           ("q8_0", "q8_0", True), ("q4_0", "q8_0", True), ("q4_0", "q4_0", True), ("q4_0", "q4_0", False),
-          ("f32", "q4_0", True)]
+          ("f32", "q4_0", True), ("iq4_nl", "iq4_nl", True), ("iq4_nl", "q8_0", True), ("q8_0", "iq4_nl", False)]
 
 PROBE = r"""
 #define KVC_LIBRARY
@@ -69,25 +69,29 @@ KERNEL_PROBE = r"""
 #define KVC_LIBRARY
 #include "%s/run.c"
 // stdin: int32 type_k, type_v, rotate, head_dim, group, n; then float32 q (group, hd), keys and values
-// (n, 2 hd: two kv heads), weights (group, n). stdout: the second kv head's scores (group, n) from
-// kv_dot with scale 1, then sum_i weights v_i (group, hd) from kv_axpy, rotated back.
+// (n, 2 hd: two kv heads), weights (group, n), key_mean (2 hd). stdout: the second kv head's scores
+// (group, n) from kv_dot with scale 1, then sum_i weights v_i (group, hd) from kv_axpy, rotated back,
+// both read run by run as attention reads them.
 int main(void) {
     int32_t a[6];
     if (fread(a, 4, 6, stdin) != 6) return 1;
     int hd = a[3], group = a[4], n = a[5];
     Config p = {.n_layers = 1, .n_heads = 2 * group, .n_kv_heads = 2, .head_dim = hd};
     CacheSpec spec = cache_spec(a[0], a[1], a[2], hd);
-    KVCache c;
-    if (cache_spec_check(&spec, hd) || cache_init(&c, &p, &spec, n)) return 1;
-    size_t nq = (size_t)group * hd, nkv = (size_t)n * 2 * hd, nw = (size_t)group * n;
-    float *x = malloc((nq + 2 * nkv + nw) * 4), *f = malloc(nq * 4), *att = malloc(nw * 4), *out = calloc(nq, 4);
+    size_t nq = (size_t)group * hd, nkv = (size_t)n * 2 * hd, nw = (size_t)group * n, all = nq + 2 * nkv + nw + 2 * hd;
+    float *x = malloc(all * 4), *f = malloc(nq * 4), *att = malloc(nw * 4), *out = calloc(nq, 4);
     uint8_t *int8 = malloc((size_t)group * query_int8_bytes(hd));
-    if (fread(x, 4, nq + 2 * nkv + nw, stdin) != nq + 2 * nkv + nw) return 1;
+    if (fread(x, 4, all, stdin) != all) return 1;
+    KVCache c;
+    if (cache_spec_check(&spec, hd) || cache_init(&c, &p, &spec, n, x + nq + 2 * nkv + nw)) return 1;
     cache_write(&c, 0, 0, n, x + nq, x + nq + nkv);
-    KVRun run = cache_run(&c, 0, 0, n);
     KVQuery q = cache_query(&c, x, group, f, int8);
-    kv_dot(&run, 1, &q, group, hd, 1.0f, att, (size_t)n);
-    kv_axpy(&run, 1, x + nq + 2 * nkv, (size_t)n, group, hd, out);
+    for (int i = 0; i < n;) {
+        KVRun run = cache_run(&c, 0, i, n - i);
+        kv_dot(&run, 1, &q, group, hd, 1.0f, att + i, (size_t)n);
+        kv_axpy(&run, 1, x + nq + 2 * nkv + i, (size_t)n, group, hd, out);
+        i += run.n;
+    }
     cache_output(&c, out, group);
     fwrite(att, 4, nw, stdout);
     fwrite(out, 4, nq, stdout);
@@ -122,8 +126,9 @@ KERNEL_SHAPES = [(32, 1, 1), (64, 3, 40), (64, 9, 17), (96, 2, 33), (128, 4, 16)
 @pytest.mark.parametrize("type_k,type_v,rotate", COMBOS, ids=[f"{k}-{v}{'-rot' if r else ''}" for k, v, r in COMBOS])
 def test_attention_kernels_read_the_stored_types(kernel_probe, type_k, type_v, rotate):
     """kv_dot and kv_axpy, SIMD and portable, against the reference on the same inputs: scores of the
-    query as read (int8 for q8_0/q4_0 keys) with the stored keys, and weighted sums of the stored
-    values, for head sizes with odd blocks, groups wider than one register pass, and partial tiles.
+    query as read (int8 for q8_0/q4_0/iq4_nl keys) with the stored keys (iq4_nl: less a key mean,
+    position 0 as q8_0), and weighted sums of the stored values, for head sizes with odd blocks,
+    groups wider than one register pass, and partial tiles.
     Bound: float32 rounding, 1e-5 of |q| |k| for a score and of sum_i |w_i| |v_i| for a sum (norms:
     the rotations spread rounding over a head)."""
     ids = {name: i for i, name in enumerate(kvtypes.CACHE_TYPES)}
@@ -135,13 +140,16 @@ def test_attention_kernels_read_the_stored_types(kernel_probe, type_k, type_v, r
         keys = (rng.standard_normal((n, 2 * hd)) * 2).astype(np.float32)
         values = rng.standard_normal((n, 2 * hd)).astype(np.float32)
         weights = rng.random((group, n)).astype(np.float32)
+        mean = (rng.standard_normal(2 * hd) * (n % 2)).astype(np.float32)  # zero for some shapes: no mean
         head = np.int32([ids[type_k], ids[type_v], rotate, hd, group, n]).tobytes()
-        out = subprocess.run([str(kernel_probe)], input=head + q.tobytes() + keys.tobytes() + values.tobytes() + weights.tobytes(),
-                             capture_output=True, check=True, timeout=30).stdout
+        stdin = head + q.tobytes() + keys.tobytes() + values.tobytes() + weights.tobytes() + mean.tobytes()
+        out = subprocess.run([str(kernel_probe)], input=stdin, capture_output=True, check=True, timeout=30).stdout
         got = np.frombuffer(out, dtype=np.float32)
         att, summed = got[:group * n].reshape(group, n), got[group * n:].reshape(group, hd)
-        k = kvtypes.stored(torch.from_numpy(keys[:, hd:]), type_k, rotate).double()
-        v = kvtypes.stored(torch.from_numpy(values[:, hd:]), type_v, rotate).double()
+        positions = torch.arange(n)
+        k = kvtypes.stored_rows(torch.from_numpy(keys[:, None, hd:]), positions, type_k, rotate,
+                                torch.from_numpy(mean[None, hd:]))[:, 0].double()
+        v = kvtypes.stored_rows(torch.from_numpy(values[:, None, hd:]), positions, type_v, rotate)[:, 0].double()
         qr = kvtypes.query_as_read(torch.from_numpy(q), type_k, rotate).double()
         w = torch.from_numpy(weights).double()
         att_bound = 1e-5 * qr.norm(dim=1)[:, None] * k.norm(dim=1)[None, :]
@@ -165,8 +173,9 @@ def test_stored_rows_match_the_reference_bit_for_bit(probe, n):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
+    """A random model (head_dim 32) with a random key_mean, which iq4_nl keys are stored less."""
     path = tmp_path_factory.mktemp("cache_types") / "m.bin"
-    write_random_model(path, seed=11, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, seq_len=200)  # head_dim 32
+    write_random_model(path, seed=11, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, seq_len=200, key_mean=True)
     return path
 
 
@@ -189,7 +198,7 @@ def test_attention_reads_exactly_what_the_cache_holds(model_path, type_k, type_v
     assert np.isnan(keys[:, 150:]).all() and np.isnan(values[:, 150:]).all()
     ref = Llama.load(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate)  # its query as C reads keys
     error = np.abs(logits - ref.forward_reading(tokens, keys, values)).max(axis=-1)
-    if type_k in ("q8_0", "q4_0"):
+    if type_k in kvtypes.INT8_TYPES:
         # the reference's query is C's up to float32 rounding, so a query value within that of a
         # rounding tie of its int8 grid can round the other way: a step of one value at a few positions
         assert (error <= TOL).mean() >= 0.95 and error.max() <= 0.05, np.sort(error)[-10:]

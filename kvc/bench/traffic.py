@@ -20,9 +20,9 @@ def weight_bytes_per_token(cfg: Config, types: dict[str, int]) -> int:
     return total
 
 
-# KV cache element types: (values, bytes) per block, as run.c stores them (q8_0 / q4_0: 32 values
-# and one fp16 scale)
-CACHE_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+# KV cache element types: (values, bytes) per block, as run.c stores them (q8_0 / q4_0 / iq4_nl: 32
+# values and one fp16 scale; iq4_nl's position 0, stored as q8_0, is left out)
+CACHE_BLOCKS = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "iq4_nl": (32, 18)}
 
 
 def cache_row_bytes(cache_type: str, n: int) -> int:
