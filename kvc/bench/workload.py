@@ -62,10 +62,10 @@ def cycle_tokens(first: list[int], rest: list[int], n: int) -> list[int]:
 
 
 # The KV cache's element types measured with each weight type (the cache-types issue): every type
-# for K+V with Q8_0 weights, and q4_0 both plain and with its default Hadamard rotation ("+rot");
-# the f32 model with the f32, f16 and q8_0 caches.
+# for K+V with Q8_0 weights, q4_0 both plain and with its default Hadamard rotation ("+rot"), iq4_nl
+# rotated as it is by default; the f32 model with the f32, f16 and q8_0 caches.
 CACHE_CONFIGS = {
-    "q8_0": ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_0+rot"],
+    "q8_0": ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_0+rot", "iq4_nl+rot"],
     "f32": ["f32", "f16", "q8_0"],
 }
 
