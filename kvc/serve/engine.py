@@ -330,27 +330,29 @@ class WorkerEngine(Engine):
 
     def _work(self, worker: _Worker) -> None:
         while (handle := self._next()) is not None:
-            outcome = "failed"
+            outcome, last = "failed", None
             try:
-                outcome = self._serve(worker, handle)
+                outcome, last = self._serve(worker, handle)
             except ValueError as e:  # what Model refuses: the request's fault
-                handle._emit(RequestFailed(str(e), bad_request=True))
+                last = RequestFailed(str(e), bad_request=True)
             except Exception as e:  # a worker survives anything a request does
-                handle._emit(RequestFailed(f"{type(e).__name__}: {e}"))
+                last = RequestFailed(f"{type(e).__name__}: {e}")
             finally:
                 with self._lock:
                     self._running -= 1
                     finished = self._counts.requests_finished
                     finished[outcome] = finished.get(outcome, 0) + 1
+            if last is not None:  # after the counts: a client that has its answer sees the worker free
+                handle._emit(last)
 
-    def _serve(self, worker: _Worker, handle: RequestHandle) -> str:
-        """Run every choice of handle's request on worker's model; returns the outcome for metrics
-        ("ok" or "cancelled")."""
+    def _serve(self, worker: _Worker, handle: RequestHandle) -> tuple[str, RequestFinished | None]:
+        """Run every choice of handle's request on worker's model: the outcome for metrics ("ok" or
+        "cancelled") and the request's last event (None when cancelled)."""
         request, model = handle.request, worker.model
         prompt_tokens = cached_tokens = completion_tokens = 0
         for index in range(request.n):
             if handle.cancelled:
-                return "cancelled"
+                return "cancelled", None
             seed = None if request.seed is None else (request.seed + index) & SEED_MASK
             max_tokens = self.context_length if request.max_tokens is None else request.max_tokens
             args = dict(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
@@ -367,13 +369,12 @@ class WorkerEngine(Engine):
                 self._counts.prefix_cache_hit_tokens += stats.cached_tokens
                 self._counts.generation_tokens += stats.generated_tokens
             if finish is None:
-                return "cancelled"
+                return "cancelled", None
             if index == 0:
                 prompt_tokens, cached_tokens = whole_prompt, stats.cached_tokens
             completion_tokens += stats.generated_tokens
             handle._emit(ChoiceFinished(index, finish, stats.generated_tokens))
-        handle._emit(RequestFinished(prompt_tokens, cached_tokens, completion_tokens))
-        return "ok"
+        return "ok", RequestFinished(prompt_tokens, cached_tokens, completion_tokens)
 
     def _run_choice(self, worker: _Worker, handle: RequestHandle, index: int, pieces: Iterator[str]) -> str | None:
         """Stream one choice's pieces to handle through its stop strings; the finish reason, or None
