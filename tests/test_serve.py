@@ -303,6 +303,23 @@ def test_concurrent_clients(server, ref):
     assert m["kvc_requests_running"] == 0 and m["kvc_requests_waiting"] == 0
 
 
+def test_conversations_return_to_their_worker(server):
+    """Two conversations on two workers, turns interleaved: each later turn goes to the worker whose
+    cache holds the conversation so far, so only its new tokens are computed."""
+    client = server.client()
+    talks = {name: [{"role": "user", "content": f"Tell me about {name}."}] for name in ("cats", "the moon")}
+    last: dict[str, int] = {}  # each conversation's last prompt length
+    # not alternating: the worker idle longest is the wrong one for the second "the moon" and "cats"
+    for turn, name in enumerate(["cats", "the moon", "the moon", "cats", "cats", "the moon"]):
+        messages = talks[name]
+        r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=8)
+        if name in last:
+            assert r.usage.prompt_tokens_details.cached_tokens >= last[name], (name, turn)
+        last[name] = r.usage.prompt_tokens
+        messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": "Go on."}]
+
+
 # -- cancelling and the queue ------------------------------------------------------------------------
 
 
@@ -320,6 +337,18 @@ def test_disconnect_frees_the_worker(one_worker):
     t0 = time.monotonic()
     r = s.client().completions.create(model="x", prompt="Hello", max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length" and time.monotonic() - t0 < 10
+
+
+def test_disconnect_without_streaming_frees_the_worker(one_worker):
+    s = one_worker
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": LONG,
+                                                        "temperature": 0}), {"Content-Type": "application/json"})
+    s.wait_for(lambda m: m["kvc_requests_running"] == 1)
+    before = s.metrics()
+    conn.close()
+    s.wait_for(lambda m: m["kvc_requests_running"] == 0, timeout=5)
+    assert s.metrics()["kvc_generation_tokens_total"] - before["kvc_generation_tokens_total"] < 200
 
 
 def test_queue_full_is_503(one_worker):
@@ -343,6 +372,28 @@ def test_queue_full_is_503(one_worker):
     s.wait_for(lambda m: m["kvc_requests_running"] == 0 and m["kvc_requests_waiting"] == 0, timeout=5)
     r = s.client().completions.create(model="x", prompt="Hello", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+def test_engine_close_ends_running_and_waiting_requests(smollm2_q4_bin):
+    import asyncio
+
+    from kvc.serve.engine import EngineClosed, GenerationRequest, RequestFailed, TextDelta
+
+    async def main() -> None:
+        engine = WorkerEngine(smollm2_q4_bin, parallel=1, threads=1, context=CONTEXT, queue_size=4)
+        request = GenerationRequest(prompt="Once upon a time", max_tokens=LONG, temperature=0)
+        running, waiting = engine.submit(request), engine.submit(request)
+        events = running.events()
+        assert isinstance(await events.__anext__(), TextDelta)
+        t0 = time.monotonic()
+        engine.close()  # the running request stops at its next token (all ~500 would take seconds)
+        assert time.monotonic() - t0 < 1.5
+        assert isinstance([e async for e in events][-1], RequestFailed)
+        assert isinstance([e async for e in waiting.events()][-1], RequestFailed)
+        with pytest.raises(EngineClosed):
+            engine.submit(request)
+
+    asyncio.run(main())
 
 
 # -- errors ------------------------------------------------------------------------------------------

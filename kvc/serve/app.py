@@ -110,12 +110,12 @@ async def _answer(request: Request, engine: Engine, parsed: ParsedRequest, chat:
     """Check the prompt's length, queue the request, and answer: streamed or whole."""
     param = "messages" if chat else "prompt"
     try:
-        tokens = await anyio.to_thread.run_sync(engine.count_prompt_tokens, parsed.generation)
+        tokens = await anyio.to_thread.run_sync(engine.prompt_tokens, parsed.generation)
     except ValueError as e:  # e.g. a model without a chat template
         raise protocol.bad(str(e), param=param) from None
-    protocol.check_prompt_length(tokens, engine.context_length, param)
+    protocol.check_prompt_length(len(tokens), engine.context_length, param)
     try:
-        handle = engine.submit(parsed.generation)
+        handle = engine.submit(parsed.generation, tokens)
     except QueueFull as e:
         raise APIError(503, str(e), type="server_error", code="queue_full") from None
     except EngineClosed as e:

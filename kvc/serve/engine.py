@@ -14,8 +14,9 @@ import collections
 import math
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..model import Model
@@ -171,13 +172,14 @@ class Engine(ABC):
     context_length: int  # positions per sequence: a prompt must be shorter
 
     @abstractmethod
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """The prompt's length in tokens, as the engine will run it (ValueError if it can't be
-        tokenized). Blocking: call it off the event loop."""
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, as the engine will run them (ValueError if it can't be tokenized).
+        Blocking: call it off the event loop."""
 
     @abstractmethod
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue request, from the event loop's thread; raises QueueFull or EngineClosed."""
+    def submit(self, request: GenerationRequest, prompt_tokens: Sequence[int] = ()) -> RequestHandle:
+        """Queue request, from the event loop's thread; raises QueueFull or EngineClosed.
+        prompt_tokens: what prompt_tokens(request) returned, for placing it by its prefix."""
 
     @abstractmethod
     def metrics(self) -> EngineMetrics:
@@ -198,6 +200,10 @@ class _Worker:
         self.index = index
         self.model = model
         self.positions = 0  # positions its cache holds (about: updated per token)
+        self.prompt: list[int] = []  # the last chat prompt it ran: how its cache starts
+        self.current: RequestHandle | None = None  # the request it runs
+        self.assigned: RequestHandle | None = None  # handed to it while idle, not yet taken
+        self.idle_since = 0.0
         self.thread: threading.Thread | None = None
 
 
@@ -205,10 +211,12 @@ class WorkerEngine(Engine):
     """N independent workers, each owning a kvc.Model, taking requests from one FIFO queue.
 
     A worker runs one request at a time, all its choices one after another (chat() reuses the
-    prompt's cached prefix for choices after the first, and for a new conversation that shares a
-    prefix with the worker's last one). Requests beyond N wait in the queue; beyond queue_size waiting
-    ones, submit() raises QueueFull. threads: OpenMP threads per worker (None: the cores divided
-    among the workers). context: positions per worker (None: the model's). cache_type_k/_v: as Model's.
+    prompt's cached prefix for choices after the first). Requests beyond N wait in the queue, oldest
+    first; beyond queue_size waiting ones, submit() raises QueueFull. A chat request that finds
+    workers idle goes to one whose last chat prompt its own prompt continues (a later turn of that
+    conversation: chat() then computes only the new tokens), else to the one idle longest. threads: OpenMP threads per worker
+    (None: the cores divided among the workers). context: positions per worker (None: the model's).
+    cache_type_k/_v: as Model's.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, parallel: int = 1, threads: int | None = None,
@@ -223,7 +231,7 @@ class WorkerEngine(Engine):
         path = os.fspath(model_path)
         self.model_name = model_name or os.path.splitext(os.path.basename(path))[0]
         self.queue_size = queue_size
-        # a one-position sequence of the same checkpoint, to count prompts without taking a worker
+        # a one-position sequence of the same checkpoint, to tokenize prompts without taking a worker
         self._tokenizer = Model(path, seq_len=1, threads=1)
         if not self._tokenizer.has_tokenizer:
             self._tokenizer.close()
@@ -239,11 +247,10 @@ class WorkerEngine(Engine):
             raise
         self.context_length = self._workers[0].model.config.seq_len
         self.threads = threads
-        self.has_chat_template = self._has_chat_template()
-        self._lock = threading.Lock()  # guards the queue, the counters and _closed
-        self._ready = threading.Condition(self._lock)
+        self._lock = threading.Lock()  # guards the queue, the workers' states, the counters and _closed
+        self._wake = threading.Condition(self._lock)  # a worker was assigned a request, or the engine closed
         self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running = 0
+        self._idle: list[_Worker] = []  # workers waiting for a request
         self._closed = False
         self._counts = EngineMetrics(workers=parallel)
         for worker in self._workers:
@@ -251,38 +258,36 @@ class WorkerEngine(Engine):
                                              daemon=True)
             worker.thread.start()
 
-    def _has_chat_template(self) -> bool:
-        try:
-            self._tokenizer.chat_tokens([{"role": "user", "content": ""}])
-        except ValueError:
-            return False
-        return True
-
     # -- the Engine interface ----------------------------------------------------------------
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            return len(self._tokenizer.chat_tokens(_messages(request)))
-        return len(self._tokenizer.encode(request.prompt, bos=True))
+            return self._tokenizer.chat_tokens(_messages(request))
+        return self._tokenizer.encode(request.prompt, bos=True)
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest, prompt_tokens: Sequence[int] = ()) -> RequestHandle:
         handle = RequestHandle(request, on_cancel=self._cancel_waiting)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) >= self.queue_size and self._running + len(self._waiting) >= len(self._workers):
+            if self._idle:
+                worker = max(self._idle, key=lambda w: (_continues(w.prompt, prompt_tokens, request), -w.idle_since))
+                self._idle.remove(worker)
+                worker.assigned = handle
+                self._wake.notify_all()
+                return handle
+            if len(self._waiting) >= self.queue_size:
                 self._counts.requests_rejected += 1
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting for {len(self._workers)} "
-                                f"busy worker(s) (--queue-size {self.queue_size}): try again later")
+                                f"busy worker(s) (queue size {self.queue_size}): try again later")
             self._waiting.append(handle)
-            self._ready.notify()
         return handle
 
     def metrics(self) -> EngineMetrics:
         with self._lock:
             m = EngineMetrics(**{k: v for k, v in vars(self._counts).items() if k != "requests_finished"})
             m.requests_finished = dict(self._counts.requests_finished)
-            m.requests_running = self._running
+            m.requests_running = sum(w.current is not None or w.assigned is not None for w in self._workers)
             m.requests_waiting = len(self._waiting)
         m.kv_blocks_total = sum(_blocks(w.model.config.seq_len) for w in self._workers)
         m.kv_blocks_used = sum(_blocks(w.positions) for w in self._workers)
@@ -294,10 +299,12 @@ class WorkerEngine(Engine):
                 return
             self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-            self._ready.notify_all()
-        for handle in waiting:
+            running = [h for w in self._workers for h in (w.current, w.assigned) if h is not None]
+            self._wake.notify_all()
+        for handle in waiting + running:
             handle._emit(RequestFailed("the server is shutting down"))
-        for worker in self._workers:  # running requests stop at their next token (the handle's check)
+            handle._cancelled.set()  # a running request stops at its next token
+        for worker in self._workers:
             if worker.thread is not None:
                 worker.thread.join(timeout=30)
         self._close_models()
@@ -318,18 +325,24 @@ class WorkerEngine(Engine):
                 return  # already taken by a worker, or finished
             self._counts.requests_finished["cancelled"] = self._counts.requests_finished.get("cancelled", 0) + 1
 
-    def _next(self) -> RequestHandle | None:
-        """The oldest waiting request (blocking), or None once the engine is closed."""
+    def _next(self, worker: _Worker) -> RequestHandle | None:
+        """worker's next request: the oldest waiting one, else one handed to it once it is idle
+        (blocking); None once the engine is closed."""
         with self._lock:
-            while not self._waiting and not self._closed:
-                self._ready.wait()
+            if self._waiting and not self._closed:
+                worker.current = self._waiting.popleft()
+                return worker.current
+            worker.idle_since = time.monotonic()
+            self._idle.append(worker)
+            while worker.assigned is None and not self._closed:
+                self._wake.wait()
             if self._closed:
                 return None
-            self._running += 1
-            return self._waiting.popleft()
+            worker.current, worker.assigned = worker.assigned, None
+            return worker.current
 
     def _work(self, worker: _Worker) -> None:
-        while (handle := self._next()) is not None:
+        while (handle := self._next(worker)) is not None:
             outcome, last = "failed", None
             try:
                 outcome, last = self._serve(worker, handle)
@@ -339,7 +352,7 @@ class WorkerEngine(Engine):
                 last = RequestFailed(f"{type(e).__name__}: {e}")
             finally:
                 with self._lock:
-                    self._running -= 1
+                    worker.current = None
                     finished = self._counts.requests_finished
                     finished[outcome] = finished.get(outcome, 0) + 1
             if last is not None:  # after the counts: a client that has its answer sees the worker free
@@ -358,8 +371,10 @@ class WorkerEngine(Engine):
             args = dict(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                         top_k=request.top_k, seed=seed)
             if request.messages is not None:
+                worker.prompt = model.chat_tokens(_messages(request))
                 pieces = model.chat(_messages(request), **args)
             else:
+                worker.prompt = []  # generate() starts from an empty cache: nothing to reuse
                 pieces = model.generate(request.prompt, **args)
             finish = self._run_choice(worker, handle, index, pieces)
             stats = model.stats
@@ -410,3 +425,13 @@ def _messages(request: GenerationRequest) -> list[dict[str, str]]:
 
 def _blocks(positions: int) -> int:
     return math.ceil(positions / BLOCK_SIZE)
+
+
+def _continues(cached: Sequence[int], prompt: Sequence[int], request: GenerationRequest) -> int:
+    """How much of a chat prompt a worker whose last chat prompt was `cached` can reuse, counted only
+    when all of `cached` starts prompt (a later turn of the same conversation, or the same prompt
+    again); 0 otherwise. Conversations that merely share a system prompt score 0, so a new one goes to
+    the worker idle longest instead of evicting another conversation that may go on."""
+    if request.messages is None or not cached or len(cached) > len(prompt):
+        return 0
+    return len(cached) if list(prompt[:len(cached)]) == list(cached) else 0
