@@ -121,7 +121,8 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop the request: a waiting one leaves the queue, a running one stops before its next token
-        and frees its worker. No more events follow. Safe to call twice or after the end."""
+        and frees its worker. The caller stops reading events (a few may still arrive, and no last
+        event need come). Safe to call twice or after the end."""
         if self._cancelled.is_set() or self._done.is_set():
             return
         self._cancelled.set()
