@@ -13,7 +13,8 @@ and streamed), GET /v1/models, /health and /metrics (Prometheus).
 Today each worker owns one kvc.Model, a single sequence that runs one request at a time: --parallel N
 workers run N requests at once (sharing the memory-mapped weights), and requests beyond N wait in one
 FIFO queue until a worker is free (as llama-server with -np N). When --queue-size requests are already
-waiting, new ones are refused with HTTP 503."""
+waiting, new ones are refused with HTTP 503. A chat's next turn that finds the worker holding its
+conversation idle goes back to it, which then computes only the new tokens."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,8 +50,8 @@ def _port(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _parser()
-    return p.parse_args(argv)
+    """The command line's arguments; a bad one prints one line and exits with status 1."""
+    return _parser().parse_args(argv)
 
 
 def _parser() -> argparse.ArgumentParser:
