@@ -122,7 +122,7 @@ async def _answer(request: Request, engine: Engine, parsed: ParsedRequest, chat:
         raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     reply = Reply(chat=chat, model=engine.model_name)
     if parsed.stream:
-        return EventSourceResponse(_stream(handle, reply, parsed.include_usage), sep="\n", ping=PING_SECONDS)
+        return _EventStream(handle, _stream(handle, reply, parsed.include_usage), sep="\n", ping=PING_SECONDS)
     try:
         return await _whole(request, handle, reply)
     finally:
@@ -161,6 +161,21 @@ async def _whole(request: Request, handle: RequestHandle, reply: Reply) -> Respo
     if result is None:  # the client went away: nobody reads this
         return Response(status_code=499)
     return JSONResponse(result)
+
+
+class _EventStream(EventSourceResponse):
+    """Server-sent events that cancel their request however the response ends, even one whose
+    stream never started (the client was gone before the headers went out)."""
+
+    def __init__(self, handle: RequestHandle, content: AsyncIterator[str], **kw: Any):
+        super().__init__(content, **kw)
+        self._handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.cancel()
 
 
 def _failure(event: RequestFailed) -> APIError:
