@@ -15,16 +15,14 @@ import time
 import urllib.error
 import urllib.request
 
+import openai  # test-only (requirements.txt): the official client, driving the server as users do
 import pytest
+import uvicorn
 
 from helpers import ROOT
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-
-from kvc import Model  # noqa: E402
-from kvc.serve.app import create_app  # noqa: E402
-from kvc.serve.engine import WorkerEngine  # noqa: E402
+from kvc import Model
+from kvc.serve.app import create_app
+from kvc.serve.engine import WorkerEngine
 
 CONTEXT = 512
 HELLO = [{"role": "user", "content": "Hi! What is the capital of France?"}]
