@@ -502,6 +502,8 @@ def test_metrics_move(one_worker):
             == first.usage.completion_tokens + second.usage.completion_tokens)
     used = -(-(second.usage.prompt_tokens + second.usage.completion_tokens - 1) // 16)
     assert after["kvc_kv_blocks_used"] == used
+    for name in ("kvc_prefill_seconds_total", "kvc_decode_seconds_total"):
+        assert after[name] > before[name]
     assert after["kvc_requests_running"] == 0
 
 

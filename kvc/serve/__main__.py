@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot listen on {args.host}:{args.port}: {e}")
 
     import uvicorn  # after the checks: the errors above come at once
+    import uvicorn.logging
 
     from .app import create_app
     from .engine import WorkerEngine
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"kvc.serve: {engine.model_name} at http://{url_host}:{port}/v1 ({args.parallel} worker(s) x "
           f"{engine.threads} thread(s), context {engine.context_length}, queue {args.queue_size})",
           file=sys.stderr, flush=True)
+    handler = logging.StreamHandler()  # kvc.serve's request lines, next to uvicorn's
+    handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
+    logger = logging.getLogger("kvc.serve")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
     try:
         config = uvicorn.Config(create_app(engine), log_level=args.log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])

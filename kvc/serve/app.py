@@ -9,6 +9,7 @@ running one stops before its next token and frees its worker.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,7 @@ from .engine import (ChoiceFinished, Engine, EngineClosed, QueueFull, RequestFai
 from .protocol import APIError, ParsedRequest
 from .responses import Reply, usage
 
+log = logging.getLogger("kvc.serve")  # a line per finished request, at INFO
 MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this gets 413
 PING_SECONDS = 15  # an SSE comment line this often keeps idle streams (a long queue wait) open
 
@@ -151,6 +153,7 @@ async def _whole(request: Request, handle: RequestHandle, reply: Reply) -> Respo
             elif isinstance(event, ChoiceFinished):
                 finishes[event.index] = event.finish_reason
             elif isinstance(event, RequestFinished):
+                _log_finished(reply, event, finishes)
                 result = reply.complete([("".join(t), f) for t, f in zip(texts, finishes)],
                                         usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
             elif isinstance(event, RequestFailed):
@@ -178,6 +181,16 @@ class _EventStream(EventSourceResponse):
             self._handle.cancel()
 
 
+def _log_finished(reply: Reply, event: RequestFinished, finishes: list[str]) -> None:
+    """One line per request: tokens, time and speed, as llama-server prints them."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    speed = event.completion_tokens / event.decode_seconds if event.decode_seconds > 0 else 0.0
+    log.info("%s: prompt %d tokens (%d cached) in %.3f s, %d generated in %.3f s (%.1f tok/s), finish %s",
+             reply.id, event.prompt_tokens, event.cached_tokens, event.prefill_seconds, event.completion_tokens,
+             event.decode_seconds, speed, ",".join(finishes))
+
+
 def _failure(event: RequestFailed) -> APIError:
     if event.bad_request:
         return protocol.bad(event.message)
@@ -192,6 +205,7 @@ async def _stream(handle: RequestHandle, reply: Reply, include_usage: bool) -> A
     cancels the request."""
     dumps = protocol.dumps
     begun = -1  # the last choice whose first chunk was sent
+    finishes: list[str] = []
 
     def begin(index: int) -> list[str]:
         nonlocal begun
@@ -214,8 +228,10 @@ async def _stream(handle: RequestHandle, reply: Reply, include_usage: bool) -> A
                 for data in begin(event.index):
                     yield data
                 text = None if reply.chat else ""
+                finishes.append(event.finish_reason)
                 yield dumps(reply.chunk(event.index, text, event.finish_reason, usage_field=include_usage))
             elif isinstance(event, RequestFinished):
+                _log_finished(reply, event, finishes)
                 if include_usage:
                     yield dumps(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens,
                                                         event.cached_tokens)))

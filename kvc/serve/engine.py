@@ -74,11 +74,14 @@ class ChoiceFinished:
 @dataclass(frozen=True)
 class RequestFinished:
     """Every choice ended (always the last event of a request that did not fail). prompt_tokens:
-    the prompt's length; cached_tokens: how many of them the first choice found in the cache."""
+    the prompt's length; cached_tokens: how many of them the first choice found in the cache;
+    prefill_seconds, decode_seconds: the time spent on prompts and on sampled tokens, all choices."""
 
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ class EngineMetrics:
     requests_waiting: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by outcome
     requests_rejected: int = 0  # refused with QueueFull
+    prefill_seconds: float = 0.0  # time spent running prompts
+    decode_seconds: float = 0.0  # time spent sampling and running generated tokens
 
 
 class Engine(ABC):
@@ -364,6 +369,7 @@ class WorkerEngine(Engine):
         "cancelled") and the request's last event (None when cancelled)."""
         request, model = handle.request, worker.model
         prompt_tokens = cached_tokens = completion_tokens = 0
+        prefill = decode = 0.0
         for index in range(request.n):
             if handle.cancelled:
                 return "cancelled", None
@@ -384,13 +390,16 @@ class WorkerEngine(Engine):
                 self._counts.prompt_tokens += whole_prompt
                 self._counts.prefix_cache_hit_tokens += stats.cached_tokens
                 self._counts.generation_tokens += stats.generated_tokens
+                self._counts.prefill_seconds += stats.prefill_seconds
+                self._counts.decode_seconds += stats.decode_seconds
             if finish is None:
                 return "cancelled", None
             if index == 0:
                 prompt_tokens, cached_tokens = whole_prompt, stats.cached_tokens
             completion_tokens += stats.generated_tokens
+            prefill, decode = prefill + stats.prefill_seconds, decode + stats.decode_seconds
             handle._emit(ChoiceFinished(index, finish, stats.generated_tokens))
-        return "ok", RequestFinished(prompt_tokens, cached_tokens, completion_tokens)
+        return "ok", RequestFinished(prompt_tokens, cached_tokens, completion_tokens, prefill, decode)
 
     def _run_choice(self, worker: _Worker, handle: RequestHandle, index: int, pieces: Iterator[str]) -> str | None:
         """Stream one choice's pieces to handle through its stop strings; the finish reason, or None

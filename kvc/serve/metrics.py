@@ -6,7 +6,7 @@ from .engine import BLOCK_SIZE, EngineMetrics
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _metric(lines: list[str], name: str, kind: str, help_text: str, value: int,
+def _metric(lines: list[str], name: str, kind: str, help_text: str, value: float,
             labels: dict[str, int] | None = None, label: str = "") -> None:
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
@@ -40,5 +40,9 @@ def render(m: EngineMetrics) -> str:
             "Requests that ended, by outcome (ok, cancelled, failed).", 0, m.requests_finished, "outcome")
     _metric(lines, "kvc_requests_rejected_total", "counter",
             "Requests refused with 503 because the queue was full.", m.requests_rejected)
+    _metric(lines, "kvc_prefill_seconds_total", "counter", "Seconds spent running prompts (all workers).",
+            m.prefill_seconds)
+    _metric(lines, "kvc_decode_seconds_total", "counter",
+            "Seconds spent generating tokens after the prompt (all workers).", m.decode_seconds)
     _metric(lines, "kvc_workers", "gauge", "Workers, each running one request at a time.", m.workers)
     return "\n".join(lines) + "\n"
