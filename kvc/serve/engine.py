@@ -220,9 +220,11 @@ class WorkerEngine(Engine):
     prompt's cached prefix for choices after the first). Requests beyond N wait in the queue, oldest
     first; beyond queue_size waiting ones, submit() raises QueueFull. A chat request that finds
     workers idle goes to one whose last chat prompt its own prompt continues (a later turn of that
-    conversation: chat() then computes only the new tokens), else to the one idle longest. threads: OpenMP threads per worker
-    (None: the cores divided among the workers). context: positions per worker (None: the model's).
-    cache_type_k/_v: as Model's.
+    conversation: chat() then computes only the new tokens), else to the one idle longest.
+
+    threads: OpenMP threads per worker (None: the cores divided among the workers). context:
+    positions per worker (None: the model's). cache_type_k/_v: as Model's. model_name: the id
+    clients see (None: the file's name without its extension).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, parallel: int = 1, threads: int | None = None,
@@ -277,7 +279,8 @@ class WorkerEngine(Engine):
             if self._closed:
                 raise EngineClosed("the server is shutting down")
             if self._idle:
-                worker = max(self._idle, key=lambda w: (_continues(w.prompt, prompt_tokens, request), -w.idle_since))
+                worker = max(self._idle,
+                             key=lambda w: (_continues(w.prompt, prompt_tokens, request), -w.idle_since))
                 self._idle.remove(worker)
                 worker.assigned = handle
                 self._wake.notify_all()
