@@ -69,9 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--context", type=_at_least(1), default=None, metavar="N",
                    help="context (KV cache positions) per worker (default: the model's)")
     p.add_argument("-ctk", "--cache-type-k", default="f32", metavar="T",
-                   help="KV cache type of keys: f32, f16, bf16, q8_0, q4_0 (default f32)")
+                   help="KV cache type of keys, as kvc.Model's cache_type_k (f32, f16, bf16, q8_0, q4_0, ...; "
+                        "default f32)")
     p.add_argument("-ctv", "--cache-type-v", default="f32", metavar="T",
-                   help="KV cache type of values: f32, f16, bf16, q8_0, q4_0 (default f32)")
+                   help="KV cache type of values, as kvc.Model's cache_type_v (f32, f16, bf16, q8_0, q4_0, ...; "
+                        "default f32)")
     p.add_argument("--queue-size", type=_at_least(0), default=64, metavar="N",
                    help="requests that may wait for a worker; more get HTTP 503 (default 64)")
     p.add_argument("--model-name", default=None, metavar="NAME",
