@@ -255,7 +255,8 @@ def test_content_parts_and_extra_fields(client, ref):
     parts = [{"type": "text", "text": "Hi! What is the "}, {"type": "text", "text": "capital of France?"}]
     status, body = post(client.base_url.__str__().rstrip("/") + "/chat/completions",
                         {"model": "x", "messages": [{"role": "user", "content": parts, "name": "me"}],
-                         "temperature": 0, "max_tokens": 8, "frequency_penalty": 0, "user": "u", "whatever": [1]})
+                         "temperature": 0, "max_tokens": 8, "frequency_penalty": 0.0, "presence_penalty": 0,
+                         "logit_bias": {}, "user": "u", "whatever": [1]})
     assert status == 200
     assert body["choices"][0]["message"]["content"] == expected_chat(ref, HELLO, max_tokens=8, temperature=0)
 
@@ -420,6 +421,8 @@ def test_engine_close_ends_running_and_waiting_requests(smollm2_q4_bin):
     ({"messages": HELLO, "seed": "s"}, "seed"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": HELLO, "logprobs": True}, "logprobs"),
+    ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": HELLO, "logit_bias": {"42": 5}}, "logit_bias"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):
     status, reply = post(server.url + "/v1/chat/completions", body)
@@ -433,6 +436,7 @@ def test_bad_chat_requests_are_400(server, body, param):
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "presence_penalty": -1}, "presence_penalty"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     status, reply = post(server.url + "/v1/completions", body)

@@ -3,7 +3,8 @@
 Every check raises APIError, which the app sends as
 {"error": {"message": ..., "type": "invalid_request_error", "param": ..., "code": ...}}. Fields this
 server does not know are ignored (clients send them); fields it knows but does not implement with a
-value that would change the answer (logprobs, tools, echo, ...) are refused rather than ignored.
+value that would change the answer (logprobs, tools, echo, penalties, logit_bias, ...) are refused
+rather than ignored.
 """
 from __future__ import annotations
 
@@ -165,6 +166,9 @@ def _refuse(body: dict, name: str, allowed: tuple = (None, False, 0, "", [])) ->
 
 def _sampling(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     """The sampling fields both endpoints share, as GenerationRequest arguments."""
+    for name in ("frequency_penalty", "presence_penalty"):  # not implemented: only "none" passes
+        _refuse(body, name, (None, 0, 0.0))
+    _refuse(body, "logit_bias", (None, {}))
     max_tokens = None
     for name in max_tokens_names:  # the first one given wins (max_completion_tokens, then max_tokens)
         max_tokens = _int(body, name, None, 0, INT64_MAX)
