@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, RUN
 
 # Decode blocks after the prompt: enough for two tries of the full team (16, then 32 blocks apart),
 # and few enough to stay under 128 positions, where attention is not split into ranges by thread
@@ -62,7 +62,7 @@ def test_two_threads_on_one_core_fall_back_to_one_with_the_same_results(smollm2_
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
 def test_cli_says_when_blocks_ran_on_fewer_threads(smollm2_q4_bin):
     one_cpu = {min(os.sched_getaffinity(0))}
-    proc = subprocess.run([str(ROOT / "run"), str(smollm2_q4_bin), "-t", "0", "-n", "40", "-j", "2", "-i", "Hello"],
+    proc = subprocess.run([str(RUN), str(smollm2_q4_bin), "-t", "0", "-n", "40", "-j", "2", "-i", "Hello"],
                           capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, one_cpu))
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("threads: ")]
