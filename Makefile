@@ -21,7 +21,7 @@ MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 EXPORTER := kvc/format.py $(wildcard export/*.py)
 export KVC_DATA
 
-.PHONY: all setup data model test chat bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer
+.PHONY: all setup data model test chat serve bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer
 all: run libkvc.so
 
 run: run.c
@@ -68,6 +68,11 @@ models/smollm2-135m-instruct.%.bin: $(SMOLLM2_GGUF) $(EXPORTER) libkvc.so | setu
 
 test: setup all data
 	$(VENV)/bin/pytest -q
+
+# an OpenAI-compatible server (kvc.serve) on the model; SERVE_ARGS passes options (e.g. "-np 2 -t 1 --port 8081")
+SERVE_ARGS ?=
+serve: all model
+	$(PY) -m kvc.serve $(MODEL) $(SERVE_ARGS)
 
 # SmolLM2's model card suggests a low temperature for its instruct model
 CHAT_ARGS ?= -t 0.3 -p 0.9
