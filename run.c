@@ -2675,18 +2675,18 @@ static void store_head(const KVCache *c, int type, uint8_t *dst, const float *x,
 }
 
 // Stores n positions' keys and values, k and v (n, kv_dim), at positions pos.. of a layer: the one
-// place rows are converted to the cache's types.
+// place rows are converted to the cache's types. Inside a parallel region every thread of the team
+// calls it, and they share the head rows out (iq4_nl's scale search takes about a microsecond a
+// block); a worksharing loop, so it ends in a barrier.
 static void cache_write(KVCache *c, int layer, int pos, int n, const float *k, const float *v) {
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < c->n_kv_heads; h++) {
-            size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
-            const float *mean = c->key_mean ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)h * c->head_dim : NULL;
-            int type;
-            uint8_t *dst = cache_slot(c, 0, layer, h, pos + t, &type);
-            store_head(c, type, dst, k + at, mean);
-            dst = cache_slot(c, 1, layer, h, pos + t, &type);
-            store_head(c, type, dst, v + at, NULL);
-        }
+#pragma omp for schedule(static)
+    for (int task = 0; task < n * c->n_kv_heads * 2; task++) { // (position, kv head, keys or values)
+        int t = task / (2 * c->n_kv_heads), h = task / 2 % c->n_kv_heads, value = task % 2, type;
+        size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
+        const float *mean = c->key_mean && !value ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)h * c->head_dim : NULL;
+        uint8_t *dst = cache_slot(c, value, layer, h, pos + t, &type);
+        store_head(c, type, dst, (value ? v : k) + at, mean);
+    }
 }
 
 // The run of positions pos.. of a layer, at most n long (ranges are read run after run): position
@@ -3421,8 +3421,7 @@ static void layer_forward(const Model *m, Sequence *seq, int l, int n, int pos) 
                          {s->k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, &s->rope},
                          {s->v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
     matmuls(qkv, 3, xn, xq, n, dim);
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) cache_write(&seq->cache, l, pos + t, 1, s->k + (size_t)t * kvd, s->v + (size_t)t * kvd);
+    cache_write(&seq->cache, l, pos, n, s->k, s->v); // every thread: they share the rows out
     attention(m, seq, l, n, pos);
     Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
     xq = quantize_rows(s, s->xb, n, qd);
