@@ -5,7 +5,7 @@ import os
 import secrets
 from pathlib import Path
 
-from kvc.format import KEY_MEAN, Q4_BLOCK, WEIGHT_TYPES, Config, quantize_model, write_model
+from kvc.format import KEY_MEAN, Q4_BLOCK, WEIGHT_TYPES, quantize_model, write_model
 
 from .chat import detect_template, token_text
 from .common import ExportError, SourceModel, positive_int, progress_bar
@@ -123,7 +123,6 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     out = Path(out)
     check_output(out, Path(src), tokenizer)
     model = load_source(src, tokenizer, seq_len)
-    c = model.config
     if dtype is not None:
         try:
             model.tensors = quantize_model(model.tensors, WEIGHT_TYPES[dtype], group_size or Q4_BLOCK)

@@ -7,7 +7,6 @@ and the forward pass against the reference are in test_cache_types.py with the o
 """
 from __future__ import annotations
 
-import struct
 import subprocess
 
 import numpy as np
