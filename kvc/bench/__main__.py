@@ -7,9 +7,10 @@ measures one configuration (see child.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 from .cache_types import run_one_cache
@@ -77,52 +78,35 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _list(text: str | None) -> list[int] | None:
+    """An option's comma-separated ints, or None when it was not given (or empty)."""
+    return _ints(text) if text else None
+
+
+def _overridden(preset, **given):
+    """A copy of the preset sizes (its lists copied too) with the options that were given (not None) in
+    place of its fields."""
+    return replace(copy.deepcopy(preset), **{name: value for name, value in given.items() if value is not None})
+
+
 def sizes_from_args(a: argparse.Namespace) -> Sizes:
     """QUICK or FULL sizes, with the options that override them."""
-    s = Sizes(**asdict(QUICK if a.quick else FULL))
-    if a.prefill:
-        s.prefill = _ints(a.prefill)
-    if a.decode is not None:
-        s.decode = a.decode
-    if a.positions:
-        s.positions = _ints(a.positions)
-    if a.steps is not None:
-        s.steps = a.steps
-    if a.repeats is not None:
-        s.repeats = a.repeats
-    return s
+    return _overridden(QUICK if a.quick else FULL, prefill=_list(a.prefill), decode=a.decode,
+                       positions=_list(a.positions), steps=a.steps, repeats=a.repeats)
 
 
 def cache_sizes_from_args(a: argparse.Namespace) -> CacheSizes:
     """QUICK_CACHE or FULL_CACHE sizes, with the options that override them."""
-    s = CacheSizes(**asdict(QUICK_CACHE if a.quick else FULL_CACHE))
-    if a.cache_positions:
-        s.positions = _ints(a.cache_positions)
-    if a.cache_steps is not None:
-        s.steps = a.cache_steps
-    if a.short_decode:
-        s.short_prompt, s.short_decode = _ints(a.short_decode)
-    if a.no_cache_n:
-        s.no_cache = _ints(a.no_cache_n)
-    if a.no_cache_prompt is not None:
-        s.no_cache_prompt = a.no_cache_prompt
-    if a.cache_threads is not None:
-        s.threads = a.cache_threads
-    return s
+    short_prompt, short_decode = _list(a.short_decode) or (None, None)
+    return _overridden(QUICK_CACHE if a.quick else FULL_CACHE, positions=_list(a.cache_positions), steps=a.cache_steps,
+                       short_prompt=short_prompt, short_decode=short_decode, no_cache=_list(a.no_cache_n),
+                       no_cache_prompt=a.no_cache_prompt, threads=a.cache_threads)
 
 
 def side_sizes_from_args(a: argparse.Namespace) -> SideSizes:
     """QUICK_SIDE or FULL_SIDE sizes, with the options that override them."""
-    s = SideSizes(**asdict(QUICK_SIDE if a.quick else FULL_SIDE))
-    if a.side_rounds is not None:
-        s.rounds = a.side_rounds
-    if a.side_prefill:
-        s.prefill = _ints(a.side_prefill)
-    if a.side_decode is not None:
-        s.decode = a.side_decode
-    if a.side_busy_decode is not None:
-        s.busy_decode = a.side_busy_decode
-    return s
+    return _overridden(QUICK_SIDE if a.quick else FULL_SIDE, rounds=a.side_rounds, prefill=_list(a.side_prefill),
+                       decode=a.side_decode, busy_decode=a.side_busy_decode)
 
 
 def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
