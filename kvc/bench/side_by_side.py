@@ -32,7 +32,7 @@ from pathlib import Path
 from ..model import Model
 from .child import run_command
 from .files import find_gguf
-from .kvc_run import text_tokens
+from .kvc_run import measure_prefill, text_tokens
 from .peer import peer_binary, requantized_gguf
 
 ENGINES = ("kvc", "llama.cpp")
@@ -68,10 +68,7 @@ def kvc_figures(path: str | os.PathLike, threads: int, prefill: list[int], decod
         tokens = text_tokens(model, context)
         model.prefill(tokens[:WARMUP_TOKENS], 0)  # pages the weights in
         for n in prefill:
-            model.reset()
-            t0 = time.perf_counter()
-            model.prefill(tokens[:n], 0)
-            figures[f"pp{n}"] = n / (time.perf_counter() - t0)
+            figures[f"pp{n}"] = measure_prefill(model, tokens[:n], repeats=1)["tok_s"]
         if decode:
             model.reset()
             t0 = time.perf_counter()
