@@ -71,16 +71,11 @@ static int max_threads(void) {
 #endif
 }
 
-static double now_seconds(void) {
+// A clock in seconds: CLOCK_MONOTONIC for wall time, CLOCK_THREAD_CPUTIME_ID for the CPU time the
+// calling thread has used (less than the wall time that passed while it was descheduled).
+static double clock_seconds(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-// CPU time the calling thread has used: less than the wall time that passed while it was descheduled.
-static double thread_cpu_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -3445,17 +3440,17 @@ static void forward_block(const Model *m, Sequence *seq, const int *tokens, int 
     for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
     rope_table(s, p, pos, n);
     memset(s->governor.cpu, 0, s->threads * sizeof(double)); // a thread the runtime did not start counts as descheduled
-    double start = now_seconds();
+    double start = clock_seconds(CLOCK_MONOTONIC);
 #pragma omp parallel num_threads(s->governor.team)
     {
-        double cpu = thread_cpu_seconds();
+        double cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID);
         for (int l = 0; l < p->n_layers; l++) layer_forward(m, seq, l, n, pos);
         const QuantizedRows *xq;
         const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps, &xq);
         matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
-        s->governor.cpu[thread_index()] = thread_cpu_seconds() - cpu;
+        s->governor.cpu[thread_index()] = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu;
     }
-    governor_update(&s->governor, s->threads, now_seconds() - start);
+    governor_update(&s->governor, s->threads, clock_seconds(CLOCK_MONOTONIC) - start);
 }
 
 // Runs any number of tokens at positions pos.. in blocks; out as in forward_block (NULL: only
@@ -3867,10 +3862,10 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
     if (history) memcpy(history, prompt, n_prompt * sizeof(int));
     int rc = -1;
     Utf8Stream out = {0};
-    double start = now_seconds();
+    double start = clock_seconds(CLOCK_MONOTONIC);
     if (forward(m, seq, prompt, n_prompt, seq->len, NULL)) goto done;
-    stats->prefill_seconds = now_seconds() - start;
-    start = now_seconds();
+    stats->prefill_seconds = clock_seconds(CLOCK_MONOTONIC) - start;
+    start = clock_seconds(CLOCK_MONOTONIC);
     int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
     for (int i = 0; i < max_tokens; i++) {
         int next = sample(sampler, seq->state.logits);
@@ -3894,7 +3889,7 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
     rc = 0;
 done:
     stream_flush(&out);
-    stats->decode_seconds = now_seconds() - start;
+    stats->decode_seconds = clock_seconds(CLOCK_MONOTONIC) - start;
     free(history);
     return rc;
 }
