@@ -19,6 +19,7 @@ import openai  # test-only (requirements.txt): the official client, driving the 
 import pytest
 import uvicorn
 
+from fake_pool import FakePool
 from helpers import ROOT
 from kvc import Model
 from kvc.serve.app import create_app
@@ -578,3 +579,199 @@ def test_stop_matcher_on_every_split():
             if not hit:
                 sent += matcher.finish()
             assert sent == want and hit == (want != text)
+
+
+# -- the scheduler alone, on a fake pool ---------------------------------------------------------------
+
+
+class Greedy:
+    def sample(self, logits) -> int:
+        return int(logits.argmax())
+
+
+class Drifting:
+    """Greedy plus a seeded random offset: its output depends on its state carrying on (a sampler
+    run twice on the same logits, or started afresh, would give other tokens)."""
+
+    def __init__(self, seed: int):
+        import random
+        self.rng = random.Random(seed)
+
+    def sample(self, logits) -> int:
+        return (int(logits.argmax()) + self.rng.randrange(3)) % len(logits)
+
+
+def sched_request(prompt, n=1, max_tokens=None, stop_ids=(), sampler=Greedy):
+    from kvc.serve.scheduler import ScheduledRequest
+    samplers = [sampler(i) if sampler is Drifting else sampler() for i in range(n)]
+    return ScheduledRequest(prompt=list(prompt), samplers=samplers, max_tokens=max_tokens, stop_ids=stop_ids)
+
+
+def run_scheduler(sched, requests, max_steps=10_000, on_step=None):
+    """Add requests and step until nothing is left: {(request number, choice index): (tokens sampled
+    from now on, finish_reason)}, numbering the requests already there first."""
+    requests = sched.requests + list(requests)
+    for r in requests[len(sched.requests):]:
+        sched.add(r)
+    texts: dict[tuple[int, int], list[int]] = {}
+    reasons: dict[tuple[int, int], str] = {}
+    number = {id(r): i for i, r in enumerate(requests)}
+    for _ in range(max_steps):
+        if not sched.has_work:
+            break
+        running_before = sched.running
+        out = sched.step()
+        for choice, token in out.sampled:
+            texts.setdefault((number[id(choice.request)], choice.index), []).append(token)
+        for choice in out.finished:
+            key = (number[id(choice.request)], choice.index)
+            assert key not in reasons, f"{key} finished twice"
+            reasons[key] = choice.finish_reason
+        if on_step:
+            on_step(sched, out, running_before)
+    else:
+        pytest.fail("the scheduler never ran out of work")
+    return {k: (texts.get(k, []), reasons[k]) for k in reasons}
+
+
+def prompts(count, length=lambda i: 5 + 7 * i):
+    return [[1 + (i * 31 + j * 7) % 60 for j in range(length(i))] for i in range(count)]
+
+
+def test_scheduler_chunks_prompts_under_the_step_cap():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=4, max_step_tokens=8)
+    short, long_ = [1, 2, 3], list(range(1, 41))
+    sched.add(sched_request(short, max_tokens=30))
+    sched.step()  # the short prompt ran: it decodes from now on
+    result = run_scheduler(sched, [sched_request(long_, max_tokens=3)])
+    assert all(sum(n for _, n in step) <= 8 for step in pool.steps)
+    long_steps = [step for step in pool.steps[1:] if any(n > 1 for _, n in step)]
+    assert len(long_steps) >= 40 // 8  # the long prompt ran in chunks of at most 8 tokens...
+    assert all(len(step) == 2 and min(n for _, n in step) == 1 for step in long_steps)  # ...beside a decode token
+    assert result[(1, 0)][1] == "length" and len(result[(1, 0)][0]) == 3
+    assert pool.stats().used == 0
+
+
+def alone(prompt_list, context=None, **kw):
+    """Each request run by itself on a roomy pool: the reference outputs."""
+    from kvc.serve.scheduler import Scheduler
+    want = {}
+    for i, p in enumerate(prompt_list):
+        sched = Scheduler(FakePool(blocks=256, block_size=4), parallel=1, context=context)
+        for (_, index), v in run_scheduler(sched, [sched_request(p, **kw)]).items():
+            want[(i, index)] = v
+    return want
+
+
+@pytest.mark.parametrize("sampler", [Greedy, Drifting])
+def test_scheduler_preempts_the_newest_and_outputs_do_not_change(sampler):
+    from kvc.serve.scheduler import Scheduler
+    ps = prompts(8)
+    want = alone(ps, max_tokens=24, n=2, sampler=sampler)
+    pool = FakePool(blocks=24, block_size=4)  # 96 positions for 16 choices of up to 5..54 + 24 tokens
+    sched = Scheduler(pool, parallel=16, max_step_tokens=32)
+
+    def newest_preempted(sched, out, before):
+        left = [c for c in before if c.seq is None and c.finish_reason is None]  # preempted in this step
+        assert before[len(before) - len(left):] == left  # the most recently started ones
+
+    got = run_scheduler(sched, [sched_request(p, max_tokens=24, n=2, sampler=sampler) for p in ps],
+                        on_step=newest_preempted)
+    assert sched.preemptions > 0
+    assert got == want and len(got) == 16
+    assert pool.stats().used == 0 and not pool.live and not sched.requests
+
+
+def test_scheduler_refuses_what_cannot_fit_alone():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=4, block_size=4)  # 16 positions
+    sched = Scheduler(pool, parallel=2)
+    assert sched.check(10, 7) is None  # 10 + 7 - 1 = 16 positions: exactly the pool
+    assert "lower max_tokens" in sched.check(10, 8)
+    assert "17 KV positions" in sched.check(17, None) and sched.check(16, None) is None
+    with pytest.raises(ValueError, match="blocks"):
+        sched.add(sched_request(range(1, 11), max_tokens=8))
+    assert not sched.has_work
+    # max_tokens None: it runs until it fills the pool alone, then ends with "length"
+    (tokens, reason), = run_scheduler(sched, [sched_request(range(1, 6))]).values()
+    assert reason == "length" and len(tokens) == 16 - 5 + 1  # the last token sampled is never fed
+    assert pool.stats().used == 0
+
+
+def test_scheduler_max_tokens_none_beside_others_is_preempted_not_cut():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=8, block_size=4)
+    sched = Scheduler(pool, parallel=2, context=24)
+    got = run_scheduler(sched, [sched_request(range(1, 6)), sched_request(range(2, 7))])
+    # each ends at the context (24 positions), preempting the other when the pool (32) runs short
+    assert {k: (len(t), r) for k, (t, r) in got.items()} == {(0, 0): (20, "length"), (1, 0): (20, "length")}
+    assert sched.preemptions > 0
+    assert got == {**alone([range(1, 6)], context=24), (1, 0): alone([range(2, 7)], context=24)[(0, 0)]}
+
+
+def test_scheduler_cancel_frees_blocks():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=2, max_step_tokens=16)
+    requests = [sched_request(p, n=2, max_tokens=50) for p in prompts(3)]
+    for r in requests:
+        sched.add(r)
+    for _ in range(4):
+        sched.step()
+    assert pool.stats().used > 0 and sched.running and sched.waiting
+    for r in requests:
+        sched.cancel(r)
+    assert pool.stats().used == 0 and not pool.live
+    assert not sched.has_work and not sched.requests and all(r.done for r in requests)
+    assert {c.finish_reason for r in requests for c in r.choices} == {"cancelled"}
+
+
+def test_scheduler_forks_share_the_prompt_blocks():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=4)
+    request = sched_request(range(1, 11), n=3, max_tokens=5)  # 10 tokens: 2 full blocks and a partial one
+    sched.add(request)
+    out = sched.step()
+    assert [c.index for c, _ in out.sampled] == [0, 1, 2]
+    first, *forks = request.choices
+    assert all(f.seq.blocks == first.seq.blocks for f in forks) and pool.stats().used == 3
+    sched.step()  # each writes its own token into the shared partial block: copied on write
+    assert all(f.seq.blocks[:2] == first.seq.blocks[:2] and f.seq.blocks[2] != first.seq.blocks[2] for f in forks)
+    assert pool.stats().used == 2 + 3
+    got = run_scheduler(sched, [])
+    assert request.done and pool.stats().used == 0
+
+
+def test_scheduler_more_choices_than_slots():
+    from kvc.serve.scheduler import Scheduler
+    want = alone([range(1, 11)], n=3, max_tokens=6, sampler=Drifting)
+    sched = Scheduler(FakePool(blocks=64, block_size=4), parallel=1)
+    got = run_scheduler(sched, [sched_request(range(1, 11), n=3, max_tokens=6, sampler=Drifting)])
+    assert got == want and len(got) == 3 and len({tuple(t) for t, _ in got.values()}) > 1
+
+
+def test_scheduler_prefix_cache_hits_on_a_repeated_prompt():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=2)
+    first, second = sched_request(range(1, 12), max_tokens=3), sched_request(range(1, 12), max_tokens=3)
+    got = run_scheduler(sched, [first])
+    assert first.cached_tokens == 0 and pool.prefix_hit_tokens == 0
+    got2 = run_scheduler(sched, [second])
+    assert second.cached_tokens == 8 and pool.prefix_hit_tokens == 8  # 2 full blocks; 3 tokens still run
+    assert got == got2
+
+
+def test_scheduler_stop_tokens_and_max_tokens_zero():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    (tokens, _), = alone([range(1, 6)], max_tokens=10).values()
+    stop = tokens[3]
+    sched = Scheduler(pool, parallel=2)
+    got = run_scheduler(sched, [sched_request(range(1, 6), max_tokens=10, stop_ids={stop}),
+                                sched_request(range(1, 6), max_tokens=0, n=2)])
+    assert got == {(0, 0): (tokens[:tokens.index(stop)], "stop"), (1, 0): ([], "length"), (1, 1): ([], "length")}
+    assert pool.stats().used == 0
