@@ -28,16 +28,12 @@ class FakeSequence:
     def __init__(self, pool: "FakePool", blocks=(), tokens=()):
         self.pool = pool
         self.blocks = list(blocks)
-        self._tokens = list(tokens)
+        self.tokens = list(tokens)  # the token ids at positions 0..len-1
         self.freed = False
 
     @property
     def len(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
+        return len(self.tokens)
 
     def reuse_prefix(self, tokens) -> int:
         assert self.len == 0 and not self.freed
@@ -50,7 +46,7 @@ class FakeSequence:
             p.ref(block)
             self.blocks.append(block)
             n += bs
-        self._tokens = list(tokens[:n])
+        self.tokens = list(tokens[:n])
         p.prefix_hit_tokens += n
         return n
 
@@ -58,7 +54,7 @@ class FakeSequence:
         assert not self.freed
         for b in self.blocks:
             self.pool.ref(b)
-        child = FakeSequence(self.pool, self.blocks, self._tokens)
+        child = FakeSequence(self.pool, self.blocks, self.tokens)
         self.pool.live.append(child)
         return child
 
@@ -142,15 +138,15 @@ class FakePool:
             for t in tokens:
                 if seq.len % bs == 0:
                     seq.blocks.append(self.take())
-                seq._tokens.append(int(t))
+                seq.tokens.append(int(t))
                 if seq.len % bs == 0:  # a block filled: register it
                     h = 0
                     for k in range(0, seq.len, bs):
-                        h = self.chain(h, seq._tokens[k:k + bs])
+                        h = self.chain(h, seq.tokens[k:k + bs])
                     block = seq.blocks[-1]
                     if h not in self.by_hash and block not in self.hash_of:
                         self.by_hash[h], self.hash_of[block] = block, h
-            rows[i, self.next_token(seq._tokens)] = 1.0
+            rows[i, self.next_token(seq.tokens)] = 1.0
         return rows
 
     def next_token(self, history) -> int:

@@ -184,6 +184,7 @@ class Scheduler:
         """End choice now (e.g. "stop" at a stop string): its blocks are freed before the next step."""
         if choice.finish_reason is None:
             self._end(choice, reason, report=False)
+            self._forget_if_done(choice.request)
 
     def cancel(self, request: ScheduledRequest) -> None:
         """End every choice of request ("cancelled"), freeing their blocks; its choices not forked yet
