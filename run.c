@@ -2223,19 +2223,33 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
 }
 
 // ----------------------------------------------------------------------------
-// The KV cache: the keys and values of every layer at every position a sequence has run.
+// The KV cache: the keys and values of every layer at every position a sequence has run, kept in
+// a pool of blocks that many sequences share (PagedAttention).
 //
-// Picture two arrays (n_layers, n_kv_heads, capacity, head_dim), one of keys and one of values: row
-// (layer, head, pos) holds kv head `head`'s head_dim values at position pos, stored in the cache's
-// type. Head-major, so that the rows one kv head's attention reads lie one after another and stream
-// from memory at full speed (with (layer, pos, kv_dim) rows a head reads a slice every kv_dim
-// values, which measured ~2x slower for f16 at 2048 positions). capacity is the positions this
-// cache holds (its sequence's context, at most the model's).
+// Picture two arrays (n_layers, n_kv_heads, slots, head_dim), one of keys and one of values: row
+// (layer, head, slot) holds kv head `head`'s head_dim values of one position, stored in the cache's
+// type. The slots are cut into blocks of block_size: block b is slots b * block_size.. in every
+// (layer, kv head) plane. A sequence's block table maps its positions to slots: position pos lies
+// in block table[pos / block_size], row pos % block_size. One sequence whose table is filled in
+// order (block i at logical block i) is the textbook (layer, head, position) cache, slot = position:
+// that is what a single Model and the CLI run. Head-major, so that the rows one kv head's attention
+// reads lie one after another and stream from memory at full speed (with (layer, pos, kv_dim) rows
+// a head reads a slice every kv_dim values, which measured ~2x slower for f16 at 2048 positions);
+// runs of consecutive blocks in a table are read as one run.
+//
+//   keys plane (layer l, kv head h):  | block 0 | block 1 | block 2 | block 3 | ...   (block_size rows each)
+//   sequence A's table: [2, 0]   positions 0..15 in block 2, 16..31 in block 0
+//   sequence B's table: [2, 3]   shares block 2 with A (a common prefix), refs[2] = 2
+//
+// Blocks are counted by references (the tables holding them); a write into a block another table
+// also holds copies it first (copy-on-write). Full blocks are registered in a prefix cache under
+// (the registration of the block before them, their tokens), so a new sequence whose tokens start
+// the same way takes them instead of recomputing; unreferenced registered blocks stay there until
+// the pool needs them, least recently released first.
 //
 // The cache is an object: one writer (cache_write stores a block's rows), one reader (cache_run
 // hands out runs of consecutive positions) and the typed run kernels that read rows (kv_dot,
-// kv_axpy). Nothing outside this section knows the layout or the element type, so a quantized
-// type, a ring buffer or a block table changes this section only.
+// kv_axpy). Nothing outside this section knows the layout or the element type.
 
 enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_BF16 = 2, CACHE_Q8_0 = 3, CACHE_Q4_0 = 4, CACHE_IQ4_NL = 5, N_CACHE_TYPES = 6 };
 #define CACHE_GROUP 32 // values per fp16 scale in q8_0, q4_0 and iq4_nl blocks
@@ -2278,15 +2292,49 @@ typedef struct {
     int rotate;
 } CacheSpec;
 
+#define BLOCK_SIZE 16 // positions per block, unless asked otherwise (vLLM's default)
+
+// The pool: every block's rows, and the books of who holds which block.
 typedef struct {
     CacheSpec spec;
-    int n_layers, n_kv_heads, capacity, kv_dim, head_dim;
+    int n_layers, n_kv_heads, kv_dim, head_dim;
+    int block_size;                 // positions per block
+    int n_blocks;                   // blocks in the pool
+    int slots;                      // rows of each (layer, kv head) plane: n_blocks * block_size, or fewer when
+                                    // the last block is cut short (a single sequence's pool sized to its context)
     size_t head_row_k, head_row_v;  // bytes of one head's keys, values at one position
-    uint8_t *keys, *values;         // (n_layers, n_kv_heads, capacity, head_row_k / head_row_v bytes)
+    uint8_t *keys, *values;         // (n_layers, n_kv_heads, slots, head_row_k / head_row_v bytes)
     size_t head_row_sink;           // bytes of one head's row as CACHE_SINK_TYPE
-    uint8_t *sink_keys, *sink_values; // (n_layers, n_kv_heads, head_row_sink bytes): position 0 when the
-                                      // keys / values have a sink (cache_has_sink), else NULL
+    int sink_blocks;                // blocks that can be a sequence's first (1 in a pool whose blocks stay in order)
+    uint8_t *sink_keys, *sink_values; // (n_layers, n_kv_heads, sink_blocks, head_row_sink bytes): position 0 of the
+                                      // sequence whose first block is block b, when the keys / values have a
+                                      // sink (cache_has_sink), else NULL
     const float *key_mean;          // (n_layers, n_kv_heads, head_dim) taken from iq4_nl keys, else NULL
+    // the books
+    int *refs;                      // (n_blocks) tables holding each block
+    int *free_list, n_free;         // (n_blocks) a stack of unreferenced blocks holding nothing worth keeping
+    int prefix_cache;               // whether full blocks are registered for reuse
+    uint64_t *serial;               // (n_blocks) a registered block's registration number (unique, never reused), else 0
+    uint64_t *parent;               // (n_blocks) the serial of the block before it in its sequence (0: it was first)
+    int *block_tokens;              // (n_blocks, block_size) a registered block's tokens
+    int *bucket, n_buckets;         // (n_buckets, a power of two) the first registered block of each hash chain, or -1
+    int *next_in_bucket;            // (n_blocks) the next registered block with the same hash, or -1
+    int *lru_prev, *lru_next;       // (n_blocks) unreferenced registered blocks, a list from the least recently
+    int lru_first, lru_last, n_cached; // released (the first to evict) to the last; -1 ends it
+    uint64_t next_serial;           // the next registration's number
+    long long prefix_hits;          // positions sequences took from the prefix cache
+    int poison;                     // refill blocks with NaN as they are freed (tests: stray reads show)
+} KVPool;
+
+// A sequence's view of the pool: its block table.
+typedef struct {
+    KVPool *pool;
+    int *table;                     // (max_blocks) the pool block holding each block_size positions
+    int n_table;                    // blocks in the table
+    int max_blocks;                 // room in the table: the sequence's capacity / block_size, rounded up
+    int capacity;                   // positions the sequence may hold
+    int *tokens;                    // (capacity) the token at each position (prefix blocks are named by them)
+    int registered;                 // leading blocks of the table registered in the prefix cache
 } KVCache;
 
 // Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
@@ -2611,112 +2659,86 @@ static int cache_spec_check(const CacheSpec *spec, int head_dim) {
     return 0;
 }
 
-// Bytes a cache of `capacity` positions takes, keys and values with their sink slots (what cache_init allocates).
-static double cache_bytes(const Config *p, const CacheSpec *spec, int capacity) {
+// Bytes a pool of `slots` rows a plane takes, keys and values with the sink slots of `sink_blocks`
+// blocks (what pool_init allocates).
+static double cache_bytes(const Config *p, const CacheSpec *spec, int slots, int sink_blocks) {
     int sinks = cache_has_sink(spec->type_k) + cache_has_sink(spec->type_v);
-    return (double)p->n_layers * (capacity * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p))) +
-                                  sinks * row_bytes(CACHE_SINK_TYPE, kv_dim(p)));
+    return (double)p->n_layers * ((double)slots * (row_bytes(spec->type_k, kv_dim(p)) + row_bytes(spec->type_v, kv_dim(p))) +
+                                  (double)sinks * sink_blocks * row_bytes(CACHE_SINK_TYPE, kv_dim(p)));
 }
 
-// A cache of `capacity` positions as spec says (checked by cache_spec_check); key_mean (n_layers,
-// n_kv_heads, head_dim) or NULL is the model's, for iq4_nl keys.
-static int cache_init(KVCache *c, const Config *p, const CacheSpec *spec, int capacity, const float *key_mean) {
+// Rows of block b in every plane: block_size, or fewer for a last block cut short.
+static int block_rows(const KVPool *c, int b) {
+    int left = c->slots - b * c->block_size;
+    return left < c->block_size ? left : c->block_size;
+}
+
+// A pool of n_blocks blocks of block_size positions, `slots` rows a plane (n_blocks * block_size,
+// or fewer: the last block cut short), for a spec checked by cache_spec_check. sink_blocks: how many
+// blocks can be a sequence's first (n_blocks, or 1 when the blocks stay in order). prefix_cache:
+// register full blocks for reuse. key_mean (n_layers, n_kv_heads, head_dim) or NULL is the model's,
+// for iq4_nl keys.
+static int pool_init(KVPool *c, const Config *p, const CacheSpec *spec, int n_blocks, int block_size, int slots,
+                     int sink_blocks, int prefix_cache, const float *key_mean) {
+    memset(c, 0, sizeof *c);
     c->spec = *spec;
     c->n_layers = p->n_layers;
     c->n_kv_heads = p->n_kv_heads;
-    c->capacity = capacity;
     c->kv_dim = kv_dim(p);
     c->head_dim = p->head_dim;
+    c->block_size = block_size;
+    c->n_blocks = n_blocks;
+    c->slots = slots;
     c->head_row_k = row_bytes(spec->type_k, c->head_dim);
     c->head_row_v = row_bytes(spec->type_v, c->head_dim);
     c->head_row_sink = row_bytes(CACHE_SINK_TYPE, c->head_dim);
-    size_t rows = (size_t)c->n_layers * c->n_kv_heads * capacity, heads = (size_t)c->n_layers * c->n_kv_heads;
+    c->sink_blocks = sink_blocks;
+    size_t rows = (size_t)c->n_layers * c->n_kv_heads * slots, sinks = (size_t)c->n_layers * c->n_kv_heads * sink_blocks;
     c->keys = alloc_zeroed(rows, c->head_row_k);
     c->values = alloc_zeroed(rows, c->head_row_v);
-    c->sink_keys = cache_has_sink(spec->type_k) ? alloc_zeroed(heads, c->head_row_sink) : NULL;
-    c->sink_values = cache_has_sink(spec->type_v) ? alloc_zeroed(heads, c->head_row_sink) : NULL;
+    c->sink_keys = cache_has_sink(spec->type_k) ? alloc_zeroed(sinks, c->head_row_sink) : NULL;
+    c->sink_values = cache_has_sink(spec->type_v) ? alloc_zeroed(sinks, c->head_row_sink) : NULL;
     c->key_mean = spec->type_k == CACHE_IQ4_NL ? key_mean : NULL;
-    return c->keys && c->values && (c->sink_keys || !cache_has_sink(spec->type_k)) &&
-           (c->sink_values || !cache_has_sink(spec->type_v)) ? 0 : -1;
+    c->refs = alloc_zeroed(n_blocks, sizeof(int));
+    c->free_list = alloc_zeroed(n_blocks, sizeof(int));
+    c->prefix_cache = prefix_cache;
+    c->serial = alloc_zeroed(n_blocks, sizeof(uint64_t));
+    c->parent = alloc_zeroed(n_blocks, sizeof(uint64_t));
+    c->block_tokens = alloc_zeroed((size_t)n_blocks * block_size, sizeof(int));
+    for (c->n_buckets = 16; c->n_buckets < 2 * n_blocks; c->n_buckets *= 2) {}
+    c->bucket = alloc_zeroed(c->n_buckets, sizeof(int));
+    c->next_in_bucket = alloc_zeroed(n_blocks, sizeof(int));
+    c->lru_prev = alloc_zeroed(n_blocks, sizeof(int));
+    c->lru_next = alloc_zeroed(n_blocks, sizeof(int));
+    c->lru_first = c->lru_last = -1;
+    c->next_serial = 1;
+    if (!c->keys || !c->values || (!c->sink_keys && cache_has_sink(spec->type_k)) ||
+        (!c->sink_values && cache_has_sink(spec->type_v)) || !c->refs || !c->free_list || !c->serial || !c->parent ||
+        !c->block_tokens || !c->bucket || !c->next_in_bucket || !c->lru_prev || !c->lru_next)
+        return -1;
+    for (int i = 0; i < c->n_buckets; i++) c->bucket[i] = -1;
+    for (int b = n_blocks - 1; b >= 0; b--) c->free_list[c->n_free++] = b; // block 0 on top: taken first
+    return 0;
 }
 
-static void cache_free(KVCache *c) {
-    free(c->keys);
-    free(c->values);
-    free(c->sink_keys);
-    free(c->sink_values);
+static void pool_free(KVPool *c) {
+    free(c->keys); free(c->values); free(c->sink_keys); free(c->sink_values);
+    free(c->refs); free(c->free_list); free(c->serial); free(c->parent); free(c->block_tokens);
+    free(c->bucket); free(c->next_in_bucket); free(c->lru_prev); free(c->lru_next);
+    memset(c, 0, sizeof *c);
 }
 
-// Where row (layer, head, pos) of the keys (value 0) or the values (1) lies, and its type: position
-// 0 of a type with a sink lies in the sink slot, every other row in keys / values.
-static uint8_t *cache_slot(const KVCache *c, int value, int layer, int head, int pos, int *type) {
+// Where row (layer, head) of block b's row `row` lies in the keys (value 0) or values (1).
+static uint8_t *pool_row(const KVPool *c, int value, int layer, int head, int b, int row) {
+    size_t plane = (size_t)layer * c->n_kv_heads + head, slot = (size_t)b * c->block_size + row;
+    return (value ? c->values : c->keys) + (plane * c->slots + slot) * (value ? c->head_row_v : c->head_row_k);
+}
+
+// Block b's sink slot of (layer, head) in keys or values, or NULL when they have no sink.
+static uint8_t *pool_sink(const KVPool *c, int value, int layer, int head, int b) {
     uint8_t *sink = value ? c->sink_values : c->sink_keys;
-    size_t index = (size_t)layer * c->n_kv_heads + head;
-    if (pos == 0 && sink) {
-        *type = CACHE_SINK_TYPE;
-        return sink + index * c->head_row_sink;
-    }
-    *type = value ? c->spec.type_v : c->spec.type_k;
-    return (value ? c->values : c->keys) + (index * c->capacity + pos) * (value ? c->head_row_v : c->head_row_k);
-}
-
-// One head's head_dim values x, less `mean` (NULL: none), stored as `type` at dst, turned by the
-// rotation first when the cache rotates.
-static void store_head(const KVCache *c, int type, uint8_t *dst, const float *x, const float *mean) {
-    float head[c->head_dim]; // head_dim <= 4096 (check_config): 16 KB at most
-    for (int i = 0; i < c->head_dim; i++) head[i] = mean ? x[i] - mean[i] : x[i];
-    if (c->spec.rotate) hadamard(head, c->head_dim);
-    store_row(type, dst, head, c->head_dim);
-}
-
-// Stores n positions' keys and values, k and v (n, kv_dim), at positions pos.. of a layer: the one
-// place rows are converted to the cache's types. Inside a parallel region every thread of the team
-// calls it, and they share the head rows out (iq4_nl's scale search takes about a microsecond a
-// block); a worksharing loop, so it ends in a barrier.
-static void cache_write(KVCache *c, int layer, int pos, int n, const float *k, const float *v) {
-#pragma omp for schedule(static)
-    for (int task = 0; task < n * c->n_kv_heads * 2; task++) { // (position, kv head, keys or values)
-        int t = task / (2 * c->n_kv_heads), h = task / 2 % c->n_kv_heads, value = task % 2, type;
-        size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
-        const float *mean = c->key_mean && !value ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)h * c->head_dim : NULL;
-        uint8_t *dst = cache_slot(c, value, layer, h, pos + t, &type);
-        store_head(c, type, dst, (value ? v : k) + at, mean);
-    }
-}
-
-// The run of positions pos.. of a layer, at most n long (ranges are read run after run): position
-// 0 alone when it lies in a sink slot.
-static KVRun cache_run(const KVCache *c, int layer, int pos, int n) {
-    KVRun r;
-    r.keys = cache_slot(c, 0, layer, 0, pos, &r.type_k);
-    r.values = cache_slot(c, 1, layer, 0, pos, &r.type_v);
-    int sink_k = pos == 0 && c->sink_keys, sink_v = pos == 0 && c->sink_values;
-    r.key_stride = sink_k ? c->head_row_sink : c->head_row_k;
-    r.value_stride = sink_v ? c->head_row_sink : c->head_row_v;
-    r.key_head = sink_k ? c->head_row_sink : c->capacity * c->head_row_k;
-    r.value_head = sink_v ? c->head_row_sink : c->capacity * c->head_row_v;
-    r.n = sink_k || sink_v ? 1 : n;
-    return r;
-}
-
-// One stored head row as float32 head_dim values, rotated back.
-static void load_head(const KVCache *c, int type, const uint8_t *src, float *out) {
-    load_row(type, src, out, c->head_dim);
-    if (c->spec.rotate) hadamard(out, c->head_dim);
-}
-
-// Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each: what the cache
-// holds, dequantized and rotated back (iq4_nl keys: less the model's key_mean, as they are stored).
-static void cache_read(const KVCache *c, int layer, int pos, int n, float *keys, float *values) {
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < c->n_kv_heads; h++) {
-            size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
-            int type;
-            const uint8_t *src = cache_slot(c, 0, layer, h, pos + t, &type);
-            load_head(c, type, src, keys + at);
-            src = cache_slot(c, 1, layer, h, pos + t, &type);
-            load_head(c, type, src, values + at);
-        }
+    if (!sink || b >= c->sink_blocks) return NULL;
+    return sink + (((size_t)layer * c->n_kv_heads + head) * c->sink_blocks + b) * c->head_row_sink;
 }
 
 // `rows` rows of `bytes` at dst set to `fill` stored as `type`.
@@ -2725,21 +2747,325 @@ static void fill_rows(int type, uint8_t *dst, size_t rows, size_t bytes, float f
     for (size_t r = 1; r < rows; r++) memcpy(dst + r * bytes, dst, bytes);
 }
 
-// Sets every slot to `fill`: 0 to forget, NaN so that any read of a slot never written shows (in
-// every type: NaN stores as a NaN scale in the q types).
-static void cache_reset(KVCache *c, float fill) {
-    size_t rows = (size_t)c->n_layers * c->n_kv_heads * c->capacity, heads = (size_t)c->n_layers * c->n_kv_heads;
+// Every row of block b, sink slots included, set to `fill` (as in pool_fill).
+static void block_fill(KVPool *c, int b, float fill) {
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++)
+            for (int value = 0; value < 2; value++) {
+                int type = value ? c->spec.type_v : c->spec.type_k;
+                fill_rows(type, pool_row(c, value, l, h, b, 0), block_rows(c, b), value ? c->head_row_v : c->head_row_k, fill, c->head_dim);
+                uint8_t *sink = pool_sink(c, value, l, h, b);
+                if (sink) fill_rows(CACHE_SINK_TYPE, sink, 1, c->head_row_sink, fill, c->head_dim);
+            }
+}
+
+// Every slot of the pool set to `fill`: 0 to forget, NaN so that any read of a slot never written
+// shows (in every type: NaN stores as a NaN scale in the q types).
+static void pool_fill(KVPool *c, float fill) {
+    size_t rows = (size_t)c->n_layers * c->n_kv_heads * c->slots, sinks = (size_t)c->n_layers * c->n_kv_heads * c->sink_blocks;
     if (fill == 0) { // all-zero bytes are 0 in every type
         memset(c->keys, 0, rows * c->head_row_k);
         memset(c->values, 0, rows * c->head_row_v);
-        if (c->sink_keys) memset(c->sink_keys, 0, heads * c->head_row_sink);
-        if (c->sink_values) memset(c->sink_values, 0, heads * c->head_row_sink);
+        if (c->sink_keys) memset(c->sink_keys, 0, sinks * c->head_row_sink);
+        if (c->sink_values) memset(c->sink_values, 0, sinks * c->head_row_sink);
         return;
     }
     fill_rows(c->spec.type_k, c->keys, rows, c->head_row_k, fill, c->head_dim);
     fill_rows(c->spec.type_v, c->values, rows, c->head_row_v, fill, c->head_dim);
-    if (c->sink_keys) fill_rows(CACHE_SINK_TYPE, c->sink_keys, heads, c->head_row_sink, fill, c->head_dim);
-    if (c->sink_values) fill_rows(CACHE_SINK_TYPE, c->sink_values, heads, c->head_row_sink, fill, c->head_dim);
+    if (c->sink_keys) fill_rows(CACHE_SINK_TYPE, c->sink_keys, sinks, c->head_row_sink, fill, c->head_dim);
+    if (c->sink_values) fill_rows(CACHE_SINK_TYPE, c->sink_values, sinks, c->head_row_sink, fill, c->head_dim);
+}
+
+// Block src's rows, sink slots included, copied into block dst (copy-on-write).
+static void block_copy(KVPool *c, int dst, int src) {
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++)
+            for (int value = 0; value < 2; value++) {
+                memcpy(pool_row(c, value, l, h, dst, 0), pool_row(c, value, l, h, src, 0),
+                       (size_t)block_rows(c, src) * (value ? c->head_row_v : c->head_row_k));
+                uint8_t *to = pool_sink(c, value, l, h, dst), *from = pool_sink(c, value, l, h, src);
+                if (to && from) memcpy(to, from, c->head_row_sink);
+            }
+}
+
+// ---- The pool's books: references, the free list, the prefix cache and its LRU list
+
+// The bucket of a block named by (parent, its tokens): FNV-1a over them.
+static int prefix_bucket(const KVPool *c, uint64_t parent, const int *tokens) {
+    uint64_t h = 1469598103934665603ull ^ parent;
+    for (int i = 0; i < c->block_size; i++) h = (h ^ (uint32_t)tokens[i]) * 1099511628211ull;
+    return (int)(h & (uint64_t)(c->n_buckets - 1));
+}
+
+// The registered block that follows registration `parent` and holds `tokens`, or -1. Names are
+// compared in full: a hash collision cannot hand out the wrong block.
+static int prefix_find(const KVPool *c, uint64_t parent, const int *tokens) {
+    for (int b = c->bucket[prefix_bucket(c, parent, tokens)]; b >= 0; b = c->next_in_bucket[b])
+        if (c->parent[b] == parent && !memcmp(c->block_tokens + (size_t)b * c->block_size, tokens, c->block_size * sizeof(int)))
+            return b;
+    return -1;
+}
+
+static void lru_unlink(KVPool *c, int b) {
+    if (c->lru_prev[b] >= 0) c->lru_next[c->lru_prev[b]] = c->lru_next[b];
+    else c->lru_first = c->lru_next[b];
+    if (c->lru_next[b] >= 0) c->lru_prev[c->lru_next[b]] = c->lru_prev[b];
+    else c->lru_last = c->lru_prev[b];
+    c->n_cached--;
+}
+
+// Block b is no longer registered: its rows may change.
+static void prefix_forget(KVPool *c, int b) {
+    int *at = &c->bucket[prefix_bucket(c, c->parent[b], c->block_tokens + (size_t)b * c->block_size)];
+    while (*at != b) at = &c->next_in_bucket[*at];
+    *at = c->next_in_bucket[b];
+    c->serial[b] = c->parent[b] = 0;
+}
+
+// Block b, full and holding `tokens` after registration `parent`, registered for reuse.
+static void prefix_register(KVPool *c, int b, uint64_t parent, const int *tokens) {
+    memcpy(c->block_tokens + (size_t)b * c->block_size, tokens, c->block_size * sizeof(int));
+    c->serial[b] = c->next_serial++;
+    c->parent[b] = parent;
+    int *head = &c->bucket[prefix_bucket(c, parent, tokens)];
+    c->next_in_bucket[b] = *head;
+    *head = b;
+}
+
+// Blocks a sequence can still be given: free ones and unreferenced cached ones.
+static int pool_available(const KVPool *c) { return c->n_free + c->n_cached; }
+
+// An unreferenced block, now referenced once: a free one, else the cached one released longest ago
+// (forgotten). -1 when there is none.
+static int pool_take(KVPool *c) {
+    int b;
+    if (c->n_free) b = c->free_list[--c->n_free];
+    else if (c->lru_first >= 0) {
+        b = c->lru_first;
+        lru_unlink(c, b);
+        prefix_forget(c, b);
+    } else return -1;
+    c->refs[b] = 1;
+    return b;
+}
+
+// One more table holds block b (a cached one leaves the LRU list).
+static void pool_hold(KVPool *c, int b) {
+    if (c->refs[b]++ == 0 && c->serial[b]) lru_unlink(c, b);
+}
+
+// A table lets go of block b: when none holds it, a registered block waits in the LRU list (the
+// most recently released last), any other goes back to the free list.
+static void pool_release(KVPool *c, int b) {
+    if (--c->refs[b] > 0) return;
+    if (c->serial[b]) {
+        c->lru_prev[b] = c->lru_last;
+        c->lru_next[b] = -1;
+        if (c->lru_last >= 0) c->lru_next[c->lru_last] = b;
+        else c->lru_first = b;
+        c->lru_last = b;
+        c->n_cached++;
+        return;
+    }
+    if (c->poison) block_fill(c, b, NAN);
+    c->free_list[c->n_free++] = b;
+}
+
+// ---- A sequence's cache: its block table
+
+// An empty table in pool c for up to `capacity` positions; `in_order`: every block of the pool, in
+// order (the pool is the sequence's own: slot = position).
+static int cache_init(KVCache *s, KVPool *c, int capacity, int in_order) {
+    memset(s, 0, sizeof *s);
+    s->pool = c;
+    s->capacity = capacity;
+    s->max_blocks = (capacity + c->block_size - 1) / c->block_size;
+    s->table = alloc_zeroed(s->max_blocks, sizeof(int));
+    s->tokens = alloc_zeroed(capacity, sizeof(int));
+    if (!s->table || !s->tokens) return -1;
+    if (in_order) {
+        for (int i = 0; i < s->max_blocks; i++) s->table[i] = pool_take(c);
+        s->n_table = s->max_blocks;
+    }
+    return 0;
+}
+
+// Lets go of every block the table holds, the last first: cached blocks are evicted in that order,
+// so a prefix loses its tail before its head (without which the tail cannot be found).
+static void cache_free(KVCache *s) {
+    for (int i = s->n_table - 1; s->table && i >= 0; i--) pool_release(s->pool, s->table[i]);
+    free(s->table);
+    free(s->tokens);
+    memset(s, 0, sizeof *s);
+}
+
+// Blocks the pool must hand out before positions pos..pos+n-1 can be written: new ones past the
+// table, and copies of shared blocks the writes land in.
+static int cache_blocks_needed(const KVCache *s, int pos, int n) {
+    if (n <= 0) return 0;
+    int bs = s->pool->block_size, first = pos / bs, last = (pos + n - 1) / bs, need = 0;
+    for (int i = first; i <= last; i++) need += i >= s->n_table || s->pool->refs[s->table[i]] > 1;
+    return need;
+}
+
+// Makes positions pos..pos+n-1 writable: blocks taken for them past the table, a shared block
+// copied (copy-on-write), a registered one forgotten (its rows are about to change). The caller
+// checked cache_blocks_needed against pool_available.
+static void cache_reserve(KVCache *s, int pos, int n) {
+    KVPool *c = s->pool;
+    int bs = c->block_size;
+    for (int i = pos / bs; n > 0 && i <= (pos + n - 1) / bs; i++) {
+        if (i >= s->n_table) {
+            s->table[s->n_table++] = pool_take(c);
+            continue;
+        }
+        int b = s->table[i];
+        if (c->refs[b] > 1) {
+            int copy = pool_take(c);
+            block_copy(c, copy, b);
+            pool_release(c, b);
+            s->table[i] = copy;
+        } else if (c->serial[b])
+            prefix_forget(c, b);
+        if (s->registered > i) s->registered = i;
+    }
+}
+
+// Registers the table's full blocks below position len that are not yet registered, each named by
+// the block before it and its tokens. A block the cache already holds under that name (another
+// sequence computed the same prefix) stays this sequence's own, and so do the blocks after it.
+static void cache_register(KVCache *s, int len) {
+    KVPool *c = s->pool;
+    int bs = c->block_size;
+    if (!c->prefix_cache) return;
+    while ((s->registered + 1) * bs <= len) {
+        int i = s->registered, b = s->table[i];
+        uint64_t parent = i ? c->serial[s->table[i - 1]] : 0;
+        if (!c->serial[b]) {
+            if (prefix_find(c, parent, s->tokens + (size_t)i * bs) >= 0) return;
+            prefix_register(c, b, parent, s->tokens + (size_t)i * bs);
+        }
+        s->registered++;
+    }
+}
+
+// For an empty table: takes the longest run of registered blocks that hold tokens' first positions,
+// leaving at least one token to run (its logits are wanted). Returns the positions taken.
+static int cache_reuse_prefix(KVCache *s, const int *tokens, int n) {
+    KVPool *c = s->pool;
+    int bs = c->block_size, i = 0;
+    uint64_t parent = 0;
+    if (!c->prefix_cache || s->n_table) return 0;
+    for (; (i + 1) * bs < n && i < s->max_blocks; i++) {
+        int b = prefix_find(c, parent, tokens + (size_t)i * bs);
+        if (b < 0) break;
+        pool_hold(c, b);
+        s->table[s->n_table++] = b;
+        parent = c->serial[b];
+    }
+    s->registered = i;
+    memcpy(s->tokens, tokens, (size_t)i * bs * sizeof(int));
+    c->prefix_hits += (long long)i * bs;
+    return i * bs;
+}
+
+// Keeps positions 0..len-1: the blocks after them go back to the pool.
+static void cache_truncate(KVCache *s, int len) {
+    int keep = (len + s->pool->block_size - 1) / s->pool->block_size;
+    while (s->n_table > keep) pool_release(s->pool, s->table[--s->n_table]);
+    if (s->registered > len / s->pool->block_size) s->registered = len / s->pool->block_size;
+}
+
+// dst (an uninitialized cache) becomes a copy of src's table, sharing every block.
+static int cache_fork(KVCache *dst, const KVCache *src) {
+    if (cache_init(dst, src->pool, src->capacity, 0)) return -1;
+    for (int i = 0; i < src->n_table; i++) pool_hold(src->pool, dst->table[i] = src->table[i]);
+    dst->n_table = src->n_table;
+    dst->registered = src->registered;
+    memcpy(dst->tokens, src->tokens, (size_t)src->capacity * sizeof(int));
+    return 0;
+}
+
+// ---- Writing and reading rows
+
+// Where position pos's row of (layer, head) lies in the keys (value 0) or the values (1), and its
+// type: position 0 of a type with a sink lies in its block's sink slot, every other row in its block.
+static uint8_t *cache_slot(const KVCache *s, int value, int layer, int head, int pos, int *type) {
+    const KVPool *c = s->pool;
+    int b = s->table[pos / c->block_size];
+    uint8_t *sink = pos == 0 ? pool_sink(c, value, layer, head, b) : NULL;
+    if (sink) {
+        *type = CACHE_SINK_TYPE;
+        return sink;
+    }
+    *type = value ? c->spec.type_v : c->spec.type_k;
+    return pool_row(c, value, layer, head, b, pos % c->block_size);
+}
+
+// One head's head_dim values x, less `mean` (NULL: none), stored as `type` at dst, turned by the
+// rotation first when the cache rotates.
+static void store_head(const KVPool *c, int type, uint8_t *dst, const float *x, const float *mean) {
+    float head[c->head_dim]; // head_dim <= 4096 (check_config): 16 KB at most
+    for (int i = 0; i < c->head_dim; i++) head[i] = mean ? x[i] - mean[i] : x[i];
+    if (c->spec.rotate) hadamard(head, c->head_dim);
+    store_row(type, dst, head, c->head_dim);
+}
+
+// Stores n tokens' keys and values, k and v (n, kv_dim), token t at position pos[t] of seqs[t]'s
+// cache (all in one pool, made writable by cache_reserve), in one layer: the one place rows are
+// converted to the cache's types. Inside a parallel region every thread of the team calls it, and
+// they share the head rows out (iq4_nl's scale search takes about a microsecond a block); a
+// worksharing loop, so it ends in a barrier.
+static void cache_write(KVCache *const *seqs, const int *pos, int n, int layer, const float *k, const float *v) {
+    const KVPool *c = seqs[0]->pool;
+#pragma omp for schedule(static)
+    for (int task = 0; task < n * c->n_kv_heads * 2; task++) { // (token, kv head, keys or values)
+        int t = task / (2 * c->n_kv_heads), h = task / 2 % c->n_kv_heads, value = task % 2, type;
+        size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
+        const float *mean = c->key_mean && !value ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)h * c->head_dim : NULL;
+        uint8_t *dst = cache_slot(seqs[t], value, layer, h, pos[t], &type);
+        store_head(c, type, dst, (value ? v : k) + at, mean);
+    }
+}
+
+// The run of positions pos.. of a layer, at most n long (ranges are read run after run): the rows
+// up to the end of pos's block, and on through the blocks after it while the table holds them in
+// order; position 0 alone when it lies in a sink slot.
+static KVRun cache_run(const KVCache *s, int layer, int pos, int n) {
+    const KVPool *c = s->pool;
+    KVRun r;
+    r.keys = cache_slot(s, 0, layer, 0, pos, &r.type_k);
+    r.values = cache_slot(s, 1, layer, 0, pos, &r.type_v);
+    int sink_k = pos == 0 && c->sink_keys, sink_v = pos == 0 && c->sink_values;
+    r.key_stride = sink_k ? c->head_row_sink : c->head_row_k;
+    r.value_stride = sink_v ? c->head_row_sink : c->head_row_v;
+    r.key_head = sink_k ? c->sink_blocks * c->head_row_sink : (size_t)c->slots * c->head_row_k;
+    r.value_head = sink_v ? c->sink_blocks * c->head_row_sink : (size_t)c->slots * c->head_row_v;
+    int bs = c->block_size, i = pos / bs, len = bs - pos % bs;
+    while (len < n && i + 1 < s->n_table && s->table[i + 1] == s->table[i] + 1) len += bs, i++;
+    r.n = sink_k || sink_v ? 1 : len < n ? len : n;
+    return r;
+}
+
+// One stored head row as float32 head_dim values, rotated back.
+static void load_head(const KVPool *c, int type, const uint8_t *src, float *out) {
+    load_row(type, src, out, c->head_dim);
+    if (c->spec.rotate) hadamard(out, c->head_dim);
+}
+
+// Copies n positions of a layer out as float32 keys and values, (n, kv_dim) each: what the cache
+// holds, dequantized and rotated back (iq4_nl keys: less the model's key_mean, as they are stored).
+static void cache_read(const KVCache *s, int layer, int pos, int n, float *keys, float *values) {
+    const KVPool *c = s->pool;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < c->n_kv_heads; h++) {
+            size_t at = (size_t)t * c->kv_dim + (size_t)h * c->head_dim;
+            int type;
+            const uint8_t *src = cache_slot(s, 0, layer, h, pos + t, &type);
+            load_head(c, type, src, keys + at);
+            src = cache_slot(s, 1, layer, h, pos + t, &type);
+            load_head(c, type, src, values + at);
+        }
 }
 
 // ---- Reading the cache: attention's scores and weighted sums, straight from the stored type
@@ -2763,7 +3089,7 @@ static size_t query_int8_bytes(int hd) { return (size_t)query_chunks(hd) * (64 +
 
 // The group of query heads q (group x head_dim) as this cache's keys need them: rotated into f when
 // the keys are, and quantized into int8 (group x query_int8_bytes) when they are int8.
-static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f, uint8_t *int8) {
+static KVQuery cache_query(const KVPool *c, const float *q, int group, float *f, uint8_t *int8) {
     int hd = c->head_dim, chunks = query_chunks(hd);
     if (c->spec.rotate) {
         memcpy(f, q, (size_t)group * hd * sizeof(float));
@@ -2790,7 +3116,7 @@ static KVQuery cache_query(const KVCache *c, const float *q, int group, float *f
 
 // Attention outputs of `group` heads (a weighted sum of stored values) turned back from the values'
 // rotation, in place.
-static void cache_output(const KVCache *c, float *out, int group) {
+static void cache_output(const KVPool *c, float *out, int group) {
     if (c->spec.rotate)
         for (int g = 0; g < group; g++) hadamard(out + (size_t)g * c->head_dim, c->head_dim);
 }
@@ -3054,7 +3380,7 @@ static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_str
 }
 
 // ----------------------------------------------------------------------------
-// Sequences: one running sequence's KV cache and the activation scratch of its forward blocks
+// Sequences and pools: a pool holds KV blocks and the scratch of forward blocks; a sequence, a block table in one
 
 #define MAX_BATCH 64                 // tokens a forward block runs together: each weight is read once per block
 #define MAX_THREADS 512              // threads a sequence may ask for (each has its own scratch and stack)
@@ -3137,6 +3463,9 @@ typedef struct {
     float *q;                 // (batch, q_dim) queries
     float *k, *v;             // (batch, kv_dim) the block's keys and values, until cache_write stores them
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
+    int capacity;             // positions a sequence it runs may hold
+    KVCache **seq;            // (batch) the cache of each token of the block, and
+    int *pos;                 // (batch) its position there
     float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
     float *query;             // (threads, n_heads / n_kv_heads, head_dim) a kv head's queries as the cache wants them
     uint8_t *query_int8;      // (threads, n_heads / n_kv_heads, query_int8_bytes) and their int8 form for int8 keys
@@ -3161,6 +3490,7 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
     governor_init(&s->governor, threads);
     s->governor.cpu = scratch_alloc(s, threads, sizeof(double));
     s->batch = capacity < MAX_BATCH ? capacity : MAX_BATCH;
+    s->capacity = capacity;
     s->input_group = w->input_group;
     s->input_sums = w->input_sums;
     size_t B = s->batch, wide = p->dim > q_dim(p) ? p->dim : q_dim(p);
@@ -3174,6 +3504,8 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
     // attention_parts splits fewer tasks than its target into under twice the target
     size_t group = p->n_heads / p->n_kv_heads, split_tasks = 2 * ATTENTION_TASKS_PER_THREAD * (size_t)s->threads;
     size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
+    s->seq = scratch_alloc(s, B, sizeof(KVCache *));
+    s->pos = scratch_alloc(s, B, sizeof(int));
     s->att = scratch_alloc(s, (size_t)s->threads * group * capacity, sizeof(float));
     s->query = scratch_alloc(s, (size_t)s->threads * group * p->head_dim, sizeof(float));
     s->query_int8 = scratch_alloc(s, (size_t)s->threads * group, query_int8_bytes(p->head_dim));
@@ -3196,13 +3528,13 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
         if (s->input_sums && !(in->q.sum = scratch_alloc(s, groups, sizeof(float)))) return -1;
     }
-    return s->governor.cpu && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
+    return s->governor.cpu && s->seq && s->pos && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->governor.cpu); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->governor.cpu); free(s->seq); free(s->pos); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.sum);
         free(s->input[i].q.lane_scale);
@@ -3210,59 +3542,115 @@ static void state_free(RunState *s) {
     free(s->input);
 }
 
-// One running sequence: its KV cache and the scratch its forward passes use.
+// A pool of KV blocks and the scratch that forward blocks over its sequences run in. The sequences
+// of one pool run one call at a time (they share the scratch).
+typedef struct {
+    KVPool cache;
+    RunState state;
+} Pool;
+
+// One running sequence: its block table in a pool, and how far it has run.
 typedef struct {
     KVCache cache;
-    RunState state;
+    Pool *pool;
     int len;            // positions 0..len-1 hold the sequence's tokens; the next one goes at len
+    int own_pool;       // the pool is the sequence's own (a single sequence, its blocks in order), freed with it
 } Sequence;
 
-static void sequence_free(Sequence *seq) {
-    cache_free(&seq->cache);
-    state_free(&seq->state);
-    memset(seq, 0, sizeof *seq);
-}
-
-// Refuses a sequence whose KV cache and attention scratch (the parts that grow with the context)
-// would not fit in this machine's memory, before anything is allocated.
-static int check_sequence_size(const Config *p, const CacheSpec *spec, int capacity, int threads) {
-    double need = cache_bytes(p, spec, capacity) + (double)threads * (p->n_heads / p->n_kv_heads) * capacity * sizeof(float);
+// Refuses a pool whose KV cache and attention scratch (the parts that grow with the context) would
+// not fit in this machine's memory, before anything is allocated.
+static int check_pool_size(const Config *p, const CacheSpec *spec, int slots, int sink_blocks, int threads, int capacity) {
+    double need = cache_bytes(p, spec, slots, sink_blocks) + (double)threads * (p->n_heads / p->n_kv_heads) * capacity * sizeof(float);
     double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE), gib = 1024.0 * 1024 * 1024;
     if (ram > 0 && need > ram)
-        return fail("a context of %d positions needs %.1f GiB for its KV cache, more than this machine's %.1f GiB: "
-                    "ask for a shorter one (-c, or seq_len= in Python)", capacity, need / gib, ram / gib);
+        return fail("a KV cache of %d positions needs %.1f GiB, more than this machine's %.1f GiB: ask for a shorter "
+                    "context (-c, or seq_len= in Python) or fewer blocks", slots, need / gib, ram / gib);
     return 0;
 }
 
-// A sequence of up to `context` positions (0: the model's) for m, run on `threads` threads (0: all
-// cores, at most MAX_THREADS), its cache stored as spec says.
-static int sequence_init(Sequence *seq, const Model *m, int context, int threads, const CacheSpec *spec) {
-    memset(seq, 0, sizeof *seq);
-    if (context < 0 || context > m->config.seq_len)
-        return fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
-    if (threads < 0 || threads > MAX_THREADS) return fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
-    if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
-    int capacity = context > 0 ? context : m->config.seq_len;
-    if (cache_spec_check(spec, m->config.head_dim) || check_sequence_size(&m->config, spec, capacity, threads)) return -1;
-    if (cache_init(&seq->cache, &m->config, spec, capacity, m->weights.key_mean) ||
-        state_init(&seq->state, &m->config, &m->weights, threads, capacity)) {
-        sequence_free(seq);
-        return -1;
+static void pool_delete(Pool *pool) {
+    if (!pool) return;
+    pool_free(&pool->cache);
+    state_free(&pool->state);
+    free(pool);
+}
+
+// A pool for m of n_blocks blocks of block_size positions (`slots` rows a plane, sink slots for
+// `sink_blocks` first blocks, full blocks registered for reuse when prefix_cache), stored as spec
+// says, with scratch for `threads` threads (0: all cores, at most MAX_THREADS) running sequences of
+// up to `capacity` positions.
+static Pool *pool_new(const Model *m, const CacheSpec *spec, int n_blocks, int block_size, int slots, int sink_blocks,
+                      int prefix_cache, int threads, int capacity) {
+    if (threads < 0 || threads > MAX_THREADS) {
+        fail("threads must be 1..%d, got %d", MAX_THREADS, threads);
+        return NULL;
     }
-    return 0;
+    if (threads == 0) threads = max_threads() < MAX_THREADS ? max_threads() : MAX_THREADS;
+    if (cache_spec_check(spec, m->config.head_dim) ||
+        check_pool_size(&m->config, spec, slots, sink_blocks, threads, capacity))
+        return NULL;
+    Pool *pool = alloc_zeroed(1, sizeof *pool);
+    if (!pool) return NULL;
+    if (pool_init(&pool->cache, &m->config, spec, n_blocks, block_size, slots, sink_blocks, prefix_cache, m->weights.key_mean) ||
+        state_init(&pool->state, &m->config, &m->weights, threads, capacity)) {
+        pool_delete(pool);
+        return NULL;
+    }
+    return pool;
+}
+
+// An empty sequence in pool (which must outlive it), of up to `capacity` positions; in_order: its
+// table holds every block of the pool in order.
+static Sequence *sequence_new(Pool *pool, int capacity, int in_order) {
+    Sequence *seq = alloc_zeroed(1, sizeof *seq);
+    if (!seq) return NULL;
+    seq->pool = pool;
+    if (cache_init(&seq->cache, &pool->cache, capacity, in_order)) {
+        cache_free(&seq->cache);
+        free(seq);
+        return NULL;
+    }
+    return seq;
+}
+
+// Lets go of the sequence's blocks (and its own pool).
+static void sequence_delete(Sequence *seq) {
+    if (!seq) return;
+    cache_free(&seq->cache);
+    if (seq->own_pool) pool_delete(seq->pool);
+    free(seq);
+}
+
+// A single sequence of up to `context` positions (0: the model's) for m, in a pool of its own sized
+// to that context with its blocks in order (slot = position), run on `threads` threads (0: all
+// cores), its cache stored as spec says.
+static Sequence *sequence_alone(const Model *m, int context, int threads, const CacheSpec *spec) {
+    if (context < 0 || context > m->config.seq_len) {
+        fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
+        return NULL;
+    }
+    int capacity = context > 0 ? context : m->config.seq_len, blocks = (capacity + BLOCK_SIZE - 1) / BLOCK_SIZE;
+    Pool *pool = pool_new(m, spec, blocks, BLOCK_SIZE, capacity, 1, 0, threads, capacity);
+    Sequence *seq = pool ? sequence_new(pool, capacity, 1) : NULL;
+    if (!seq) {
+        pool_delete(pool);
+        return NULL;
+    }
+    seq->own_pool = 1;
+    return seq;
 }
 
 
 // ----------------------------------------------------------------------------
 // The forward pass
 
-// cos/sin of position * theta^(-2j/head_dim) for each token of the block, in double like the reference.
-static void rope_table(RunState *s, const Config *p, int pos, int n) {
+// cos/sin of position * theta^(-2j/head_dim) for each token of the block (at s->pos), in double like the reference.
+static void rope_table(RunState *s, const Config *p, int n) {
     int half = p->head_dim / 2;
     for (int j = 0; j < half; j++) {
         double freq = pow((double)p->rope_theta, -2.0 * j / p->head_dim);
         for (int t = 0; t < n; t++) {
-            double angle = (double)(pos + t) * freq;
+            double angle = (double)s->pos[t] * freq;
             s->rope.cos[t * half + j] = (float)cos(angle);
             s->rope.sin[t * half + j] = (float)sin(angle);
         }
@@ -3287,39 +3675,40 @@ static const QuantizedRows *quantize_rows(RunState *s, const float *x, int n, in
 
 // RMSNorm of n rows of x into this thread's input (quantized into *xq too when the model has int8
 // kernels). x must be complete: the step before ended in a barrier.
-static const float *norm_rows(RunState *s, const float *x, const float *weight, int n, int dim, float eps,
+static const float *norm_rows(RunState *s, const float *x, const int *rows, const float *weight, int n, int dim, float eps,
                               const QuantizedRows **xq) {
     float *out = s->input[thread_index()].x;
-    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)t * dim, weight, dim, eps);
+    for (int t = 0; t < n; t++) rmsnorm(out + (size_t)t * dim, x + (size_t)(rows ? rows[t] : t) * dim, weight, dim, eps);
     *xq = quantize_rows(s, out, n, dim);
     return out;
 }
 
-// Attention of the query heads (of token t) that share kv head `kv_head`, over cache positions
-// lo..hi-1, read run by run. For each head g it leaves the max score, the sum of e^(score - max),
-// and out = that sum's terms times the values (unnormalized, so that ranges computed apart can be
-// merged). att holds group x (hi - lo) scores.
-static void attend_range(const Model *m, Sequence *seq, int layer, int t, int kv_head, int lo, int hi, float *att,
+// Attention of the query heads (of token t) that share kv head `kv_head`, over positions lo..hi-1
+// of the token's sequence, read run by run. For each head g it leaves the max score, the sum of
+// e^(score - max), and out = that sum's terms times the values (unnormalized, so that ranges
+// computed apart can be merged). att holds group x (hi - lo) scores.
+static void attend_range(const Model *m, RunState *s, int layer, int t, int kv_head, int lo, int hi, float *att,
                          float *out, float *max, float *sum) {
     const Config *p = &m->config;
+    const KVCache *cache = s->seq[t];
     int hd = p->head_dim, group = p->n_heads / p->n_kv_heads, len = hi - lo;
     float scale = 1.0f / sqrtf((float)hd);
-    const float *q = seq->state.q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
-    KVQuery query = cache_query(&seq->cache, q, group, seq->state.query + (size_t)thread_index() * group * hd,
-                                seq->state.query_int8 + (size_t)thread_index() * group * query_int8_bytes(hd));
+    const float *q = s->q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
+    KVQuery query = cache_query(cache->pool, q, group, s->query + (size_t)thread_index() * group * hd,
+                                s->query_int8 + (size_t)thread_index() * group * query_int8_bytes(hd));
     for (int i = lo; i < hi;) {
-        KVRun run = cache_run(&seq->cache, layer, i, hi - i);
+        KVRun run = cache_run(cache, layer, i, hi - i);
         kv_dot(&run, kv_head, &query, group, hd, scale, att + (i - lo), (size_t)len);
         i += run.n;
     }
     for (int g = 0; g < group; g++) sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int i = lo; i < hi;) {
-        KVRun run = cache_run(&seq->cache, layer, i, hi - i);
+        KVRun run = cache_run(cache, layer, i, hi - i);
         kv_axpy(&run, kv_head, att + (i - lo), (size_t)len, group, hd, out);
         i += run.n;
     }
-    cache_output(&seq->cache, out, group);
+    cache_output(cache->pool, out, group);
 }
 
 // How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
@@ -3330,18 +3719,19 @@ static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
     return len / parts >= ATTENTION_MIN_RANGE ? parts : 1; // short ranges are not worth a merge
 }
 
-// Causal attention of the block's queries over the cache; the block's own keys and values are
-// already in it. Query head h reads kv head h / (n_heads / n_kv_heads). Split ranges are merged as
-// in flash-decoding: out = sum over ranges of e^(max_r - max) out_r / sum of e^(max_r - max) sum_r.
-static void attention(const Model *m, Sequence *seq, int layer, int n, int pos) {
+// Causal attention of the block's queries, each over its own sequence's cache up to its position;
+// the block's own keys and values are already in it. Query head h reads kv head h / (n_heads /
+// n_kv_heads). Split ranges are merged as in flash-decoding: out = sum over ranges of
+// e^(max_r - max) out_r / sum of e^(max_r - max) sum_r.
+static void attention(const Model *m, RunState *s, int layer, int n) {
     const Config *p = &m->config;
-    RunState *s = &seq->state;
-    int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p);
-    int parts = attention_parts(s, n, kvh, pos + 1);
-    float *att = s->att + (size_t)thread_index() * group * seq->cache.capacity;
+    int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p), longest = 0;
+    for (int t = 0; t < n; t++) longest = s->pos[t] + 1 > longest ? s->pos[t] + 1 : longest;
+    int parts = attention_parts(s, n, kvh, longest);
+    float *att = s->att + (size_t)thread_index() * group * s->capacity;
 #pragma omp for schedule(static)
     for (int task = 0; task < n * kvh * parts; task++) {
-        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = pos + t + 1;
+        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = s->pos[t] + 1;
         int chunk = (len + parts - 1) / parts, lo = part * chunk, hi = lo + chunk < len ? lo + chunk : len;
         float *max = s->part_max + (size_t)task * group, *sum = s->part_sum + (size_t)task * group;
         float *out = parts == 1 ? s->xb + (size_t)t * qd + (size_t)h * group * hd : s->part_out + (size_t)task * group * hd;
@@ -3349,7 +3739,7 @@ static void attention(const Model *m, Sequence *seq, int layer, int n, int pos) 
             for (int g = 0; g < group; g++) max[g] = -INFINITY, sum[g] = 0;
             continue;
         }
-        attend_range(m, seq, layer, t, h, lo, hi, att, out, max, sum);
+        attend_range(m, s, layer, t, h, lo, hi, att, out, max, sum);
         if (parts == 1)
             for (int i = 0; i < group * hd; i++) out[i] /= sum[i / hd];
     }
@@ -3400,77 +3790,147 @@ static void gate_up(RunState *s, Matrix w1, Matrix w3, const float *x, const Qua
     }
 }
 
-// One layer for the block's n tokens at positions pos..: attention, then the SwiGLU feed-forward,
-// each added to the residual stream x. The block's keys and values go into the cache before
-// attention reads it.
-static void layer_forward(const Model *m, Sequence *seq, int l, int n, int pos) {
+// One layer for the block's n tokens: attention, then the SwiGLU feed-forward, each added to the
+// residual stream x. The block's keys and values go into the cache before attention reads it.
+static void layer_forward(const Model *m, RunState *s, int l, int n) {
     const Config *p = &m->config;
     const Weights *w = &m->weights;
-    RunState *s = &seq->state;
     int dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
 
     Matrix wq = matrix_at(w->wq, l, (size_t)qd * dim);
     const QuantizedRows *xq;
-    const float *xn = norm_rows(s, s->x, w->rms_att + (size_t)l * dim, n, dim, p->norm_eps, &xq);
+    const float *xn = norm_rows(s, s->x, NULL, w->rms_att + (size_t)l * dim, n, dim, p->norm_eps, &xq);
     Projection qkv[3] = {{s->q, wq, qd, 0, &s->rope},
                          {s->k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, &s->rope},
                          {s->v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
     matmuls(qkv, 3, xn, xq, n, dim);
-    cache_write(&seq->cache, l, pos, n, s->k, s->v); // every thread: they share the rows out
-    attention(m, seq, l, n, pos);
+    cache_write(s->seq, s->pos, n, l, s->k, s->v); // every thread: they share the rows out
+    attention(m, s, l, n);
     Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
     xq = quantize_rows(s, s->xb, n, qd);
     matmul((Projection){s->x, wo, dim, 1, NULL}, s->xb, xq, n, qd);
 
     Matrix w1 = matrix_at(w->w1, l, (size_t)hid * dim), w2 = matrix_at(w->w2, l, (size_t)dim * hid);
-    xn = norm_rows(s, s->x, w->rms_ffn + (size_t)l * dim, n, dim, p->norm_eps, &xq);
+    xn = norm_rows(s, s->x, NULL, w->rms_ffn + (size_t)l * dim, n, dim, p->norm_eps, &xq);
     gate_up(s, w1, matrix_at(w->w3, l, (size_t)hid * dim), xn, xq, n, dim, hid);
     xq = quantize_rows(s, s->hb, n, hid);
     matmul((Projection){s->x, w2, dim, 1, NULL}, s->hb, xq, n, hid);
 }
 
-// Runs n <= batch tokens at positions pos.. through every layer, writing their K/V into the cache.
-// Logits: every token's into out (n x vocab) when all_logits, else the last token's into state.logits.
-static void forward_block(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out,
-                          int all_logits) {
+// Runs the block's n <= batch tokens through every layer, token t at position s->pos[t] of the
+// sequence whose cache is s->seq[t] (made writable there), writing their K/V into the caches; then
+// the logits of the n_rows tokens rows[] (the classifier is the biggest matrix: rows nobody reads
+// are skipped) into out (n_rows x vocab).
+static void forward_block(const Model *m, RunState *s, const int *tokens, int n, const int *rows, int n_rows, float *out) {
     const Config *p = &m->config;
     const Weights *w = &m->weights;
-    RunState *s = &seq->state;
-    int dim = p->dim, first = all_logits ? 0 : n - 1; // the classifier is the biggest matrix: skip rows nobody reads
+    int dim = p->dim;
     for (int t = 0; t < n; t++) embed(s->x + (size_t)t * dim, w->tok_embeddings, tokens[t], dim);
-    rope_table(s, p, pos, n);
+    rope_table(s, p, n);
     memset(s->governor.cpu, 0, s->threads * sizeof(double)); // a thread the runtime did not start counts as descheduled
     double start = clock_seconds(CLOCK_MONOTONIC);
 #pragma omp parallel num_threads(s->governor.team)
     {
         double cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID);
-        for (int l = 0; l < p->n_layers; l++) layer_forward(m, seq, l, n, pos);
-        const QuantizedRows *xq;
-        const float *xn = norm_rows(s, s->x + (size_t)first * dim, w->rms_final, n - first, dim, p->norm_eps, &xq);
-        matmul((Projection){all_logits ? out : s->logits, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n - first, dim);
+        for (int l = 0; l < p->n_layers; l++) layer_forward(m, s, l, n);
+        const QuantizedRows *xq = NULL;
+        const float *xn = norm_rows(s, s->x, rows, w->rms_final, n_rows, dim, p->norm_eps, &xq);
+        if (n_rows) matmul((Projection){out, w->wcls, p->vocab_size, 0, NULL}, xn, xq, n_rows, dim);
         s->governor.cpu[thread_index()] = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu;
     }
     governor_update(&s->governor, s->threads, clock_seconds(CLOCK_MONOTONIC) - start);
 }
 
-// Runs any number of tokens at positions pos.. in blocks; out as in forward_block (NULL: only
-// state.logits is written). The sequence then holds positions 0..pos+n-1.
-static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
-    const Config *p = &m->config;
-    int context = seq->cache.capacity, batch = seq->state.batch;
-    if (n < 0 || pos < 0 || pos > context || n > context - pos)
-        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, context);
+static int check_tokens(const Config *p, const int *tokens, int n) {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= p->vocab_size)
             return fail("token id %d is outside the vocab of %d", tokens[i], p->vocab_size);
+    return 0;
+}
+
+// Refuses a step whose new positions need more blocks than the pool can hand out.
+static int check_blocks(const KVPool *c, int need) {
+    if (need > pool_available(c))
+        return fail("out of KV blocks: the step needs %d new blocks and the pool has %d of %d left", need,
+                    pool_available(c), c->n_blocks);
+    return 0;
+}
+
+// Runs any number of tokens at positions pos.. of one sequence in blocks; logits of every token
+// into out (n x vocab), or with out NULL only the last token's into state.logits. A sequence in a
+// shared pool first lets go of its positions from pos on (pos <= len). The sequence then holds
+// positions 0..pos+n-1.
+static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
+    const Config *p = &m->config;
+    RunState *s = &seq->pool->state;
+    KVCache *c = &seq->cache;
+    int context = c->capacity;
+    if (n < 0 || pos < 0 || pos > context || n > context - pos)
+        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, context);
+    if (!seq->own_pool && pos > seq->len)
+        return fail("position %d is past the sequence's end (%d): a pooled sequence grows without gaps", pos, seq->len);
+    if (check_tokens(p, tokens, n)) return -1;
+    if (!seq->own_pool) cache_truncate(c, pos);
+    if (check_blocks(c->pool, cache_blocks_needed(c, pos, n))) return -1;
+    cache_reserve(c, pos, n);
+    memcpy(c->tokens + pos, tokens, (size_t)n * sizeof(int));
+    int rows[MAX_BATCH];
     for (int done = 0; done < n;) {
-        int chunk = n - done < batch ? n - done : batch;
-        float *chunk_out = out ? out + (size_t)done * p->vocab_size : NULL;
-        forward_block(m, seq, tokens + done, chunk, pos + done, chunk_out, out != NULL);
+        int chunk = n - done < s->batch ? n - done : s->batch;
+        for (int t = 0; t < chunk; t++) s->seq[t] = c, s->pos[t] = pos + done + t, rows[t] = t;
+        if (out) forward_block(m, s, tokens + done, chunk, rows, chunk, out + (size_t)done * p->vocab_size);
+        else forward_block(m, s, tokens + done, chunk, rows + chunk - 1, 1, s->logits);
         done += chunk;
     }
-    if (out && n > 0) memcpy(seq->state.logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
+    if (out && n > 0) memcpy(s->logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
     seq->len = pos + n;
+    cache_register(c, seq->len);
+    return 0;
+}
+
+// One step of many sequences of one pool: sequence i takes counts[i] >= 1 new tokens (prompt chunks
+// and decode tokens alike; tokens holds them one sequence after another) at its end. The tokens run
+// in blocks of up to `batch`, each reading every weight once, each token attending to its own
+// sequence; logits (n x vocab) gets each sequence's last token's. Out of blocks, nothing changes
+// and it returns -2.
+static int step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, const int *tokens, int n, float *logits) {
+    RunState *s = &pool->state;
+    int total = 0, need = 0;
+    for (int i = 0; i < n; i++) {
+        if (seqs[i]->pool != pool || seqs[i]->own_pool) return fail("sequence %d of the step is not in this pool", i);
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == seqs[i]) return fail("sequence %d appears twice in the step", i);
+        if (counts[i] < 1 || counts[i] > seqs[i]->cache.capacity - seqs[i]->len)
+            return fail("sequence %d holds %d of %d positions and cannot take %d tokens", i, seqs[i]->len,
+                        seqs[i]->cache.capacity, counts[i]);
+        if (check_tokens(&m->config, tokens + total, counts[i])) return -1;
+        need += cache_blocks_needed(&seqs[i]->cache, seqs[i]->len, counts[i]);
+        total += counts[i];
+    }
+    if (check_blocks(&pool->cache, need)) return -2;
+    for (int i = 0, at = 0; i < n; at += counts[i++]) {
+        cache_reserve(&seqs[i]->cache, seqs[i]->len, counts[i]);
+        memcpy(seqs[i]->cache.tokens + seqs[i]->len, tokens + at, (size_t)counts[i] * sizeof(int));
+    }
+    int rows[MAX_BATCH], i = 0, into = 0; // the sequence whose token is next, and how many of it have run
+    for (int done = 0; done < total;) {
+        int chunk = total - done < s->batch ? total - done : s->batch, n_rows = 0, first_row = -1;
+        for (int t = 0; t < chunk; t++) {
+            s->seq[t] = &seqs[i]->cache;
+            s->pos[t] = seqs[i]->len + into;
+            if (++into == counts[i]) { // the sequence's last token: its logits are wanted
+                if (first_row < 0) first_row = i;
+                rows[n_rows++] = t;
+                i++, into = 0;
+            }
+        }
+        forward_block(m, s, tokens + done, chunk, rows, n_rows, n_rows ? logits + (size_t)first_row * m->config.vocab_size : NULL);
+        done += chunk;
+    }
+    for (int j = 0; j < n; j++) {
+        seqs[j]->len += counts[j];
+        cache_register(&seqs[j]->cache, seqs[j]->len);
+    }
     return 0;
 }
 
@@ -3630,88 +4090,182 @@ const Config *kvc_config(const Model *m) { return &m->config; }
 
 int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
 
-// A sequence on m: its own KV cache of `context` positions (0: the model's), keys and values
-// stored as type_k and type_v (kvc_cache_type), rotated or not (rotate -1: for a 4-bit type when head_dim is a power of two),
-// and scratch for `threads` threads (0: all cores). Free it (kvc_sequence_free) before its model.
+// A sequence on m with a KV cache of its own of `context` positions (0: the model's), keys and
+// values stored as type_k and type_v (kvc_cache_type), rotated or not (rotate -1: for a 4-bit type
+// when head_dim is a power of two), and scratch for `threads` threads (0: all cores). Its blocks
+// lie in order, so slot = position. Free it (kvc_sequence_free) before its model.
 Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate) {
-    Sequence *seq = malloc(sizeof *seq);
-    if (!seq) {
-        fail("out of memory");
-        return NULL;
-    }
     CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
-    if (sequence_init(seq, m, context, threads, &spec)) {
-        free(seq);
-        return NULL;
-    }
-    return seq;
+    return sequence_alone(m, context, threads, &spec);
 }
 
-void kvc_sequence_free(Sequence *seq) {
-    if (!seq) return;
-    sequence_free(seq);
-    free(seq);
-}
+// Lets go of the sequence's blocks (a pool of its own is freed with it).
+void kvc_sequence_free(Sequence *seq) { sequence_delete(seq); }
 
+// Positions the sequence can hold, and how many it holds.
 int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
+int kvc_length(const Sequence *seq) { return seq->len; }
 
 // The cache type called `name` ("f32", "f16", "bf16", "q8_0", "q4_0", "iq4_nl"), or -1.
 int kvc_cache_type(const char *name) { return cache_type_by_name(name); }
 
 // Bytes in use, from the engine's own accounting: out[0] the mapped checkpoint (weights, tokenizer),
-// out[1] the sequence's KV cache, out[2] its scratch (activations).
+// out[1] the KV cache of the sequence's pool (its own, or the one it shares), out[2] the pool's
+// scratch (activations).
 void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]) {
+    const KVPool *c = &seq->pool->cache;
     out[0] = m->map_size;
-    out[1] = (unsigned long long)cache_bytes(&m->config, &seq->cache.spec, seq->cache.capacity);
-    out[2] = seq->state.bytes;
+    out[1] = (unsigned long long)cache_bytes(&m->config, &c->spec, c->slots, c->sink_blocks);
+    out[2] = seq->pool->state.bytes;
 }
 
-// How the sequence used its threads: out[0] the threads it was given, out[1] the team its next
-// forward block runs on (fewer while another process holds a core: see Governor), out[2] the
+// How the sequence's pool used its threads: out[0] the threads it was given, out[1] the team its
+// next forward block runs on (fewer while another process holds a core: see Governor), out[2] the
 // forward blocks it has run and out[3] how many of them ran on fewer threads than out[0].
 void kvc_threads(const Sequence *seq, long long out[4]) {
-    const Governor *g = &seq->state.governor;
-    out[0] = seq->state.threads;
-    out[1] = g->team;
-    out[2] = g->blocks;
-    out[3] = g->reduced;
+    const RunState *s = &seq->pool->state;
+    out[0] = s->threads;
+    out[1] = s->governor.team;
+    out[2] = s->governor.blocks;
+    out[3] = s->governor.reduced;
 }
 
 // Whether the sequence's cache rotates its heads (after the default was resolved).
-int kvc_cache_rotates(const Sequence *seq) { return seq->cache.spec.rotate; }
+int kvc_cache_rotates(const Sequence *seq) { return seq->pool->cache.spec.rotate; }
 
 // Runs tokens at positions pos.. (filling the cache); logits (n x vocab) of every position, or NULL.
+// A sequence in a shared pool takes pos <= its length (positions from pos on are replaced).
 int kvc_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *logits) {
     return forward(m, seq, tokens, n, pos, logits);
 }
 
-// The last forwarded token's logits (vocab), owned by the sequence.
-float *kvc_logits(Sequence *seq) { return seq->state.logits; }
+// The last forwarded token's logits (vocab), owned by the sequence's pool (kvc_forward's only).
+float *kvc_logits(Sequence *seq) { return seq->pool->state.logits; }
 
 // Copies positions pos..pos+n-1 of a layer's cache out as float32, keys and values (n, kv_dim) each.
 int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values) {
     const KVCache *c = &seq->cache;
-    if (layer < 0 || layer >= c->n_layers) return fail("layer %d is outside 0..%d", layer, c->n_layers - 1);
-    if (n < 0 || pos < 0 || pos > c->capacity || n > c->capacity - pos)
-        return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, c->capacity);
+    int held = c->n_table * c->pool->block_size < c->capacity ? c->n_table * c->pool->block_size : c->capacity;
+    if (layer < 0 || layer >= c->pool->n_layers) return fail("layer %d is outside 0..%d", layer, c->pool->n_layers - 1);
+    if (n < 0 || pos < 0 || pos > held || n > held - pos)
+        return fail("positions %d..%d are outside the %d the sequence's blocks hold", pos, pos + n - 1, held);
     cache_read(c, layer, pos, n, keys, values);
     return 0;
 }
 
-// The cache's own storage of keys (which 0) or values (1), (n_layers, n_kv_heads, context, head_dim)
-// values of its type, when that is a plain array of f32 or f16 values (not rotated); else NULL. It
-// stays valid until kvc_sequence_free.
+// The storage of keys (which 0) or values (1) of a sequence with a pool of its own,
+// (n_layers, n_kv_heads, context, head_dim) values of its type, when that is a plain array of f32
+// or f16 values (not rotated); else NULL. It stays valid until kvc_sequence_free.
 const void *kvc_cache_data(const Sequence *seq, int which) {
-    const KVCache *c = &seq->cache;
+    const KVPool *c = &seq->pool->cache;
     int type = which ? c->spec.type_v : c->spec.type_k;
-    if ((type != CACHE_F32 && type != CACHE_F16) || c->spec.rotate) return NULL;
+    if ((type != CACHE_F32 && type != CACHE_F16) || c->spec.rotate || !seq->own_pool) return NULL;
     return which ? c->values : c->keys;
 }
 
-// Empties the sequence; every cache slot is set to `fill` (0, or NaN so that a stray read shows).
-void kvc_cache_reset(Sequence *seq, float fill) {
-    cache_reset(&seq->cache, fill);
+// Empties a sequence with a pool of its own; every cache slot is set to `fill` (0, or NaN so that a
+// stray read shows).
+int kvc_cache_reset(Sequence *seq, float fill) {
+    if (!seq->own_pool) return fail("a pooled sequence is emptied with kvc_truncate(seq, 0)");
+    pool_fill(&seq->pool->cache, fill);
     seq->len = 0;
+    return 0;
+}
+
+// ---- Pools: many sequences sharing KV blocks, run together a step at a time
+
+// A pool for m of n_blocks blocks of block_size positions each (0: BLOCK_SIZE), stored as type_k
+// / type_v (rotate as in kvc_sequence_new), with scratch for `threads` threads (0: all cores).
+// Sequences in it hold up to the model's seq_len positions. Full blocks are registered for reuse
+// (kvc_reuse_prefix). Free its sequences, then the pool, then the model.
+Pool *kvc_pool_new(const Model *m, int n_blocks, int block_size, int threads, int type_k, int type_v, int rotate) {
+    if (block_size == 0) block_size = BLOCK_SIZE;
+    if (block_size < 1 || block_size > m->config.seq_len) {
+        fail("block size %d is outside 1..%d (the model's context)", block_size, m->config.seq_len);
+        return NULL;
+    }
+    if (n_blocks < 1 || (long long)n_blocks * block_size > INT_MAX) {
+        fail("a pool needs 1..%d blocks of %d positions, got %d", INT_MAX / block_size, block_size, n_blocks);
+        return NULL;
+    }
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
+    return pool_new(m, &spec, n_blocks, block_size, n_blocks * block_size, n_blocks, 1, threads, m->config.seq_len);
+}
+
+void kvc_pool_free(Pool *pool) { pool_delete(pool); }
+
+// Bytes one block takes (keys and values of every layer, with its sink slots).
+unsigned long long kvc_block_bytes(const Model *m, int block_size, int type_k, int type_v, int rotate) {
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
+    if (block_size == 0) block_size = BLOCK_SIZE;
+    return (unsigned long long)cache_bytes(&m->config, &spec, block_size, 1);
+}
+
+// The pool's books: out[0] blocks, out[1] held by a sequence, out[2] cached (unreferenced, holding
+// a registered prefix block), out[3] free, out[4] positions taken from the prefix cache so far,
+// out[5] positions per block.
+void kvc_pool_stats(const Pool *pool, long long out[6]) {
+    const KVPool *c = &pool->cache;
+    out[0] = c->n_blocks;
+    out[1] = c->n_blocks - c->n_free - c->n_cached;
+    out[2] = c->n_cached;
+    out[3] = c->n_free;
+    out[4] = c->prefix_hits;
+    out[5] = c->block_size;
+}
+
+// With `on`, every block freed from now on (and every free block now) is filled with NaN, so that a
+// read of a position no sequence wrote shows.
+void kvc_pool_poison(Pool *pool, int on) {
+    KVPool *c = &pool->cache;
+    c->poison = on != 0;
+    for (int i = 0; on && i < c->n_free; i++) block_fill(c, c->free_list[i], NAN);
+}
+
+// An empty sequence in the pool.
+Sequence *kvc_pool_sequence(Pool *pool) { return sequence_new(pool, pool->state.capacity, 0); }
+
+// A new sequence holding what seq holds, sharing every block (copied when either writes into it).
+Sequence *kvc_fork(Sequence *seq) {
+    if (seq->own_pool) {
+        fail("only pooled sequences fork");
+        return NULL;
+    }
+    Sequence *child = alloc_zeroed(1, sizeof *child);
+    if (!child) return NULL;
+    if (cache_fork(&child->cache, &seq->cache)) {
+        cache_free(&child->cache);
+        free(child);
+        return NULL;
+    }
+    child->pool = seq->pool;
+    child->len = seq->len;
+    return child;
+}
+
+// Keeps positions 0..len-1 (len <= the sequence's length); the blocks after them go back.
+int kvc_truncate(Sequence *seq, int len) {
+    if (len < 0 || len > seq->len) return fail("cannot truncate a sequence of %d positions to %d", seq->len, len);
+    if (!seq->own_pool) cache_truncate(&seq->cache, len);
+    seq->len = len;
+    return 0;
+}
+
+// For an empty pooled sequence: takes the cached blocks that hold the first positions of tokens (n
+// of them), leaving at least one to run. Returns the positions taken (then its length).
+int kvc_reuse_prefix(Sequence *seq, const int *tokens, int n) {
+    if (seq->own_pool || seq->len) return fail("only an empty pooled sequence takes a cached prefix");
+    return seq->len = cache_reuse_prefix(&seq->cache, tokens, n);
+}
+
+// New blocks appending n tokens to seq would take now (copies of shared blocks included).
+int kvc_blocks_needed(const Sequence *seq, int n) { return cache_blocks_needed(&seq->cache, seq->len, n); }
+
+// One step: sequence i of seqs (n of them, all in pool, each once) takes counts[i] tokens, one
+// sequence's after another in tokens, at its end; logits (n x vocab) gets each sequence's last
+// token's. -2 when the pool has too few blocks (nothing changed), -1 on other errors.
+int kvc_step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, const int *tokens, int n, float *logits) {
+    return step(m, pool, seqs, counts, tokens, n, logits);
 }
 
 // Text -> token ids; with `special`, spelled-out control tokens become their ids (else text is text).
@@ -3868,7 +4422,7 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
     start = clock_seconds(CLOCK_MONOTONIC);
     int prev = n_prompt > 0 ? prompt[n_prompt - 1] : -1;
     for (int i = 0; i < max_tokens; i++) {
-        int next = sample(sampler, seq->state.logits);
+        int next = sample(sampler, seq->pool->state.logits);
         if (next < 0) goto done;
         if (next == stop || next == p->eos_id) {
             stats->stop_token = next;
@@ -3899,10 +4453,10 @@ static void print_stats(const GenerationStats *s, const Sequence *seq) {
     fprintf(stderr, "prompt %d tokens, %.1f tok/s | generated %d tokens, %.1f tok/s\n", s->prompt_tokens,
             s->prefill_seconds > 0 ? s->prompt_tokens / s->prefill_seconds : 0.0, s->generated_tokens,
             s->decode_seconds > 0 ? s->generated_tokens / s->decode_seconds : 0.0);
-    const Governor *g = &seq->state.governor;
+    const Governor *g = &seq->pool->state.governor;
     if (g->reduced)
         fprintf(stderr, "threads: %ld of %ld forward blocks ran on fewer than %d threads (another process was using a core)\n",
-                g->reduced, g->blocks, seq->state.threads);
+                g->reduced, g->blocks, seq->pool->state.threads);
 }
 
 static void usage(FILE *f) {
@@ -4125,7 +4679,7 @@ int main(int argc, char **argv) {
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
     Sequence *seq = kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
-    if (seq->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
+    if (seq->pool->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
         fprintf(stderr, "note: %s has no key_mean, so iq4_nl keys are stored uncentered, at a cost in quality "
                 "(python -m export measures one)\n", checkpoint);
     Sampler sampler;

@@ -16,6 +16,7 @@ ffi.cdef(
     } Config;
     typedef struct Model Model;
     typedef struct Sequence Sequence;
+    typedef struct Pool Pool;
     typedef struct Sampler Sampler;
 
     const char *kvc_last_error(void);
@@ -34,7 +35,19 @@ ffi.cdef(
     float *kvc_logits(Sequence *seq);
     int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values);
     const void *kvc_cache_data(const Sequence *seq, int which);
-    void kvc_cache_reset(Sequence *seq, float fill);
+    int kvc_cache_reset(Sequence *seq, float fill);
+    int kvc_length(const Sequence *seq);
+    Pool *kvc_pool_new(const Model *m, int n_blocks, int block_size, int threads, int type_k, int type_v, int rotate);
+    void kvc_pool_free(Pool *pool);
+    unsigned long long kvc_block_bytes(const Model *m, int block_size, int type_k, int type_v, int rotate);
+    void kvc_pool_stats(const Pool *pool, long long out[6]);
+    void kvc_pool_poison(Pool *pool, int on);
+    Sequence *kvc_pool_sequence(Pool *pool);
+    Sequence *kvc_fork(Sequence *seq);
+    int kvc_truncate(Sequence *seq, int len);
+    int kvc_reuse_prefix(Sequence *seq, const int *tokens, int n);
+    int kvc_blocks_needed(const Sequence *seq, int n);
+    int kvc_step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, const int *tokens, int n, float *logits);
     int kvc_encode(const Model *m, const char *text, int add_bos, int special, int *out, int capacity);
     int kvc_encode_capacity(int text_bytes);
     int kvc_decode(const Model *m, const int *ids, int n, char *out, int capacity);

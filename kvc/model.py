@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import codecs
-import math
-import numbers
 import operator
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -15,58 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._lib import ffi, last_error, load
+from .checks import C_INT_MAX, float_arg, int_arg, token_ids
 from .format import Config
-
-C_INT_MAX = 2**31 - 1  # the C API takes int counts, positions and ids
-SEED_MAX = 2**64 - 1  # seeds are unsigned long long
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _int_arg(name: str, value: object, low: int, high: int | None = None) -> int:
-    """value as a Python int in low..high (high None: no bound): TypeError unless an integer, ValueError
-    outside the range (so nothing out of range reaches cffi, whose conversion raises OverflowError)."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if high is None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
-    return value
-
-
-def _float_arg(name: str, value: object) -> float:
-    """value as a Python float for a C float: TypeError unless a real number, ValueError for finite
-    values beyond float32's range (C would see an infinity). NaN and the infinities pass."""
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    message = f"{name} is beyond float32's range (magnitude at most {FLOAT32_MAX:.4g})"
-    try:
-        result = float(value)
-    except OverflowError:  # an int beyond any float
-        raise ValueError(message) from None
-    if math.isfinite(result) and abs(result) > FLOAT32_MAX:
-        raise ValueError(message)
-    return result
-
-
-def _token_ids(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
-    """Token ids as a flat int32 array: TypeError unless integers, ValueError for ids outside the vocab."""
-    arr = np.asarray(tokens)
-    if arr.dtype.kind not in "iu":  # bools, floats, or Python ints numpy found no integer type for (2**64)
-        items = np.asarray(tokens, dtype=object).reshape(-1)
-        try:
-            arr = np.array([operator.index(t) for t in items], dtype=object)
-        except TypeError:
-            raise TypeError("token ids must be integers") from None
-    arr = arr.reshape(-1)
-    if arr.size:
-        low, high = arr.min(), arr.max()
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got {low if low < 0 else high}")
-    return arr.astype(np.int32)
-
+from .pool import Pool
+from .sampler import Sampler
 
 @dataclass
 class GenerationStats:
@@ -119,8 +68,8 @@ class Model:
         if tokenizer is not None and not os.path.exists(tokenizer):
             raise FileNotFoundError(f"no tokenizer at {tokenizer}")
         # 0 asks C for the defaults, so Python refuses it; the C library checks the upper bounds
-        context = 0 if seq_len is None else _int_arg("seq_len", seq_len, 1, C_INT_MAX)
-        n_threads = 0 if threads is None else _int_arg("threads", threads, 1, C_INT_MAX)
+        context = 0 if seq_len is None else int_arg("seq_len", seq_len, 1, C_INT_MAX)
+        n_threads = 0 if threads is None else int_arg("threads", threads, 1, C_INT_MAX)
         self._lib = load()
         self._lock = threading.Lock()  # held by every call that touches self._m or self._seq
         self._version = 0  # bumped by every change to the cache: generators compare it between steps
@@ -130,10 +79,11 @@ class Model:
         if handle == ffi.NULL:
             raise ValueError(last_error())
         self._m = ffi.gc(handle, self._lib.kvc_close)
-        types = [self._lib.kvc_cache_type(str(t).encode()) for t in (cache_type_k, cache_type_v)]
-        if min(types) < 0:
+        try:
+            types = [self._cache_type(t) for t in (cache_type_k, cache_type_v)]
+        except ValueError:
             self.close()
-            raise ValueError(f"unknown cache type in {cache_type_k!r}/{cache_type_v!r} (f32, f16, bf16, q8_0, q4_0, iq4_nl)")
+            raise
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
         seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
@@ -192,7 +142,7 @@ class Model:
     # threads would run in one sequence's cache and scratch at once.
 
     def _check_tokens(self, tokens: Sequence[int], pos: int) -> tuple[np.ndarray, int]:
-        arr = _token_ids(tokens, self.config.vocab_size)
+        arr = token_ids(tokens, self.config.vocab_size)
         try:
             pos = operator.index(pos)
         except TypeError:
@@ -250,12 +200,36 @@ class Model:
         that was never written show up as NaN logits (what the tests use to catch stray reads). NaN and
         the infinities are allowed; finite values beyond float32's range raise ValueError.
         """
-        value = _float_arg("fill", fill)
+        value = float_arg("fill", fill)
         with self._lock:
             _, seq = self._open()
             self._version += 1
             self._lib.kvc_cache_reset(seq, value)
             self._history = []
+
+    def pool(self, *, blocks: int | None = None, memory: int | None = None, block_size: int = 16,
+             threads: int | None = None, cache_type_k: str | None = None, cache_type_v: str | None = None,
+             cache_rotate: bool | None = None) -> Pool:
+        """A paged KV cache on this model's weights for many sequences at once (see kvc.Pool).
+
+        blocks: KV blocks in the pool, or memory: bytes of KV cache to fill with blocks (neither: enough
+        for one sequence of the checkpoint's whole context). block_size: positions per block. threads as
+        for Model. Cache types and rotation default to this Model's. Close the pool before the Model.
+        """
+        types = [self._cache_type(t) for t in (cache_type_k or self.cache_type_k, cache_type_v or self.cache_type_v)]
+        with self._lock:
+            m, _ = self._open()
+            max_seq_len = self._lib.kvc_config(m).seq_len
+            return Pool(self._lib, m, blocks=blocks, memory=memory, block_size=block_size, threads=threads,
+                        cache_types=(types[0], types[1]), cache_rotate=cache_rotate, vocab_size=self.config.vocab_size,
+                        max_seq_len=max_seq_len)
+
+    def _cache_type(self, name: str) -> int:
+        """The C number of cache type `name`; ValueError for an unknown one."""
+        number = self._lib.kvc_cache_type(str(name).encode())
+        if number < 0:
+            raise ValueError(f"unknown cache type {name!r} (f32, f16, bf16, q8_0, q4_0, iq4_nl)")
+        return number
 
     def memory(self) -> dict[str, int]:
         """Bytes in use, from the engine's own accounting: weights (the mapped checkpoint, tokenizer
@@ -358,7 +332,7 @@ class Model:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids, integers in [0, vocab_size) (invalid UTF-8 becomes U+FFFD)."""
         self._need_tokenizer()
-        ids32 = _token_ids(ids, self.config.vocab_size)  # stays referenced while C reads it
+        ids32 = token_ids(ids, self.config.vocab_size)  # stays referenced while C reads it
         if ids32.size > C_INT_MAX:
             raise ValueError(f"at most {C_INT_MAX} ids can be decoded at once, got {ids32.size}")
         ids_ptr = ffi.cast("const int *", ffi.from_buffer(ids32))
@@ -397,18 +371,12 @@ class Model:
                     use_cache: bool = True) -> Iterator[str]:
         """Checks the arguments now (not at the generator's first step) and returns the generator."""
         c = self.config
-        max_tokens = _int_arg("max_tokens", max_tokens, 0)
-        top_k = _int_arg("top_k", top_k, 0, C_INT_MAX)
-        seed = random.getrandbits(63) | 1 if seed is None else _int_arg("seed", seed, 0, SEED_MAX)
-        temperature, top_p = _float_arg("temperature", temperature), _float_arg("top_p", top_p)
+        max_tokens = int_arg("max_tokens", max_tokens, 0)
+        sampler = Sampler(c.vocab_size, temperature, top_p, top_k, seed)
         if not prompt:
             raise ValueError("nothing to start from: the prompt has no tokens")
         if len(prompt) >= c.seq_len:
             raise ValueError(f"the prompt is {len(prompt)} tokens but the context holds {c.seq_len}")
-        sampler = self._lib.kvc_sampler_new(c.vocab_size, temperature, top_p, top_k, seed)
-        if sampler == ffi.NULL:
-            raise ValueError(last_error())
-        sampler = ffi.gc(sampler, self._lib.kvc_sampler_free)
         return self._stream(prompt, reuse_cache, stops, max_tokens, sampler, use_cache)
 
     def _feed_prompt(self, seq, prompt: list[int], reuse_cache: bool) -> GenerationStats:
@@ -456,9 +424,7 @@ class Model:
                 version = self._version
                 if max_tokens == 0:
                     break
-                token = self._lib.kvc_sample(sampler, self._lib.kvc_logits(seq))
-                if token < 0:
-                    raise ValueError(last_error())
+                token = sampler.sample_into(self._lib.kvc_logits(seq))
                 if token in stops:
                     stats.stop_reason = "stop"
                     break

@@ -82,17 +82,27 @@ int main(void) {
     float *x = malloc(all * 4), *f = malloc(nq * 4), *att = malloc(nw * 4), *out = calloc(nq, 4);
     uint8_t *int8 = malloc((size_t)group * query_int8_bytes(hd));
     if (fread(x, 4, all, stdin) != all) return 1;
+    // a pool of blocks of 16 handed out in reverse order, so that runs end at every block's edge
+    int bs = 16, blocks = (n + bs - 1) / bs;
+    KVPool pool;
     KVCache c;
-    if (cache_spec_check(&spec, hd) || cache_init(&c, &p, &spec, n, x + nq + 2 * nkv + nw)) return 1;
-    cache_write(&c, 0, 0, n, x + nq, x + nq + nkv);
-    KVQuery q = cache_query(&c, x, group, f, int8);
+    if (cache_spec_check(&spec, hd) || pool_init(&pool, &p, &spec, blocks, bs, blocks * bs, blocks, 0, x + nq + 2 * nkv + nw))
+        return 1;
+    for (int b = 0; b < blocks; b++) pool.free_list[b] = b; // pool_take pops the last: block blocks - 1 first
+    if (cache_init(&c, &pool, n, 0)) return 1;
+    cache_reserve(&c, 0, n);
+    KVCache **seqs = malloc((size_t)n * sizeof *seqs);
+    int *pos = malloc((size_t)n * sizeof *pos);
+    for (int t = 0; t < n; t++) seqs[t] = &c, pos[t] = t;
+    cache_write(seqs, pos, n, 0, x + nq, x + nq + nkv);
+    KVQuery q = cache_query(&pool, x, group, f, int8);
     for (int i = 0; i < n;) {
         KVRun run = cache_run(&c, 0, i, n - i);
         kv_dot(&run, 1, &q, group, hd, 1.0f, att + i, (size_t)n);
         kv_axpy(&run, 1, x + nq + 2 * nkv + i, (size_t)n, group, hd, out);
         i += run.n;
     }
-    cache_output(&c, out, group);
+    cache_output(&pool, out, group);
     fwrite(att, 4, nw, stdout);
     fwrite(out, 4, nq, stdout);
     return 0;
