@@ -28,13 +28,14 @@ from kvc.serve.engine import BatchEngine
 CONTEXT = 512
 HELLO = [{"role": "user", "content": "Hi! What is the capital of France?"}]
 LONG = 10_000  # max_tokens beyond the context: a generation that runs until the context is full (~500 tokens)
+ONE_CONTEXT = 2048  # one_worker's
 
 
 class Server:
     """A BatchEngine and its app under uvicorn, in a thread of this process, on a free port."""
 
     def __init__(self, model_path, **engine_args):
-        self.engine = BatchEngine(model_path, context=CONTEXT, threads=1, **engine_args)
+        self.engine = BatchEngine(model_path, **{"context": CONTEXT, "threads": 1, **engine_args})
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,8 +83,9 @@ def server(smollm2_q4_bin):
 
 @pytest.fixture(scope="module")
 def one_worker(smollm2_q4_bin):
-    """One sequence at once, one request allowed to wait: the third at once gets 503."""
-    s = Server(smollm2_q4_bin, parallel=1, queue_size=1)
+    """One sequence at once, one request allowed to wait: the third at once gets 503. Its context,
+    ONE_CONTEXT, keeps a LONG request running for many seconds, even on a busy machine."""
+    s = Server(smollm2_q4_bin, parallel=1, queue_size=1, context=ONE_CONTEXT)
     yield s
     s.close()
 
@@ -413,7 +415,7 @@ def test_disconnect_frees_the_worker(one_worker):
     conn.close()  # the client goes away mid-stream
     s.wait_for(lambda m: m["kvc_requests_running"] == 0, timeout=5)
     after = s.metrics()
-    # a full run is ~500 tokens (several seconds): it stopped soon after the disconnect
+    # a full run is ~2000 tokens (many seconds): it stopped soon after the disconnect
     assert after["kvc_generation_tokens_total"] - before["kvc_generation_tokens_total"] < 200
     assert after['kvc_requests_finished_total{outcome="cancelled"}'] >= 1
     t0 = time.monotonic()
@@ -572,7 +574,7 @@ def test_metrics_move(one_worker):
                  "kvc_requests_waiting", "kvc_preemptions_total", "kvc_kv_blocks_cached",
                  "kvc_generation_tokens_per_second"):
         assert name in before
-    assert before["kvc_kv_blocks_total"] == CONTEXT // 16  # by default: --parallel (1) contexts
+    assert before["kvc_kv_blocks_total"] == ONE_CONTEXT // 16  # by default: --parallel (1) contexts
     client = s.client()
     messages = [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hi."}]
     first = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=6)

@@ -287,7 +287,7 @@ class BatchEngine(Engine):
         self._counts = EngineMetrics(parallel=parallel, block_size=self.block_size)
         self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens sampled)
         self._live: dict[RequestHandle, _Live] = {}  # the engine thread's own: started, not ended
-        self._last_events: list[tuple[RequestHandle, Event]] = []  # requests' last events, sent after a step
+        self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this round, sent after _publish
         self._thread = threading.Thread(target=self._run, name="kvc-engine", daemon=True)
         self._thread.start()
 
@@ -390,10 +390,11 @@ class BatchEngine(Engine):
                 else:
                     self._deliver(out)
             self._publish()
-            # last events after the counts: a client that has its answer sees its request gone
-            for handle, event in self._last_events:
+            # events after the counts: a client that saw a token sees its request running, and one
+            # that has its answer sees it gone
+            for handle, event in self._outbox:
                 handle._emit(event)
-            self._last_events.clear()
+            self._outbox.clear()
 
     def _start(self, live: _Live) -> None:
         """Hand a submitted request to the scheduler, or fail it (the request's fault)."""
@@ -410,7 +411,7 @@ class BatchEngine(Engine):
                                               stop_ids=stop_ids, tag=live)
             self._scheduler.add(live.scheduled)
         except ValueError as e:
-            self._last_events.append((live.handle, RequestFailed(str(e), bad_request=True)))
+            self._outbox.append((live.handle, RequestFailed(str(e), bad_request=True)))
             with self._lock:
                 self._count_finished("failed")
             return
@@ -450,7 +451,7 @@ class BatchEngine(Engine):
                 continue
             rest = text.stops.finish()
             if rest:
-                live.handle._emit(TextDelta(choice.index, rest))
+                self._outbox.append((live.handle, TextDelta(choice.index, rest)))
             self._end_choice(live, choice, choice.finish_reason)
         with self._lock:
             self._counts.generation_tokens += len(out.sampled)
@@ -466,17 +467,17 @@ class BatchEngine(Engine):
             return False
         text, hit = live.texts[index].stops.feed(piece)
         if text:
-            live.handle._emit(TextDelta(index, text))
+            self._outbox.append((live.handle, TextDelta(index, text)))
         return hit
 
     def _end_choice(self, live: _Live, choice: Choice, reason: str) -> None:
         """Choice ended with reason: tell the client, and end the request after its last choice."""
         live.texts[choice.index].done = True
-        live.handle._emit(ChoiceFinished(choice.index, reason, choice.generated))
+        self._outbox.append((live.handle, ChoiceFinished(choice.index, reason, choice.generated)))
         live.open_choices -= 1
         if live.open_choices == 0:
             scheduled = live.scheduled
-            self._last_events.append((live.handle, RequestFinished(
+            self._outbox.append((live.handle, RequestFinished(
                 len(live.prompt), scheduled.cached_tokens, sum(c.generated for c in scheduled.choices),
                 live.prefill_seconds, live.decode_seconds)))
             del self._live[live.handle]
@@ -491,7 +492,7 @@ class BatchEngine(Engine):
         """A step failed (not the requests' fault): end every started request with the error."""
         for live in list(self._live.values()):
             self._scheduler.cancel(live.scheduled)
-            self._last_events.append((live.handle, RequestFailed(message)))
+            self._outbox.append((live.handle, RequestFailed(message)))
             self._end_request(live, "failed")
         self._live.clear()
 
