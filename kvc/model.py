@@ -376,8 +376,9 @@ class Model:
             raise ValueError(last_error())
         return ffi.buffer(ptr[0], n)[:]
 
-    def _token_bytes(self, prev: int, token: int) -> bytes:
-        """The bytes token decodes to after prev (-1 at the start of a text)."""
+    def token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes token decodes to after prev (-1 at the start of a text): what a stream of sampled
+        tokens prints, piece by piece (a UTF-8 character may span tokens)."""
         with self._lock:
             m, _ = self._open()
             return self._token_text(m, prev, token)
