@@ -162,9 +162,10 @@ run_portable: run.c
 # leaks not checked there), then tests/test_sanitize.py (valgrind on run_portable, fuzz regressions).
 LIBASAN = $(shell $(CC) -print-file-name=libasan.so)
 SANITIZE_PYTEST := $(VENV)/bin/pytest -q -p no:cacheprovider
-SANITIZE_CLI_TESTS := tests/test_cli.py tests/test_chat.py tests/test_bad_input.py
+SANITIZE_CLI_TESTS := tests/test_cli.py tests/test_chat.py tests/test_bad_input.py tests/test_window.py tests/test_session.py
 SANITIZE_LIB_TESTS := tests/test_python_api.py tests/test_engine.py tests/test_tokenizer.py tests/test_byte_bpe.py \
-	tests/test_chat_templates.py tests/test_chat.py tests/test_bad_input.py
+	tests/test_chat_templates.py tests/test_chat.py tests/test_bad_input.py tests/test_pool.py tests/test_window.py \
+	tests/test_session.py
 test-sanitize: setup all data asan libkvc_asan.so run_portable
 	KVC_RUN=run_asan $(SANITIZE_PYTEST) $(SANITIZE_CLI_TESTS) -k "not python and not asan"
 	KVC_LIB=$(CURDIR)/libkvc_asan.so LD_PRELOAD=$(LIBASAN) \

@@ -4637,7 +4637,7 @@ int kvc_cache_reset(Sequence *seq, float fill) {
 // Saves a single sequence, its cache in its stored types, and the sampler's state (NULL: none) to
 // path, atomically; kvc_session_load restores it into a sequence made the same way (refusing
 // anything else with one line). kvc_tokens copies out the tokens at the rows the cache holds
-// (capacity of them at most) and returns how many there are.
+// (capacity of them at most; out may be NULL to ask) and returns how many there are.
 int kvc_session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
     return session_save(m, seq, sampler, path);
 }
@@ -4647,7 +4647,7 @@ int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char
 int kvc_tokens(const Sequence *seq, int *out, int capacity) {
     const KVCache *c = &seq->cache;
     int rows = seq->device ? 0 : !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
-    memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
+    if (out && capacity > 0) memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
     return rows;
 }
 

@@ -1,6 +1,7 @@
 """kvc.Model: the C engine driven from Python — tokens in, numpy logits out, streaming text."""
 from __future__ import annotations
 
+import array
 import codecs
 import operator
 import os
@@ -127,7 +128,8 @@ class Model:
         self.end_of_turn = self._lib.kvc_end_of_turn(self._m)
         self._chat_style = self._lib.kvc_chat_style(self._m)
         self.stats = GenerationStats()  # of the generate()/chat() started last
-        self._history: list[int] = []  # tokens whose K/V are in the cache, positions 0..
+        # tokens whose K/V are in the cache, positions 0.. (4 bytes each: a window runs on for as long as it goes)
+        self._history = array.array("i")
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -185,13 +187,13 @@ class Model:
         self._version += 1
         ptr = ffi.cast("const int *", ffi.from_buffer(tokens))
         if tokens.size and self._lib.kvc_forward(self._m, seq, ptr, len(tokens), pos, logits) != 0:
-            self._history = []  # the cache may hold part of the tokens
+            self._history = array.array("i")  # the cache may hold part of the tokens
             raise ValueError(last_error(self._lib))
         if pos > len(self._history):  # a gap: the cache now holds positions the record does not know
-            self._history = []
+            self._history = array.array("i")
         else:
             del self._history[pos:]
-            self._history.extend(tokens.tolist())
+            self._history.frombytes(tokens.astype(np.int32).tobytes())
 
     def forward(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
         """Run tokens at positions pos, pos+1, ... using and filling the KV cache.
@@ -232,7 +234,7 @@ class Model:
             _, seq = self._open()
             self._version += 1
             self._lib.kvc_cache_reset(seq, value)
-            self._history = []
+            self._history = array.array("i")
 
     def pool(self, *, blocks: int | None = None, memory: int | None = None, block_size: int = 16,
              threads: int | None = None, cache_type_k: str | None = None, cache_type_v: str | None = None,
@@ -280,7 +282,7 @@ class Model:
         with self._lock:
             m, seq = self._open()
             self._version += 1
-            self._history = []
+            self._history = array.array("i")
             if self._lib.kvc_session_load(m, seq, ffi.NULL, os.fsencode(path)) != 0:
                 raise ValueError(last_error(self._lib))
             rows = self._lib.kvc_tokens(seq, ffi.NULL, 0)
@@ -288,7 +290,7 @@ class Model:
             self._lib.kvc_tokens(seq, ffi.cast("int *", ffi.from_buffer(tokens)), rows)
             # for chat()'s reuse: the whole history when nothing was evicted (a window that moved
             # continues with forward(tokens, pos=its length) instead)
-            self._history = tokens.tolist() if rows == self._lib.kvc_length(seq) else []
+            self._history = array.array("i", tokens.tobytes() if rows == self._lib.kvc_length(seq) else b"")
 
     def memory(self) -> dict[str, int]:
         """Bytes in use, from the engine's own accounting: weights (the mapped checkpoint, tokenizer
