@@ -1,6 +1,7 @@
 """The PNGs (need matplotlib): side_by_side.png, kvc over llama.cpp per figure; bench.png, ms/token
 against position and tok/s bars per configuration; cache.png, ms/token and RSS against position per
-KV cache type, and generating with and without the cache."""
+KV cache type, and generating with and without the cache; long_context.png (and kvc.longppl's PNG),
+perplexity by position per KV cache policy and ms/token and RSS over a long windowed generation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -160,4 +161,59 @@ def plot_side_by_side(results: dict, path: Path) -> str | None:
     ax.set_title("kvc beside llama.cpp, alternated on the same weights (orange: one core busy)")
     ax.grid(alpha=0.3, axis="y")
     _save(plt, fig, results, "kvc vs llama.cpp, SmolLM2-135M-Instruct", path)
+    return None
+
+
+def _perplexity_panel(ax, result: dict, window: int) -> None:
+    """Perplexity per bucket of positions (log scale) for dense and each policy of one window size, with
+    the window and the model's context marked."""
+    size = result["bucket"]
+    for r in result["rows"]:
+        if "error" in r or r["window"] not in (None, window):
+            continue
+        xs = [start + min(size, r["scored"] - start) / 2 for start in range(0, r["scored"], size)]  # bucket middles
+        ax.plot(xs, r["buckets"], linestyle="--" if r["window"] is None else "-", label=r["label"])
+    ax.axvline(window, color="grey", linestyle=":", linewidth=1)
+    if result["context"] < result["tokens"]:
+        ax.axvline(result["context"], color="black", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    _finish(ax, f"position (dotted: the window, {window}; the model's context, {result['context']})",
+            f"perplexity per {size} positions", f"Window {window}", legend_size=7, zero_y=False, which="both")
+
+
+def _flat_panels(ax_ms, ax_rss, flat: dict) -> None:
+    """ms/token (median of each interval) and RSS against tokens generated with a sliding window."""
+    xs = [m["tokens"] for m in flat["marks"]]
+    ax_ms.plot(xs, [m["ms_per_token"] for m in flat["marks"]], marker="o")
+    ax_rss.plot(xs, [m["rss_mb"] for m in flat["marks"]], marker="o")
+    what = f"window {flat['window']}, {flat['threads'] or 'all'} thread(s)"
+    for ax in (ax_ms, ax_rss):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("tokens generated")
+    ax_ms.set_ylabel("ms per decoded token (median of the interval)")
+    ax_ms.set_title(f"Decode latency over a long generation ({what})")
+    ax_rss.set_ylabel("RSS MB (2**20 bytes)")
+    ax_rss.set_title(f"Resident memory over a long generation ({what})")
+
+
+def plot_long_context(ppl: dict | None, path: Path, flat: dict | None = None) -> str | None:
+    """kvc.longppl's perplexity curves, a panel per window size, and (flat: kvc.bench.window's result) ms/token
+    and RSS over a long windowed generation, as a PNG; returns why not if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed"
+    ppl = ppl if ppl and "error" not in ppl else None
+    flat = flat if flat and "error" not in flat else None
+    if not ppl and not flat:
+        return "no long-context results"
+    windows = sorted({r["window"] for r in ppl["rows"] if r["window"]}) if ppl else []
+    rows, cols = bool(windows) + bool(flat), max(len(windows), 2 if flat else 1)
+    fig = plt.figure(figsize=(5.5 * cols, 4.5 * max(rows, 1)))
+    for i, w in enumerate(windows):
+        _perplexity_panel(fig.add_subplot(rows, cols, i + 1), ppl, w)
+    if flat:
+        first = cols * bool(windows)
+        _flat_panels(fig.add_subplot(rows, cols, first + 1), fig.add_subplot(rows, cols, first + 2), flat)
+    _save(plt, fig, ppl or flat, f"kvc bounded KV caches, {Path((ppl or flat)['model']).name}", path)
     return None
