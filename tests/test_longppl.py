@@ -1,5 +1,5 @@
-"""python -m kvc.longppl: perplexity past the context with bounded KV caches, on a tiny random model with
-a byte tokenizer."""
+"""python -m kvc.longppl (perplexity past the context with bounded KV caches) and kvc.bench.window (decode
+cost over a long windowed generation), on a tiny random model with a byte tokenizer."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvc import Model, longppl
+from kvc.bench import window
 from helpers import PANGRAMS, model_and_text, run_module
 
 TEXT = PANGRAMS
@@ -138,3 +139,38 @@ def test_too_short_text_is_an_error(tiny, capsys):
     assert longppl.main([str(tiny / "tiny.bin"), "--text", str(tiny / "text.txt"), "--tokens", "5000",
                          "--out", str(tiny / "short")]) == 1
     assert "asked for 5000" in capsys.readouterr().err
+
+
+def test_long_generation_stays_bounded(tiny):
+    """kvc.bench.window generates past the context with a window: a mark per interval and a table."""
+    result = window.run_window(tiny / "tiny.bin", window=32, tokens=300, every=100, threads=1)
+    assert "error" not in result, result
+    assert [m["tokens"] for m in result["marks"]] == [100, 200, 300]
+    assert result["marks"][-1]["position"] == result["prompt_tokens"] + 300 > CONTEXT
+    assert result["ms_ratio"] >= 1 and result["rss_growth_mb"] is not None
+    assert window.format_table(result).count("\n| ") == 4
+
+
+def test_flatness_counts_intervals_after_the_window_fills():
+    marks = [{"position": p, "ms_per_token": ms, "rss_mb": rss}
+             for p, ms, rss in ((100, 1.0, 50), (200, 3.0, 60), (300, 2.0, 61), (400, 4.0, 62))]
+    assert window.flatness(marks, 150) == {"ms_ratio": 2.0, "rss_growth_mb": 1.0}  # the last two intervals
+    assert window.flatness(marks, 1000) == {"ms_ratio": None, "rss_growth_mb": None}
+
+
+def test_bench_part(tiny, tmp_path, monkeypatch):
+    """make bench's long-context part: both measurements into results, their tables and one PNG."""
+    from kvc.bench import suite, tables
+    from kvc.bench.plot import plot_long_context
+    from kvc.bench.workload import QUICK, QUICK_CACHE, LongSizes
+    monkeypatch.setattr(suite, "default_text", lambda chars=None: TEXT)
+    sizes = LongSizes(tokens=200, windows=[32], generate=60, every=30, window=32)
+    plan = suite.Plan(models={"f32": tiny / "tiny.bin"}, threads=[1], sizes=QUICK, mode="test", parts=("long-context",),
+                      cache_sizes=QUICK_CACHE, long_sizes=sizes)
+    results = suite.run_bench(plan)
+    lc = results["long_context"]
+    assert lc["dtype"] == "f32" and lc["perplexity"]["tokens"] == 200 and len(lc["generation"]["marks"]) == 2
+    text = tables.markdown_tables(results)
+    assert "Bounded KV caches past the model's context" in text and "| window 32 + 4 sinks |" in text
+    assert plot_long_context(lc["perplexity"], tmp_path / "lc.png", lc["generation"]) is None
+    assert (tmp_path / "lc.png").read_bytes()[:8] == PNG
