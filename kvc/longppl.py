@@ -193,11 +193,12 @@ def _cell(x: float | None) -> str:
 
 def format_table(result: dict) -> str:
     """The rows as a markdown table, with a line saying what was scored."""
-    ctx = result["context"]
+    ctx, n = result["context"], result["tokens"]
+    dense = (f"so dense scores only the first {ctx} (PPL all = PPL first {ctx} for it)" if n > ctx
+             else "so dense scores them all")
     lines = [
-        f"{result['tokens']} tokens, BOS first, fed {result['chunk']} at a time; the model's context is {ctx} "
-        f"tokens, so dense scores only the first {ctx} (PPL all = PPL first {ctx} for it). After first "
-        "eviction: logit rows at positions >= window + sinks.",
+        f"{n} tokens, BOS first, fed {result['chunk']} at a time; the model's context is {ctx} tokens, {dense}. "
+        "After first eviction: logit rows at positions >= window + sinks.",
         "",
         f"| policy | window | sinks | scored | PPL all | PPL first {ctx} | PPL after first eviction | PPL past {ctx} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -174,10 +174,12 @@ def _perplexity_panel(ax, result: dict, window: int) -> None:
         xs = [start + min(size, r["scored"] - start) / 2 for start in range(0, r["scored"], size)]  # bucket middles
         ax.plot(xs, r["buckets"], linestyle="--" if r["window"] is None else "-", label=r["label"])
     ax.axvline(window, color="grey", linestyle=":", linewidth=1)
+    marks = f"dotted: the window, {window}"
     if result["context"] < result["tokens"]:
         ax.axvline(result["context"], color="black", linestyle=":", linewidth=1)
+        marks += f"; the model's context, {result['context']}"
     ax.set_yscale("log")
-    _finish(ax, f"position (dotted: the window, {window}; the model's context, {result['context']})",
+    _finish(ax, f"position ({marks})",
             f"perplexity per {size} positions", f"Window {window}", legend_size=7, zero_y=False, which="both")
 
 
@@ -209,7 +211,7 @@ def plot_long_context(ppl: dict | None, path: Path, flat: dict | None = None) ->
         return "no long-context results"
     windows = sorted({r["window"] for r in ppl["rows"] if r["window"]}) if ppl else []
     rows, cols = bool(windows) + bool(flat), max(len(windows), 2 if flat else 1)
-    fig = plt.figure(figsize=(5.5 * cols, 4.5 * max(rows, 1)))
+    fig = plt.figure(figsize=(max(5.5 * cols, 11), 4.5 * rows))  # wide enough for the suptitle
     for i, w in enumerate(windows):
         _perplexity_panel(fig.add_subplot(rows, cols, i + 1), ppl, w)
     if flat:
