@@ -2293,6 +2293,7 @@ typedef struct {
 } CacheSpec;
 
 #define BLOCK_SIZE 16 // positions per block, unless asked otherwise (vLLM's default)
+#define DEFAULT_SINKS 4 // first positions a window keeps unless told otherwise (StreamingLLM's)
 
 // The pool: every block's rows, and the books of who holds which block.
 typedef struct {
@@ -2309,6 +2310,7 @@ typedef struct {
     uint8_t *sink_keys, *sink_values; // (n_layers, n_kv_heads, sink_blocks, head_row_sink bytes): position 0 of the
                                       // sequence whose first block is block b, when the keys / values have a
                                       // sink (cache_has_sink), else NULL
+    uint8_t *sink_used;             // (n_blocks) row 0 of the block lies in its sink slot: it holds a sequence's position 0
     const float *key_mean;          // (n_layers, n_kv_heads, head_dim) taken from iq4_nl keys, else NULL
     // the books
     int *refs;                      // (n_blocks) tables holding each block
@@ -2333,8 +2335,15 @@ typedef struct {
     int n_table;                    // blocks in the table
     int max_blocks;                 // room in the table: the sequence's capacity / block_size, rounded up
     int capacity;                   // positions the sequence may hold
-    int *tokens;                    // (capacity) the token at each position (prefix blocks are named by them)
+    int *tokens;                    // (capacity) the token at each row (prefix blocks are named by them)
     int registered;                 // leading blocks of the table registered in the prefix cache
+    // a window (StreamingLLM): rows 0..sinks-1 hold the first positions, rows sink_rows.. the last
+    // `recent` positions; a position's place inside the cache (what RoPE turns it by) is its row
+    // less the padding between the two
+    int window;                     // positions the window keeps, a multiple of block_size (0: no window, row = position)
+    int sinks;                      // first positions kept while the window moves
+    int sink_rows;                  // rows before the window's: sinks rounded up to whole blocks
+    int recent;                     // positions in the window now
 } KVCache;
 
 // Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
@@ -2699,6 +2708,7 @@ static int pool_init(KVPool *c, const Config *p, const CacheSpec *spec, int n_bl
     c->sink_keys = cache_has_sink(spec->type_k) ? alloc_zeroed(sinks, c->head_row_sink) : NULL;
     c->sink_values = cache_has_sink(spec->type_v) ? alloc_zeroed(sinks, c->head_row_sink) : NULL;
     c->key_mean = spec->type_k == CACHE_IQ4_NL ? key_mean : NULL;
+    c->sink_used = alloc_zeroed(n_blocks, 1);
     c->refs = alloc_zeroed(n_blocks, sizeof(int));
     c->free_list = alloc_zeroed(n_blocks, sizeof(int));
     c->prefix_cache = prefix_cache;
@@ -2713,7 +2723,7 @@ static int pool_init(KVPool *c, const Config *p, const CacheSpec *spec, int n_bl
     c->lru_first = c->lru_last = -1;
     c->next_serial = 1;
     if (!c->keys || !c->values || (!c->sink_keys && cache_has_sink(spec->type_k)) ||
-        (!c->sink_values && cache_has_sink(spec->type_v)) || !c->refs || !c->free_list || !c->serial || !c->parent ||
+        (!c->sink_values && cache_has_sink(spec->type_v)) || !c->sink_used || !c->refs || !c->free_list || !c->serial || !c->parent ||
         !c->block_tokens || !c->bucket || !c->next_in_bucket || !c->lru_prev || !c->lru_next)
         return -1;
     for (int i = 0; i < c->n_buckets; i++) c->bucket[i] = -1;
@@ -2722,7 +2732,7 @@ static int pool_init(KVPool *c, const Config *p, const CacheSpec *spec, int n_bl
 }
 
 static void pool_free(KVPool *c) {
-    free(c->keys); free(c->values); free(c->sink_keys); free(c->sink_values);
+    free(c->keys); free(c->values); free(c->sink_keys); free(c->sink_values); free(c->sink_used);
     free(c->refs); free(c->free_list); free(c->serial); free(c->parent); free(c->block_tokens);
     free(c->bucket); free(c->next_in_bucket); free(c->lru_prev); free(c->lru_next);
     memset(c, 0, sizeof *c);
@@ -2786,6 +2796,7 @@ static void block_copy(KVPool *c, int dst, int src) {
                 uint8_t *to = pool_sink(c, value, l, h, dst), *from = pool_sink(c, value, l, h, src);
                 if (to && from) memcpy(to, from, c->head_row_sink);
             }
+    c->sink_used[dst] = c->sink_used[src];
 }
 
 // ---- The pool's books: references, the free list, the prefix cache and its LRU list
@@ -2846,6 +2857,7 @@ static int pool_take(KVPool *c) {
         prefix_forget(c, b);
     } else return -1;
     c->refs[b] = 1;
+    c->sink_used[b] = 0;
     return b;
 }
 
@@ -2929,6 +2941,8 @@ static void cache_reserve(KVCache *s, int pos, int n) {
             prefix_forget(c, b);
         if (s->registered > i) s->registered = i;
     }
+    // row 0 (position 0) of a type with a sink goes to its block's sink slot
+    if (pos == 0 && n > 0 && (c->sink_keys || c->sink_values) && s->table[0] < c->sink_blocks) c->sink_used[s->table[0]] = 1;
 }
 
 // Registers the table's full blocks below position len that are not yet registered, each named by
@@ -2988,12 +3002,19 @@ static int cache_fork(KVCache *dst, const KVCache *src) {
 
 // ---- Writing and reading rows
 
-// Where position pos's row of (layer, head) lies in the keys (value 0) or the values (1), and its
-// type: position 0 of a type with a sink lies in its block's sink slot, every other row in its block.
+// Whether row `row` of the sequence lies in its block's sink slot (it holds position 0, and the
+// cache type has a sink).
+static int cache_in_sink(const KVCache *s, int row) {
+    return row % s->pool->block_size == 0 && s->pool->sink_used[s->table[row / s->pool->block_size]];
+}
+
+// Where row `row` of (layer, head) lies in the keys (value 0) or the values (1), and its type:
+// position 0 of a type with a sink lies in its block's sink slot, every other row in its block.
+// (Without a window, row = position.)
 static uint8_t *cache_slot(const KVCache *s, int value, int layer, int head, int pos, int *type) {
     const KVPool *c = s->pool;
     int b = s->table[pos / c->block_size];
-    uint8_t *sink = pos == 0 ? pool_sink(c, value, layer, head, b) : NULL;
+    uint8_t *sink = cache_in_sink(s, pos) ? pool_sink(c, value, layer, head, b) : NULL;
     if (sink) {
         *type = CACHE_SINK_TYPE;
         return sink;
@@ -3036,7 +3057,7 @@ static KVRun cache_run(const KVCache *s, int layer, int pos, int n) {
     KVRun r;
     r.keys = cache_slot(s, 0, layer, 0, pos, &r.type_k);
     r.values = cache_slot(s, 1, layer, 0, pos, &r.type_v);
-    int sink_k = pos == 0 && c->sink_keys, sink_v = pos == 0 && c->sink_values;
+    int sink_k = cache_in_sink(s, pos) && c->sink_keys, sink_v = cache_in_sink(s, pos) && c->sink_values;
     r.key_stride = sink_k ? c->head_row_sink : c->head_row_k;
     r.value_stride = sink_v ? c->head_row_sink : c->head_row_v;
     r.key_head = sink_k ? c->sink_blocks * c->head_row_sink : (size_t)c->slots * c->head_row_k;
@@ -3066,6 +3087,39 @@ static void cache_read(const KVCache *s, int layer, int pos, int n, float *keys,
             src = cache_slot(s, 1, layer, h, pos + t, &type);
             load_head(c, type, src, values + at);
         }
+}
+
+// Moves the window on by a block: the window's oldest block goes back to the pool, and every key
+// left in it is turned back by block_size positions (RoPE by the angles whose cos and sin, head_dim
+// / 2 of them, are given), since its place inside the cache moved down as much. So positions stay
+// StreamingLLM's (places inside the cache) while keys are stored turned, as attention reads them:
+// llama.cpp's K-shift. Quantized keys are stored again, rounded once more. Runs on `threads`.
+static void cache_slide(KVCache *s, const float *cos, const float *sin, int threads) {
+    KVPool *c = s->pool;
+    int bs = c->block_size, first = s->sink_rows / bs, hd = c->head_dim;
+    pool_release(c, s->table[first]);
+    memmove(s->table + first, s->table + first + 1, (size_t)(s->n_table - first - 1) * sizeof(int));
+    s->n_table--;
+    s->recent -= bs;
+    memmove(s->tokens + s->sink_rows, s->tokens + s->sink_rows + bs, (size_t)s->recent * sizeof(int));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int task = 0; task < c->n_layers * c->n_kv_heads; task++) {
+        int layer = task / c->n_kv_heads, head = task % c->n_kv_heads;
+        const float *mean = c->key_mean ? c->key_mean + (size_t)layer * c->kv_dim + (size_t)head * hd : NULL;
+        float k[hd];
+        for (int row = s->sink_rows; row < s->sink_rows + s->recent; row++) {
+            int type;
+            uint8_t *slot = cache_slot(s, 0, layer, head, row, &type);
+            load_head(c, type, slot, k);
+            for (int i = 0; mean && i < hd; i++) k[i] += mean[i];
+            for (int j = 0; j < hd / 2; j++) {
+                float x0 = k[2 * j], x1 = k[2 * j + 1];
+                k[2 * j] = x0 * cos[j] - x1 * sin[j];
+                k[2 * j + 1] = x0 * sin[j] + x1 * cos[j];
+            }
+            store_head(c, type, slot, k, mean);
+        }
+    }
 }
 
 // ---- Reading the cache: attention's scores and weighted sums, straight from the stored type
@@ -3464,8 +3518,10 @@ typedef struct {
     float *k, *v;             // (batch, kv_dim) the block's keys and values, until cache_write stores them
     float *hb, *hb2;          // (batch, hidden_dim) SwiGLU
     int capacity;             // positions a sequence it runs may hold
-    KVCache **seq;            // (batch) the cache of each token of the block, and
-    int *pos;                 // (batch) its position there
+    KVCache **seq;            // (batch) the cache of each token of the block,
+    int *pos;                 // (batch) its position there (inside the cache: what RoPE turns it by),
+    int *row;                 // (batch) the row its K/V go to, and
+    int *head, *tail;         // (batch) the rows it attends: 0..head-1 and tail..row (no window: head 0, tail 0)
     float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
     float *query;             // (threads, n_heads / n_kv_heads, head_dim) a kv head's queries as the cache wants them
     uint8_t *query_int8;      // (threads, n_heads / n_kv_heads, query_int8_bytes) and their int8 form for int8 keys
@@ -3506,6 +3562,9 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
     size_t tasks = B * p->n_kv_heads > split_tasks ? B * p->n_kv_heads : split_tasks;
     s->seq = scratch_alloc(s, B, sizeof(KVCache *));
     s->pos = scratch_alloc(s, B, sizeof(int));
+    s->row = scratch_alloc(s, B, sizeof(int));
+    s->head = scratch_alloc(s, B, sizeof(int));
+    s->tail = scratch_alloc(s, B, sizeof(int));
     s->att = scratch_alloc(s, (size_t)s->threads * group * capacity, sizeof(float));
     s->query = scratch_alloc(s, (size_t)s->threads * group * p->head_dim, sizeof(float));
     s->query_int8 = scratch_alloc(s, (size_t)s->threads * group, query_int8_bytes(p->head_dim));
@@ -3528,13 +3587,13 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
         if (s->input_sums && !(in->q.sum = scratch_alloc(s, groups, sizeof(float)))) return -1;
     }
-    return s->governor.cpu && s->seq && s->pos && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
+    return s->governor.cpu && s->seq && s->pos && s->row && s->head && s->tail && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->governor.cpu); free(s->seq); free(s->pos); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->governor.cpu); free(s->seq); free(s->pos); free(s->row); free(s->head); free(s->tail); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.sum);
         free(s->input[i].q.lane_scale);
@@ -3621,22 +3680,34 @@ static void sequence_delete(Sequence *seq) {
     free(seq);
 }
 
-// A single sequence of up to `context` positions (0: the model's) for m, in a pool of its own sized
-// to that context with its blocks in order (slot = position), run on `threads` threads (0: all
-// cores), its cache stored as spec says.
-static Sequence *sequence_alone(const Model *m, int context, int threads, const CacheSpec *spec) {
+// A single sequence for m in a pool of its own, run on `threads` threads (0: all cores), its cache
+// stored as spec says. Without a window (0): up to `context` positions (0: the model's), its blocks
+// in order (slot = position). With one: the first `sinks` positions and the last `window` (a
+// multiple of BLOCK_SIZE), as long as it runs.
+static Sequence *sequence_alone(const Model *m, int context, int threads, const CacheSpec *spec, int window, int sinks) {
     if (context < 0 || context > m->config.seq_len) {
         fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
         return NULL;
     }
-    int capacity = context > 0 ? context : m->config.seq_len, blocks = (capacity + BLOCK_SIZE - 1) / BLOCK_SIZE;
-    Pool *pool = pool_new(m, spec, blocks, BLOCK_SIZE, capacity, 1, 0, threads, capacity);
-    Sequence *seq = pool ? sequence_new(pool, capacity, 1) : NULL;
+    if (window < 0 || window % BLOCK_SIZE || sinks < 0 || (window && sinks > m->config.seq_len - window)) {
+        fail("a window of %d with %d sinks: the window must be a multiple of %d and window + sinks at most the "
+             "model's context (%d)", window, sinks, BLOCK_SIZE, m->config.seq_len);
+        return NULL;
+    }
+    int sink_rows = window ? (sinks + BLOCK_SIZE - 1) / BLOCK_SIZE * BLOCK_SIZE : 0;
+    int capacity = window ? sink_rows + window : context > 0 ? context : m->config.seq_len;
+    int blocks = (capacity + BLOCK_SIZE - 1) / BLOCK_SIZE;
+    // a window's blocks leave the table in any order: each can hold a sequence's first position
+    Pool *pool = pool_new(m, spec, blocks, BLOCK_SIZE, capacity, window ? blocks : 1, 0, threads, capacity);
+    Sequence *seq = pool ? sequence_new(pool, capacity, !window) : NULL;
     if (!seq) {
         pool_delete(pool);
         return NULL;
     }
     seq->own_pool = 1;
+    seq->cache.window = window;
+    seq->cache.sinks = window ? sinks : 0;
+    seq->cache.sink_rows = sink_rows;
     return seq;
 }
 
@@ -3683,10 +3754,11 @@ static const float *norm_rows(RunState *s, const float *x, const int *rows, cons
     return out;
 }
 
-// Attention of the query heads (of token t) that share kv head `kv_head`, over positions lo..hi-1
-// of the token's sequence, read run by run. For each head g it leaves the max score, the sum of
-// e^(score - max), and out = that sum's terms times the values (unnormalized, so that ranges
-// computed apart can be merged). att holds group x (hi - lo) scores.
+// Attention of the query heads (of token t) that share kv head `kv_head`, over the rows lo..hi-1
+// of those it attends (counted through rows 0..head-1, then tail..: see RunState), read run by run.
+// For each head g it leaves the max score, the sum of e^(score - max), and out = that sum's terms
+// times the values (unnormalized, so that ranges computed apart can be merged). att holds group x
+// (hi - lo) scores.
 static void attend_range(const Model *m, RunState *s, int layer, int t, int kv_head, int lo, int hi, float *att,
                          float *out, float *max, float *sum) {
     const Config *p = &m->config;
@@ -3696,20 +3768,24 @@ static void attend_range(const Model *m, RunState *s, int layer, int t, int kv_h
     const float *q = s->q + (size_t)t * q_dim(p) + (size_t)kv_head * group * hd; // the group's heads are adjacent
     KVQuery query = cache_query(cache->pool, q, group, s->query + (size_t)thread_index() * group * hd,
                                 s->query_int8 + (size_t)thread_index() * group * query_int8_bytes(hd));
+    int head = s->head[t], skip = s->tail[t] - head; // the i-th row attended is row i, or i + skip past the head
     for (int i = lo; i < hi;) {
-        KVRun run = cache_run(cache, layer, i, hi - i);
+        KVRun run = cache_run(cache, layer, i < head ? i : i + skip, (i < head && hi > head ? head : hi) - i);
         kv_dot(&run, kv_head, &query, group, hd, scale, att + (i - lo), (size_t)len);
         i += run.n;
     }
     for (int g = 0; g < group; g++) sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int i = lo; i < hi;) {
-        KVRun run = cache_run(cache, layer, i, hi - i);
+        KVRun run = cache_run(cache, layer, i < head ? i : i + skip, (i < head && hi > head ? head : hi) - i);
         kv_axpy(&run, kv_head, att + (i - lo), (size_t)len, group, hd, out);
         i += run.n;
     }
     cache_output(cache->pool, out, group);
 }
+
+// Rows token t attends.
+static int attended(const RunState *s, int t) { return s->head[t] + s->row[t] - s->tail[t] + 1; }
 
 // How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
 // thread busy when there are few (decoding one token with a few kv heads), else 1.
@@ -3726,12 +3802,12 @@ static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
 static void attention(const Model *m, RunState *s, int layer, int n) {
     const Config *p = &m->config;
     int hd = p->head_dim, kvh = p->n_kv_heads, group = p->n_heads / kvh, qd = q_dim(p), longest = 0;
-    for (int t = 0; t < n; t++) longest = s->pos[t] + 1 > longest ? s->pos[t] + 1 : longest;
+    for (int t = 0; t < n; t++) longest = attended(s, t) > longest ? attended(s, t) : longest;
     int parts = attention_parts(s, n, kvh, longest);
     float *att = s->att + (size_t)thread_index() * group * s->capacity;
 #pragma omp for schedule(static)
     for (int task = 0; task < n * kvh * parts; task++) {
-        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = s->pos[t] + 1;
+        int t = task / (kvh * parts), h = task / parts % kvh, part = task % parts, len = attended(s, t);
         int chunk = (len + parts - 1) / parts, lo = part * chunk, hi = lo + chunk < len ? lo + chunk : len;
         float *max = s->part_max + (size_t)task * group, *sum = s->part_sum + (size_t)task * group;
         float *out = parts == 1 ? s->xb + (size_t)t * qd + (size_t)h * group * hd : s->part_out + (size_t)task * group * hd;
@@ -3804,7 +3880,7 @@ static void layer_forward(const Model *m, RunState *s, int l, int n) {
                          {s->k, matrix_at(w->wk, l, (size_t)kvd * dim), kvd, 0, &s->rope},
                          {s->v, matrix_at(w->wv, l, (size_t)kvd * dim), kvd, 0, NULL}};
     matmuls(qkv, 3, xn, xq, n, dim);
-    cache_write(s->seq, s->pos, n, l, s->k, s->v); // every thread: they share the rows out
+    cache_write(s->seq, s->row, n, l, s->k, s->v); // every thread: they share the rows out
     attention(m, s, l, n);
     Matrix wo = matrix_at(w->wo, l, (size_t)dim * qd);
     xq = quantize_rows(s, s->xb, n, qd);
@@ -3856,35 +3932,70 @@ static int check_blocks(const KVPool *c, int need) {
     return 0;
 }
 
+// cos and sin (head_dim / 2 each) of RoPE's angles for -positions: what turns a key back by them.
+static void rope_back(const Config *p, int positions, float *cos_out, float *sin_out) {
+    for (int j = 0; j < p->head_dim / 2; j++) {
+        double angle = -(double)positions * pow((double)p->rope_theta, -2.0 * j / p->head_dim);
+        cos_out[j] = (float)cos(angle);
+        sin_out[j] = (float)sin(angle);
+    }
+}
+
+// How many of n tokens, the first at position pos, a windowed sequence runs in one block: none
+// crosses from the sinks into the window, or past a full window (which moves first).
+static int window_chunk(KVCache *c, const Config *p, int pos, int n, int threads) {
+    if (pos < c->sinks) return n < c->sinks - pos ? n : c->sinks - pos;
+    if (c->recent == c->window) {
+        float cos_back[p->head_dim / 2], sin_back[p->head_dim / 2];
+        rope_back(p, c->pool->block_size, cos_back, sin_back);
+        cache_slide(c, cos_back, sin_back, threads);
+    }
+    return n < c->window - c->recent ? n : c->window - c->recent;
+}
+
 // Runs any number of tokens at positions pos.. of one sequence in blocks; logits of every token
 // into out (n x vocab), or with out NULL only the last token's into state.logits. A sequence in a
-// shared pool first lets go of its positions from pos on (pos <= len). The sequence then holds
-// positions 0..pos+n-1.
+// shared pool first lets go of its positions from pos on (pos <= len); a windowed one runs on from
+// its end or starts again at 0, past its context as long as it goes. The sequence then holds
+// positions 0..pos+n-1 (or, windowed, its sinks and the window's last).
 static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
     const Config *p = &m->config;
     RunState *s = &seq->pool->state;
     KVCache *c = &seq->cache;
     int context = c->capacity;
-    if (n < 0 || pos < 0 || pos > context || n > context - pos)
+    if (c->window && pos != 0 && pos != seq->len)
+        return fail("a windowed sequence runs on from its end (%d) or starts again at 0, not at %d", seq->len, pos);
+    if (c->window ? n < 0 || n > INT_MAX - pos : n < 0 || pos < 0 || pos > context || n > context - pos)
         return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, context);
     if (!seq->own_pool && pos > seq->len)
         return fail("position %d is past the sequence's end (%d): a pooled sequence grows without gaps", pos, seq->len);
     if (check_tokens(p, tokens, n)) return -1;
-    if (!seq->own_pool) cache_truncate(c, pos);
-    if (check_blocks(c->pool, cache_blocks_needed(c, pos, n))) return -1;
-    cache_reserve(c, pos, n);
-    memcpy(c->tokens + pos, tokens, (size_t)n * sizeof(int));
+    if (c->window && pos == 0) c->recent = 0;
+    if (!seq->own_pool || c->window) cache_truncate(c, c->window ? (pos < c->sinks ? pos : c->sink_rows + c->recent) : pos);
     int rows[MAX_BATCH];
     for (int done = 0; done < n;) {
-        int chunk = n - done < s->batch ? n - done : s->batch;
-        for (int t = 0; t < chunk; t++) s->seq[t] = c, s->pos[t] = pos + done + t, rows[t] = t;
+        int at = pos + done, chunk = n - done < s->batch ? n - done : s->batch;
+        if (c->window) chunk = window_chunk(c, p, at, chunk, s->threads);
+        int row = c->window && at >= c->sinks ? c->sink_rows + c->recent : at;
+        if (check_blocks(c->pool, cache_blocks_needed(c, row, chunk))) return -1;
+        cache_reserve(c, row, chunk);
+        memcpy(c->tokens + row, tokens + done, (size_t)chunk * sizeof(int));
+        for (int t = 0; t < chunk; t++) {
+            s->seq[t] = c;
+            s->row[t] = row + t;
+            s->pos[t] = row + t - (row >= c->sink_rows && c->window ? c->sink_rows - c->sinks : 0);
+            s->head[t] = c->window && at >= c->sinks ? c->sinks : 0;
+            s->tail[t] = c->window && at >= c->sinks ? c->sink_rows : 0;
+            rows[t] = t;
+        }
         if (out) forward_block(m, s, tokens + done, chunk, rows, chunk, out + (size_t)done * p->vocab_size);
         else forward_block(m, s, tokens + done, chunk, rows + chunk - 1, 1, s->logits);
+        if (c->window && at >= c->sinks) c->recent += chunk;
         done += chunk;
     }
     if (out && n > 0) memcpy(s->logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
     seq->len = pos + n;
-    cache_register(c, seq->len);
+    if (!c->window) cache_register(c, seq->len);
     return 0;
 }
 
@@ -3917,7 +4028,8 @@ static int step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, 
         int chunk = total - done < s->batch ? total - done : s->batch, n_rows = 0, first_row = -1;
         for (int t = 0; t < chunk; t++) {
             s->seq[t] = &seqs[i]->cache;
-            s->pos[t] = seqs[i]->len + into;
+            s->pos[t] = s->row[t] = seqs[i]->len + into;
+            s->head[t] = s->tail[t] = 0;
             if (++into == counts[i]) { // the sequence's last token: its logits are wanted
                 if (first_row < 0) first_row = i;
                 rows[n_rows++] = t;
@@ -4096,7 +4208,19 @@ int kvc_has_tokenizer(const Model *m) { return m->has_tokenizer; }
 // lie in order, so slot = position. Free it (kvc_sequence_free) before its model.
 Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate) {
     CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
-    return sequence_alone(m, context, threads, &spec);
+    return sequence_alone(m, context, threads, &spec, 0, 0);
+}
+
+// A sequence as kvc_sequence_new makes, but bounded: it keeps its first `sinks` positions and its
+// last `window` (a multiple of 16) and runs on past the model's context, RoPE turning each position
+// by its place inside the cache (StreamingLLM).
+Sequence *kvc_sequence_new_window(const Model *m, int window, int sinks, int threads, int type_k, int type_v, int rotate) {
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
+    if (window < 1) {
+        fail("a window holds at least one block of %d positions, got %d", BLOCK_SIZE, window);
+        return NULL;
+    }
+    return sequence_alone(m, 0, threads, &spec, window, sinks);
 }
 
 // Lets go of the sequence's blocks (a pool of its own is freed with it).
@@ -4159,7 +4283,7 @@ int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, 
 const void *kvc_cache_data(const Sequence *seq, int which) {
     const KVPool *c = &seq->pool->cache;
     int type = which ? c->spec.type_v : c->spec.type_k;
-    if ((type != CACHE_F32 && type != CACHE_F16) || c->spec.rotate || !seq->own_pool) return NULL;
+    if ((type != CACHE_F32 && type != CACHE_F16) || c->spec.rotate || !seq->own_pool || seq->cache.window) return NULL;
     return which ? c->values : c->keys;
 }
 
@@ -4167,6 +4291,7 @@ const void *kvc_cache_data(const Sequence *seq, int which) {
 // stray read shows).
 int kvc_cache_reset(Sequence *seq, float fill) {
     if (!seq->own_pool) return fail("a pooled sequence is emptied with kvc_truncate(seq, 0)");
+    if (seq->cache.window) cache_truncate(&seq->cache, seq->cache.recent = 0);
     pool_fill(&seq->pool->cache, fill);
     seq->len = 0;
     return 0;
@@ -4403,6 +4528,11 @@ typedef struct {
     int last_token;  // the last token generated (not yet in the cache), -1 if none
 } GenerationStats;
 
+// Positions the sequence can still take: a windowed one runs on as long as positions count.
+static int room_left(const Sequence *seq) {
+    return seq->cache.window ? INT_MAX - seq->len : seq->cache.capacity - seq->len;
+}
+
 // Feeds `prompt` after what the sequence holds, then samples up to max_tokens, streaming text,
 // until `stop` (or eos). The stop token is sampled but not fed: the caller decides what follows it.
 // Without use_cache (the prompt must start the sequence), each new token recomputes the whole
@@ -4434,7 +4564,7 @@ static int generate_from(const Model *m, Sequence *seq, Sampler *sampler, const 
         stats->generated_tokens++;
         stats->last_token = next;
         prev = next;
-        if (seq->len >= seq->cache.capacity || i + 1 == max_tokens) break; // nothing will read its logits
+        if (room_left(seq) <= 0 || i + 1 == max_tokens) break; // nothing will read its logits
         if (history) history[seq->len] = next;
         if (history ? forward(m, seq, history, seq->len + 1, 0, NULL) : forward(m, seq, &next, 1, seq->len, NULL))
             goto done;
@@ -4474,6 +4604,8 @@ static void usage(FILE *f) {
             "  -m <string> mode: generate|chat, default generate\n"
             "  -y <string> system prompt in chat mode (default: the model's own)\n"
             "  -c <int>    context length (KV cache size), default the model's\n"
+            "  --window <int>  keep only the last N positions (a multiple of 16) and run on past the context\n"
+            "  --sinks <int>   with --window: also keep the first S positions (attention sinks), default 4\n"
             "  -j <int>    threads (1..%d), default all cores\n"
             "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0, iq4_nl\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
@@ -4525,6 +4657,7 @@ static float parse_float(const char *flag, const char *s) {
 // Long flags, as llama.cpp's users know them, each standing for a code of the switch in main.
 static const struct { const char *name; char code; } LONG_FLAGS[] = {
     {"-ctk", 'K'}, {"--cache-type-k", 'K'}, {"-ctv", 'V'}, {"--cache-type-v", 'V'}, {"--cache-rotate", 'R'},
+    {"--window", 'W'}, {"--sinks", 'S'},
 };
 
 static int parse_cache_type(const char *flag, const char *s) {
@@ -4534,7 +4667,7 @@ static int parse_cache_type(const char *flag, const char *s) {
 }
 
 static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps, int use_cache) {
-    int context = seq->cache.capacity;
+    int context = seq->cache.window ? INT_MAX : seq->cache.capacity;
     size_t len = strlen(prompt);
     int *ids = malloc(encode_capacity(len) * sizeof(int));
     if (!ids) return fail("out of memory");
@@ -4563,7 +4696,7 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
 // Multi-turn chat: each turn adds only its new tokens to the KV cache.
 static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char *system, int steps) {
     if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
-    int turn = 0, rc = 0, context = seq->cache.capacity;
+    int turn = 0, rc = 0;
     int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : m->config.eos_id;
     char *line = NULL;
     size_t cap = 0;
@@ -4588,15 +4721,15 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         int *ids, count = chat_encode(&m->chat, &m->tokenizer, msg, n, turn == 0, 1, glue, &ids);
         if ((rc = count < 0 ? -1 : 0)) break;
         int cached = seq->len;
-        if (count > context - cached - 1) {
+        if (count > room_left(seq) - 1) {
             free(ids);
             fprintf(stderr, "\n[context full: %d of %d tokens used, and this message is %d tokens. Start a new chat.]\n",
-                    cached, context, count);
+                    cached, seq->cache.capacity, count);
             break;
         }
         printf("Assistant: ");
         GenerationStats stats;
-        int room = context - cached - count, max = steps > 0 && steps < room ? steps : room;
+        int room = room_left(seq) - count, max = steps > 0 && steps < room ? steps : room;
         rc = generate_from(m, seq, sampler, ids, count, max, stop, 1, &stats);
         free(ids);
         if (rc) break;
@@ -4608,8 +4741,8 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         if (stop >= 0) tail[n_tail++] = stop;
         fprintf(stderr, "[turn %d: %d new prompt tokens processed, %d cached] ", turn + 1, stats.prompt_tokens, cached);
         print_stats(&stats, seq);
-        if (n_tail > context - seq->len) {
-            fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", context);
+        if (n_tail > room_left(seq)) {
+            fprintf(stderr, "[context full: %d tokens. Start a new chat.]\n", seq->cache.capacity);
             break;
         }
         if ((rc = forward(m, seq, tail, n_tail, seq->len, NULL))) break;
@@ -4623,7 +4756,7 @@ int main(int argc, char **argv) {
     const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL;
     float temperature = 1.0f, topp = 0.9f;
     int topk = 0, steps = 256, context = 0, threads = 0, type_k = CACHE_F32, type_v = CACHE_F32, rotate = -1;
-    int use_cache = 1;
+    int use_cache = 1, window = 0, sinks = -1;
     unsigned long long seed = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -4664,6 +4797,8 @@ int main(int argc, char **argv) {
         case 'y': system = v; break;
         case 'c': context = (int)parse_long(a, v, 1, INT32_MAX); break;
         case 'j': threads = (int)parse_long(a, v, 1, MAX_THREADS); break;
+        case 'W': window = (int)parse_long(a, v, 1, INT32_MAX); break;
+        case 'S': sinks = (int)parse_long(a, v, 0, INT32_MAX); break;
         }
     }
     if (!checkpoint) bad_usage("%s", "no checkpoint given");
@@ -4671,13 +4806,17 @@ int main(int argc, char **argv) {
     if (!use_cache && !strcmp(mode, "chat")) bad_usage("%s", "--no-cache works with -m generate only");
     if (temperature < 0) bad_usage("%s", "temperature must be >= 0");
     if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
+    if (sinks >= 0 && !window) bad_usage("%s", "--sinks needs --window");
+    if (window && context) bad_usage("%s", "-c and --window: a windowed cache holds its sinks and window");
+    if (window && !use_cache) bad_usage("%s", "--window needs the cache (not --no-cache)");
     if (!seed) seed = (unsigned long long)time(NULL);
     signal(SIGBUS, on_sigbus);
 
     Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
-    Sequence *seq = kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
+    Sequence *seq = window ? kvc_sequence_new_window(m, window, sinks < 0 ? DEFAULT_SINKS : sinks, threads, type_k, type_v, rotate)
+                           : kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
     if (seq->pool->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
         fprintf(stderr, "note: %s has no key_mean, so iq4_nl keys are stored uncentered, at a cost in quality "

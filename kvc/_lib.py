@@ -25,6 +25,7 @@ ffi.cdef(
     const Config *kvc_config(const Model *m);
     int kvc_has_tokenizer(const Model *m);
     Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
+    Sequence *kvc_sequence_new_window(const Model *m, int window, int sinks, int threads, int type_k, int type_v, int rotate);
     int kvc_cache_type(const char *name);
     int kvc_cache_rotates(const Sequence *seq);
     void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]);

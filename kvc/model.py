@@ -17,6 +17,8 @@ from .format import Config
 from .pool import Pool
 from .sampler import Sampler
 
+DEFAULT_SINKS = 4  # first positions a window keeps unless told otherwise (StreamingLLM's; run.c's DEFAULT_SINKS)
+
 @dataclass
 class GenerationStats:
     """What the last generate()/chat() call did: tokens processed, reused and produced, and timings."""
@@ -50,6 +52,10 @@ class Model:
     "bf16", "q8_0", "q4_0" or "iq4_nl" (int8 / 4-bit, one fp16 scale per 32 values; iq4_nl: 16
     non-uniform levels, keys less the file's key_mean, position 0 as q8_0). cache_rotate: turn each
     head by a Hadamard rotation before storing (None: only when a type is 4-bit).
+    window: keep only the last `window` positions (a multiple of 16) and the first `sinks` (attention
+    sinks; default 4), and run on past the model's context for as long as tokens come: forward
+    appends at pos == the tokens fed so far (or starts again at 0), and RoPE turns each position by
+    its place inside the cache (StreamingLLM). config.seq_len is then the cache's rows.
 
     Threads: a Model can be shared. Every call that touches the C model or cache holds the Model's
     lock, so calls on one Model run one at a time and each sees the cache as the previous one left
@@ -61,7 +67,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                  seq_len: int | None = None, threads: int | None = None, cache_type_k: str = "f32",
-                 cache_type_v: str = "f32", cache_rotate: bool | None = None):
+                 cache_type_v: str = "f32", cache_rotate: bool | None = None, window: int | None = None,
+                 sinks: int | None = None):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -70,6 +77,12 @@ class Model:
         # 0 asks C for the defaults, so Python refuses it; the C library checks the upper bounds
         context = 0 if seq_len is None else int_arg("seq_len", seq_len, 1, C_INT_MAX)
         n_threads = 0 if threads is None else int_arg("threads", threads, 1, C_INT_MAX)
+        if sinks is not None and window is None:
+            raise ValueError("sinks are kept while a window moves: give window= too")
+        self.window = None if window is None else int_arg("window", window, 1, C_INT_MAX)
+        self.sinks = None if window is None else int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
+        if self.window is not None and seq_len is not None:
+            raise ValueError("a windowed Model's cache holds its sinks and window: give window=, not seq_len=")
         self._lib = load()
         self._lock = threading.Lock()  # held by every call that touches self._m or self._seq
         self._version = 0  # bumped by every change to the cache: generators compare it between steps
@@ -85,7 +98,10 @@ class Model:
             self.close()
             raise
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
-        seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
+        if self.window is None:
+            seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
+        else:
+            seq = self._lib.kvc_sequence_new_window(self._m, self.window, self.sinks, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
             self.close()
             raise ValueError(last_error())
@@ -147,7 +163,10 @@ class Model:
             pos = operator.index(pos)
         except TypeError:
             raise TypeError(f"pos must be an integer, got {type(pos).__name__}") from None
-        if pos < 0 or pos + arr.size > self.config.seq_len:
+        if self.window is not None:  # runs on from its end: C checks pos is that end or 0
+            if pos < 0:
+                raise IndexError(f"position {pos} is negative")
+        elif pos < 0 or pos + arr.size > self.config.seq_len:
             raise IndexError(f"positions {pos}..{pos + arr.size - 1} are outside the context of {self.config.seq_len}")
         return arr, pos
 
@@ -357,8 +376,9 @@ class Model:
             raise ValueError(last_error())
         return ffi.buffer(ptr[0], n)[:]
 
-    def _token_bytes(self, prev: int, token: int) -> bytes:
-        """The bytes token decodes to after prev (-1 at the start of a text)."""
+    def token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes token decodes to after prev (-1 at the start of a text): what a stream of sampled
+        tokens prints, piece by piece (a UTF-8 character may span tokens)."""
         with self._lock:
             m, _ = self._open()
             return self._token_text(m, prev, token)
@@ -374,7 +394,7 @@ class Model:
         sampler = Sampler(c.vocab_size, temperature, top_p, top_k, seed)
         if not prompt:
             raise ValueError("nothing to start from: the prompt has no tokens")
-        if len(prompt) >= c.seq_len:
+        if self.window is None and len(prompt) >= c.seq_len:
             raise ValueError(f"the prompt is {len(prompt)} tokens but the context holds {c.seq_len}")
         return self._stream(prompt, reuse_cache, stops, max_tokens, sampler, use_cache)
 
@@ -386,6 +406,8 @@ class Model:
             limit = min(len(prompt) - 1, len(self._history))
             while start < limit and self._history[start] == prompt[start]:
                 start += 1
+            if self.window is not None and start < len(self._history):  # a window runs on from its end only
+                start = 0
         stats = self.stats = GenerationStats(prompt_tokens=len(prompt) - start, cached_tokens=start)
         t0 = time.perf_counter()
         self._run(seq, np.array(prompt[start:], dtype=np.int32), start, ffi.NULL)
@@ -435,7 +457,7 @@ class Model:
                 yield text
             if i + 1 == max_tokens:
                 break
-            if pos >= self.config.seq_len:  # the last position's logits were used: no room to feed this token
+            if self.window is None and pos >= self.config.seq_len:  # the last position's logits were used: no room to feed this token
                 stats.stop_reason = "context"
                 break
         tail = decoder.decode(b"", final=True)

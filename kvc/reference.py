@@ -151,6 +151,35 @@ class Llama:
 
         return self._layers(tokens, 0, given).float().numpy()
 
+    @torch.no_grad()
+    def forward_window(self, tokens: list[int], window: int, sinks: int, block_size: int = 16) -> np.ndarray:
+        """Logits for tokens at positions 0.., token by token, with the cache bounded as run.c bounds
+        it (StreamingLLM): the first `sinks` positions stay; the others fill a window of `window`
+        positions, and when it is full the next token first drops its oldest block_size. Each kept
+        position is turned by RoPE at its place inside the cache (sinks 0..sinks-1, the window's
+        positions sinks.. in order): a key whose place moves down is turned back by as much."""
+        c = self.config
+        sink_kv = [[[], []] for _ in range(c.n_layers)]  # per layer: keys, values (1, n_kv_heads, head_dim) each
+        window_kv = [[[], []] for _ in range(c.n_layers)]
+        out = []
+        for i, token in enumerate(tokens):
+            if i >= sinks and len(window_kv[0][0]) == window:
+                for l in range(c.n_layers):
+                    keys, values = window_kv[l]
+                    del keys[:block_size], values[:block_size]
+                    back = torch.full((1,), -block_size)
+                    window_kv[l][0] = [rope(k, back, c.rope_theta) for k in keys]
+            place = i if i < sinks else sinks + len(window_kv[0][0])
+
+            def kept(l, k, v):
+                kv = sink_kv[l] if i < sinks else window_kv[l]
+                kv[0].append(k)
+                kv[1].append(v)
+                return (torch.cat(sink_kv[l][0] + window_kv[l][0]), torch.cat(sink_kv[l][1] + window_kv[l][1]))
+
+            out.append(self._layers([token], place, kept).float().numpy()[0])
+        return np.array(out)
+
     def greedy(self, prompt: list[int], steps: int) -> list[int]:
         """Greedy continuation of `prompt` (token by token after the prompt, using the cache)."""
         logits = self.forward(prompt, 0)

@@ -284,3 +284,24 @@ def test_side_by_side_plot(tmp_path):
                                          {"dtype": "q8_0", "threads": 2, "test": "tg64 busy", "kvc": [2.0], "llama.cpp": []}]}}
     assert plot_side_by_side(results, tmp_path / "s.png") is None
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serving_bench_smoke(tiny, capsys):
+    """kvc.bench.serving on the tiny model: the paged pool wastes less than whole contexts, the
+    prefix cache holds fewer blocks and computes fewer prompt tokens, the server gives throughput
+    rows; and the command line prints the three tables."""
+    from kvc import Model
+    from kvc.bench import serving
+
+    with Model(tiny, seq_len=16, threads=1) as model:
+        w = serving.memory_waste(model, requests=4, block_size=8, context=64, threads=1)
+        assert w.tokens_held > 0 and w.token_bytes <= w.paged_reserved < w.contiguous_reserved
+        s = serving.prefix_sharing(model, requests=3, system_tokens=32, user_tokens=4, max_tokens=2, block_size=8,
+                                   threads=1)
+        assert s.blocks_peak[True] < s.blocks_peak[False] and s.computed[True] == 3 * 36 - 2 * 32
+    rows = serving.serving_throughput(str(tiny), [2], max_tokens=4, threads=1, context=64)
+    assert [r[:3] for r in rows] == [["kvc", "2", "1"]] and float(rows[0][3]) > 0
+    serving.main([str(tiny), "--context", "64", "--requests", "3", "--shared", "24", "--sharers", "2",
+                  "--levels", "1", "--max-tokens", "2", "-t", "1"])
+    out = capsys.readouterr().out
+    assert out.count("| KV cache |") == 1 and out.count("| prefix cache |") == 1 and out.count("| server |") == 1

@@ -72,7 +72,7 @@ def reference_greedy(model_path) -> tuple[list[int], list[int], bytes]:
         gen = gen[:gen.index(m.config.eos_id)]
     text, prev = b"", ids[-1]
     for t in gen:
-        text += m._token_bytes(prev, t)
+        text += m.token_bytes(prev, t)
         prev = t
     return ids, gen, text
 

@@ -19,21 +19,23 @@ import openai  # test-only (requirements.txt): the official client, driving the 
 import pytest
 import uvicorn
 
+from fake_pool import FakePool
 from helpers import ROOT
 from kvc import Model
 from kvc.serve.app import create_app
-from kvc.serve.engine import WorkerEngine
+from kvc.serve.engine import BatchEngine
 
 CONTEXT = 512
 HELLO = [{"role": "user", "content": "Hi! What is the capital of France?"}]
 LONG = 10_000  # max_tokens beyond the context: a generation that runs until the context is full (~500 tokens)
+ONE_CONTEXT = 2048  # one_worker's
 
 
 class Server:
-    """A WorkerEngine and its app under uvicorn, in a thread of this process, on a free port."""
+    """A BatchEngine and its app under uvicorn, in a thread of this process, on a free port."""
 
     def __init__(self, model_path, **engine_args):
-        self.engine = WorkerEngine(model_path, context=CONTEXT, threads=1, **engine_args)
+        self.engine = BatchEngine(model_path, **{"context": CONTEXT, "threads": 1, **engine_args})
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,16 +75,25 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_q4_bin):
-    """Two workers (threads=1, context 512)."""
-    s = Server(smollm2_q4_bin, parallel=2)
+    """16 sequences at once on 128 blocks of 16 (threads=1, context 512)."""
+    s = Server(smollm2_q4_bin, parallel=16, kv_blocks=128)
     yield s
     s.close()
 
 
 @pytest.fixture(scope="module")
 def one_worker(smollm2_q4_bin):
-    """One worker, one request allowed to wait: the third at once gets 503."""
-    s = Server(smollm2_q4_bin, parallel=1, queue_size=1)
+    """One sequence at once, one request allowed to wait: the third at once gets 503. Its context,
+    ONE_CONTEXT, keeps a LONG request running for many seconds, even on a busy machine."""
+    s = Server(smollm2_q4_bin, parallel=1, queue_size=1, context=ONE_CONTEXT)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_q4_bin):
+    """8 sequences at once on a KV cache of 12 blocks of 16 (192 positions), 64 tokens a step."""
+    s = Server(smollm2_q4_bin, parallel=8, kv_blocks=12, max_step_tokens=64)
     yield s
     s.close()
 
@@ -269,51 +280,125 @@ def test_user_text_stays_text(client, ref):
     assert r.usage.prompt_tokens == len(ref.chat_tokens(messages)) > plain + 2
 
 
-def test_concurrent_clients(server, ref):
-    """16 clients at once on 2 workers: every answer right, the queue drained."""
-    questions = ["What is 2+2?", "Name a fruit.", "Say hello.", "What color is the sky?"]
-    want = {q: expected_chat(ref, [{"role": "user", "content": q}], max_tokens=12, temperature=0) for q in questions}
-    got: dict[int, str] = {}
+QUESTIONS = ["What is 2+2?", "Name a fruit.", "Say hello.", "What color is the sky?", "Name a planet.",
+             "What is the capital of Italy?", "Count to five.", "Name a big animal.", "What is water made of?",
+             "Give me a color.", "What day comes after Monday?", "Say something kind.", "Name a month.",
+             "What is 10 times 3?", "Name a musical instrument.", "What do bees make?"]
+
+
+def ask_all(server, jobs: list[dict]) -> dict[int, tuple[str, str]]:
+    """Every job (a chat request's arguments) at once, from a thread each, odd ones streamed:
+    {job: (text, finish_reason)}."""
+    got: dict[int, tuple[str, str]] = {}
     errors: list[BaseException] = []
 
     def ask(i: int) -> None:
         try:
-            q = questions[i % 4]
             client = server.client()
             if i % 2:
-                r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
-                                                   temperature=0, max_tokens=12)
-                got[i] = r.choices[0].message.content
+                r = client.chat.completions.create(model="x", **jobs[i])
+                got[i] = (r.choices[0].message.content, r.choices[0].finish_reason)
             else:
-                stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}],
-                                                        temperature=0, max_tokens=12, stream=True)
-                got[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+                chunks = list(client.chat.completions.create(model="x", stream=True, **jobs[i]))
+                got[i] = ("".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=120)
     assert not errors, errors
-    assert {i: got.get(i) for i in range(16)} == {i: want[questions[i % 4]] for i in range(16)}
+    return got
+
+
+def expected_alone(ref: Model, jobs: list[dict]) -> dict[int, tuple[str, str]]:
+    """Each job run alone through kvc.Model: {job: (text, finish_reason)}."""
+    want = {}
+    for i, job in enumerate(jobs):
+        kw = {k: v for k, v in job.items() if k != "messages"}
+        text = expected_chat(ref, job["messages"], **kw)
+        want[i] = (text, "stop" if ref.stats.stop_reason == "stop" else "length")
+    return want
+
+
+def test_16_concurrent_greedy_requests_equal_each_alone(server, ref):
+    """16 clients at once, each running beside the 15 others in the same batches: every answer is the
+    one the request gives alone, and everything drains."""
+    jobs = [dict(messages=[{"role": "user", "content": q}], temperature=0, max_tokens=16) for q in QUESTIONS]
+    assert ask_all(server, jobs) == expected_alone(ref, jobs)
     m = server.metrics()
-    assert m["kvc_requests_running"] == 0 and m["kvc_requests_waiting"] == 0
+    assert m["kvc_requests_running"] == 0 and m["kvc_requests_waiting"] == 0 and m["kvc_kv_blocks_used"] == 0
 
 
-def test_conversations_return_to_their_worker(server):
-    """Two conversations on two workers, turns interleaved: each later turn goes to the worker whose
-    cache holds the conversation so far, so only its new tokens are computed."""
+def test_a_tiny_pool_preempts_and_outputs_do_not_change(tiny, ref):
+    """8 requests at once need ~40 blocks of a 12-block pool: sequences are preempted and recomputed,
+    and every answer, greedy or sampled, is still the one it gives alone."""
+    before = tiny.metrics()
+    jobs = [dict(messages=[{"role": "user", "content": q}], max_tokens=40,
+                 **(dict(temperature=0) if i % 2 else dict(temperature=1.0, top_p=0.9, seed=i)))
+            for i, q in enumerate(QUESTIONS[:8])]
+    assert ask_all(tiny, jobs) == expected_alone(ref, jobs)
+    after = tiny.metrics()
+    assert after["kvc_preemptions_total"] > before["kvc_preemptions_total"]
+    assert after["kvc_kv_blocks_used"] == 0 and after["kvc_requests_running"] == 0
+
+
+def test_what_cannot_fit_alone_in_the_pool_is_400(tiny):
+    """12 blocks hold 192 positions: a prompt and max_tokens beyond them get 400; without max_tokens
+    only the prompt must fit, and the reply ends ("length") where the pool ends."""
+    status, body = post(tiny.url + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 300})
+    err = assert_error(status, body, 400)
+    assert "12 blocks" in err["message"] and "max_tokens" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        tiny.client().chat.completions.create(model="x", messages=HELLO, max_tokens=200)
+    status, body = post(tiny.url + "/v1/completions", {"prompt": "word " * 200, "max_tokens": 1})
+    assert_error(status, body, 400)
+    r = tiny.client().completions.create(model="x", prompt="Once upon a time", temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 12 * 16 + 1
+    assert tiny.metrics()["kvc_kv_blocks_used"] == 0
+
+
+def test_n_choices_share_the_prompt_blocks_in_a_real_pool(smollm2_q4_bin):
+    """The scheduler on a real kvc.Pool: n=4 runs its prompt once and forks it, the forks holding
+    the prompt's blocks once (until each writes its own token into the last, partial one); then
+    the same prompt again finds its full blocks in the prefix cache."""
+    from kvc import Sampler
+    from kvc.serve.scheduler import ScheduledRequest, Scheduler
+
+    with Model(smollm2_q4_bin, seq_len=16, threads=1) as model, model.pool(blocks=64, threads=1) as pool:
+        prompt = model.encode("Tell me a story about a dragon. " * 10)
+        assert len(prompt) % 16
+        sched = Scheduler(pool, parallel=4)
+        vocab = model.config.vocab_size
+        request = ScheduledRequest(prompt, [Sampler(vocab, temperature=1, seed=i) for i in range(4)], max_tokens=3)
+        sched.add(request)
+        out = sched.step()
+        assert len(out.sampled) == 4 and pool.stats().used == -(-len(prompt) // 16)
+        sched.step()
+        assert pool.stats().used == len(prompt) // 16 + 4
+        while sched.has_work:
+            sched.step()
+        assert request.done and pool.stats().used == 0
+        again = ScheduledRequest(prompt, [Sampler(vocab, temperature=0)], max_tokens=1)
+        sched.add(again)
+        while sched.has_work:
+            sched.step()
+        assert again.cached_tokens == len(prompt) // 16 * 16 and pool.stats().prefix_hit_tokens >= again.cached_tokens
+
+
+def test_conversation_turns_hit_the_prefix_cache(server):
+    """Two conversations, turns interleaved: each later turn finds the full blocks of the one before
+    in the prefix cache, so only its new tokens are computed."""
     client = server.client()
     talks = {name: [{"role": "user", "content": f"Tell me about {name}."}] for name in ("cats", "the moon")}
     last: dict[str, int] = {}  # each conversation's last prompt length
-    # not alternating: the worker idle longest is the wrong one for the second "the moon" and "cats"
     for turn, name in enumerate(["cats", "the moon", "the moon", "cats", "cats", "the moon"]):
         messages = talks[name]
         r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=8)
         if name in last:
-            assert r.usage.prompt_tokens_details.cached_tokens >= last[name], (name, turn)
+            assert r.usage.prompt_tokens_details.cached_tokens >= last[name] // 16 * 16, (name, turn)
         last[name] = r.usage.prompt_tokens
         messages += [{"role": "assistant", "content": r.choices[0].message.content},
                      {"role": "user", "content": "Go on."}]
@@ -330,7 +415,7 @@ def test_disconnect_frees_the_worker(one_worker):
     conn.close()  # the client goes away mid-stream
     s.wait_for(lambda m: m["kvc_requests_running"] == 0, timeout=5)
     after = s.metrics()
-    # a full run is ~500 tokens (several seconds): it stopped soon after the disconnect
+    # a full run is ~2000 tokens (many seconds): it stopped soon after the disconnect
     assert after["kvc_generation_tokens_total"] - before["kvc_generation_tokens_total"] < 200
     assert after['kvc_requests_finished_total{outcome="cancelled"}'] >= 1
     t0 = time.monotonic()
@@ -379,7 +464,7 @@ def test_engine_close_ends_running_and_waiting_requests(smollm2_q4_bin):
     from kvc.serve.engine import EngineClosed, GenerationRequest, RequestFailed, TextDelta
 
     async def main() -> None:
-        engine = WorkerEngine(smollm2_q4_bin, parallel=1, threads=1, context=CONTEXT, queue_size=4)
+        engine = BatchEngine(smollm2_q4_bin, parallel=1, threads=1, context=CONTEXT, queue_size=4)
         request = GenerationRequest(prompt="Once upon a time", max_tokens=LONG, temperature=0)
         running, waiting = engine.submit(request), engine.submit(request)
         events = running.events()
@@ -478,7 +563,7 @@ def test_models_and_health(server, client):
     assert client.models.retrieve("smollm2-135m-instruct").id == "smollm2-135m-instruct"
     with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
         health = json.loads(r.read())
-    assert r.status == 200 and health["status"] == "ok" and health["workers"] == 2
+    assert r.status == 200 and health["status"] == "ok" and health["parallel"] == 16
 
 
 def test_metrics_move(one_worker):
@@ -486,9 +571,10 @@ def test_metrics_move(one_worker):
     before = s.metrics()
     for name in ("kvc_kv_blocks_total", "kvc_kv_blocks_used", "kvc_prefix_cache_hit_tokens_total",
                  "kvc_prompt_tokens_total", "kvc_generation_tokens_total", "kvc_requests_running",
-                 "kvc_requests_waiting"):
+                 "kvc_requests_waiting", "kvc_preemptions_total", "kvc_kv_blocks_cached",
+                 "kvc_generation_tokens_per_second"):
         assert name in before
-    assert before["kvc_kv_blocks_total"] == CONTEXT // 16
+    assert before["kvc_kv_blocks_total"] == ONE_CONTEXT // 16  # by default: --parallel (1) contexts
     client = s.client()
     messages = [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hi."}]
     first = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=6)
@@ -496,16 +582,18 @@ def test_metrics_move(one_worker):
                          {"role": "user", "content": "And again?"}]
     second = client.chat.completions.create(model="x", messages=follow, temperature=0, max_tokens=6)
     after = s.metrics()
-    # the second turn reuses the first's cached tokens (one worker: the same cache)
+    # the second turn reuses the first's full blocks from the prefix cache
     hits = second.usage.prompt_tokens_details.cached_tokens
-    assert hits >= first.usage.prompt_tokens
+    assert hits >= first.usage.prompt_tokens // 16 * 16 > 0
     assert after["kvc_prefix_cache_hit_tokens_total"] - before["kvc_prefix_cache_hit_tokens_total"] == hits
     assert (after["kvc_prompt_tokens_total"] - before["kvc_prompt_tokens_total"]
             == first.usage.prompt_tokens + second.usage.prompt_tokens)
     assert (after["kvc_generation_tokens_total"] - before["kvc_generation_tokens_total"]
             == first.usage.completion_tokens + second.usage.completion_tokens)
-    used = -(-(second.usage.prompt_tokens + second.usage.completion_tokens - 1) // 16)
-    assert after["kvc_kv_blocks_used"] == used
+    # nothing runs: no block is used, and the conversation's full blocks stay cached
+    assert after["kvc_kv_blocks_used"] == 0
+    assert after["kvc_kv_blocks_cached"] >= (second.usage.prompt_tokens + second.usage.completion_tokens - 1) // 16
+    assert after["kvc_generation_tokens_per_second"] > 0
     for name in ("kvc_prefill_seconds_total", "kvc_decode_seconds_total"):
         assert after[name] > before[name]
     assert after["kvc_requests_running"] == 0
@@ -520,7 +608,9 @@ def _serve_cli(*args, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.parametrize("args", [[], ["--parallel", "0"], ["--port", "x"], ["--nonsense"], ["-ctk", "q9"]])
+@pytest.mark.parametrize("args", [[], ["--parallel", "0"], ["--port", "x"], ["--nonsense"], ["-ctk", "q9"],
+                                  ["--kv-memory", "lots"], ["--kv-blocks", "4", "--kv-memory", "1G"],
+                                  ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"]])
 def test_cli_bad_flags_exit_1_with_one_line(smollm2_q4_bin, args):
     model = [] if not args else [smollm2_q4_bin]
     p = _serve_cli(*model, "--port", "0", *args)
@@ -536,11 +626,12 @@ def test_cli_missing_model(tmp_path):
 
 def test_cli_serves(smollm2_q4_bin):
     p = _serve_cli(smollm2_q4_bin, "--port", "0", "-c", "256", "-t", "1", "--model-name", "smol",
-                   "--log-level", "warning")
+                   "--log-level", "warning", "-np", "4", "--kv-memory", "8MiB", "--block-size", "32",
+                   "--max-step-tokens", "64")
     try:
         line = p.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, line
+        assert match and "parallel 4" in line and " blocks of 32," in line, line
         client = openai.OpenAI(base_url=match.group(0), api_key="none", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["smol"]
         r = client.chat.completions.create(model="smol", messages=HELLO, max_tokens=3)
@@ -578,3 +669,199 @@ def test_stop_matcher_on_every_split():
             if not hit:
                 sent += matcher.finish()
             assert sent == want and hit == (want != text)
+
+
+# -- the scheduler alone, on a fake pool ---------------------------------------------------------------
+
+
+class Greedy:
+    def sample(self, logits) -> int:
+        return int(logits.argmax())
+
+
+class Drifting:
+    """Greedy plus a seeded random offset: its output depends on its state carrying on (a sampler
+    run twice on the same logits, or started afresh, would give other tokens)."""
+
+    def __init__(self, seed: int):
+        import random
+        self.rng = random.Random(seed)
+
+    def sample(self, logits) -> int:
+        return (int(logits.argmax()) + self.rng.randrange(3)) % len(logits)
+
+
+def sched_request(prompt, n=1, max_tokens=None, stop_ids=(), sampler=Greedy):
+    from kvc.serve.scheduler import ScheduledRequest
+    samplers = [sampler(i) if sampler is Drifting else sampler() for i in range(n)]
+    return ScheduledRequest(prompt=list(prompt), samplers=samplers, max_tokens=max_tokens, stop_ids=stop_ids)
+
+
+def run_scheduler(sched, requests, max_steps=10_000, on_step=None):
+    """Add requests and step until nothing is left: {(request number, choice index): (tokens sampled
+    from now on, finish_reason)}, numbering the requests already there first."""
+    requests = sched.requests + list(requests)
+    for r in requests[len(sched.requests):]:
+        sched.add(r)
+    texts: dict[tuple[int, int], list[int]] = {}
+    reasons: dict[tuple[int, int], str] = {}
+    number = {id(r): i for i, r in enumerate(requests)}
+    for _ in range(max_steps):
+        if not sched.has_work:
+            break
+        running_before = sched.running
+        out = sched.step()
+        for choice, token in out.sampled:
+            texts.setdefault((number[id(choice.request)], choice.index), []).append(token)
+        for choice in out.finished:
+            key = (number[id(choice.request)], choice.index)
+            assert key not in reasons, f"{key} finished twice"
+            reasons[key] = choice.finish_reason
+        if on_step:
+            on_step(sched, out, running_before)
+    else:
+        pytest.fail("the scheduler never ran out of work")
+    return {k: (texts.get(k, []), reasons[k]) for k in reasons}
+
+
+def prompts(count, length=lambda i: 5 + 7 * i):
+    return [[1 + (i * 31 + j * 7) % 60 for j in range(length(i))] for i in range(count)]
+
+
+def test_scheduler_chunks_prompts_under_the_step_cap():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=4, max_step_tokens=8)
+    short, long_ = [1, 2, 3], list(range(1, 41))
+    sched.add(sched_request(short, max_tokens=30))
+    sched.step()  # the short prompt ran: it decodes from now on
+    result = run_scheduler(sched, [sched_request(long_, max_tokens=3)])
+    assert all(sum(n for _, n in step) <= 8 for step in pool.steps)
+    long_steps = [step for step in pool.steps[1:] if any(n > 1 for _, n in step)]
+    assert len(long_steps) >= 40 // 8  # the long prompt ran in chunks of at most 8 tokens...
+    assert all(len(step) == 2 and min(n for _, n in step) == 1 for step in long_steps)  # ...beside a decode token
+    assert result[(1, 0)][1] == "length" and len(result[(1, 0)][0]) == 3
+    assert pool.stats().used == 0
+
+
+def alone(prompt_list, context=None, **kw):
+    """Each request run by itself on a roomy pool: the reference outputs."""
+    from kvc.serve.scheduler import Scheduler
+    want = {}
+    for i, p in enumerate(prompt_list):
+        sched = Scheduler(FakePool(blocks=256, block_size=4), parallel=1, context=context)
+        for (_, index), v in run_scheduler(sched, [sched_request(p, **kw)]).items():
+            want[(i, index)] = v
+    return want
+
+
+@pytest.mark.parametrize("sampler", [Greedy, Drifting])
+def test_scheduler_preempts_the_newest_and_outputs_do_not_change(sampler):
+    from kvc.serve.scheduler import Scheduler
+    ps = prompts(8)
+    want = alone(ps, max_tokens=24, n=2, sampler=sampler)
+    pool = FakePool(blocks=24, block_size=4)  # 96 positions for 16 choices of up to 5..54 + 24 tokens
+    sched = Scheduler(pool, parallel=16, max_step_tokens=32)
+
+    def newest_preempted(sched, out, before):
+        left = [c for c in before if c.seq is None and c.finish_reason is None]  # preempted in this step
+        assert before[len(before) - len(left):] == left  # the most recently started ones
+
+    got = run_scheduler(sched, [sched_request(p, max_tokens=24, n=2, sampler=sampler) for p in ps],
+                        on_step=newest_preempted)
+    assert sched.preemptions > 0
+    assert got == want and len(got) == 16
+    assert pool.stats().used == 0 and not pool.live and not sched.requests
+
+
+def test_scheduler_refuses_what_cannot_fit_alone():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=4, block_size=4)  # 16 positions
+    sched = Scheduler(pool, parallel=2)
+    assert sched.check(10, 7) is None  # 10 + 7 - 1 = 16 positions: exactly the pool
+    assert "lower max_tokens" in sched.check(10, 8)
+    assert "17 KV positions" in sched.check(17, None) and sched.check(16, None) is None
+    with pytest.raises(ValueError, match="blocks"):
+        sched.add(sched_request(range(1, 11), max_tokens=8))
+    assert not sched.has_work
+    # max_tokens None: it runs until it fills the pool alone, then ends with "length"
+    (tokens, reason), = run_scheduler(sched, [sched_request(range(1, 6))]).values()
+    assert reason == "length" and len(tokens) == 16 - 5 + 1  # the last token sampled is never fed
+    assert pool.stats().used == 0
+
+
+def test_scheduler_max_tokens_none_beside_others_is_preempted_not_cut():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=8, block_size=4)
+    sched = Scheduler(pool, parallel=2, context=24)
+    got = run_scheduler(sched, [sched_request(range(1, 6)), sched_request(range(2, 7))])
+    # each ends at the context (24 positions), preempting the other when the pool (32) runs short
+    assert {k: (len(t), r) for k, (t, r) in got.items()} == {(0, 0): (20, "length"), (1, 0): (20, "length")}
+    assert sched.preemptions > 0
+    assert got == {**alone([range(1, 6)], context=24), (1, 0): alone([range(2, 7)], context=24)[(0, 0)]}
+
+
+def test_scheduler_cancel_frees_blocks():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=2, max_step_tokens=16)
+    requests = [sched_request(p, n=2, max_tokens=50) for p in prompts(3)]
+    for r in requests:
+        sched.add(r)
+    for _ in range(4):
+        sched.step()
+    assert pool.stats().used > 0 and sched.running and sched.waiting
+    for r in requests:
+        sched.cancel(r)
+    assert pool.stats().used == 0 and not pool.live
+    assert not sched.has_work and not sched.requests and all(r.done for r in requests)
+    assert {c.finish_reason for r in requests for c in r.choices} == {"cancelled"}
+
+
+def test_scheduler_forks_share_the_prompt_blocks():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=4)
+    request = sched_request(range(1, 11), n=3, max_tokens=5)  # 10 tokens: 2 full blocks and a partial one
+    sched.add(request)
+    out = sched.step()
+    assert [c.index for c, _ in out.sampled] == [0, 1, 2]
+    first, *forks = request.choices
+    assert all(f.seq.blocks == first.seq.blocks for f in forks) and pool.stats().used == 3
+    sched.step()  # each writes its own token into the shared partial block: copied on write
+    assert all(f.seq.blocks[:2] == first.seq.blocks[:2] and f.seq.blocks[2] != first.seq.blocks[2] for f in forks)
+    assert pool.stats().used == 2 + 3
+    got = run_scheduler(sched, [])
+    assert request.done and pool.stats().used == 0
+
+
+def test_scheduler_more_choices_than_slots():
+    from kvc.serve.scheduler import Scheduler
+    want = alone([range(1, 11)], n=3, max_tokens=6, sampler=Drifting)
+    sched = Scheduler(FakePool(blocks=64, block_size=4), parallel=1)
+    got = run_scheduler(sched, [sched_request(range(1, 11), n=3, max_tokens=6, sampler=Drifting)])
+    assert got == want and len(got) == 3 and len({tuple(t) for t, _ in got.values()}) > 1
+
+
+def test_scheduler_prefix_cache_hits_on_a_repeated_prompt():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    sched = Scheduler(pool, parallel=2)
+    first, second = sched_request(range(1, 12), max_tokens=3), sched_request(range(1, 12), max_tokens=3)
+    got = run_scheduler(sched, [first])
+    assert first.cached_tokens == 0 and pool.prefix_hit_tokens == 0
+    got2 = run_scheduler(sched, [second])
+    assert second.cached_tokens == 8 and pool.prefix_hit_tokens == 8  # 2 full blocks; 3 tokens still run
+    assert got == got2
+
+
+def test_scheduler_stop_tokens_and_max_tokens_zero():
+    from kvc.serve.scheduler import Scheduler
+    pool = FakePool(blocks=64, block_size=4)
+    (tokens, _), = alone([range(1, 6)], max_tokens=10).values()
+    stop = tokens[3]
+    sched = Scheduler(pool, parallel=2)
+    got = run_scheduler(sched, [sched_request(range(1, 6), max_tokens=10, stop_ids={stop}),
+                                sched_request(range(1, 6), max_tokens=0, n=2)])
+    assert got == {(0, 0): (tokens[:tokens.index(stop)], "stop"), (1, 0): ([], "length"), (1, 1): ([], "length")}
+    assert pool.stats().used == 0

@@ -2,10 +2,10 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
 GET /health, GET /metrics. Every response is JSON, server-sent events (streams) or, for /metrics,
-Prometheus text; errors are OpenAI's error object. Requests go to an `Engine`: with today's
-WorkerEngine, requests beyond its N workers wait in its queue, and beyond the queue's size get 503.
-A client that disconnects, streaming or not, cancels its request: a waiting one leaves the queue, a
-running one stops before its next token and frees its worker.
+Prometheus text; errors are OpenAI's error object. Requests go to an `Engine` (BatchEngine: continuous
+batching on a paged KV cache): beyond its running sequences they wait in its queue, and beyond the
+queue's size get 503. A client that disconnects, streaming or not, cancels its request: a waiting
+one leaves the queue, a running one stops before its next step and frees its KV blocks.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     @app.get("/health")
     async def health() -> dict[str, Any]:
         m = engine.metrics()
-        return {"status": "ok", "workers": m.workers, "requests_running": m.requests_running,
+        return {"status": "ok", "parallel": m.parallel, "requests_running": m.requests_running,
                 "requests_waiting": m.requests_waiting}
 
     def model_card() -> dict[str, Any]:

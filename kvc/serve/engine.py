@@ -1,29 +1,31 @@
 """The serving engine: a request in, an async stream of text pieces and final counts out.
 
-`Engine` is the interface the HTTP app talks to. Issue 11's paged KV cache with continuous batching
-will implement it with one scheduler running many sequences in one batch; today's implementation,
-`WorkerEngine`, runs N independent workers (threads), each owning its own `kvc.Model` (one sequence,
-so one request at a time per worker; the memory-mapped weights are shared by the OS). Requests wait
-in one FIFO queue until a worker is free: with N workers, requests beyond N wait (as llama-server
-does with `-np N`), and beyond the queue's size they are refused (`QueueFull`, HTTP 503).
+`Engine` is the interface the HTTP app talks to; `BatchEngine` implements it with continuous
+batching on one paged KV cache (`kvc.Pool`): one background thread runs a `Scheduler`, whose every
+step is one `Pool.step` over all running sequences (their next tokens, and chunks of new prompts),
+then samples each sequence's next token with its own `kvc.Sampler` and streams its text through
+its stop strings. Requests join and leave between steps; beyond `parallel` running sequences they
+wait, and beyond the queue's size they are refused (`QueueFull`, HTTP 503).
 """
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
-import math
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ..model import Model
+from ..sampler import Sampler
+from .scheduler import DEFAULT_MAX_STEP_TOKENS, Choice, ScheduledRequest, Scheduler, StepOutput
 from .stops import StopMatcher
 
-BLOCK_SIZE = 16  # positions per KV block, the unit /metrics reports cache use in
 SEED_MASK = 2**64 - 1  # the engine's seeds are unsigned 64-bit
+RATE_WINDOW_SECONDS = 10.0  # generation_tokens_per_second: the tokens sampled over this last stretch
 
 
 # -- requests and events ---------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop the request: a waiting one leaves the queue, a running one stops before its next token
-        and frees its worker. The caller stops reading events (a few may still arrive, and no last
+        and frees its KV blocks. The caller stops reading events (a few may still arrive, and no last
         event need come). Safe to call twice or after the end."""
         if self._cancelled.is_set() or self._done.is_set():
             return
@@ -152,23 +154,27 @@ class RequestHandle:
 
 @dataclass
 class EngineMetrics:
-    """Counts for /metrics. kv_blocks_*: KV cache positions in blocks of BLOCK_SIZE (today: each
-    worker's context, and the positions its cache holds); the *_tokens counters add up every choice
-    run (prompt_tokens counts a choice's whole prompt, prefix_cache_hit_tokens the part of it that was
-    already in the cache)."""
+    """Counts for /metrics. kv_blocks_*: the paged KV cache in blocks of block_size positions (used:
+    held by running sequences; cached: held by none, keeping prompts' blocks for prefix reuse).
+    prompt_tokens counts each request's prompt once, prefix_cache_hit_tokens the part of it found in
+    the cache; generation_tokens every token sampled, all choices."""
 
-    workers: int = 0
+    parallel: int = 0  # most sequences running at once
+    block_size: int = 0
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
     prompt_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     generation_tokens: int = 0
-    requests_running: int = 0
-    requests_waiting: int = 0
+    requests_running: int = 0  # requests with a sequence in the pool
+    requests_waiting: int = 0  # the others (new, or preempted)
     requests_finished: dict[str, int] = field(default_factory=dict)  # by outcome
     requests_rejected: int = 0  # refused with QueueFull
-    prefill_seconds: float = 0.0  # time spent running prompts
-    decode_seconds: float = 0.0  # time spent sampling and running generated tokens
+    preemptions: int = 0  # sequences whose blocks were freed for others (to be recomputed later)
+    prefill_seconds: float = 0.0  # step time spent on prompt tokens (shared out by tokens per step)
+    decode_seconds: float = 0.0  # step time spent on generated tokens
+    generation_tokens_per_second: float = 0.0  # over the last RATE_WINDOW_SECONDS
 
 
 class Engine(ABC):
@@ -185,7 +191,9 @@ class Engine(ABC):
     @abstractmethod
     def submit(self, request: GenerationRequest, prompt_tokens: Sequence[int] = ()) -> RequestHandle:
         """Queue request, from the event loop's thread; raises QueueFull or EngineClosed.
-        prompt_tokens: what prompt_tokens(request) returned, for placing it by its prefix."""
+        prompt_tokens: what prompt_tokens(request) returned (empty: the engine tokenizes it). A
+        request the engine can never run (its prompt and max_tokens do not fit in the KV cache)
+        ends with RequestFailed(bad_request=True)."""
 
     @abstractmethod
     def metrics(self) -> EngineMetrics:
@@ -193,113 +201,129 @@ class Engine(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Stop: cancel what waits and runs, and free the models."""
+        """Stop: end what waits and runs (RequestFailed), and free the model."""
 
 
-# -- today's engine: N workers, each with its own Model ----------------------------------------------
 
 
-class _Worker:
-    """A thread with its own Model (one sequence), running one request at a time."""
-
-    def __init__(self, index: int, model: Model):
-        self.index = index
-        self.model = model
-        self.positions = 0  # positions its cache holds (about: updated per token)
-        self.prompt: list[int] = []  # the last chat prompt it ran: how its cache starts
-        self.current: RequestHandle | None = None  # the request it runs
-        self.assigned: RequestHandle | None = None  # handed to it while idle, not yet taken
-        self.idle_since = 0.0
-        self.thread: threading.Thread | None = None
+# -- the engine: continuous batching on one paged KV cache -------------------------------------------
 
 
-class WorkerEngine(Engine):
-    """N independent workers, each owning a kvc.Model, taking requests from one FIFO queue.
+class _ChoiceText:
+    """A choice's text so far: UTF-8 bytes to text across tokens, then stop strings."""
 
-    A worker runs one request at a time, all its choices one after another (chat() reuses the
-    prompt's cached prefix for choices after the first). Requests beyond N wait in the queue, oldest
-    first; beyond queue_size waiting ones, submit() raises QueueFull. A chat request that finds
-    workers idle goes to one whose last chat prompt its own prompt continues (a later turn of that
-    conversation: chat() then computes only the new tokens), else to the one idle longest.
+    def __init__(self, prev: int, stops: Sequence[str]):
+        self.prev = prev  # the last token (a token's text depends on the one before)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stops = StopMatcher(stops)
+        self.done = False
 
-    threads: OpenMP threads per worker (None: the cores divided among the workers). context:
-    positions per worker (None: the model's). cache_type_k/_v: as Model's. model_name: the id
-    clients see (None: the file's name without its extension).
+
+class _Live:
+    """A request the engine thread runs: its handle, its scheduled form, its choices' text and time."""
+
+    def __init__(self, handle: RequestHandle, prompt: Sequence[int]):
+        self.handle = handle
+        self.prompt = list(prompt)
+        self.scheduled: ScheduledRequest | None = None  # once started
+        self.texts: list[_ChoiceText] = []
+        self.open_choices = handle.request.n
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+
+class BatchEngine(Engine):
+    """Continuous batching of every request on one paged KV cache (`kvc.Pool`), run by one thread.
+
+    parallel: most sequences (choices) running at once; beyond them requests wait in FIFO order, and
+    beyond queue_size waiting ones submit() raises QueueFull. kv_blocks or kv_memory (bytes): the
+    pool's size (neither: one full context); block_size: positions per block. threads: the pool's
+    threads (None: its default). context: positions per sequence (None: the model's).
+    max_step_tokens: most tokens one step runs (long prompts are run in chunks beside the others'
+    decoding). cache_type_k/_v: as Model's. model_name: the id clients see (None: the file's name
+    without its extension).
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, parallel: int = 1, threads: int | None = None,
+    def __init__(self, model_path: str | os.PathLike, *, parallel: int = 1, kv_blocks: int | None = None,
+                 kv_memory: int | None = None, block_size: int = 16, threads: int | None = None,
                  context: int | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32",
-                 queue_size: int = 64, model_name: str | None = None):
-        if parallel < 1:
-            raise ValueError(f"parallel must be >= 1, got {parallel}")
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_size: int = 64,
+                 model_name: str | None = None):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // parallel)
         path = os.fspath(model_path)
         self.model_name = model_name or os.path.splitext(os.path.basename(path))[0]
         self.queue_size = queue_size
-        # a one-position sequence of the same checkpoint, to tokenize prompts without taking a worker
-        self._tokenizer = Model(path, seq_len=1, threads=1)
-        if not self._tokenizer.has_tokenizer:
-            self._tokenizer.close()
-            raise ValueError(f"{path} has no tokenizer: the server needs text in and out")
-        self._workers: list[_Worker] = []
+        # the model's tokenizer, templates and token texts; its own small cache goes unused
+        self._model = Model(path, seq_len=16, threads=1)
+        self._pool = None
         try:
-            for i in range(parallel):
-                model = Model(path, seq_len=context, threads=threads, cache_type_k=cache_type_k,
-                              cache_type_v=cache_type_v)
-                self._workers.append(_Worker(i, model))
+            if not self._model.has_tokenizer:
+                raise ValueError(f"{path} has no tokenizer: the server needs text in and out")
+            if kv_blocks is None and kv_memory is None:  # every running sequence can reach the context
+                with self._model.pool(blocks=1, block_size=block_size) as probe:  # (for the model's context)
+                    seq_len = probe.max_seq_len if context is None else min(context, probe.max_seq_len)
+                kv_blocks = parallel * -(-seq_len // block_size)
+            self._pool = self._model.pool(blocks=kv_blocks, memory=kv_memory, block_size=block_size,
+                                          threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+            self._scheduler = Scheduler(self._pool, parallel=parallel, max_step_tokens=max_step_tokens,
+                                        context=context)
         except BaseException:
-            self._close_models()
+            self._close_model()
             raise
-        self.context_length = self._workers[0].model.config.seq_len
+        self.context_length = self._scheduler.context
+        self.parallel = parallel
         self.threads = threads
-        self._lock = threading.Lock()  # guards the queue, the workers' states, the counters and _closed
-        self._wake = threading.Condition(self._lock)  # a worker was assigned a request, or the engine closed
-        self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._idle: list[_Worker] = []  # workers waiting for a request
+        self.block_size = self._pool.block_size
+        self.blocks_total = self._pool.blocks_total
+        self._chat_stops = {self._model.end_of_turn, self._model.config.eos_id} - {-1}
+        self._text_stops = {self._model.config.eos_id} - {-1}
+        self._lock = threading.Lock()  # guards what the app's thread and the engine's share (below)
+        self._wake = threading.Condition(self._lock)  # work arrived, or the engine closed
+        self._inbox: list[_Live] = []  # submitted, not yet taken by the engine thread
+        self._cancels: list[RequestHandle] = []  # cancelled, not yet seen by the engine thread
         self._closed = False
-        self._counts = EngineMetrics(workers=parallel)
-        for worker in self._workers:
-            worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"kvc-worker-{worker.index}",
-                                             daemon=True)
-            worker.thread.start()
+        self._free_slots = parallel  # running sequences the scheduler could still start, as last seen
+        self._counts = EngineMetrics(parallel=parallel, block_size=self.block_size)
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens sampled)
+        self._live: dict[RequestHandle, _Live] = {}  # the engine thread's own: started, not ended
+        self._outbox: list[tuple[RequestHandle, Event]] = []  # events of this round, sent after _publish
+        self._thread = threading.Thread(target=self._run, name="kvc-engine", daemon=True)
+        self._thread.start()
 
     # -- the Engine interface ----------------------------------------------------------------
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            return self._tokenizer.chat_tokens(_messages(request))
-        return self._tokenizer.encode(request.prompt, bos=True)
+            return self._model.chat_tokens(_messages(request))
+        return self._model.encode(request.prompt, bos=True)
 
     def submit(self, request: GenerationRequest, prompt_tokens: Sequence[int] = ()) -> RequestHandle:
-        handle = RequestHandle(request, on_cancel=self._cancel_waiting)
+        handle = RequestHandle(request, on_cancel=self._cancel)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
-            if self._idle:
-                worker = max(self._idle,
-                             key=lambda w: (_continues(w.prompt, prompt_tokens, request), -w.idle_since))
-                self._idle.remove(worker)
-                worker.assigned = handle
-                self._wake.notify_all()
-                return handle
-            if len(self._waiting) >= self.queue_size:
+            waiting = self._counts.requests_waiting + len(self._inbox)
+            if waiting - self._free_slots >= self.queue_size:
                 self._counts.requests_rejected += 1
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for {len(self._workers)} "
-                                f"busy worker(s) (queue size {self.queue_size}): try again later")
-            self._waiting.append(handle)
+                raise QueueFull(f"{waiting} requests are already waiting for the {self.parallel} running "
+                                f"sequence(s) (queue size {self.queue_size}): try again later")
+            self._inbox.append(_Live(handle, prompt_tokens))
+            self._wake.notify_all()
         return handle
 
     def metrics(self) -> EngineMetrics:
+        stats = self._pool.stats()
         with self._lock:
             m = EngineMetrics(**{k: v for k, v in vars(self._counts).items() if k != "requests_finished"})
             m.requests_finished = dict(self._counts.requests_finished)
-            m.requests_running = sum(w.current is not None or w.assigned is not None for w in self._workers)
-            m.requests_waiting = len(self._waiting)
-        m.kv_blocks_total = sum(_blocks(w.model.config.seq_len) for w in self._workers)
-        m.kv_blocks_used = sum(_blocks(w.positions) for w in self._workers)
+            m.requests_waiting += len(self._inbox)
+            rate = list(self._rate)
+        m.kv_blocks_total, m.kv_blocks_used, m.kv_blocks_cached = stats.total, stats.used, stats.cached
+        now = time.monotonic()
+        recent = [(t, n) for t, n in rate if t > now - RATE_WINDOW_SECONDS]
+        if recent:
+            m.generation_tokens_per_second = sum(n for _, n in recent) / max(now - recent[0][0], 1.0)
         return m
 
     def close(self) -> None:
@@ -307,144 +331,180 @@ class WorkerEngine(Engine):
             if self._closed:
                 return
             self._closed = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            running = [h for w in self._workers for h in (w.current, w.assigned) if h is not None]
             self._wake.notify_all()
-        for handle in waiting + running:
+        self._thread.join(timeout=30)  # it stops after its current step
+        with self._lock:
+            ended = [live.handle for live in self._inbox] + list(self._live)
+            self._inbox = []
+        for handle in ended:
             handle._emit(RequestFailed("the server is shutting down"))
-            handle._cancelled.set()  # a running request stops at its next token
-        for worker in self._workers:
-            if worker.thread is not None:
-                worker.thread.join(timeout=30)
-        self._close_models()
+        self._live.clear()
+        self._close_model()
 
-    def _close_models(self) -> None:
-        for worker in self._workers:
-            worker.model.close()
-        self._tokenizer.close()
+    def _close_model(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        self._model.close()
 
-    # -- the workers -------------------------------------------------------------------------
+    # -- the engine thread -------------------------------------------------------------------
 
-    def _cancel_waiting(self, handle: RequestHandle) -> None:
-        """A cancelled request leaves the queue at once (a running one stops at its next token)."""
+    def _cancel(self, handle: RequestHandle) -> None:
+        """A cancelled request: one still in the inbox leaves it here; the engine thread frees a
+        started one's blocks before its next step."""
         with self._lock:
-            try:
-                self._waiting.remove(handle)
-            except ValueError:
-                return  # already taken by a worker, or finished
-            self._counts.requests_finished["cancelled"] = self._counts.requests_finished.get("cancelled", 0) + 1
+            for live in self._inbox:
+                if live.handle is handle:
+                    self._inbox.remove(live)
+                    self._count_finished("cancelled")
+                    return
+            self._cancels.append(handle)
+            self._wake.notify_all()
 
-    def _next(self, worker: _Worker) -> RequestHandle | None:
-        """worker's next request: the oldest waiting one, else one handed to it once it is idle
-        (blocking); None once the engine is closed."""
-        with self._lock:
-            if self._waiting and not self._closed:
-                worker.current = self._waiting.popleft()
-                return worker.current
-            worker.idle_since = time.monotonic()
-            self._idle.append(worker)
-            while worker.assigned is None and not self._closed:
-                self._wake.wait()
-            if self._closed:
-                return None
-            worker.current, worker.assigned = worker.assigned, None
-            return worker.current
+    def _count_finished(self, outcome: str) -> None:
+        """Count a request's end; the caller holds self._lock."""
+        finished = self._counts.requests_finished
+        finished[outcome] = finished.get(outcome, 0) + 1
 
-    def _work(self, worker: _Worker) -> None:
-        while (handle := self._next(worker)) is not None:
-            outcome, last = "failed", None
-            try:
-                outcome, last = self._serve(worker, handle)
-            except ValueError as e:  # what Model refuses: the request's fault
-                last = RequestFailed(str(e), bad_request=True)
-            except Exception as e:  # a worker survives anything a request does
-                last = RequestFailed(f"{type(e).__name__}: {e}")
-            finally:
-                with self._lock:
-                    worker.current = None
-                    finished = self._counts.requests_finished
-                    finished[outcome] = finished.get(outcome, 0) + 1
-            if last is not None:  # after the counts: a client that has its answer sees the worker free
-                handle._emit(last)
-
-    def _serve(self, worker: _Worker, handle: RequestHandle) -> tuple[str, RequestFinished | None]:
-        """Run every choice of handle's request on worker's model: the outcome for metrics ("ok" or
-        "cancelled") and the request's last event (None when cancelled)."""
-        request, model = handle.request, worker.model
-        prompt_tokens = cached_tokens = completion_tokens = 0
-        prefill = decode = 0.0
-        for index in range(request.n):
-            if handle.cancelled:
-                return "cancelled", None
-            seed = None if request.seed is None else (request.seed + index) & SEED_MASK
-            max_tokens = self.context_length if request.max_tokens is None else request.max_tokens
-            args = dict(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                        top_k=request.top_k, seed=seed)
-            if request.messages is not None:
-                worker.prompt = model.chat_tokens(_messages(request))
-                pieces = model.chat(_messages(request), **args)
-            else:
-                worker.prompt = []  # generate() starts from an empty cache: nothing to reuse
-                pieces = model.generate(request.prompt, **args)
-            finish = self._run_choice(worker, handle, index, pieces)
-            stats = model.stats
-            whole_prompt = stats.prompt_tokens + stats.cached_tokens
+    def _run(self) -> None:
+        """Take what arrived, run a step, deliver its tokens; sleep while there is nothing to do."""
+        while True:
             with self._lock:
-                self._counts.prompt_tokens += whole_prompt
-                self._counts.prefix_cache_hit_tokens += stats.cached_tokens
-                self._counts.generation_tokens += stats.generated_tokens
-                self._counts.prefill_seconds += stats.prefill_seconds
-                self._counts.decode_seconds += stats.decode_seconds
-            if finish is None:
-                return "cancelled", None
-            if index == 0:
-                prompt_tokens, cached_tokens = whole_prompt, stats.cached_tokens
-            completion_tokens += stats.generated_tokens
-            prefill, decode = prefill + stats.prefill_seconds, decode + stats.decode_seconds
-            handle._emit(ChoiceFinished(index, finish, stats.generated_tokens))
-        return "ok", RequestFinished(prompt_tokens, cached_tokens, completion_tokens, prefill, decode)
+                while not (self._inbox or self._cancels or self._scheduler.has_work or self._closed):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            for handle in cancels:
+                live = self._live.pop(handle, None)
+                if live is not None and live.scheduled is not None:
+                    self._scheduler.cancel(live.scheduled)
+                    self._end_request(live, "cancelled")
+            for live in inbox:
+                self._start(live)
+            if self._scheduler.has_work:
+                try:
+                    out = self._scheduler.step()
+                except Exception as e:  # the engine survives anything a step does: its requests fail
+                    self._fail_all(f"{type(e).__name__}: {e}")
+                else:
+                    self._deliver(out)
+            self._publish()
+            # events after the counts: a client that saw a token sees its request running, and one
+            # that has its answer sees it gone
+            for handle, event in self._outbox:
+                handle._emit(event)
+            self._outbox.clear()
 
-    def _run_choice(self, worker: _Worker, handle: RequestHandle, index: int, pieces: Iterator[str]) -> str | None:
-        """Stream one choice's pieces to handle through its stop strings; the finish reason, or None
-        when the request was cancelled. The cancel flag is checked after every piece."""
-        stops = StopMatcher(handle.request.stop)
-        model = worker.model
+    def _start(self, live: _Live) -> None:
+        """Hand a submitted request to the scheduler, or fail it (the request's fault)."""
+        request = live.handle.request
         try:
-            for piece in pieces:
-                stats = model.stats
-                # fed so far: the prompt, and every sampled token but the last
-                worker.positions = stats.cached_tokens + stats.prompt_tokens + max(stats.generated_tokens - 1, 0)
-                text, hit = stops.feed(piece)
-                if text:
-                    handle._emit(TextDelta(index, text))
-                if hit:
-                    return "stop"
-                if handle.cancelled:
-                    return None
-        finally:
-            pieces.close()  # a generator left early (a stop string, a cancel) ends here
-            stats = model.stats
-            fed = stats.cached_tokens + stats.prompt_tokens + stats.generated_tokens
-            worker.positions = min(fed - (stats.stop_reason != "stop"), model.config.seq_len)
-        rest = stops.finish()
-        if rest:
-            handle._emit(TextDelta(index, rest))
-        return "stop" if model.stats.stop_reason == "stop" else "length"  # "length" or "context"
+            if not live.prompt:
+                live.prompt = self.prompt_tokens(request)
+            samplers = [Sampler(self._model.config.vocab_size, temperature=request.temperature, top_p=request.top_p,
+                                top_k=request.top_k,
+                                seed=None if request.seed is None else (request.seed + i) & SEED_MASK)
+                        for i in range(request.n)]
+            stop_ids = self._chat_stops if request.messages is not None else self._text_stops
+            live.scheduled = ScheduledRequest(prompt=live.prompt, samplers=samplers, max_tokens=request.max_tokens,
+                                              stop_ids=stop_ids, tag=live)
+            self._scheduler.add(live.scheduled)
+        except ValueError as e:
+            self._outbox.append((live.handle, RequestFailed(str(e), bad_request=True)))
+            with self._lock:
+                self._count_finished("failed")
+            return
+        live.texts = [_ChoiceText(live.prompt[-1], request.stop) for _ in range(request.n)]
+        self._live[live.handle] = live
+        with self._lock:
+            self._counts.prompt_tokens += len(live.prompt)
+
+    def _deliver(self, out: StepOutput) -> None:
+        """A step's results to their requests: time, text (through stop strings), ends."""
+        total = sum(n for _, n, _ in out.batch)
+        prefill = decode = 0.0
+        for choice, n, decoding in out.batch:
+            share = out.seconds * n / total
+            live = choice.request.tag
+            if decoding:
+                live.decode_seconds += share
+                decode += share
+            else:
+                live.prefill_seconds += share
+                prefill += share
+        for choice, token in out.sampled:
+            live = choice.request.tag
+            text = live.texts[choice.index]
+            data = self._model.token_bytes(text.prev, token)
+            text.prev = token
+            if not text.done and self._send(live, choice.index, text.decoder.decode(data)):
+                self._scheduler.finish(choice, "stop")  # at a stop string: its blocks go now (if it runs)
+                self._end_choice(live, choice, "stop")
+        for choice in out.finished:
+            live = choice.request.tag
+            if choice.finish_reason == "cancelled" or live.texts[choice.index].done:
+                continue
+            text = live.texts[choice.index]
+            if self._send(live, choice.index, text.decoder.decode(b"", final=True)):
+                self._end_choice(live, choice, "stop")
+                continue
+            rest = text.stops.finish()
+            if rest:
+                self._outbox.append((live.handle, TextDelta(choice.index, rest)))
+            self._end_choice(live, choice, choice.finish_reason)
+        with self._lock:
+            self._counts.generation_tokens += len(out.sampled)
+            self._counts.prefill_seconds += prefill
+            self._counts.decode_seconds += decode
+            self._rate.append((time.monotonic(), len(out.sampled)))
+            while self._rate and self._rate[0][0] < time.monotonic() - RATE_WINDOW_SECONDS:
+                self._rate.popleft()
+
+    def _send(self, live: _Live, index: int, piece: str) -> bool:
+        """piece of choice index's text to the client through its stop strings; whether one hit."""
+        if not piece:
+            return False
+        text, hit = live.texts[index].stops.feed(piece)
+        if text:
+            self._outbox.append((live.handle, TextDelta(index, text)))
+        return hit
+
+    def _end_choice(self, live: _Live, choice: Choice, reason: str) -> None:
+        """Choice ended with reason: tell the client, and end the request after its last choice."""
+        live.texts[choice.index].done = True
+        self._outbox.append((live.handle, ChoiceFinished(choice.index, reason, choice.generated)))
+        live.open_choices -= 1
+        if live.open_choices == 0:
+            scheduled = live.scheduled
+            self._outbox.append((live.handle, RequestFinished(
+                len(live.prompt), scheduled.cached_tokens, sum(c.generated for c in scheduled.choices),
+                live.prefill_seconds, live.decode_seconds)))
+            del self._live[live.handle]
+            self._end_request(live, "ok")
+
+    def _end_request(self, live: _Live, outcome: str) -> None:
+        with self._lock:
+            self._counts.prefix_cache_hit_tokens += live.scheduled.cached_tokens
+            self._count_finished(outcome)
+
+    def _fail_all(self, message: str) -> None:
+        """A step failed (not the requests' fault): end every started request with the error."""
+        for live in list(self._live.values()):
+            self._scheduler.cancel(live.scheduled)
+            self._outbox.append((live.handle, RequestFailed(message)))
+            self._end_request(live, "failed")
+        self._live.clear()
+
+    def _publish(self) -> None:
+        """The scheduler's state, for metrics() and submit()'s queue check."""
+        running = {c.request for c in self._scheduler.running}
+        with self._lock:
+            self._counts.requests_running = len(running)
+            self._counts.requests_waiting = len(self._live) - len(running)
+            self._counts.preemptions = self._scheduler.preemptions
+            self._free_slots = self.parallel - len(self._scheduler.running)
 
 
 def _messages(request: GenerationRequest) -> list[dict[str, str]]:
     return [{"role": role, "content": content} for role, content in request.messages]
-
-
-def _blocks(positions: int) -> int:
-    return math.ceil(positions / BLOCK_SIZE)
-
-
-def _continues(cached: Sequence[int], prompt: Sequence[int], request: GenerationRequest) -> int:
-    """How much of a chat prompt a worker whose last chat prompt was `cached` can reuse, counted only
-    when all of `cached` starts prompt (a later turn of the same conversation, or the same prompt
-    again); 0 otherwise. Conversations that merely share a system prompt score 0, so a new one goes to
-    the worker idle longest instead of evicting another conversation that may go on."""
-    if request.messages is None or not cached or len(cached) > len(prompt):
-        return 0
-    return len(cached) if list(prompt[:len(cached)]) == list(cached) else 0

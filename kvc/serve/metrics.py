@@ -1,7 +1,7 @@
 """The engine's counters in Prometheus' text exposition format (version 0.0.4), for GET /metrics."""
 from __future__ import annotations
 
-from .engine import BLOCK_SIZE, EngineMetrics
+from .engine import EngineMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -21,28 +21,36 @@ def render(m: EngineMetrics) -> str:
     """m as Prometheus text."""
     lines: list[str] = []
     _metric(lines, "kvc_kv_blocks_total", "gauge",
-            f"KV cache capacity in blocks of {BLOCK_SIZE} positions. Today each worker owns one sequence "
-            "with its own cache: this is the sum of the workers' contexts, in blocks.", m.kv_blocks_total)
+            f"KV cache capacity: the paged pool's blocks of {m.block_size} positions.", m.kv_blocks_total)
     _metric(lines, "kvc_kv_blocks_used", "gauge",
-            f"KV cache positions holding tokens, in blocks of {BLOCK_SIZE} positions: the sum over the "
-            "workers of the positions each worker's cache holds (its last or current conversation, kept "
-            "for prefix reuse), each rounded up to whole blocks.", m.kv_blocks_used)
+            "KV blocks held by running sequences (a block shared by several counts once).", m.kv_blocks_used)
+    _metric(lines, "kvc_kv_blocks_cached", "gauge",
+            "KV blocks held by no sequence but keeping a prompt prefix for reuse (taken back, least "
+            "recently used first, when the pool needs them).", m.kv_blocks_cached)
     _metric(lines, "kvc_prefix_cache_hit_tokens_total", "counter",
-            "Prompt tokens whose K/V were already in a worker's cache (not computed again), over all choices.",
+            "Prompt tokens whose K/V were found in the prefix cache (not computed again).",
             m.prefix_cache_hit_tokens)
     _metric(lines, "kvc_prompt_tokens_total", "counter",
-            "Prompt tokens of every choice run, cached ones included.", m.prompt_tokens)
-    _metric(lines, "kvc_generation_tokens_total", "counter", "Tokens sampled.", m.generation_tokens)
-    _metric(lines, "kvc_requests_running", "gauge", "Requests a worker is running.", m.requests_running)
-    _metric(lines, "kvc_requests_waiting", "gauge", "Requests queued, waiting for a free worker.",
+            "Prompt tokens of every request (once per request, whatever its n), cached ones included.",
+            m.prompt_tokens)
+    _metric(lines, "kvc_generation_tokens_total", "counter", "Tokens sampled, all choices.", m.generation_tokens)
+    _metric(lines, "kvc_generation_tokens_per_second", "gauge",
+            "Tokens sampled per second over the last 10 seconds, all requests together.",
+            m.generation_tokens_per_second)
+    _metric(lines, "kvc_requests_running", "gauge", "Requests with a sequence in the KV cache.", m.requests_running)
+    _metric(lines, "kvc_requests_waiting", "gauge", "Requests waiting to start (or, preempted, to go on).",
             m.requests_waiting)
     _metric(lines, "kvc_requests_finished_total", "counter",
             "Requests that ended, by outcome (ok, cancelled, failed).", 0, m.requests_finished, "outcome")
     _metric(lines, "kvc_requests_rejected_total", "counter",
             "Requests refused with 503 because the queue was full.", m.requests_rejected)
-    _metric(lines, "kvc_prefill_seconds_total", "counter", "Seconds spent running prompts (all workers).",
+    _metric(lines, "kvc_preemptions_total", "counter",
+            "Sequences whose KV blocks were freed for others when the pool ran short (each recomputed later).",
+            m.preemptions)
+    _metric(lines, "kvc_prefill_seconds_total", "counter",
+            "Seconds of batched steps spent on prompt tokens (each step's time shared out by its tokens).",
             m.prefill_seconds)
     _metric(lines, "kvc_decode_seconds_total", "counter",
-            "Seconds spent generating tokens after the prompt (all workers).", m.decode_seconds)
-    _metric(lines, "kvc_workers", "gauge", "Workers, each running one request at a time.", m.workers)
+            "Seconds of batched steps spent on generated tokens.", m.decode_seconds)
+    _metric(lines, "kvc_parallel", "gauge", "Most sequences running at once (--parallel).", m.parallel)
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 from .engine import GenerationRequest
 
-MAX_N = 16  # choices per request (OpenAI allows 128; every choice here runs one after another)
+MAX_N = 16  # choices per request (OpenAI allows 128; the choices run together, forked from one prompt)
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4)
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
