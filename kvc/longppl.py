@@ -10,6 +10,7 @@ float64). The KV cache policies compared:
 - window: the most recent N positions and nothing else (sinks=0): BOS leaves the cache at the first
   eviction.
 - window+sinks: the most recent N positions and the first S (StreamingLLM's attention sinks, default 4).
+  The engine's window moves a block (16 positions) at a time: once full it holds N-16..N recent ones.
 - h2o: a budget of N positions: the R most recent and those with the most accumulated attention (H2O).
 
 Per policy: perplexity over every scored token, over the first config.seq_len (dense's span, to set
@@ -31,11 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from .kvquality import default_text, log_softmax
-from .model import Model
+from .model import DEFAULT_SINKS, Model
 
 DEFAULT_TOKENS = 16_384
 DEFAULT_WINDOWS = (256, 512, 1024)
-DEFAULT_SINKS = 4  # StreamingLLM's
 DEFAULT_CHUNK = 64  # tokens per forward() call: 64 rows of logits, 25 MB in float64 for a 49,152 vocab
 DEFAULT_BUCKET = 256  # positions per point of the perplexity curve
 BLOCK = 16  # a window is a whole number of the cache's blocks
