@@ -204,7 +204,7 @@ def format_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        head = f"| {r['label']} | {r['window'] or '-'} | {r['sinks'] if r['window'] else '-'} |"
+        head = f"| {r['label']} | {r['window'] or '-'} | {r['kwargs'].get('sinks', '-')} |"  # sinks: Model's argument
         if "error" in r:
             lines.append(f"{head} {r['error'].split(' (')[0]} | | | | |")  # the reason is in the JSON
         else:
