@@ -174,3 +174,12 @@ def test_bench_part(tiny, tmp_path, monkeypatch):
     assert "Bounded KV caches past the model's context" in text and "| window 32 + 4 sinks |" in text
     assert plot_long_context(lc["perplexity"], tmp_path / "lc.png", lc["generation"]) is None
     assert (tmp_path / "lc.png").read_bytes()[:8] == PNG
+
+
+def test_bench_sizes():
+    """--quick picks the quick long-context sizes; --long-tokens and --long-generate override either."""
+    from kvc.bench.__main__ import long_sizes_from_args, parser
+    from kvc.bench.workload import FULL_LONG, QUICK_LONG
+    assert long_sizes_from_args(parser().parse_args(["--quick"])) == QUICK_LONG
+    full = long_sizes_from_args(parser().parse_args(["--long-tokens", "4096", "--long-generate", "100"]))
+    assert (full.tokens, full.generate, full.windows, full.window) == (4096, 100, FULL_LONG.windows, 1024)

@@ -186,17 +186,16 @@ def _perplexity_panel(ax, result: dict, window: int) -> None:
 def _flat_panels(ax_ms, ax_rss, flat: dict) -> None:
     """ms/token (median of each interval) and RSS against tokens generated with a sliding window."""
     xs = [m["tokens"] for m in flat["marks"]]
-    ax_ms.plot(xs, [m["ms_per_token"] for m in flat["marks"]], marker="o")
-    ax_rss.plot(xs, [m["rss_mb"] for m in flat["marks"]], marker="o")
     what = f"window {flat['window']}, {flat['threads'] or 'all'} thread(s)"
-    for ax in (ax_ms, ax_rss):
-        ax.set_ylim(bottom=0)
+    for ax, key, ylabel, title in ((ax_ms, "ms_per_token", "ms per decoded token (median of the interval)",
+                                    "Decode ms/token"), (ax_rss, "rss_mb", "RSS MB (2**20 bytes)", "Resident memory")):
+        ys = [m[key] for m in flat["marks"]]
+        ax.plot(xs, ys, marker="o")
+        ax.set_ylim(0, 1.15 * max(ys))
         ax.grid(alpha=0.3)
         ax.set_xlabel("tokens generated")
-    ax_ms.set_ylabel("ms per decoded token (median of the interval)")
-    ax_ms.set_title(f"Decode latency over a long generation ({what})")
-    ax_rss.set_ylabel("RSS MB (2**20 bytes)")
-    ax_rss.set_title(f"Resident memory over a long generation ({what})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({what})")
 
 
 def plot_long_context(ppl: dict | None, path: Path, flat: dict | None = None) -> str | None:
