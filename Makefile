@@ -21,14 +21,54 @@ MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 EXPORTER := kvc/format.py $(wildcard export/*.py)
 export KVC_DATA
 
-.PHONY: all setup data model test chat serve bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer
+.PHONY: all setup data model test chat serve bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer cuda cuda-sim
 all: run libkvc.so
 
-run: run.c
+run: run.c backend.h
 	$(CC) $(CFLAGS) -o $@ $< -lm
 
-libkvc.so: run.c
+libkvc.so: run.c backend.h
 	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< -lm
+
+# ----------------------------------------------------------------------------
+# The CUDA backend (cuda.cu behind backend.h; README: "CUDA"). `make cuda`: run_cuda and
+# libkvc_cuda.so, kernels built by nvcc for sm_80 and sm_90 plus PTX, no GPU libraries but the
+# CUDA runtime (linked statically). `make cuda-sim`: the same cuda.cu built by the host C++
+# compiler against cuda_sim.h, which runs the kernels on the CPU (run_cuda_sim, libkvc_cuda_sim.so).
+CXX ?= g++
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard $(CUDA_HOME)/bin/nvcc),nvcc)
+CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS := -O3 -std=c++17 $(CUDA_ARCHS) -Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lstdc++ -ldl -lrt -lpthread -lm
+SIM_FLAGS := -O2 -std=c++17 -fPIC -Wall -Wextra -Werror
+
+cuda: run_cuda libkvc_cuda.so
+cuda-sim: run_cuda_sim libkvc_cuda_sim.so
+
+cuda.o: cuda.cu backend.h
+	$(NVCC) $(NVCC_FLAGS) -c -o $@ $<
+
+run_cuda: run.c backend.h cuda.o
+	$(CC) $(CFLAGS) -o $@ $< cuda.o $(CUDA_LIBS)
+
+libkvc_cuda.so: run.c backend.h cuda.o
+	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< cuda.o $(CUDA_LIBS)
+
+cuda_sim.o: cuda.cu cuda_sim.h backend.h
+	$(CXX) $(SIM_FLAGS) -x c++ -c -o $@ $<
+
+run_cuda_sim: run.c backend.h cuda_sim.o
+	$(CC) $(CFLAGS) -o $@ $< cuda_sim.o -lstdc++ -lpthread -lm
+
+libkvc_cuda_sim.so: run.c backend.h cuda_sim.o
+	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< cuda_sim.o -lstdc++ -lpthread -lm
+
+# The simulation under ASan + UBSan: every block's threads as OS threads (cuda_sim.h), so that a
+# kernel's read or write outside a cudaMalloc'd buffer stops the program (tests/test_cuda.py)
+run_cuda_sim_asan: run.c backend.h cuda.cu cuda_sim.h
+	$(CXX) $(SANITIZE) -std=c++17 -x c++ -c -o cuda_sim_asan.o cuda.cu
+	$(CC) $(SANITIZE) -o $@ $< cuda_sim_asan.o -lstdc++ -lpthread -lm
 
 # AddressSanitizer + UBSan; any report stops the program (-fno-sanitize-recover=all)
 SANITIZE := -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra
@@ -66,7 +106,7 @@ models/smollm2-135m-instruct.%.bin: $(SMOLLM2_GGUF) $(EXPORTER) libkvc.so | setu
 	mkdir -p models
 	$(PY) -m export --dtype $* $(SMOLLM2_GGUF) $@
 
-test: setup all data
+test: setup all data cuda-sim
 	$(VENV)/bin/pytest -q
 
 # an OpenAI-compatible server (kvc.serve) on the model; SERVE_ARGS passes options (e.g. "-np 2 -t 1 --port 8081")
@@ -159,4 +199,5 @@ $(FUZZ_OUT)/seeds/.done: fuzz/seeds.py kvc/format.py tests/helpers.py | setup
 
 clean:
 	rm -f run run_asan run_portable libkvc.so libkvc_asan.so
+	rm -f cuda.o cuda_sim.o cuda_sim_asan.o run_cuda libkvc_cuda.so run_cuda_sim libkvc_cuda_sim.so run_cuda_sim_asan
 	rm -rf fuzz/build

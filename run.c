@@ -2801,10 +2801,9 @@ static void block_copy(KVPool *c, int dst, int src) {
 
 // ---- The pool's books: references, the free list, the prefix cache and its LRU list
 
-// The bucket of a block named by (parent, its tokens): FNV-1a over them.
+// The bucket of a block named by (parent, its tokens).
 static int prefix_bucket(const KVPool *c, uint64_t parent, const int *tokens) {
-    uint64_t h = 1469598103934665603ull ^ parent;
-    for (int i = 0; i < c->block_size; i++) h = (h ^ (uint32_t)tokens[i]) * 1099511628211ull;
+    uint64_t h = hash_bytes((const char *)tokens, c->block_size * (int)sizeof(int)) ^ hash_pair(parent);
     return (int)(h & (uint64_t)(c->n_buckets - 1));
 }
 
@@ -3614,6 +3613,7 @@ typedef struct {
     Pool *pool;
     int len;            // positions 0..len-1 hold the sequence's tokens; the next one goes at len
     int own_pool;       // the pool is the sequence's own (a single sequence, its blocks in order), freed with it
+    struct DeviceSequence *device; // NULL on the CPU; else the backend that runs it (see Backends)
 } Sequence;
 
 // Refuses a pool whose KV cache and attention scratch (the parts that grow with the context) would
@@ -3958,6 +3958,7 @@ static int window_chunk(KVCache *c, const Config *p, int pos, int n, int threads
 // shared pool first lets go of its positions from pos on (pos <= len); a windowed one runs on from
 // its end or starts again at 0, past its context as long as it goes. The sequence then holds
 // positions 0..pos+n-1 (or, windowed, its sinks and the window's last).
+static int device_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out); // Backends
 static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
     const Config *p = &m->config;
     RunState *s = &seq->pool->state;
@@ -3970,6 +3971,7 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
     if (!seq->own_pool && pos > seq->len)
         return fail("position %d is past the sequence's end (%d): a pooled sequence grows without gaps", pos, seq->len);
     if (check_tokens(p, tokens, n)) return -1;
+    if (seq->device) return device_forward(m, seq, tokens, n, pos, out);
     if (c->window && pos == 0) c->recent = 0;
     if (!seq->own_pool || c->window) cache_truncate(c, c->window ? (pos < c->sinks ? pos : c->sink_rows + c->recent) : pos);
     int rows[MAX_BATCH];
@@ -4174,6 +4176,331 @@ static int sample(Sampler *s, float *logits) {
 }
 
 // ----------------------------------------------------------------------------
+// Sessions: a single sequence's cache, tokens and sampler saved to a file, and restored
+//
+// The file: a SessionHeader, then the payload: the token at each row the cache holds (rows int32),
+// then for each layer, each kv head, each row, the key's stored bytes and the value's (in the
+// cache's types; a row in a sink slot as CACHE_SINK_TYPE). Little-endian, as x86-64 and ARM64 write
+// it. A file from another model, cache type, rotation, block size or window, a truncated or changed
+// one (the checksum), or one from a newer version is refused with one line. Written to a temporary
+// file in the same folder, flushed to disk, then renamed over the old one: a crash leaves the old.
+
+#define SESSION_MAGIC "kvcsess"     // the file's first 8 bytes, NUL included
+#define SESSION_VERSION 1
+#define FINGERPRINT_SAMPLE 65536     // bytes of the checkpoint hashed at its start, middle and end
+
+typedef struct {
+    char magic[8];                   // SESSION_MAGIC
+    uint32_t version;                // SESSION_VERSION
+    uint32_t header_bytes;           // sizeof(SessionHeader): 112
+    uint64_t model;                  // the checkpoint's fingerprint (model_fingerprint)
+    int32_t type_k, type_v, rotate;  // the cache's CacheSpec
+    int32_t block_size, window, sinks; // its blocks and window (0: none)
+    int32_t rows;                    // rows the cache holds (positions, or with a window sinks' block + window's)
+    int32_t recent;                  // positions in the window
+    int64_t length;                  // tokens the sequence has run: its next position
+    int32_t sink_row;                // row 0 lies in its block's sink slot (iq4_nl)
+    int32_t has_sampler;             // rng_state is the sampler's
+    uint64_t rng_state;              // the sampler's random state after the last token it drew
+    uint64_t payload_bytes;          // bytes after the header
+    uint64_t checksum;               // FNV-1a of the payload
+    uint8_t reserved[16];            // zero
+} SessionHeader;
+_Static_assert(sizeof(SessionHeader) == 112, "SessionHeader has no padding");
+
+// A fingerprint of the checkpoint: its size and config, and its bytes at the start, the middle and
+// the end (hashing all of a large file at every turn would take seconds).
+static uint64_t model_fingerprint(const Model *m) {
+    size_t n = m->map_size < FINGERPRINT_SAMPLE ? m->map_size : FINGERPRINT_SAMPLE;
+    const char *map = m->map;
+    uint64_t h = hash_pair(m->map_size) ^ hash_bytes((const char *)&m->config, (int)sizeof m->config);
+    size_t at[3] = {0, (m->map_size - n) / 2, m->map_size - n};
+    for (int i = 0; i < 3; i++) h = hash_pair(h) ^ hash_bytes(map + at[i], (int)n);
+    return h;
+}
+
+// The header a sequence of m would write now (payload and checksum left 0).
+static SessionHeader session_header(const Model *m, const Sequence *seq) {
+    const KVCache *c = &seq->cache;
+    const KVPool *pool = c->pool;
+    SessionHeader h = {0};
+    memcpy(h.magic, SESSION_MAGIC, sizeof h.magic);
+    h.version = SESSION_VERSION;
+    h.header_bytes = sizeof h;
+    h.model = model_fingerprint(m);
+    h.type_k = pool->spec.type_k, h.type_v = pool->spec.type_v, h.rotate = pool->spec.rotate;
+    h.block_size = pool->block_size, h.window = c->window, h.sinks = c->sinks;
+    h.length = seq->len;
+    h.recent = c->recent;
+    h.rows = !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
+    h.sink_row = h.rows > 0 && cache_in_sink(c, 0);
+    return h;
+}
+
+// Bytes of one (layer, kv head, row)'s key and value rows as the cache stores them.
+static size_t session_row_bytes(const KVCache *c, int row) {
+    const KVPool *pool = c->pool;
+    int sink = cache_in_sink(c, row);
+    return (sink && pool->sink_keys ? pool->head_row_sink : pool->head_row_k) +
+           (sink && pool->sink_values ? pool->head_row_sink : pool->head_row_v);
+}
+
+static size_t session_payload_bytes(const KVCache *c, int rows) {
+    size_t bytes = (size_t)rows * sizeof(int32_t);
+    for (int row = 0; row < rows; row++) bytes += (size_t)c->pool->n_layers * c->pool->n_kv_heads * session_row_bytes(c, row);
+    return bytes;
+}
+
+// The payload's rows copied out of (save) or into (load) the cache; `at` walks the buffer.
+static void session_rows(KVCache *c, int rows, uint8_t *at, int load) {
+    const KVPool *pool = c->pool;
+    if (load) memcpy(c->tokens, at, (size_t)rows * sizeof(int32_t));
+    else memcpy(at, c->tokens, (size_t)rows * sizeof(int32_t));
+    at += (size_t)rows * sizeof(int32_t);
+    for (int l = 0; l < pool->n_layers; l++)
+        for (int h = 0; h < pool->n_kv_heads; h++)
+            for (int row = 0; row < rows; row++)
+                for (int value = 0; value < 2; value++) {
+                    int type;
+                    uint8_t *slot = cache_slot(c, value, l, h, row, &type);
+                    size_t bytes = row_bytes(type, pool->head_dim);
+                    if (load) memcpy(slot, at, bytes);
+                    else memcpy(at, slot, bytes);
+                    at += bytes;
+                }
+}
+
+// Writes the sequence (and the sampler's state, when given) to path, atomically.
+static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
+    if (seq->device || !seq->own_pool) return fail("only a single sequence on the CPU is saved to a session file");
+    SessionHeader h = session_header(m, seq);
+    h.has_sampler = sampler != NULL;
+    h.rng_state = sampler ? sampler->rng_state : 0;
+    h.payload_bytes = session_payload_bytes(&seq->cache, h.rows);
+    uint8_t *payload = malloc(h.payload_bytes ? h.payload_bytes : 1);
+    if (!payload) return fail("out of memory for a session of %llu bytes", (unsigned long long)h.payload_bytes);
+    session_rows(&seq->cache, h.rows, payload, 0);
+    h.checksum = hash_bytes((const char *)payload, 0);
+    for (uint64_t done = 0; done < h.payload_bytes; done += INT_MAX / 2) { // hash_bytes takes an int
+        uint64_t n = h.payload_bytes - done < INT_MAX / 2 ? h.payload_bytes - done : INT_MAX / 2;
+        h.checksum = hash_pair(h.checksum) ^ hash_bytes((const char *)payload + done, (int)n);
+    }
+    size_t len = strlen(path);
+    char *tmp = malloc(len + 16);
+    if (!tmp) {
+        free(payload);
+        return fail("out of memory");
+    }
+    snprintf(tmp, len + 16, "%s.tmp.XXXXXX", path);
+    int fd = mkstemp(tmp), rc = -1;
+    if (fd < 0) fail("cannot write session %s: %s", path, strerror(errno));
+    else {
+        FILE *f = fdopen(fd, "wb");
+        int ok = f && fwrite(&h, sizeof h, 1, f) == 1 && fwrite(payload, 1, h.payload_bytes, f) == h.payload_bytes &&
+                 fflush(f) == 0 && fsync(fileno(f)) == 0;
+        int closed = f ? fclose(f) == 0 : close(fd) == 0;
+        if (!ok || !closed || rename(tmp, path)) {
+            fail("cannot write session %s: %s", path, strerror(errno ? errno : EIO));
+            unlink(tmp);
+        } else rc = 0;
+    }
+    free(tmp);
+    free(payload);
+    return rc;
+}
+
+// Restores a session written by session_save into the sequence (made with the same model, cache
+// types, rotation and window) and, when given and saved, the sampler's state.
+static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path) {
+    if (seq->device || !seq->own_pool) return fail("only a single sequence on the CPU is restored from a session file");
+    size_t size;
+    uint8_t *map = map_file(path, "session", &size);
+    if (!map) return -1;
+    SessionHeader h, want = session_header(m, seq);
+    int rc = -1;
+    memcpy(&h, map, size < sizeof h ? size : sizeof h);
+    if (size < sizeof h || memcmp(h.magic, SESSION_MAGIC, sizeof h.magic))
+        fail("%s is not a kvc session file (or is truncated)", path);
+    else if (h.version > SESSION_VERSION || h.header_bytes != sizeof h)
+        fail("%s was written by a newer kvc (session version %u); this one reads version %d", path, h.version, SESSION_VERSION);
+    else if (h.model != want.model)
+        fail("%s was saved with another model", path);
+    else if (h.type_k != want.type_k || h.type_v != want.type_v || h.rotate != want.rotate)
+        fail("%s was saved with cache types %s/%s%s, this sequence has %s/%s%s", path, CACHE_TYPES[h.type_k % N_CACHE_TYPES].name,
+             CACHE_TYPES[h.type_v % N_CACHE_TYPES].name, h.rotate ? " rotated" : "", CACHE_TYPES[want.type_k].name,
+             CACHE_TYPES[want.type_v].name, want.rotate ? " rotated" : "");
+    else if (h.block_size != want.block_size || h.window != want.window || h.sinks != want.sinks)
+        fail("%s was saved with blocks of %d, a window of %d and %d sinks; this sequence has %d, %d and %d", path, h.block_size,
+             h.window, h.sinks, want.block_size, want.window, want.sinks);
+    else if (h.rows < 0 || h.rows > seq->cache.capacity || h.length < h.rows || h.length > INT_MAX || h.recent < 0 ||
+             h.recent > h.window || (!h.window && (h.length != h.rows || h.recent)) || h.sink_row < 0 || h.sink_row > 1)
+        fail("%s is corrupt: %d rows of %lld tokens do not fit this sequence's cache of %d", path, h.rows,
+             (long long)h.length, seq->cache.capacity);
+    else if (h.payload_bytes != size - sizeof h)
+        fail("%s is truncated or has bytes after its end: %llu payload bytes, %zu in the file", path,
+             (unsigned long long)h.payload_bytes, size - sizeof h);
+    else {
+        uint64_t sum = hash_bytes((const char *)map, 0);
+        for (uint64_t done = 0; done < h.payload_bytes; done += INT_MAX / 2) {
+            uint64_t n = h.payload_bytes - done < INT_MAX / 2 ? h.payload_bytes - done : INT_MAX / 2;
+            sum = hash_pair(sum) ^ hash_bytes((const char *)map + sizeof h + done, (int)n);
+        }
+        if (sum != h.checksum) fail("%s is corrupt: its checksum does not match", path);
+        else rc = 0;
+    }
+    if (rc == 0) {
+        KVCache *c = &seq->cache;
+        if (c->window) cache_truncate(c, c->recent = 0);
+        cache_reserve(c, 0, h.rows); // a window's blocks come back from its own pool; row 0 to its sink slot where the type has one
+        if (session_payload_bytes(c, h.rows) != h.payload_bytes || (h.rows && cache_in_sink(c, 0) != h.sink_row)) {
+            rc = fail("%s is corrupt: its rows are not this cache's size", path);
+            if (c->window) cache_truncate(c, 0);
+            seq->len = 0;
+        } else {
+            session_rows(c, h.rows, map + sizeof h, 1);
+            for (int i = 0; i < h.rows; i++)
+                if (c->tokens[i] < 0 || c->tokens[i] >= m->config.vocab_size) c->tokens[i] = 0; // only recorded, never run
+            c->recent = h.recent;
+            seq->len = (int)h.length;
+            if (sampler && h.has_sampler) sampler->rng_state = h.rng_state;
+        }
+    }
+    munmap(map, size);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// Backends: the seam a GPU build implements. A sequence made on a device (kvc_sequence_new_on,
+// --device) hands its forward passes and its cache to a backend (backend.h): run.c describes the
+// model to it (its hyperparameters and each tensor in host memory) and keeps everything else:
+// tokens, sampling, the CLI. The backend is found through a weak symbol that only the CUDA builds
+// define (cuda.cu: `make cuda` on the GPU, `make cuda-sim` on the CPU); NULL in this build alone.
+// The API functions that touch a sequence's cache or forward pass pass a device sequence on here.
+
+#include "backend.h"
+
+extern const Backend kvc_cuda_backend __attribute__((weak));
+
+_Static_assert((int)BACKEND_WEIGHT_Q8_0 == WEIGHT_Q8_0 && (int)BACKEND_WEIGHT_Q4_1 == WEIGHT_Q4_1, "backend.h numbers weights as run.c");
+_Static_assert((int)BACKEND_CACHE_F16 == CACHE_F16 && (int)BACKEND_CACHE_Q8_0 == CACHE_Q8_0 && (int)BACKEND_CACHE_IQ4_NL == CACHE_IQ4_NL &&
+               BACKEND_CACHE_GROUP == CACHE_GROUP, "backend.h numbers cache types as run.c");
+
+// A sequence's side on a device: the backend's own sequence (weights, cache, scratch live there).
+struct DeviceSequence {
+    const Backend *backend;
+    BackendSequence *handle;
+};
+
+// The device a sequence runs on when none is named: this build's backend, else the CPU.
+static const char *default_device(void) { return &kvc_cuda_backend ? kvc_cuda_backend.name : "cpu"; }
+
+// One weight tensor of `layers` matrices (rows x cols) as the backend takes it.
+static BackendMatrix backend_matrix(Matrix w, int layers, int rows, int cols) {
+    return (BackendMatrix){w.type, WEIGHT_TYPE_NAMES[w.type], layers, rows, cols, w.type == WEIGHT_F32 ? 0 : w.group_size,
+                           w.type == WEIGHT_F32 ? (const void *)w.f : w.type == WEIGHT_Q8_0 ? (const void *)w.q : (const void *)w.q4,
+                           w.type == WEIGHT_Q8_0 ? w.scale : NULL};
+}
+
+static BackendModel backend_model(const Model *m) {
+    const Config *p = &m->config;
+    const Weights *w = &m->weights;
+    int L = p->n_layers, dim = p->dim, hid = p->hidden_dim, qd = q_dim(p), kvd = kv_dim(p);
+    return (BackendModel){p->dim, p->hidden_dim, L, p->n_heads, p->n_kv_heads, p->head_dim, p->vocab_size, p->rope_theta, p->norm_eps,
+                          backend_matrix(w->tok_embeddings, 1, p->vocab_size, dim),
+                          backend_matrix(w->wq, L, qd, dim), backend_matrix(w->wk, L, kvd, dim), backend_matrix(w->wv, L, kvd, dim),
+                          backend_matrix(w->wo, L, dim, qd), backend_matrix(w->w1, L, hid, dim), backend_matrix(w->w2, L, dim, hid),
+                          backend_matrix(w->w3, L, hid, dim), backend_matrix(w->wcls, 1, p->vocab_size, dim),
+                          w->rms_att, w->rms_ffn, w->rms_final};
+}
+
+// A sequence on the device called `device` ("cpu", or this build's backend), else as kvc_sequence_new.
+// A device sequence fills in the fields the CLI and the API read (its context, cache spec and a
+// host copy of the last logits); its CPU cache and scratch stay empty.
+static Sequence *device_sequence_new(const Model *m, const char *device, int context, int type_k, int type_v, int rotate) {
+    if (!&kvc_cuda_backend) {
+        fail("this build has no %s backend (build run_cuda / libkvc_cuda.so with `make cuda`, or the CPU simulation with `make cuda-sim`)", device);
+        return NULL;
+    }
+    if (strcmp(device, kvc_cuda_backend.name)) {
+        fail("unknown device %s: this build runs on cpu or %s", device, kvc_cuda_backend.name);
+        return NULL;
+    }
+    if (context < 0 || context > m->config.seq_len) {
+        fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
+        return NULL;
+    }
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
+    if (cache_spec_check(&spec, m->config.head_dim)) return NULL;
+    Sequence *seq = calloc(1, sizeof *seq);
+    Pool *pool = calloc(1, sizeof *pool); // the host side: the cache's spec, the last logits, no blocks
+    struct DeviceSequence *dev = calloc(1, sizeof *dev);
+    float *logits = calloc(m->config.vocab_size, sizeof(float));
+    BackendModel bm = backend_model(m);
+    int capacity = context ? context : m->config.seq_len, centered = spec.type_k == CACHE_IQ4_NL && m->weights.key_mean;
+    BackendCache bc = {capacity, spec.type_k, spec.type_v, CACHE_TYPES[spec.type_k].name, CACHE_TYPES[spec.type_v].name, spec.rotate, centered};
+    char error[BACKEND_ERROR_BYTES] = "out of memory";
+    if (!seq || !pool || !dev || !logits || !(dev->handle = kvc_cuda_backend.open(&bm, &bc, error))) {
+        fail("%s", error);
+        free(seq), free(pool), free(dev), free(logits);
+        return NULL;
+    }
+    dev->backend = &kvc_cuda_backend;
+    pool->cache.spec = spec;
+    pool->cache.n_layers = m->config.n_layers;
+    pool->state.threads = 1;
+    pool->state.logits = logits; // freed with the pool's scratch
+    seq->device = dev;
+    seq->pool = pool;
+    seq->own_pool = 1;
+    seq->cache.pool = &pool->cache;
+    seq->cache.capacity = capacity;
+    return seq;
+}
+
+// forward() on a device, after its checks: the backend's pass.
+static int device_forward(const Model *m, Sequence *seq, const int *tokens, int n, int pos, float *out) {
+    (void)m;
+    char error[BACKEND_ERROR_BYTES];
+    if (seq->device->backend->forward(seq->device->handle, tokens, n, pos, out, seq->pool->state.logits, error)) return fail("%s", error);
+    seq->len = pos + n;
+    return 0;
+}
+
+static int device_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values) {
+    char error[BACKEND_ERROR_BYTES];
+    return seq->device->backend->cache_read(seq->device->handle, layer, pos, n, keys, values, error) ? fail("%s", error) : 0;
+}
+
+static void device_cache_reset(Sequence *seq, float fill) {
+    char error[BACKEND_ERROR_BYTES];
+    if (seq->device->backend->cache_reset(seq->device->handle, fill, error)) fail("%s", error);
+}
+
+// kvc_memory on a device: out[1] the device's KV cache, out[2] its weights and scratch.
+static void device_memory(const Sequence *seq, unsigned long long out[3]) {
+    unsigned long long device[3];
+    seq->device->backend->memory(seq->device->handle, device);
+    out[1] = device[1];
+    out[2] = device[0] + device[2];
+}
+
+Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
+
+// kvc_sequence_new on a device: "cpu" (threads as there), or this build's backend (threads unused);
+// NULL: this build's default (its backend, else the CPU).
+Sequence *kvc_sequence_new_on(const Model *m, const char *device, int context, int threads, int type_k, int type_v, int rotate) {
+    if (!device) device = default_device();
+    if (!strcmp(device, "cpu")) return kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
+    return device_sequence_new(m, device, context, type_k, type_v, rotate);
+}
+
+static void device_sequence_free(Sequence *seq) {
+    seq->device->backend->free(seq->device->handle);
+    free(seq->device);
+    seq->device = NULL;
+}
+
+// ----------------------------------------------------------------------------
 // Library API (libkvc.so): what the Python binding calls. Errors return -1 / NULL and leave a
 // message for kvc_last_error().
 
@@ -4223,8 +4550,11 @@ Sequence *kvc_sequence_new_window(const Model *m, int window, int sinks, int thr
     return sequence_alone(m, 0, threads, &spec, window, sinks);
 }
 
-// Lets go of the sequence's blocks (a pool of its own is freed with it).
-void kvc_sequence_free(Sequence *seq) { sequence_delete(seq); }
+// Lets go of the sequence's blocks (a pool of its own is freed with it), or its device's side.
+void kvc_sequence_free(Sequence *seq) {
+    if (seq && seq->device) device_sequence_free(seq);
+    sequence_delete(seq);
+}
 
 // Positions the sequence can hold, and how many it holds.
 int kvc_context(const Sequence *seq) { return seq->cache.capacity; }
@@ -4241,6 +4571,7 @@ void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]) 
     out[0] = m->map_size;
     out[1] = (unsigned long long)cache_bytes(&m->config, &c->spec, c->slots, c->sink_blocks);
     out[2] = seq->pool->state.bytes;
+    if (seq->device) device_memory(seq, out);
 }
 
 // How the sequence's pool used its threads: out[0] the threads it was given, out[1] the team its
@@ -4269,6 +4600,11 @@ float *kvc_logits(Sequence *seq) { return seq->pool->state.logits; }
 // Copies positions pos..pos+n-1 of a layer's cache out as float32, keys and values (n, kv_dim) each.
 int kvc_cache_read(const Sequence *seq, int layer, int pos, int n, float *keys, float *values) {
     const KVCache *c = &seq->cache;
+    if (seq->device) {
+        if (layer < 0 || layer >= c->pool->n_layers || n < 0 || pos < 0 || pos > c->capacity || n > c->capacity - pos)
+            return fail("layer %d, positions %d..%d are outside the cache", layer, pos, pos + n - 1);
+        return device_cache_read(seq, layer, pos, n, keys, values);
+    }
     int held = c->n_table * c->pool->block_size < c->capacity ? c->n_table * c->pool->block_size : c->capacity;
     if (layer < 0 || layer >= c->pool->n_layers) return fail("layer %d is outside 0..%d", layer, c->pool->n_layers - 1);
     if (n < 0 || pos < 0 || pos > held || n > held - pos)
@@ -4292,9 +4628,27 @@ const void *kvc_cache_data(const Sequence *seq, int which) {
 int kvc_cache_reset(Sequence *seq, float fill) {
     if (!seq->own_pool) return fail("a pooled sequence is emptied with kvc_truncate(seq, 0)");
     if (seq->cache.window) cache_truncate(&seq->cache, seq->cache.recent = 0);
-    pool_fill(&seq->pool->cache, fill);
+    if (seq->device) device_cache_reset(seq, fill);
+    else pool_fill(&seq->pool->cache, fill);
     seq->len = 0;
     return 0;
+}
+
+// Saves a single sequence, its cache in its stored types, and the sampler's state (NULL: none) to
+// path, atomically; kvc_session_load restores it into a sequence made the same way (refusing
+// anything else with one line). kvc_tokens copies out the tokens at the rows the cache holds
+// (capacity of them at most) and returns how many there are.
+int kvc_session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
+    return session_save(m, seq, sampler, path);
+}
+int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path) {
+    return session_load(m, seq, sampler, path);
+}
+int kvc_tokens(const Sequence *seq, int *out, int capacity) {
+    const KVCache *c = &seq->cache;
+    int rows = seq->device ? 0 : !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
+    memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
+    return rows;
 }
 
 // ---- Pools: many sequences sharing KV blocks, run together a step at a time
@@ -4606,12 +4960,14 @@ static void usage(FILE *f) {
             "  -c <int>    context length (KV cache size), default the model's\n"
             "  --window <int>  keep only the last N positions (a multiple of 16) and run on past the context\n"
             "  --sinks <int>   with --window: also keep the first S positions (attention sinks), default 4\n"
+            "  --session <file>  chat: resume the chat saved in file (when it exists), save it after each turn\n"
             "  -j <int>    threads (1..%d), default all cores\n"
             "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0, iq4_nl\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
             "  --cache-rotate on|off        Hadamard-rotate each head before storing (default: on for q4_0 and iq4_nl, head_dim a power of 2)\n"
             "  --no-cache                   recompute the whole sequence for every token (what the cache saves)\n"
-            "  -h          this help\n", MAX_THREADS);
+            "  --device cpu|cuda|cuda-sim   where the forward pass runs (this build: %s by default)\n"
+            "  -h          this help\n", MAX_THREADS, default_device());
 }
 
 // The checkpoint is mapped, not read: if another program truncates or rewrites it in place while
@@ -4657,7 +5013,8 @@ static float parse_float(const char *flag, const char *s) {
 // Long flags, as llama.cpp's users know them, each standing for a code of the switch in main.
 static const struct { const char *name; char code; } LONG_FLAGS[] = {
     {"-ctk", 'K'}, {"--cache-type-k", 'K'}, {"-ctv", 'V'}, {"--cache-type-v", 'V'}, {"--cache-rotate", 'R'},
-    {"--window", 'W'}, {"--sinks", 'S'},
+    {"--window", 'W'}, {"--sinks", 'S'}, {"--session", 'F'},
+    {"--device", 'D'},
 };
 
 static int parse_cache_type(const char *flag, const char *s) {
@@ -4693,14 +5050,21 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
     return 0;
 }
 
-// Multi-turn chat: each turn adds only its new tokens to the KV cache.
-static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char *system, int steps) {
+// Multi-turn chat: each turn adds only its new tokens to the KV cache. With a session file, a chat
+// saved there goes on where it stopped, and each turn is saved when it ends.
+static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char *system, int steps, const char *session) {
     if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
     int turn = 0, rc = 0;
     int stop = m->chat.end_of_turn >= 0 ? m->chat.end_of_turn : m->config.eos_id;
     char *line = NULL;
     size_t cap = 0;
     const char *glue = ""; // what the template puts between the last reply's end and the next message
+    if (session && access(session, F_OK) == 0) {
+        if (session_load(m, seq, sampler, session)) return -1;
+        fprintf(stderr, "[session %s: resumed a chat of %d tokens]\n", session, seq->len);
+        turn = 1; // the system prompt and the first turn's start are in the cache
+        glue = chat_after_reply(&m->chat);
+    }
     for (;; turn++) {
         printf("User: ");
         fflush(stdout);
@@ -4746,6 +5110,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
             break;
         }
         if ((rc = forward(m, seq, tail, n_tail, seq->len, NULL))) break;
+        if (session && (rc = session_save(m, seq, sampler, session))) break;
         glue = chat_after_reply(&m->chat);
     }
     free(line);
@@ -4753,10 +5118,11 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
 }
 
 int main(int argc, char **argv) {
-    const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL;
+    const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL, *session = NULL;
     float temperature = 1.0f, topp = 0.9f;
     int topk = 0, steps = 256, context = 0, threads = 0, type_k = CACHE_F32, type_v = CACHE_F32, rotate = -1;
     int use_cache = 1, window = 0, sinks = -1;
+    const char *device = default_device();
     unsigned long long seed = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -4798,7 +5164,9 @@ int main(int argc, char **argv) {
         case 'c': context = (int)parse_long(a, v, 1, INT32_MAX); break;
         case 'j': threads = (int)parse_long(a, v, 1, MAX_THREADS); break;
         case 'W': window = (int)parse_long(a, v, 1, INT32_MAX); break;
+        case 'F': session = v; break;
         case 'S': sinks = (int)parse_long(a, v, 0, INT32_MAX); break;
+        case 'D': device = v; break;
         }
     }
     if (!checkpoint) bad_usage("%s", "no checkpoint given");
@@ -4807,6 +5175,7 @@ int main(int argc, char **argv) {
     if (temperature < 0) bad_usage("%s", "temperature must be >= 0");
     if (topp < 0 || topp > 1) bad_usage("%s", "top-p must be in [0, 1]");
     if (sinks >= 0 && !window) bad_usage("%s", "--sinks needs --window");
+    if (session && strcmp(mode, "chat")) bad_usage("%s", "--session works with -m chat");
     if (window && context) bad_usage("%s", "-c and --window: a windowed cache holds its sinks and window");
     if (window && !use_cache) bad_usage("%s", "--window needs the cache (not --no-cache)");
     if (!seed) seed = (unsigned long long)time(NULL);
@@ -4815,8 +5184,9 @@ int main(int argc, char **argv) {
     Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
+    if (window && strcmp(device, "cpu")) bad_usage("%s", "--window runs on the CPU only (--device cpu)");
     Sequence *seq = window ? kvc_sequence_new_window(m, window, sinks < 0 ? DEFAULT_SINKS : sinks, threads, type_k, type_v, rotate)
-                           : kvc_sequence_new(m, context, threads, type_k, type_v, rotate);
+                           : kvc_sequence_new_on(m, device, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
     if (seq->pool->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)
         fprintf(stderr, "note: %s has no key_mean, so iq4_nl keys are stored uncentered, at a cost in quality "
@@ -4824,7 +5194,7 @@ int main(int argc, char **argv) {
     Sampler sampler;
     if (sampler_init(&sampler, m->config.vocab_size, temperature, topp, topk, seed)) die(kvc_last_error());
     error_message[0] = 0;
-    int rc = !strcmp(mode, "chat") ? cli_chat(m, seq, &sampler, system, steps)
+    int rc = !strcmp(mode, "chat") ? cli_chat(m, seq, &sampler, system, steps, session)
                                    : cli_generate(m, seq, &sampler, prompt, steps, use_cache);
     sampler_free(&sampler);
     kvc_sequence_free(seq);

@@ -26,6 +26,8 @@ ffi.cdef(
     int kvc_has_tokenizer(const Model *m);
     Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
     Sequence *kvc_sequence_new_window(const Model *m, int window, int sinks, int threads, int type_k, int type_v, int rotate);
+    Sequence *kvc_sequence_new_on(const Model *m, const char *device, int context, int threads, int type_k, int type_v,
+                                  int rotate);
     int kvc_cache_type(const char *name);
     int kvc_cache_rotates(const Sequence *seq);
     void kvc_memory(const Model *m, const Sequence *seq, unsigned long long out[3]);
@@ -38,6 +40,9 @@ ffi.cdef(
     const void *kvc_cache_data(const Sequence *seq, int which);
     int kvc_cache_reset(Sequence *seq, float fill);
     int kvc_length(const Sequence *seq);
+    int kvc_session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path);
+    int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path);
+    int kvc_tokens(const Sequence *seq, int *out, int capacity);
     Pool *kvc_pool_new(const Model *m, int n_blocks, int block_size, int threads, int type_k, int type_v, int rotate);
     void kvc_pool_free(Pool *pool);
     unsigned long long kvc_block_bytes(const Model *m, int block_size, int type_k, int type_v, int rotate);
@@ -67,27 +72,36 @@ ffi.cdef(
 )
 
 
-def _find_library() -> str:
+# The library of each device, and the make target that builds it: the CPU engine, the CUDA build,
+# and the CUDA build's kernels run on the CPU by cuda_sim.h.
+LIBRARIES = {"cpu": ("libkvc.so", "make"), "cuda": ("libkvc_cuda.so", "make cuda"),
+             "cuda-sim": ("libkvc_cuda_sim.so", "make cuda-sim")}
+
+
+def _find_library(device: str) -> str:
+    if device not in LIBRARIES:
+        raise ValueError(f"unknown device {device!r} ({', '.join(LIBRARIES)})")
     env = os.environ.get("KVC_LIB")
-    if env:
+    if env and device == "cpu":  # KVC_LIB names the CPU library (a sanitized build, say)
         return env
-    path = Path(__file__).resolve().parent.parent / "libkvc.so"
+    name, target = LIBRARIES[device]
+    path = Path(__file__).resolve().parent.parent / name
     if not path.exists():
-        raise OSError(f"{path} not found: build it with `make`")
+        raise OSError(f"{path} not found: build it with `{target}`")
     return str(path)
 
 
-_lib = None
+_libs: dict = {}
 
 
-def load():
-    """The loaded library (opened on first use, so importing kvc needs no build)."""
-    global _lib
-    if _lib is None:
+def load(device: str = "cpu"):
+    """The library of a device (opened on first use, so importing kvc needs no build)."""
+    if device not in _libs:
         # never unloaded: libgomp's idle worker threads must not outlive its code at exit
-        _lib = ffi.dlopen(_find_library(), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
-    return _lib
+        _libs[device] = ffi.dlopen(_find_library(device), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
+    return _libs[device]
 
 
-def last_error() -> str:
-    return ffi.string(load().kvc_last_error()).decode("utf-8", "replace")
+def last_error(lib=None) -> str:
+    """The calling thread's last error message from lib (default: the CPU library)."""
+    return ffi.string((lib or load()).kvc_last_error()).decode("utf-8", "replace")

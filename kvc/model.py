@@ -56,6 +56,9 @@ class Model:
     sinks; default 4), and run on past the model's context for as long as tokens come: forward
     appends at pos == the tokens fed so far (or starts again at 0), and RoPE turns each position by
     its place inside the cache (StreamingLLM). config.seq_len is then the cache's rows.
+    device: where the forward pass runs: "cpu" (libkvc.so), "cuda" (libkvc_cuda.so, `make cuda`) or
+    "cuda-sim" (libkvc_cuda_sim.so, `make cuda-sim`: the CUDA kernels run on the CPU). On a device,
+    threads is unused and kv_cache_view() is refused (the cache is in device memory; kv_cache copies it).
 
     Threads: a Model can be shared. Every call that touches the C model or cache holds the Model's
     lock, so calls on one Model run one at a time and each sees the cache as the previous one left
@@ -68,7 +71,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                  seq_len: int | None = None, threads: int | None = None, cache_type_k: str = "f32",
                  cache_type_v: str = "f32", cache_rotate: bool | None = None, window: int | None = None,
-                 sinks: int | None = None):
+                 sinks: int | None = None, device: str = "cpu"):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -83,14 +86,19 @@ class Model:
         self.sinks = None if window is None else int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
         if self.window is not None and seq_len is not None:
             raise ValueError("a windowed Model's cache holds its sinks and window: give window=, not seq_len=")
-        self._lib = load()
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a string, got {type(device).__name__}")
+        if self.window is not None and device != "cpu":
+            raise ValueError(f"a window runs on the CPU only, not on {device!r}")
+        self._lib = load(device)
+        self.device = device
         self._lock = threading.Lock()  # held by every call that touches self._m or self._seq
         self._version = 0  # bumped by every change to the cache: generators compare it between steps
         self._m = self._seq = None
         tok = ffi.NULL if tokenizer is None else os.fsencode(tokenizer)
         handle = self._lib.kvc_open(os.fsencode(path), tok)
         if handle == ffi.NULL:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         self._m = ffi.gc(handle, self._lib.kvc_close)
         try:
             types = [self._cache_type(t) for t in (cache_type_k, cache_type_v)]
@@ -99,12 +107,12 @@ class Model:
             raise
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
         if self.window is None:
-            seq = self._lib.kvc_sequence_new(self._m, context, n_threads, types[0], types[1], rotate)
+            seq = self._lib.kvc_sequence_new_on(self._m, device.encode(), context, n_threads, types[0], types[1], rotate)
         else:
             seq = self._lib.kvc_sequence_new_window(self._m, self.window, self.sinks, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
             self.close()
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         self._seq = ffi.gc(seq, self._lib.kvc_sequence_free)
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.cache_rotate = bool(self._lib.kvc_cache_rotates(self._seq))
@@ -178,7 +186,7 @@ class Model:
         ptr = ffi.cast("const int *", ffi.from_buffer(tokens))
         if tokens.size and self._lib.kvc_forward(self._m, seq, ptr, len(tokens), pos, logits) != 0:
             self._history = []  # the cache may hold part of the tokens
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         if pos > len(self._history):  # a gap: the cache now holds positions the record does not know
             self._history = []
         else:
@@ -235,6 +243,8 @@ class Model:
         for one sequence of the checkpoint's whole context). block_size: positions per block. threads as
         for Model. Cache types and rotation default to this Model's. Close the pool before the Model.
         """
+        if self.device != "cpu":
+            raise ValueError(f"a pool runs on the CPU only, not on {self.device!r}")
         types = [self._cache_type(t) for t in (cache_type_k or self.cache_type_k, cache_type_v or self.cache_type_v)]
         with self._lock:
             m, _ = self._open()
@@ -249,6 +259,36 @@ class Model:
         if number < 0:
             raise ValueError(f"unknown cache type {name!r} (f32, f16, bf16, q8_0, q4_0, iq4_nl)")
         return number
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Save the cache (the rows that hold tokens, in their stored types), its tokens and the
+        window's state to `path`, atomically (a temporary file renamed over it: a crash leaves any old
+        file whole). The format is in README ("Sessions")."""
+        with self._lock:
+            m, seq = self._open()
+            if self._lib.kvc_session_save(m, seq, ffi.NULL, os.fsencode(path)) != 0:
+                raise ValueError(last_error(self._lib))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Restore what save_state wrote, into this Model's cache: it then continues exactly as the
+        saved one would. A file from another model, cache type, rotation or window, a truncated or
+        corrupted one, or one from a newer format raises ValueError (FileNotFoundError when there
+        is none); after a refusal, reset() before using the cache again."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no session at {path}")
+        with self._lock:
+            m, seq = self._open()
+            self._version += 1
+            self._history = []
+            if self._lib.kvc_session_load(m, seq, ffi.NULL, os.fsencode(path)) != 0:
+                raise ValueError(last_error(self._lib))
+            rows = self._lib.kvc_tokens(seq, ffi.NULL, 0)
+            tokens = np.empty(rows, dtype=np.int32)
+            self._lib.kvc_tokens(seq, ffi.cast("int *", ffi.from_buffer(tokens)), rows)
+            # for chat()'s reuse: the whole history when nothing was evicted (a window that moved
+            # continues with forward(tokens, pos=its length) instead)
+            self._history = tokens.tolist() if rows == self._lib.kvc_length(seq) else []
 
     def memory(self) -> dict[str, int]:
         """Bytes in use, from the engine's own accounting: weights (the mapped checkpoint, tokenizer
@@ -289,7 +329,7 @@ class Model:
                 k = ffi.cast("float *", ffi.from_buffer(keys[layer]))
                 v = ffi.cast("float *", ffi.from_buffer(values[layer]))
                 if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
-                    raise ValueError(last_error())
+                    raise ValueError(last_error(self._lib))
         return keys, values
 
     def kv_cache_view(self) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +385,7 @@ class Model:
             m, _ = self._open()
             n = self._lib.kvc_encode(m, data, int(bool(bos)), int(bool(special)), out, cap)
             if n < 0:
-                raise ValueError(last_error())
+                raise ValueError(last_error(self._lib))
         return list(out[0:n])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -362,7 +402,7 @@ class Model:
                 out = ffi.new("char[]", cap)
                 n = self._lib.kvc_decode(m, ids_ptr, ids32.size, out, cap)
                 if n < 0:
-                    raise ValueError(last_error())
+                    raise ValueError(last_error(self._lib))
                 if n <= cap:
                     return ffi.buffer(out, n)[:].decode("utf-8", "replace")
                 cap = n
@@ -373,7 +413,7 @@ class Model:
         ptr = ffi.new("const char **")
         n = self._lib.kvc_token_text(m, prev, token, ptr)
         if n < 0:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         return ffi.buffer(ptr[0], n)[:]
 
     def token_bytes(self, prev: int, token: int) -> bytes:
@@ -507,7 +547,7 @@ class Model:
             m, _ = self._open()
             length = self._lib.kvc_chat_render(m, roles, contents, n, int(bool(add_generation_prompt)), text)
         if length < 0:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         try:
             return ffi.buffer(text[0], length)[:].decode("utf-8", "replace")
         finally:
@@ -521,7 +561,7 @@ class Model:
             m, _ = self._open()
             count = self._lib.kvc_chat_encode(m, roles, contents, n, 1, int(bool(add_generation_prompt)), ids)
         if count < 0:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         try:
             return list(ids[0][0:count])
         finally:

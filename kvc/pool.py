@@ -71,7 +71,7 @@ class Pool:
         handle = lib.kvc_pool_new(model_handle, self.blocks_total, self.block_size, n_threads, cache_types[0],
                                   cache_types[1], rotate)
         if handle == ffi.NULL:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         self._pool = handle
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
@@ -131,7 +131,7 @@ class Pool:
     def _adopt(self, handle) -> "PoolSequence":
         """A PoolSequence for a new C sequence handle; the caller holds self._lock."""
         if handle == ffi.NULL:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._lib))
         seq = PoolSequence(self, handle)
         self._seqs.add(seq)
         return seq
@@ -163,9 +163,9 @@ class Pool:
                                     ffi.cast("const int *", ffi.from_buffer(tokens)), len(work),
                                     ffi.cast("float *", ffi.from_buffer(logits)))
             if rc == OUT_OF_BLOCKS:
-                raise PoolFull(last_error())
+                raise PoolFull(last_error(self._lib))
             if rc != 0:
-                raise ValueError(last_error())
+                raise ValueError(last_error(self._lib))
             for (seq, _), a in zip(work, arrays):
                 seq._extend(a)
         return logits
@@ -246,5 +246,5 @@ class PoolSequence:
         """Call C function `name` on this sequence; ValueError on -1. The caller holds the pool's lock."""
         rc = getattr(self._pool._lib, name)(self.handle(self._pool), *args)
         if rc < 0:
-            raise ValueError(last_error())
+            raise ValueError(last_error(self._pool._lib))
         return rc

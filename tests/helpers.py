@@ -119,6 +119,33 @@ def model_and_text(folder: Path, **kw) -> Path:
     return folder
 
 
+def decode_from_nan(model, tokens: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits at every position of tokens on a kvc.Model whose cache was reset to NaN (so that any
+    read of an unwritten slot shows): a prefill of the first `prefill`, then one token at a time. Checks
+    that the cache holds finite rows where it was written and NaN past them; returns (logits, keys, values)."""
+    model.reset(fill=np.nan)
+    n = len(tokens)
+    logits = np.concatenate([model.forward(tokens[:prefill], 0)] +
+                            [model.forward([t], prefill + i) for i, t in enumerate(tokens[prefill:])])
+    keys, values = model.kv_cache
+    assert np.isfinite(keys[:, :n]).all() and np.isfinite(values[:, :n]).all()
+    assert np.isnan(keys[:, n:]).all() and np.isnan(values[:, n:]).all()  # nothing written past the sequence
+    return logits, keys, values
+
+
+def write_chat_model(path: Path, seed: int = 12, **kw) -> Path:
+    """A random model whose byte tokenizer has <|im_start|>/<|im_end|> control tokens (ids 298, 299)
+    and a ChatML template; config as write_random_model's, with kw in place."""
+    defaults = dict(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=256)
+    cfg = fmt.Config(**dict(defaults, **kw))
+    tok = byte_tokenizer(cfg.vocab_size)
+    for i, piece in ((298, b"<|im_start|>"), (299, b"<|im_end|>")):
+        tok.pieces[i], tok.types[i] = piece, fmt.CONTROL
+    fmt.write_model(path, cfg, random_tensors(cfg, seed), tok,
+                    fmt.ChatTemplate(fmt.CHAT_CHATML, end_of_turn=299, default_system="Be brief."))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # llama2.c checkpoints and tokenizer.bin
 

@@ -18,7 +18,7 @@ import torch
 import kvc
 from kvc import kvtypes
 from kvc.reference import Llama
-from helpers import ROOT, run_cli, write_random_model
+from helpers import ROOT, decode_from_nan, run_cli, write_random_model
 
 TOL = 1e-4
 COMBOS = [("f32", "f32", False), ("f16", "f16", False), ("bf16", "bf16", False), ("q8_0", "q8_0", False),
@@ -200,12 +200,8 @@ def test_attention_reads_exactly_what_the_cache_holds(model_path, type_k, type_v
     the stored keys and values are the reference's rounding of its own K/V, up to one rounding step."""
     model = kvc.Model(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate, threads=2)
     assert model.cache_rotate == rotate
-    model.reset(fill=np.nan)
     tokens = prompt(150, seed=3)
-    logits = np.concatenate([model.forward(tokens[:90], 0)] + [model.forward([t], 90 + i) for i, t in enumerate(tokens[90:])])
-    keys, values = model.kv_cache
-    assert np.isfinite(keys[:, :150]).all() and np.isfinite(values[:, :150]).all()
-    assert np.isnan(keys[:, 150:]).all() and np.isnan(values[:, 150:]).all()
+    logits, keys, values = decode_from_nan(model, tokens, 90)
     ref = Llama.load(model_path, cache_type_k=type_k, cache_type_v=type_v, cache_rotate=rotate)  # its query as C reads keys
     error = np.abs(logits - ref.forward_reading(tokens, keys, values)).max(axis=-1)
     if type_k in kvtypes.INT8_TYPES:

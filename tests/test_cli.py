@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import byte_tokenizer, random_tensors, run_cli, write_random_model
+from helpers import run_cli, write_chat_model, write_random_model
 from kvc import Model
-from kvc import format as fmt
 from kvc.reference import Llama
 
 PROMPT = "Once upon a time, a café"
@@ -52,14 +51,7 @@ def model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def chat_path(tmp_path_factory) -> Path:
     """The same kind of model with <|im_start|>/<|im_end|> control tokens and a ChatML template."""
-    cfg = fmt.Config(**dict(CFG, seq_len=256))  # room for two turns
-    tok = byte_tokenizer(cfg.vocab_size)
-    for i, piece in ((298, b"<|im_start|>"), (299, b"<|im_end|>")):
-        tok.pieces[i], tok.types[i] = piece, fmt.CONTROL
-    path = tmp_path_factory.mktemp("cli_chat") / "chat.bin"
-    fmt.write_model(path, cfg, random_tensors(cfg, 12), tok,
-                    fmt.ChatTemplate(fmt.CHAT_CHATML, end_of_turn=299, default_system="Be brief."))
-    return path
+    return write_chat_model(tmp_path_factory.mktemp("cli_chat") / "chat.bin", **dict(CFG, seq_len=256))  # room for two turns
 
 
 @pytest.fixture(scope="module")

@@ -831,7 +831,7 @@ def test_scheduler_forks_share_the_prompt_blocks():
     sched.step()  # each writes its own token into the shared partial block: copied on write
     assert all(f.seq.blocks[:2] == first.seq.blocks[:2] and f.seq.blocks[2] != first.seq.blocks[2] for f in forks)
     assert pool.stats().used == 2 + 3
-    got = run_scheduler(sched, [])
+    run_scheduler(sched, [])
     assert request.done and pool.stats().used == 0
 
 

@@ -375,6 +375,9 @@ class BatchEngine(Engine):
                     return
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                # they wait until _publish says otherwise: submit()'s queue check must not miss them
+                # while the step below runs
+                self._counts.requests_waiting += len(inbox)
             for handle in cancels:
                 live = self._live.pop(handle, None)
                 if live is not None and live.scheduled is not None:

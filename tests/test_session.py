@@ -1,0 +1,136 @@
+"""Sessions: a sequence saved to a file (Model.save_state, the CLI's --session) continues, restored in
+a fresh Model or process, exactly as the uninterrupted one; anything that is not its own session
+is refused with one line; writes are atomic."""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import kvc
+from helpers import run_cli, write_chat_model, write_random_model
+
+HEADER_BYTES = 112  # run.c's SessionHeader
+VERSION_OFFSET = 8
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("session") / "model.bin"
+    write_random_model(path, seed=21, dim=128, n_heads=4, n_kv_heads=2, seq_len=128, key_mean=True)
+    return path
+
+
+def text(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 300, n).tolist()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cache_type_k="q8_0", cache_type_v="f16"),
+                                dict(cache_type_k="iq4_nl", cache_type_v="iq4_nl"), dict(window=32, sinks=4),
+                                dict(window=16, sinks=0, cache_type_k="iq4_nl", cache_type_v="q8_0")],
+                         ids=["f32", "q8_0-f16", "iq4_nl", "window", "window-iq4_nl"])
+def test_restored_state_continues_exactly(model_path, tmp_path, kw):
+    first, then = text(70), text(40, seed=1)  # with a window: past several evictions
+    with kvc.Model(model_path, **kw) as model:
+        model.forward(first, 0)
+        model.save_state(tmp_path / "s.kvc")
+        want = model.forward(then, len(first))
+    with kvc.Model(model_path, **kw) as fresh:
+        fresh.reset(float("nan"))  # the restored rows must be all it reads
+        fresh.load_state(tmp_path / "s.kvc")
+        got = fresh.forward(then, len(first))
+    assert np.array_equal(got, want)
+
+
+def test_the_file_is_the_rows_that_hold_tokens(model_path, tmp_path):
+    with kvc.Model(model_path, cache_type_k="q8_0", cache_type_v="f32") as model:
+        model.forward(text(50), 0)
+        model.save_state(tmp_path / "s.kvc")
+        c = model.config
+    q8_row, f32_row = 34 * c.head_dim // 32, 4 * c.head_dim
+    assert os.path.getsize(tmp_path / "s.kvc") == HEADER_BYTES + 50 * 4 + c.n_layers * c.n_kv_heads * 50 * (q8_row + f32_row)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]
+
+
+@pytest.fixture(scope="module")
+def chat_path(tmp_path_factory):
+    return write_chat_model(tmp_path_factory.mktemp("session_chat") / "chat.bin")
+
+
+def test_python_chat_resumes_from_a_saved_state(chat_path, tmp_path):
+    first = [{"role": "user", "content": "hello"}]
+    with kvc.Model(chat_path) as model:
+        reply = "".join(model.chat(first, max_tokens=10, temperature=0))
+        model.save_state(tmp_path / "s.kvc")
+        second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "again"}]
+        want = "".join(model.chat(second, max_tokens=10, temperature=0))
+    with kvc.Model(chat_path) as fresh:
+        fresh.load_state(tmp_path / "s.kvc")
+        got = "".join(fresh.chat(second, max_tokens=10, temperature=0))
+        assert fresh.stats.cached_tokens > 10  # the first turn came from the file
+    assert got == want
+
+
+def test_refusals(model_path, tmp_path):
+    path = tmp_path / "s.kvc"
+    with kvc.Model(model_path) as model:
+        model.forward(text(20), 0)
+        model.save_state(path)
+    data = path.read_bytes()
+    other_path = tmp_path / "other.bin"
+    write_random_model(other_path, seed=22, dim=128, n_heads=4, n_kv_heads=2, seq_len=128)
+    cases = {
+        "another model": (other_path, {}, data),
+        "cache types": (model_path, dict(cache_type_k="f16"), data),
+        "rotated": (model_path, dict(cache_rotate=True), data),
+        "a window": (model_path, dict(window=32), data),
+        "truncated": (model_path, {}, data[:-7]),
+        "bytes after its end": (model_path, {}, data + b"x"),
+        "checksum": (model_path, {}, data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]),
+        "newer kvc": (model_path, {}, data[:VERSION_OFFSET] + struct.pack("<I", 2) + data[VERSION_OFFSET + 4:]),
+        "not a kvc session": (model_path, {}, b"GGUF" + data[4:]),
+        "empty": (model_path, {}, b""),
+    }
+    for match, (checkpoint, kw, content) in cases.items():
+        bad = tmp_path / "bad.kvc"
+        bad.write_bytes(content)
+        with kvc.Model(checkpoint, **kw) as model:
+            with pytest.raises(ValueError) as e:
+                model.load_state(bad)
+            message = str(e.value)
+            assert len(message.splitlines()) == 1
+            assert match in message or (match == "empty" and "empty" in message.lower()), (match, message)
+    with kvc.Model(model_path) as model, pytest.raises(FileNotFoundError):
+        model.load_state(tmp_path / "missing.kvc")
+
+
+def test_a_failed_write_leaves_nothing_behind(model_path, tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()  # rename() over a directory fails after the data was written
+    (target / "keep").write_text("x")
+    with kvc.Model(model_path) as model:
+        model.forward(text(10), 0)
+        with pytest.raises(ValueError, match="cannot write session"):
+            model.save_state(target)
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(target) == ["keep"]
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_cli_chat_session_resumes_in_a_fresh_process(chat_path, tmp_path, temperature):
+    args = [chat_path, "-m", "chat", "-t", temperature, "-s", "5", "-n", "12", "-y", "sys"]
+    whole = run_cli(*args, stdin=b"hello\nagain\n")
+    assert whole.returncode == 0, whole.stderr
+    session = tmp_path / "chat.kvc"
+    first = run_cli(*args, "--session", session, stdin=b"hello\n")
+    second = run_cli(*args[:-4], "-s", "99", "-n", "12", "--session", session, stdin=b"again\n")  # the seed comes back from the file
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    def replies(out: bytes) -> list[bytes]:
+        return [turn for turn in out.split(b"User: ") if turn.strip()]
+
+    assert len(replies(whole.stdout)) == 2
+    assert replies(first.stdout) + replies(second.stdout) == replies(whole.stdout)
+    assert b"resumed a chat of" in second.stderr
+    bad = run_cli(chat_path, "-n", "4", "-i", "a", "--session", session)
+    assert bad.returncode != 0 and b"--session works with -m chat" in bad.stderr
