@@ -10,7 +10,7 @@ float64). The KV cache policies compared:
 - window: the most recent N positions and nothing else (sinks=0): BOS leaves the cache at the first
   eviction.
 - window+sinks: the most recent N positions and the first S (StreamingLLM's attention sinks, default 4).
-  The engine's window moves a block (16 positions) at a time: once full it holds N-16..N recent ones.
+  The engine's window moves a block (16 positions) at a time: once full a token sees N-15..N of them.
 - h2o: a budget of N positions: the R most recent and those with the most accumulated attention (H2O).
 
 Per policy: perplexity over every scored token, over the first config.seq_len (dense's span, to set
