@@ -26,8 +26,8 @@ def tiny(tmp_path_factory):
 def report(tiny):
     """The tool run as a command: 400 tokens, windows 32 and 64, its stdout and its JSON."""
     out = tiny / "out"
-    proc = run_module("kvc.longppl", tiny / "tiny.bin", "--text", tiny / "text.txt", "--tokens", "400", "--window", "32,64",
-                      "--chunk", "24", "--bucket", "50", "--threads", "1", "--out", out)
+    proc = run_module("kvc.longppl", tiny / "tiny.bin", "--text", tiny / "text.txt", "--tokens", "400",
+                      "--window", "32,64", "--chunk", "24", "--bucket", "50", "--threads", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, json.loads((out / "longppl.json").read_text()), out
 

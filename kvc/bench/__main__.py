@@ -21,7 +21,8 @@ from .plot import plot, plot_cache, plot_long_context, plot_side_by_side
 from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
-from .workload import CACHE_CONFIGS, FULL, FULL_CACHE, FULL_LONG, QUICK, QUICK_CACHE, QUICK_LONG, CacheSizes, LongSizes, Sizes
+from .workload import (CACHE_CONFIGS, FULL, FULL_CACHE, FULL_LONG, QUICK, QUICK_CACHE, QUICK_LONG, CacheSizes, LongSizes,
+                       Sizes)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--side-busy-decode", type=int, metavar="N",
                     help="tokens decoded with one core busy in the side-by-side part (default 64; 0: skip)")
     ap.add_argument("--long-tokens", type=int, metavar="N",
-                    help=f"tokens the long-context part scores (default {FULL_LONG.tokens:,}; --quick: {QUICK_LONG.tokens:,})")
+                    help=f"tokens the long-context part scores (default {FULL_LONG.tokens:,}; --quick:"
+                         f" {QUICK_LONG.tokens:,})")
     ap.add_argument("--long-generate", type=int, metavar="N",
                     help=f"tokens of the long-context part's generation (default {FULL_LONG.generate:,}; --quick:"
                          f" {QUICK_LONG.generate:,})")

@@ -85,14 +85,15 @@ def format_table(result: dict) -> str:
         f"{result['tokens']} tokens generated greedily after a {result['prompt_tokens']}-token prompt with a "
         f"{result['window']}-token window, {result['threads'] or 'all'} thread(s); per {result['every']} tokens: "
         f"ms/token (median, mean) and RSS at the end. Once the window is full: slowest / fastest median "
-        + ("-" if ratio is None else f"{ratio:.2f}") + ", RSS growth " + ("-" if growth is None else f"{growth:+.1f} MB")
-        + ".",
+        + ("-" if ratio is None else f"{ratio:.2f}")
+        + ", RSS growth " + ("-" if growth is None else f"{growth:+.1f} MB") + ".",
         "",
         "| tokens | position | ms/token (median) | ms/token (mean) | RSS MB |",
         "|---:|---:|---:|---:|---:|",
     ]
     for m in result["marks"]:
-        lines.append(f"| {m['tokens']} | {m['position']} | {m['ms_per_token']:.2f} | {m['ms_mean']:.2f} | {m['rss_mb']:.1f} |")
+        lines.append(f"| {m['tokens']} | {m['position']} | {m['ms_per_token']:.2f} | {m['ms_mean']:.2f} | "
+                     f"{m['rss_mb']:.1f} |")
     return "\n".join(lines)
 
 
