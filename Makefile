@@ -122,8 +122,9 @@ chat: all model
 # kvc beside llama.cpp's llama-bench, alternately on the same weights (needs `make peer` first, else
 # that part says it was skipped); prefill/decode tok/s, ms/token vs position, RSS and GB/s vs a
 # measured roofline for f32, q8_0 and the shipped q4_1; each KV cache type's ms/token and RSS as the
-# cache fills to 8192, generating without a cache, each cache type's KL divergence (long: the cache
-# parts fill the whole context; BENCH_ARGS="--parts side-by-side" runs only the first)
+# cache fills to 8192, generating without a cache, each cache type's KL divergence, perplexity and
+# decode cost past the context with bounded caches (long: the cache parts fill the whole context;
+# BENCH_ARGS="--parts side-by-side" runs only the first)
 # (kvc.bench only reads the models; they are made here)
 bench: all $(MODEL_F32) $(MODEL_Q8) models/smollm2-135m-instruct.bin
 	$(PY) -m kvc.bench --f32 $(MODEL_F32) --q8_0 $(MODEL_Q8) --q4_1 models/smollm2-135m-instruct.bin \

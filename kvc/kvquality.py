@@ -63,12 +63,13 @@ SETUPS = [
 # text and chunks
 
 
-def default_text() -> str:
-    """The first DEFAULT_CHARS characters of Python's pydoc topics, sorted by name, joined by blank lines."""
+def default_text(chars: int | None = DEFAULT_CHARS) -> str:
+    """The first `chars` characters (None: all, about 465,000) of Python's pydoc topics, sorted by name,
+    joined by blank lines."""
     import pydoc_data.topics
 
     topics = pydoc_data.topics.topics
-    return "\n\n".join(v for _, v in sorted(topics.items()))[:DEFAULT_CHARS]
+    return "\n\n".join(v for _, v in sorted(topics.items()))[:chars]
 
 
 def make_chunks(tokens: Sequence[int], ctx: int, n_chunks: int | None, bos: int) -> list[np.ndarray]:

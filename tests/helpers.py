@@ -58,6 +58,12 @@ def run_cli(*args, exe: Path = RUN, stdin: bytes = b"", env: dict | None = None,
         pytest.fail(f"{exe.name} {' '.join(map(str, args))} hung for more than {timeout} s")
 
 
+def run_module(module: str, *args, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root, its output as text; a hang fails the test."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
 # ----------------------------------------------------------------------------------------------
 # kvc checkpoints
 
@@ -100,6 +106,17 @@ def write_random_model(path: Path, seed: int = 0, weight_type: int = fmt.F32, gr
             np.random.default_rng(seed + 1).standard_normal(fmt.key_mean_shape(cfg)).astype(np.float32)
     fmt.write_model(path, cfg, stored, byte_tokenizer(cfg.vocab_size))
     return cfg, tensors
+
+
+# English text for the text tools (kvquality, longppl): ~700 bytes, one token each with the byte tokenizer
+PANGRAMS = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 8
+
+
+def model_and_text(folder: Path, **kw) -> Path:
+    """folder with a random model (write_random_model's keywords), tiny.bin, and PANGRAMS in text.txt."""
+    write_random_model(folder / "tiny.bin", **kw)
+    (folder / "text.txt").write_text(PANGRAMS, encoding="utf-8")
+    return folder
 
 
 def decode_from_nan(model, tokens: list[int], prefill: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,34 +2,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from kvc import kvquality
-from helpers import ROOT, TIMEOUT, write_random_model
-
-TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 8
-
+from helpers import model_and_text, run_module
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random model with head_dim 32 (one q8_0/q4_0 block per head) and a text file of ~700 bytes."""
-    d = tmp_path_factory.mktemp("kvquality")
-    write_random_model(d / "tiny.bin", dim=128, n_heads=4, n_kv_heads=2, seq_len=512)
-    (d / "text.txt").write_text(TEXT, encoding="utf-8")
-    return d
+    return model_and_text(tmp_path_factory.mktemp("kvquality"), dim=128, n_heads=4, n_kv_heads=2, seq_len=512)
 
 
 @pytest.fixture(scope="module")
 def report(tiny):
     """The tool run as a command: two chunks of 256 tokens, its stdout and its JSON."""
     out = tiny / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "kvc.kvquality", tiny / "tiny.bin", "--text", tiny / "text.txt",
-                           "--ctx", "256", "--chunks", "2", "--threads", "1", "--json", out],
-                          capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT)
+    proc = run_module("kvc.kvquality", tiny / "tiny.bin", "--text", tiny / "text.txt", "--ctx", "256", "--chunks", "2",
+                      "--threads", "1", "--json", out)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, json.loads(out.read_text())
 

@@ -20,11 +20,17 @@ short-context decode against the f32 cache; generating n tokens with the cache a
 (every token recomputing the sequence), with the growth exponent of total time in n; and each KV
 cache type's perplexity and KL divergence against the f32 cache (kvc.kvquality, part kv-quality).
 
+Past the model's context (part long-context, Q8_0 weights): perplexity by position over 16,384 tokens
+of the pydoc topics with a dense cache (its context only), windows of 256, 512 and 1,024 positions
+with and without 4 attention sinks, and H2O where the engine has it (kvc.longppl); and ms/token and
+RSS every 2,000 tokens over 20,000 tokens generated with a 1,024-position window (`window`).
+
 The modules, one job each:
 
 - `__main__`: the command line (and the hidden child mode that measures one configuration);
 - `suite`: the whole run: side by side with llama.cpp, roofline, every configuration in a child
-  process, quality, the cache types, the no-cache curve and the cache types' quality (--parts picks);
+  process, quality, the cache types, the no-cache curve, the cache types' quality and the long-context
+  part (--parts picks);
 - `child`: runs one configuration in a child process and reads back its JSON line;
 - `files`: where the models, the source GGUF and the outputs are;
 - `workload`: what is measured: the sizes and the fixed text;
@@ -32,6 +38,7 @@ The modules, one job each:
 - `kvc_run`: every measurement of one kvc configuration (kvc.Model's public API);
 - `cache_types`: one KV cache configuration's ms/token and RSS as the cache fills, and its summary;
 - `no_cache`: generating with and without the cache, and the growth exponent;
+- `window`: ms/token and RSS over a long generation with a sliding-window cache;
 - `side_by_side`: kvc and llama-bench alternately on the same weights, and the busy-core rounds;
 - `peer`: the llama.cpp tools `make peer` builds, its requantized GGUFs, and llama.cpp's own KV cache
   quality (`kld`);

@@ -1,6 +1,6 @@
 """`make bench` (`python -m kvc.bench`): how fast kvc runs SmolLM2-135M here, beside llama.cpp, and how close Q8_0 stays to f32.
 
-The command line: options to a Plan, then results.json, bench.png, cache.png and the markdown tables.
+The command line: options to a Plan, then results.json, bench.png, cache.png, long_context.png and the markdown tables.
 With the hidden --one / --one-side / --one-cache / --one-no-cache it is instead the child that
 measures one configuration (see child.py).
 """
@@ -17,11 +17,12 @@ from .cache_types import run_one_cache
 from .files import BENCH_DIR, DEFAULT_MODELS, require_model
 from .kvc_run import run_one
 from .no_cache import run_one_no_cache
-from .plot import plot, plot_cache, plot_side_by_side
+from .plot import plot, plot_cache, plot_long_context, plot_side_by_side
 from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
-from .workload import CACHE_CONFIGS, FULL, FULL_CACHE, QUICK, QUICK_CACHE, CacheSizes, Sizes
+from .workload import (CACHE_CONFIGS, FULL, FULL_CACHE, FULL_LONG, QUICK, QUICK_CACHE, QUICK_LONG, CacheSizes, LongSizes,
+                       Sizes)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
                          " thread count; cache: each KV cache type's ms/token, RSS and memory as the cache fills;"
                          " no-cache: generating with and without the cache; kv-quality: perplexity and KL divergence"
                          " of each KV cache type against the f32 cache (kvc.kvquality); side-by-side: kvc and"
-                         " llama.cpp's llama-bench (`make peer`) alternately on the same weights")
+                         " llama.cpp's llama-bench (`make peer`) alternately on the same weights; long-context:"
+                         " perplexity by position past the model's context per bounded KV cache policy"
+                         " (kvc.longppl) and ms/token and RSS over a long generation with a window (kvc.bench.window)")
     ap.add_argument("--cache-types", metavar="TYPES",
                     help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
                          + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
@@ -67,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--side-decode", type=int, metavar="N", help="tokens decoded in the side-by-side part (default 256)")
     ap.add_argument("--side-busy-decode", type=int, metavar="N",
                     help="tokens decoded with one core busy in the side-by-side part (default 64; 0: skip)")
+    ap.add_argument("--long-tokens", type=int, metavar="N",
+                    help=f"tokens the long-context part scores (default {FULL_LONG.tokens:,}; --quick:"
+                         f" {QUICK_LONG.tokens:,})")
+    ap.add_argument("--long-generate", type=int, metavar="N",
+                    help=f"tokens of the long-context part's generation (default {FULL_LONG.generate:,}; --quick:"
+                         f" {QUICK_LONG.generate:,})")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-side", nargs=4, metavar=("MODEL", "THREADS", "PREFILL", "DECODE"), help=argparse.SUPPRESS)
     ap.add_argument("--one-cache", nargs=3, metavar=("MODEL", "THREADS", "CACHE"), help=argparse.SUPPRESS)
@@ -107,6 +116,11 @@ def side_sizes_from_args(a: argparse.Namespace) -> SideSizes:
     """QUICK_SIDE or FULL_SIDE sizes, with the options that override them."""
     return _overridden(QUICK_SIDE if a.quick else FULL_SIDE, rounds=a.side_rounds, prefill=_list(a.side_prefill),
                        decode=a.side_decode, busy_decode=a.side_busy_decode)
+
+
+def long_sizes_from_args(a: argparse.Namespace) -> LongSizes:
+    """QUICK_LONG or FULL_LONG sizes, with the options that override them."""
+    return _overridden(QUICK_LONG if a.quick else FULL_LONG, tokens=a.long_tokens, generate=a.long_generate)
 
 
 def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
@@ -150,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(models=models, threads=_ints(a.threads), sizes=sizes, mode="quick" if a.quick else "full",
                 gguf=Path(a.gguf) if a.gguf else None, wait_idle=a.wait_idle,
                 timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs,
-                kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8), side_sizes=side_sizes_from_args(a))
+                kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8), side_sizes=side_sizes_from_args(a),
+                long_sizes=long_sizes_from_args(a))
     results = run_bench(plan)
 
     out = Path(a.out)
@@ -163,12 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         pngs.append(("bench.png", plot(results, out / "bench.png")))
     if "cache_types" in results or "no_cache" in results:
         pngs.append(("cache.png", plot_cache(results, out / "cache.png")))
+    long_context = results.get("long_context", {})
+    if long_context:
+        pngs.append(("long_context.png", plot_long_context(long_context["perplexity"], out / "long_context.png",
+                                                           long_context["generation"])))
     print(markdown_tables(results))
     wrote = [str(out / name) for name, why in pngs if why is None]
     why_not = [f"no {name}: {why}" for name, why in pngs if why is not None]
     print(f"\nwrote {', '.join([str(out / 'results.json')] + wrote)}" + "".join(f" ({w})" for w in why_not),
           file=sys.stderr)
-    records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {}), results.get("kv_quality", {})]
+    records = results["runs"] + results.get("cache_types", []) + [results.get("no_cache", {}), results.get("kv_quality", {}),
+                                                                  long_context.get("perplexity", {}),
+                                                                  long_context.get("generation", {})]
     side = results.get("side_by_side", {})
     failed = any("error" in r for r in records) or bool(side.get("errors"))
     return 1 if failed else 0

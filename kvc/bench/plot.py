@@ -1,6 +1,7 @@
 """The PNGs (need matplotlib): side_by_side.png, kvc over llama.cpp per figure; bench.png, ms/token
 against position and tok/s bars per configuration; cache.png, ms/token and RSS against position per
-KV cache type, and generating with and without the cache."""
+KV cache type, and generating with and without the cache; long_context.png (and kvc.longppl's PNG),
+perplexity by position per KV cache policy and ms/token and RSS over a long windowed generation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -160,4 +161,60 @@ def plot_side_by_side(results: dict, path: Path) -> str | None:
     ax.set_title("kvc beside llama.cpp, alternated on the same weights (orange: one core busy)")
     ax.grid(alpha=0.3, axis="y")
     _save(plt, fig, results, "kvc vs llama.cpp, SmolLM2-135M-Instruct", path)
+    return None
+
+
+def _perplexity_panel(ax, result: dict, window: int) -> None:
+    """Perplexity per bucket of positions (log scale) for dense and each policy of one window size, with
+    the window and the model's context marked."""
+    size = result["bucket"]
+    for r in result["rows"]:
+        if "error" in r or r["window"] not in (None, window):
+            continue
+        xs = [start + min(size, r["scored"] - start) / 2 for start in range(0, r["scored"], size)]  # bucket middles
+        ax.plot(xs, r["buckets"], linestyle="--" if r["window"] is None else "-", label=r["label"])
+    ax.axvline(window, color="grey", linestyle=":", linewidth=1)
+    marks = f"dotted: the window, {window}"
+    if result["context"] < result["tokens"]:
+        ax.axvline(result["context"], color="black", linestyle=":", linewidth=1)
+        marks += f"; the model's context, {result['context']}"
+    ax.set_yscale("log")
+    _finish(ax, f"position ({marks})",
+            f"perplexity per {size} positions", f"Window {window}", legend_size=7, zero_y=False, which="both")
+
+
+def _flat_panels(ax_ms, ax_rss, flat: dict) -> None:
+    """ms/token (median of each interval) and RSS against tokens generated with a sliding window."""
+    xs = [m["tokens"] for m in flat["marks"]]
+    what = f"window {flat['window']}, {flat['threads'] or 'all'} thread(s)"
+    for ax, key, ylabel, title in ((ax_ms, "ms_per_token", "ms per decoded token (median of the interval)",
+                                    "Decode ms/token"), (ax_rss, "rss_mb", "RSS MB (2**20 bytes)", "Resident memory")):
+        ys = [m[key] for m in flat["marks"]]
+        ax.plot(xs, ys, marker="o")
+        ax.set_ylim(0, 1.15 * max(ys))
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("tokens generated")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({what})")
+
+
+def plot_long_context(ppl: dict | None, path: Path, flat: dict | None = None) -> str | None:
+    """kvc.longppl's perplexity curves, a panel per window size, and (flat: kvc.bench.window's result) ms/token
+    and RSS over a long windowed generation, as a PNG; returns why not if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed"
+    ppl = ppl if ppl and "error" not in ppl else None
+    flat = flat if flat and "error" not in flat else None
+    if not ppl and not flat:
+        return "no long-context results"
+    windows = sorted({r["window"] for r in ppl["rows"] if r["window"]}) if ppl else []
+    rows, cols = bool(windows) + bool(flat), max(len(windows), 2 if flat else 1)
+    fig = plt.figure(figsize=(max(5.5 * cols, 11), 4.5 * rows))  # wide enough for the suptitle
+    for i, w in enumerate(windows):
+        _perplexity_panel(fig.add_subplot(rows, cols, i + 1), ppl, w)
+    if flat:
+        first = cols * bool(windows)
+        _flat_panels(fig.add_subplot(rows, cols, first + 1), fig.add_subplot(rows, cols, first + 2), flat)
+    _save(plt, fig, ppl or flat, f"kvc bounded KV caches, {Path((ppl or flat)['model']).name}", path)
     return None

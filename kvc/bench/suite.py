@@ -2,7 +2,9 @@
 read-bandwidth roofline, every kvc configuration in a child process and Q8_0's quality against f32
 (part "speed"); every KV cache type's decode latency and memory as the cache fills (part "cache");
 the cost of generating without a cache (part "no-cache"); what each KV cache type costs in quality
-(part "kv-quality", kvc.kvquality on the f32 model); one results dict (results.json)."""
+(part "kv-quality", kvc.kvquality on the f32 model); bounded KV caches past the model's context:
+perplexity by position for each policy and ms/token and RSS over a long windowed generation (part
+"long-context", kvc.longppl and kvc.bench.window); one results dict (results.json)."""
 from __future__ import annotations
 
 import os
@@ -16,11 +18,13 @@ from .cache_types import cache_summary
 from .child import run_cache_child, run_child
 from .logit_quality import quality
 from ..kvquality import DEFAULT_CTX, default_text, evaluate
+from .. import longppl
 from .machine import machine_info, wait_for_quiet
 from .side_by_side import FULL_SIDE, SideSizes, run_side_by_side
-from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, CacheSizes, Sizes
+from .window import run_window
+from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, FULL_LONG, CacheSizes, LongSizes, Sizes
 
-PARTS = ("side-by-side", "speed", "cache", "no-cache", "kv-quality")
+PARTS = ("side-by-side", "speed", "cache", "no-cache", "kv-quality", "long-context")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Plan:
     kv_quality_chunks: int = 8  # chunks the kv-quality part scores,
     kv_quality_ctx: int = DEFAULT_CTX  # of this many tokens
     side_sizes: SideSizes = field(default_factory=lambda: FULL_SIDE)  # the side-by-side part's
+    long_sizes: LongSizes = field(default_factory=lambda: FULL_LONG)  # the long-context part's
 
 
 def _say(text: str) -> None:
@@ -75,6 +80,11 @@ def _speed_runs(plan: Plan, results: dict) -> None:
             results["quality"] = {"error": f"{type(e).__name__}: {e}"}
 
 
+def _main_dtype(plan: Plan) -> str:
+    """The weights of the parts that run one model: Q8_0's, else the first given."""
+    return "q8_0" if "q8_0" in plan.models else next(iter(plan.models))
+
+
 def _cache_runs(plan: Plan, results: dict) -> None:
     """The cache configurations of each model (results["cache_types"], with their summary) and the
     no-cache cost curve of the Q8_0 model, else the first (results["no_cache"]), each in a child."""
@@ -93,7 +103,7 @@ def _cache_runs(plan: Plan, results: dict) -> None:
         results["cache_types"] = records
         results["cache_summary"] = cache_summary(records)
     if "no-cache" in plan.parts and plan.models:
-        d = "q8_0" if "q8_0" in plan.models else next(iter(plan.models))
+        d = _main_dtype(plan)
         _settle(plan)
         _say(f"kvc {d} weights with and without the cache, {threads} thread(s)...")
         res = run_cache_child(plan.models[d], threads, None, plan.cache_sizes, plan.timeout)
@@ -117,6 +127,24 @@ def _kv_quality(plan: Plan, results: dict) -> None:
         results["kv_quality"] = {"error": f"{type(e).__name__}: {e}"}
 
 
+def _long_context(plan: Plan, results: dict) -> None:
+    """Perplexity by position per KV cache policy over text past the model's context (kvc.longppl), and
+    ms/token and RSS over a long generation with a window (kvc.bench.window), on the Q8_0 model, else the
+    first (results["long_context"]: "perplexity" and "generation", each with an "error" if it failed)."""
+    d, s, threads = _main_dtype(plan), plan.long_sizes, plan.cache_sizes.threads
+    _settle(plan)
+    _say(f"long context: perplexity over {s.tokens} tokens, windows {s.windows}, {d} weights...")
+    try:
+        ppl = longppl.evaluate(plan.models[d], default_text(None), s.tokens, longppl.policies(s.windows),
+                               threads=threads, log=_say)
+    except (ValueError, IndexError) as e:  # report it with the rest rather than lose the timings
+        ppl = {"error": f"{type(e).__name__}: {e}"}
+    _settle(plan)
+    _say(f"long context: {s.generate} tokens generated with a {s.window}-token window...")
+    gen = run_window(plan.models[d], s.window, s.generate, s.every, threads, log=_say)
+    results["long_context"] = {"dtype": d, "perplexity": ppl, "generation": gen}
+
+
 def run_bench(plan: Plan) -> dict:
     """Every measurement of the plan, with the machine's description: what results.json holds."""
     results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes),
@@ -134,6 +162,8 @@ def run_bench(plan: Plan) -> dict:
     _cache_runs(plan, results)
     if "kv-quality" in plan.parts:
         _kv_quality(plan, results)
+    if "long-context" in plan.parts and plan.models:
+        _long_context(plan, results)
     results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - t0
     return results

@@ -1,9 +1,11 @@
 """The README's markdown tables from a results dict: kvc beside llama.cpp; throughput, ms/token by
 position, Q8_0 quality; each KV cache type's ms/token and memory as the cache fills; generating with
-and without the cache."""
+and without the cache; perplexity and decode cost with bounded KV caches past the model's context."""
 from __future__ import annotations
 
+from .. import longppl
 from ..kvquality import format_table
+from . import window
 from .side_by_side import summarize
 
 
@@ -207,6 +209,15 @@ def kv_quality_table(kq: dict) -> list[str]:
     return ["", "KV cache quality against the f32 cache (f32 weights):", "", format_table(kq)]
 
 
+def long_context_tables(lc: dict) -> list[str]:
+    """The long-context part's tables (kvc.longppl's and kvc.bench.window's), or the lines saying why not."""
+    ppl = lc["perplexity"]
+    lines = ["", f"Bounded KV caches past the model's context ({lc['dtype']} weights), perplexity by policy:", ""]
+    lines.append(f"failed: {ppl['error']}" if "error" in ppl else longppl.format_table(ppl))
+    return lines + ["", "Decode speed and memory over a long generation with a window:", "",
+                    window.format_table(lc["generation"])]
+
+
 def markdown_tables(results: dict) -> str:
     """The README tables: kvc beside llama.cpp, throughput per configuration, ms/token by position, Q8_0
     quality, then the cache types and the cost without a cache (those of the parts that ran)."""
@@ -219,4 +230,6 @@ def markdown_tables(results: dict) -> str:
     lines += _notes(results) + cache_tables(results)
     if "kv_quality" in results:
         lines += kv_quality_table(results["kv_quality"])
+    if "long_context" in results:
+        lines += long_context_tables(results["long_context"])
     return "\n".join(lines)

@@ -85,3 +85,19 @@ class CacheSizes:
 
 FULL_CACHE = CacheSizes()
 QUICK_CACHE = CacheSizes(positions=[0, 256, 1024], steps=8, short_prompt=16, short_decode=32, no_cache=[8, 16, 32])
+
+
+@dataclass
+class LongSizes:
+    """What the long-context part runs: kvc.longppl's tokens and windows (each with and without sinks, and
+    H2O where the engine has it), and kvc.bench.window's long generation with one window."""
+
+    tokens: int = 16_384  # scored by kvc.longppl (dense: the first config.seq_len of them)
+    windows: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    generate: int = 20_000  # tokens of the long generation
+    every: int = 2_000  # ms/token and RSS reported per this many
+    window: int = 1024  # of the long generation
+
+
+FULL_LONG = LongSizes()
+QUICK_LONG = LongSizes(tokens=1024, windows=[256], generate=2_000, every=500, window=256)
