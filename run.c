@@ -5050,8 +5050,36 @@ static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const c
     return 0;
 }
 
-// Multi-turn chat: each turn adds only its new tokens to the KV cache. With a session file, a chat
-// saved there goes on where it stopped, and each turn is saved when it ends.
+// Context shift (llama.cpp's, by whole turns): before a message that would leave its reply less
+// than `reply` positions, drop the oldest turns after the system prompt (everything up to the
+// first end-of-turn token: the system message in ChatML, the first exchange where the system prompt
+// sits in the first user message), at turn boundaries starts[0..*n_starts), and run the turns kept
+// again at their new positions. Says what it did on stderr. Returns whether it dropped anything.
+static int context_shift(const Model *m, Sequence *seq, int stop, int *starts, int *n_starts, int count, int reply) {
+    KVCache *c = &seq->cache;
+    int keep = 0;
+    while (keep < seq->len && c->tokens[keep] != stop) keep++;
+    if (keep++ >= seq->len) return 0; // no end of turn yet: nothing is a whole turn
+    int first = 0;
+    while (first < *n_starts && (starts[first] < keep || seq->len - starts[first] + keep + count + reply > c->capacity)) first++;
+    if (first == *n_starts) return 0;
+    int from = starts[first], kept = seq->len - from, dropped = from - keep;
+    int *tokens = malloc((size_t)(kept > 0 ? kept : 1) * sizeof(int));
+    if (!tokens) return 0;
+    memcpy(tokens, c->tokens + from, (size_t)kept * sizeof(int));
+    int ok = forward(m, seq, tokens, kept, keep, NULL) == 0;
+    free(tokens);
+    if (!ok) return 0;
+    for (int i = first; i < *n_starts; i++) starts[i - first] = starts[i] - dropped;
+    *n_starts -= first;
+    fprintf(stderr, "\n[context shift: dropped the oldest %d tokens, kept the system prompt (%d tokens) and the last %d, "
+            "run again at their new positions]\n", dropped, keep, kept);
+    return 1;
+}
+
+// Multi-turn chat: each turn adds only its new tokens to the KV cache. When the context fills, the
+// oldest turns go (context_shift). With a session file, a chat saved there goes on where it
+// stopped, and each turn is saved when it ends.
 static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char *system, int steps, const char *session) {
     if (m->chat.style == CHAT_NONE) return fail("this model has no chat template (use -m generate)");
     int turn = 0, rc = 0;
@@ -5059,8 +5087,14 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
     char *line = NULL;
     size_t cap = 0;
     const char *glue = ""; // what the template puts between the last reply's end and the next message
+    int *starts = malloc((size_t)seq->cache.capacity * sizeof(int)), n_starts = 0; // where each turn began
+    int reply = steps > 0 && steps < seq->cache.capacity / 2 ? steps + 2 : seq->cache.capacity / 4; // room a reply should have
+    if (!starts) return fail("out of memory");
     if (session && access(session, F_OK) == 0) {
-        if (session_load(m, seq, sampler, session)) return -1;
+        if (session_load(m, seq, sampler, session)) {
+            free(starts);
+            return -1;
+        }
         fprintf(stderr, "[session %s: resumed a chat of %d tokens]\n", session, seq->len);
         turn = 1; // the system prompt and the first turn's start are in the cache
         glue = chat_after_reply(&m->chat);
@@ -5084,7 +5118,9 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         msg[n++] = (Message){"user", line};
         int *ids, count = chat_encode(&m->chat, &m->tokenizer, msg, n, turn == 0, 1, glue, &ids);
         if ((rc = count < 0 ? -1 : 0)) break;
+        if (!seq->cache.window && count + reply > room_left(seq)) context_shift(m, seq, stop, starts, &n_starts, count, reply);
         int cached = seq->len;
+        starts[n_starts++] = cached;
         if (count > room_left(seq) - 1) {
             free(ids);
             fprintf(stderr, "\n[context full: %d of %d tokens used, and this message is %d tokens. Start a new chat.]\n",
@@ -5114,6 +5150,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         glue = chat_after_reply(&m->chat);
     }
     free(line);
+    free(starts);
     return rc;
 }
 

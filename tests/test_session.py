@@ -134,3 +134,24 @@ def test_cli_chat_session_resumes_in_a_fresh_process(chat_path, tmp_path, temper
     assert b"resumed a chat of" in second.stderr
     bad = run_cli(chat_path, "-n", "4", "-i", "a", "--session", session)
     assert bad.returncode != 0 and b"--session works with -m chat" in bad.stderr
+
+
+def test_context_shift_keeps_the_system_prompt_and_the_last_turns(chat_path, tmp_path):
+    """A chat longer than its context drops its oldest turns: the cache then holds exactly what a
+    fresh run of the tokens kept computes (the session file shows both)."""
+    session = tmp_path / "chat.kvc"
+    out = run_cli(chat_path, "-m", "chat", "-t", "0", "-n", "20", "-c", "256", "--session", session,
+                  stdin=b"".join(b"m%d\n" % i for i in range(8)))
+    err = out.stderr.decode()
+    assert out.returncode == 0, err
+    assert "[context shift: dropped the oldest" in err and "[context full" not in err
+    assert err.count("[turn ") == 8
+    data = session.read_bytes()
+    rows = struct.unpack_from("<i", data, 48)[0]
+    tokens = list(struct.unpack_from(f"<{rows}i", data, HEADER_BYTES))
+    with kvc.Model(chat_path) as restored, kvc.Model(chat_path) as fresh:
+        restored.load_state(session)
+        fresh.forward(tokens, 0)
+        (k1, v1), (k2, v2) = restored.kv_cache, fresh.kv_cache
+    assert np.abs(k1[:, :rows] - k2[:, :rows]).max() <= 1e-4 and np.abs(v1[:, :rows] - v2[:, :rows]).max() <= 1e-4
+    assert tokens.count(299) >= 3  # the system prompt's end and whole turns (<|im_end|> is 299)
