@@ -2344,6 +2344,14 @@ typedef struct {
     int sinks;                      // first positions kept while the window moves
     int sink_rows;                  // rows before the window's: sinks rounded up to whole blocks
     int recent;                     // positions in the window now
+    // heavy hitters (H2O): at most `h2o_budget` rows, in no order, each a position and the attention
+    // it has drawn (see cache_evict); RoPE turns each position by the position itself
+    int h2o_budget;                 // rows kept (0: no H2O)
+    int h2o_recent;                 // the last positions never evicted
+    int h2o_rows;                   // rows held
+    int h2o_context;                // positions it can run: the model's context
+    int *h2o_position;              // (capacity) each row's position
+    double *h2o_score;              // (capacity) each row's accumulated attention
 } KVCache;
 
 // Consecutive positions whose rows lie a fixed stride apart: what attention reads in one go.
@@ -2907,6 +2915,8 @@ static void cache_free(KVCache *s) {
     for (int i = s->n_table - 1; s->table && i >= 0; i--) pool_release(s->pool, s->table[i]);
     free(s->table);
     free(s->tokens);
+    free(s->h2o_position);
+    free(s->h2o_score);
     memset(s, 0, sizeof *s);
 }
 
@@ -3119,6 +3129,33 @@ static void cache_slide(KVCache *s, const float *cos, const float *sin, int thre
             store_head(c, type, slot, k, mean);
         }
     }
+}
+
+// H2O's eviction: with h2o_budget rows held, the row to go is the one that has drawn the least
+// attention (the sum, over every token since it came, every layer and every query head, of the
+// softmax weight that token gave it), among the rows older than the last h2o_recent positions (of a
+// sequence that has run `len`); a tie goes to the older position. The last row moves into its place.
+static void cache_evict(KVCache *s, int len) {
+    const KVPool *c = s->pool;
+    int victim = -1;
+    for (int row = 0; row < s->h2o_rows; row++) {
+        if (s->h2o_position[row] >= len - s->h2o_recent) continue;
+        if (victim < 0 || s->h2o_score[row] < s->h2o_score[victim] ||
+            (s->h2o_score[row] == s->h2o_score[victim] && s->h2o_position[row] < s->h2o_position[victim]))
+            victim = row;
+    }
+    int last = --s->h2o_rows;
+    if (victim == last) return;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++)
+            for (int value = 0; value < 2; value++) {
+                int type;
+                uint8_t *to = cache_slot(s, value, l, h, victim, &type);
+                memcpy(to, cache_slot(s, value, l, h, last, &type), row_bytes(type, c->head_dim));
+            }
+    s->tokens[victim] = s->tokens[last];
+    s->h2o_position[victim] = s->h2o_position[last];
+    s->h2o_score[victim] = s->h2o_score[last];
 }
 
 // ---- Reading the cache: attention's scores and weighted sums, straight from the stored type
@@ -3522,6 +3559,7 @@ typedef struct {
     int *row;                 // (batch) the row its K/V go to, and
     int *head, *tail;         // (batch) the rows it attends: 0..head-1 and tail..row (no window: head 0, tail 0)
     float *att;               // (threads, n_heads / n_kv_heads, capacity) attention weights
+    float *drawn;             // (threads, capacity) for an H2O sequence: the weight each row drew in this block
     float *query;             // (threads, n_heads / n_kv_heads, head_dim) a kv head's queries as the cache wants them
     uint8_t *query_int8;      // (threads, n_heads / n_kv_heads, query_int8_bytes) and their int8 form for int8 keys
     float *part_max, *part_sum; // (attention tasks, n_heads / n_kv_heads) per range: max score, sum
@@ -3565,6 +3603,7 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
     s->head = scratch_alloc(s, B, sizeof(int));
     s->tail = scratch_alloc(s, B, sizeof(int));
     s->att = scratch_alloc(s, (size_t)s->threads * group * capacity, sizeof(float));
+    s->drawn = scratch_alloc(s, (size_t)s->threads * capacity, sizeof(float));
     s->query = scratch_alloc(s, (size_t)s->threads * group * p->head_dim, sizeof(float));
     s->query_int8 = scratch_alloc(s, (size_t)s->threads * group, query_int8_bytes(p->head_dim));
     s->part_max = scratch_alloc(s, tasks * group, sizeof(float));
@@ -3586,13 +3625,13 @@ static int state_init(RunState *s, const Config *p, const Weights *w, int thread
         if (!in->x || !in->q.q || !in->q.scale || !in->q.lane_scale) return -1;
         if (s->input_sums && !(in->q.sum = scratch_alloc(s, groups, sizeof(float)))) return -1;
     }
-    return s->governor.cpu && s->seq && s->pos && s->row && s->head && s->tail && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
+    return s->governor.cpu && s->seq && s->pos && s->row && s->head && s->tail && s->drawn && s->part_max && s->part_sum && s->part_out && s->x && s->xb && s->q && s->k && s->v && s->hb && s->hb2 && s->att && s->query && s->query_int8 &&
                    s->rope.cos && s->rope.sin && s->logits ? 0 : -1;
 }
 
 static void state_free(RunState *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v); free(s->hb); free(s->hb2);
-    free(s->governor.cpu); free(s->seq); free(s->pos); free(s->row); free(s->head); free(s->tail); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
+    free(s->governor.cpu); free(s->seq); free(s->pos); free(s->row); free(s->head); free(s->tail); free(s->drawn); free(s->att); free(s->query); free(s->query_int8); free(s->part_max); free(s->part_sum); free(s->part_out); free(s->rope.cos); free(s->rope.sin); free(s->logits);
     for (int i = 0; s->input && i < s->threads; i++) {
         free(s->input[i].x); free(s->input[i].q.q); free(s->input[i].q.scale); free(s->input[i].q.sum);
         free(s->input[i].q.lane_scale);
@@ -3775,6 +3814,11 @@ static void attend_range(const Model *m, RunState *s, int layer, int t, int kv_h
         i += run.n;
     }
     for (int g = 0; g < group; g++) sum[g] = exp_shifted(att + (size_t)g * len, len, &max[g]);
+    if (cache->h2o_budget) { // H2O counts the weight each row draws (attention_parts keeps rows 0..row whole)
+        float *drawn = s->drawn + (size_t)thread_index() * s->capacity + lo;
+        for (int g = 0; g < group; g++)
+            for (int i = 0; i < len; i++) drawn[i] += att[(size_t)g * len + i] / sum[g];
+    }
     memset(out, 0, (size_t)group * hd * sizeof(float));
     for (int i = lo; i < hi;) {
         KVRun run = cache_run(cache, layer, i < head ? i : i + skip, (i < head && hi > head ? head : hi) - i);
@@ -3790,6 +3834,7 @@ static int attended(const RunState *s, int t) { return s->head[t] + s->row[t] - 
 // How many ranges each (token, kv head) splits its positions into: enough tasks to keep every
 // thread busy when there are few (decoding one token with a few kv heads), else 1.
 static int attention_parts(const RunState *s, int n, int n_kv_heads, int len) {
+    if (s->seq[0]->h2o_budget) return 1; // H2O reads each row's weight: one softmax over all rows
     int tasks = n * n_kv_heads, target = ATTENTION_TASKS_PER_THREAD * s->threads;
     int parts = tasks >= target ? 1 : (target + tasks - 1) / tasks;
     return len / parts >= ATTENTION_MIN_RANGE ? parts : 1; // short ranges are not worth a merge
@@ -3963,9 +4008,10 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
     const Config *p = &m->config;
     RunState *s = &seq->pool->state;
     KVCache *c = &seq->cache;
-    int context = c->capacity;
-    if (c->window && pos != 0 && pos != seq->len)
-        return fail("a windowed sequence runs on from its end (%d) or starts again at 0, not at %d", seq->len, pos);
+    int context = c->h2o_budget ? p->seq_len : c->capacity; // H2O's positions are the tokens'
+    if ((c->window || c->h2o_budget) && pos != 0 && pos != seq->len)
+        return fail("a %s sequence runs on from its end (%d) or starts again at 0, not at %d", c->window ? "windowed" : "H2O",
+                    seq->len, pos);
     if (c->window ? n < 0 || n > INT_MAX - pos : n < 0 || pos < 0 || pos > context || n > context - pos)
         return fail("positions %d..%d are outside the context of %d tokens", pos, pos + n - 1, context);
     if (!seq->own_pool && pos > seq->len)
@@ -3973,19 +4019,27 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
     if (check_tokens(p, tokens, n)) return -1;
     if (seq->device) return device_forward(m, seq, tokens, n, pos, out);
     if (c->window && pos == 0) c->recent = 0;
+    if (c->h2o_budget && pos == 0) c->h2o_rows = 0;
     if (!seq->own_pool || c->window) cache_truncate(c, c->window ? (pos < c->sinks ? pos : c->sink_rows + c->recent) : pos);
     int rows[MAX_BATCH];
     for (int done = 0; done < n;) {
         int at = pos + done, chunk = n - done < s->batch ? n - done : s->batch;
         if (c->window) chunk = window_chunk(c, p, at, chunk, s->threads);
-        int row = c->window && at >= c->sinks ? c->sink_rows + c->recent : at;
+        if (c->h2o_budget) { // a token at a time: each may evict, by the weights the ones before it gave
+            chunk = 1;
+            if (c->h2o_rows == c->h2o_budget) cache_evict(c, at);
+            c->h2o_position[c->h2o_rows] = at;
+            c->h2o_score[c->h2o_rows] = 0;
+            memset(s->drawn, 0, (size_t)s->threads * s->capacity * sizeof(float));
+        }
+        int row = c->h2o_budget ? c->h2o_rows : c->window && at >= c->sinks ? c->sink_rows + c->recent : at;
         if (check_blocks(c->pool, cache_blocks_needed(c, row, chunk))) return -1;
         cache_reserve(c, row, chunk);
         memcpy(c->tokens + row, tokens + done, (size_t)chunk * sizeof(int));
         for (int t = 0; t < chunk; t++) {
             s->seq[t] = c;
             s->row[t] = row + t;
-            s->pos[t] = row + t - (row >= c->sink_rows && c->window ? c->sink_rows - c->sinks : 0);
+            s->pos[t] = c->h2o_budget ? at : row + t - (row >= c->sink_rows && c->window ? c->sink_rows - c->sinks : 0);
             s->head[t] = c->window && at >= c->sinks ? c->sinks : 0;
             s->tail[t] = c->window && at >= c->sinks ? c->sink_rows : 0;
             rows[t] = t;
@@ -3993,6 +4047,11 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
         if (out) forward_block(m, s, tokens + done, chunk, rows, chunk, out + (size_t)done * p->vocab_size);
         else forward_block(m, s, tokens + done, chunk, rows + chunk - 1, 1, s->logits);
         if (c->window && at >= c->sinks) c->recent += chunk;
+        if (c->h2o_budget) {
+            c->h2o_rows++;
+            for (int i = 0; i < s->threads; i++)
+                for (int r = 0; r < c->h2o_rows; r++) c->h2o_score[r] += s->drawn[(size_t)i * s->capacity + r];
+        }
         done += chunk;
     }
     if (out && n > 0) memcpy(s->logits, out + (size_t)(n - 1) * p->vocab_size, p->vocab_size * sizeof(float));
@@ -4272,7 +4331,8 @@ static void session_rows(KVCache *c, int rows, uint8_t *at, int load) {
 
 // Writes the sequence (and the sampler's state, when given) to path, atomically.
 static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
-    if (seq->device || !seq->own_pool) return fail("only a single sequence on the CPU is saved to a session file");
+    if (seq->device || !seq->own_pool || seq->cache.h2o_budget)
+        return fail("only a single sequence on the CPU, without H2O, is saved to a session file");
     SessionHeader h = session_header(m, seq);
     h.has_sampler = sampler != NULL;
     h.rng_state = sampler ? sampler->rng_state : 0;
@@ -4312,7 +4372,8 @@ static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, c
 // Restores a session written by session_save into the sequence (made with the same model, cache
 // types, rotation and window) and, when given and saved, the sampler's state.
 static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path) {
-    if (seq->device || !seq->own_pool) return fail("only a single sequence on the CPU is restored from a session file");
+    if (seq->device || !seq->own_pool || seq->cache.h2o_budget)
+        return fail("only a single sequence on the CPU, without H2O, is restored from a session file");
     size_t size;
     uint8_t *map = map_file(path, "session", &size);
     if (!map) return -1;
@@ -4538,6 +4599,36 @@ Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k,
     return sequence_alone(m, context, threads, &spec, 0, 0);
 }
 
+// A sequence as kvc_sequence_new makes, but holding at most `budget` positions: the last `recent`
+// and those that drew the most attention so far (H2O: see cache_evict), each turned by RoPE by its
+// own position (so it stops at the model's context). Not with a cache type that keeps position 0
+// apart (iq4_nl).
+Sequence *kvc_sequence_new_h2o(const Model *m, int budget, int recent, int threads, int type_k, int type_v, int rotate) {
+    CacheSpec spec = cache_spec(type_k, type_v, rotate, m->config.head_dim);
+    if (budget < 2 || budget > m->config.seq_len || recent < 0 || recent >= budget) {
+        fail("H2O keeps a budget of 2..%d positions (the model's context), more than its recent ones: got %d and %d",
+             m->config.seq_len, budget, recent);
+        return NULL;
+    }
+    if (cache_has_sink(spec.type_k) || cache_has_sink(spec.type_v)) {
+        fail("H2O moves rows, and an iq4_nl cache keeps position 0 apart: use another cache type");
+        return NULL;
+    }
+    Sequence *seq = sequence_alone(m, budget, threads, &spec, 0, 0);
+    if (!seq) return NULL;
+    KVCache *c = &seq->cache;
+    c->h2o_budget = budget;
+    c->h2o_recent = recent;
+    c->h2o_context = m->config.seq_len;
+    c->h2o_position = alloc_zeroed(budget, sizeof(int));
+    c->h2o_score = alloc_zeroed(budget, sizeof(double));
+    if (!c->h2o_position || !c->h2o_score) {
+        sequence_delete(seq);
+        return NULL;
+    }
+    return seq;
+}
+
 // A sequence as kvc_sequence_new makes, but bounded: it keeps its first `sinks` positions and its
 // last `window` (a multiple of 16) and runs on past the model's context, RoPE turning each position
 // by its place inside the cache (StreamingLLM).
@@ -4628,6 +4719,7 @@ const void *kvc_cache_data(const Sequence *seq, int which) {
 int kvc_cache_reset(Sequence *seq, float fill) {
     if (!seq->own_pool) return fail("a pooled sequence is emptied with kvc_truncate(seq, 0)");
     if (seq->cache.window) cache_truncate(&seq->cache, seq->cache.recent = 0);
+    seq->cache.h2o_rows = 0;
     if (seq->device) device_cache_reset(seq, fill);
     else pool_fill(&seq->pool->cache, fill);
     seq->len = 0;
@@ -4646,7 +4738,7 @@ int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char
 }
 int kvc_tokens(const Sequence *seq, int *out, int capacity) {
     const KVCache *c = &seq->cache;
-    int rows = seq->device ? 0 : !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
+    int rows = seq->device ? 0 : c->h2o_budget ? c->h2o_rows : !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
     if (out && capacity > 0) memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
     return rows;
 }
@@ -4882,10 +4974,13 @@ typedef struct {
     int last_token;  // the last token generated (not yet in the cache), -1 if none
 } GenerationStats;
 
-// Positions the sequence can still take: a windowed one runs on as long as positions count.
-static int room_left(const Sequence *seq) {
-    return seq->cache.window ? INT_MAX - seq->len : seq->cache.capacity - seq->len;
+// Positions a sequence can run: a windowed one as long as positions count, an H2O one the model's
+// context, any other its cache's.
+static int positions_limit(const Sequence *seq) {
+    return seq->cache.window ? INT_MAX : seq->cache.h2o_budget ? seq->cache.h2o_context : seq->cache.capacity;
 }
+
+static int room_left(const Sequence *seq) { return positions_limit(seq) - seq->len; }
 
 // Feeds `prompt` after what the sequence holds, then samples up to max_tokens, streaming text,
 // until `stop` (or eos). The stop token is sampled but not fed: the caller decides what follows it.
@@ -4961,6 +5056,7 @@ static void usage(FILE *f) {
             "  --window <int>  keep only the last N positions (a multiple of 16) and run on past the context\n"
             "  --sinks <int>   with --window: also keep the first S positions (attention sinks), default 4\n"
             "  --session <file>  chat: resume the chat saved in file (when it exists), save it after each turn\n"
+            "  --h2o <int>     keep at most N positions: the --recent R last (default N/2) and the heavy hitters\n"
             "  -j <int>    threads (1..%d), default all cores\n"
             "  -ctk, --cache-type-k <type>  KV cache keys: f32 (default), f16, bf16, q8_0, q4_0, iq4_nl\n"
             "  -ctv, --cache-type-v <type>  KV cache values, the same types\n"
@@ -5013,7 +5109,7 @@ static float parse_float(const char *flag, const char *s) {
 // Long flags, as llama.cpp's users know them, each standing for a code of the switch in main.
 static const struct { const char *name; char code; } LONG_FLAGS[] = {
     {"-ctk", 'K'}, {"--cache-type-k", 'K'}, {"-ctv", 'V'}, {"--cache-type-v", 'V'}, {"--cache-rotate", 'R'},
-    {"--window", 'W'}, {"--sinks", 'S'}, {"--session", 'F'},
+    {"--window", 'W'}, {"--sinks", 'S'}, {"--session", 'F'}, {"--h2o", 'H'}, {"--recent", 'r'},
     {"--device", 'D'},
 };
 
@@ -5024,7 +5120,7 @@ static int parse_cache_type(const char *flag, const char *s) {
 }
 
 static int cli_generate(const Model *m, Sequence *seq, Sampler *sampler, const char *prompt, int steps, int use_cache) {
-    int context = seq->cache.window ? INT_MAX : seq->cache.capacity;
+    int context = positions_limit(seq);
     size_t len = strlen(prompt);
     int *ids = malloc(encode_capacity(len) * sizeof(int));
     if (!ids) return fail("out of memory");
@@ -5118,7 +5214,7 @@ static int cli_chat(const Model *m, Sequence *seq, Sampler *sampler, const char 
         msg[n++] = (Message){"user", line};
         int *ids, count = chat_encode(&m->chat, &m->tokenizer, msg, n, turn == 0, 1, glue, &ids);
         if ((rc = count < 0 ? -1 : 0)) break;
-        if (!seq->cache.window && count + reply > room_left(seq)) context_shift(m, seq, stop, starts, &n_starts, count, reply);
+        if (!seq->cache.window && !seq->cache.h2o_budget && count + reply > room_left(seq)) context_shift(m, seq, stop, starts, &n_starts, count, reply);
         int cached = seq->len;
         starts[n_starts++] = cached;
         if (count > room_left(seq) - 1) {
@@ -5158,7 +5254,7 @@ int main(int argc, char **argv) {
     const char *checkpoint = NULL, *tokenizer = NULL, *prompt = "", *mode = "generate", *system = NULL, *session = NULL;
     float temperature = 1.0f, topp = 0.9f;
     int topk = 0, steps = 256, context = 0, threads = 0, type_k = CACHE_F32, type_v = CACHE_F32, rotate = -1;
-    int use_cache = 1, window = 0, sinks = -1;
+    int use_cache = 1, window = 0, sinks = -1, h2o = 0, recent = -1;
     const char *device = default_device();
     unsigned long long seed = 0;
     for (int i = 1; i < argc; i++) {
@@ -5202,6 +5298,8 @@ int main(int argc, char **argv) {
         case 'j': threads = (int)parse_long(a, v, 1, MAX_THREADS); break;
         case 'W': window = (int)parse_long(a, v, 1, INT32_MAX); break;
         case 'F': session = v; break;
+        case 'H': h2o = (int)parse_long(a, v, 2, INT32_MAX); break;
+        case 'r': recent = (int)parse_long(a, v, 0, INT32_MAX); break;
         case 'S': sinks = (int)parse_long(a, v, 0, INT32_MAX); break;
         case 'D': device = v; break;
         }
@@ -5215,14 +5313,17 @@ int main(int argc, char **argv) {
     if (session && strcmp(mode, "chat")) bad_usage("%s", "--session works with -m chat");
     if (window && context) bad_usage("%s", "-c and --window: a windowed cache holds its sinks and window");
     if (window && !use_cache) bad_usage("%s", "--window needs the cache (not --no-cache)");
+    if (recent >= 0 && !h2o) bad_usage("%s", "--recent needs --h2o");
+    if (h2o && (window || context || !use_cache)) bad_usage("%s", "--h2o keeps its own budget: not with --window, -c or --no-cache");
     if (!seed) seed = (unsigned long long)time(NULL);
     signal(SIGBUS, on_sigbus);
 
     Model *m = kvc_open(checkpoint, tokenizer);
     if (!m) die(kvc_last_error());
     if (!m->has_tokenizer) die("this checkpoint has no tokenizer: give one with -z tokenizer.bin");
-    if (window && strcmp(device, "cpu")) bad_usage("%s", "--window runs on the CPU only (--device cpu)");
+    if ((window || h2o) && strcmp(device, "cpu")) bad_usage("%s", "--window and --h2o run on the CPU only (--device cpu)");
     Sequence *seq = window ? kvc_sequence_new_window(m, window, sinks < 0 ? DEFAULT_SINKS : sinks, threads, type_k, type_v, rotate)
+                    : h2o  ? kvc_sequence_new_h2o(m, h2o, recent < 0 ? h2o / 2 : recent, threads, type_k, type_v, rotate)
                            : kvc_sequence_new_on(m, device, context, threads, type_k, type_v, rotate);
     if (!seq) die(kvc_last_error());
     if (seq->pool->cache.spec.type_k == CACHE_IQ4_NL && !m->weights.key_mean)

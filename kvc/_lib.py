@@ -25,6 +25,7 @@ ffi.cdef(
     const Config *kvc_config(const Model *m);
     int kvc_has_tokenizer(const Model *m);
     Sequence *kvc_sequence_new(const Model *m, int context, int threads, int type_k, int type_v, int rotate);
+    Sequence *kvc_sequence_new_h2o(const Model *m, int budget, int recent, int threads, int type_k, int type_v, int rotate);
     Sequence *kvc_sequence_new_window(const Model *m, int window, int sinks, int threads, int type_k, int type_v, int rotate);
     Sequence *kvc_sequence_new_on(const Model *m, const char *device, int context, int threads, int type_k, int type_v,
                                   int rotate);

@@ -11,7 +11,8 @@ float64). The KV cache policies compared:
   eviction.
 - window+sinks: the most recent N positions and the first S (StreamingLLM's attention sinks, default 4).
   The engine's window moves a block (16 positions) at a time: once full a token sees N-15..N of them.
-- h2o: a budget of N positions: the R most recent and those with the most accumulated attention (H2O).
+- h2o: a budget of N positions: the R most recent and those with the most accumulated attention (H2O);
+  its keys keep RoPE at their own positions, so like dense it scores only the first config.seq_len tokens.
 
 Per policy: perplexity over every scored token, over the first config.seq_len (dense's span, to set
 beside it), over those after the first eviction (logit rows at positions >= N + S: the cache would
@@ -172,6 +173,8 @@ def _score_bounded(path: str | Path, policy: Policy, tokens: np.ndarray, chunk: 
     except (TypeError, ValueError) as e:
         return _error_row(policy, f"not available ({e})")
     with model:
+        if policy.name == "h2o":  # H2O turns each key by its own position: it stops at the model's context
+            tokens = tokens[:context]
         try:
             return summarize(policy, score(model, tokens, chunk), context, bucket)
         except (ValueError, IndexError) as e:  # report it beside the other rows rather than lose them

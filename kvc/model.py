@@ -57,6 +57,9 @@ class Model:
     sinks; default 4), and run on past the model's context for as long as tokens come: forward
     appends at pos == the tokens fed so far (or starts again at 0), and RoPE turns each position by
     its place inside the cache (StreamingLLM). config.seq_len is then the cache's rows.
+    h2o: keep at most `h2o` positions: the last `recent` (default h2o // 2) and those that drew the
+    most attention so far (H2O; README says exactly how); forward appends at the end (or starts
+    again at 0), up to the model's context (config.seq_len).
     device: where the forward pass runs: "cpu" (libkvc.so), "cuda" (libkvc_cuda.so, `make cuda`) or
     "cuda-sim" (libkvc_cuda_sim.so, `make cuda-sim`: the CUDA kernels run on the CPU). On a device,
     threads is unused and kv_cache_view() is refused (the cache is in device memory; kv_cache copies it).
@@ -72,7 +75,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                  seq_len: int | None = None, threads: int | None = None, cache_type_k: str = "f32",
                  cache_type_v: str = "f32", cache_rotate: bool | None = None, window: int | None = None,
-                 sinks: int | None = None, device: str = "cpu"):
+                 sinks: int | None = None, h2o: int | None = None, recent: int | None = None, device: str = "cpu"):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -87,10 +90,16 @@ class Model:
         self.sinks = None if window is None else int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
         if self.window is not None and seq_len is not None:
             raise ValueError("a windowed Model's cache holds its sinks and window: give window=, not seq_len=")
+        if recent is not None and h2o is None:
+            raise ValueError("recent= is H2O's: give h2o= too")
+        self.h2o = None if h2o is None else int_arg("h2o", h2o, 2, C_INT_MAX)
+        self.recent = None if h2o is None else int_arg("recent", self.h2o // 2 if recent is None else recent, 0, C_INT_MAX)
+        if self.h2o is not None and (window is not None or seq_len is not None):
+            raise ValueError("H2O's cache holds its budget: give h2o=, not window= or seq_len=")
         if not isinstance(device, str):
             raise TypeError(f"device must be a string, got {type(device).__name__}")
-        if self.window is not None and device != "cpu":
-            raise ValueError(f"a window runs on the CPU only, not on {device!r}")
+        if (self.window is not None or self.h2o is not None) and device != "cpu":
+            raise ValueError(f"a window or H2O runs on the CPU only, not on {device!r}")
         self._lib = load(device)
         self.device = device
         self._lock = threading.Lock()  # held by every call that touches self._m or self._seq
@@ -107,10 +116,12 @@ class Model:
             self.close()
             raise
         rotate = -1 if cache_rotate is None else int(bool(cache_rotate))
-        if self.window is None:
-            seq = self._lib.kvc_sequence_new_on(self._m, device.encode(), context, n_threads, types[0], types[1], rotate)
-        else:
+        if self.window is not None:
             seq = self._lib.kvc_sequence_new_window(self._m, self.window, self.sinks, n_threads, types[0], types[1], rotate)
+        elif self.h2o is not None:
+            seq = self._lib.kvc_sequence_new_h2o(self._m, self.h2o, self.recent, n_threads, types[0], types[1], rotate)
+        else:
+            seq = self._lib.kvc_sequence_new_on(self._m, device.encode(), context, n_threads, types[0], types[1], rotate)
         if seq == ffi.NULL:
             self.close()
             raise ValueError(last_error(self._lib))
@@ -120,7 +131,7 @@ class Model:
         c = self._lib.kvc_config(self._m)
         self.config = Config(
             dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-            vocab_size=c.vocab_size, seq_len=self._lib.kvc_context(self._seq), head_dim=c.head_dim,
+            vocab_size=c.vocab_size, seq_len=c.seq_len if self.h2o else self._lib.kvc_context(self._seq), head_dim=c.head_dim,
             rope_theta=c.rope_theta, norm_eps=c.norm_eps, shared_classifier=bool(c.shared_classifier),
             bos_id=c.bos_id, eos_id=c.eos_id,
         )
@@ -448,7 +459,7 @@ class Model:
             limit = min(len(prompt) - 1, len(self._history))
             while start < limit and self._history[start] == prompt[start]:
                 start += 1
-            if self.window is not None and start < len(self._history):  # a window runs on from its end only
+            if (self.window or self.h2o) and start < len(self._history):  # these run on from their end only
                 start = 0
         stats = self.stats = GenerationStats(prompt_tokens=len(prompt) - start, cached_tokens=start)
         t0 = time.perf_counter()

@@ -69,6 +69,7 @@ class Llama:
         if "wcls" not in self.w:
             self.w["wcls"] = self.w["tok_embeddings"]
         c = self.config
+        self.drawn: torch.Tensor | None = None  # see forward_h2o
         self.k_cache = torch.zeros(c.n_layers, c.seq_len, c.kv_dim, dtype=dtype)
         self.v_cache = torch.zeros(c.n_layers, c.seq_len, c.kv_dim, dtype=dtype)
 
@@ -85,7 +86,10 @@ class Llama:
         scores = torch.einsum("thd,shd->hts", q, k) / (c.head_dim ** 0.5)
         mask = torch.arange(k.shape[0])[None, :] > q_pos[:, None]  # (T, S)
         scores = scores.masked_fill(mask[None], float("-inf"))
-        return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)
+        weights = torch.softmax(scores, dim=-1)
+        if self.drawn is not None:  # forward_h2o's tally: the weight each key drew, all heads and queries
+            self.drawn += weights.sum(dim=(0, 1)).double()
+        return torch.einsum("hts,shd->thd", weights, v)
 
     def _matmul(self, x: torch.Tensor, name: str, layer: int | None = None) -> torch.Tensor:
         """x W^T for matrix `name` (one layer's), x rounded first as run.c does when asked (int8_inputs)."""
@@ -178,6 +182,40 @@ class Llama:
                 return (torch.cat(sink_kv[l][0] + window_kv[l][0]), torch.cat(sink_kv[l][1] + window_kv[l][1]))
 
             out.append(self._layers([token], place, kept).float().numpy()[0])
+        return np.array(out)
+
+    @torch.no_grad()
+    def forward_h2o(self, tokens: list[int], budget: int, recent: int) -> np.ndarray:
+        """Logits for tokens at positions 0.., token by token, with at most `budget` positions kept as
+        run.c keeps them (H2O): before a token comes to a full cache, the position that has drawn the
+        least attention so far (summed over the tokens since it came, every layer and every query
+        head; a tie to the older) among those before the last `recent` leaves. Each key keeps RoPE
+        at its own position."""
+        c = self.config
+        kv = [[[], []] for _ in range(c.n_layers)]
+        positions: list[int] = []
+        scores: list[float] = []
+        out = []
+        for i, token in enumerate(tokens):
+            if len(positions) == budget:
+                victim = min((j for j, p in enumerate(positions) if p < i - recent), key=lambda j: (scores[j], positions[j]))
+                for l in range(c.n_layers):
+                    del kv[l][0][victim], kv[l][1][victim]
+                del positions[victim], scores[victim]
+            positions.append(i)
+            scores.append(0.0)
+
+            def kept(l, k, v):
+                kv[l][0].append(k)
+                kv[l][1].append(v)
+                return torch.cat(kv[l][0]), torch.cat(kv[l][1])
+
+            self.drawn = torch.zeros(len(positions), dtype=torch.float64)
+            try:
+                out.append(self._layers([token], i, kept).float().numpy()[0])
+                scores = [s + float(d) for s, d in zip(scores, self.drawn)]
+            finally:
+                self.drawn = None
         return np.array(out)
 
     def greedy(self, prompt: list[int], steps: int) -> list[int]:

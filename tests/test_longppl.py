@@ -96,11 +96,15 @@ def test_window_rows_run_past_the_context(report):
         assert np.isfinite([r["ppl"], r["ppl_context"], r["ppl_after_eviction"], r["ppl_past_context"]]).all()
 
 
-def test_h2o_row_not_available_unless_offered(report):
-    """A policy kvc.Model does not take is a row saying so, not a crash."""
-    for r in report[1]["rows"]:
-        if r["policy"] == "h2o" and "error" in r:
-            assert r["error"].startswith("not available") and "| not available" in report[0]
+def test_h2o_rows_score_up_to_the_context(report):
+    """H2O keeps RoPE at each key's own position: like dense it scores the model's context, and it
+    evicts (its perplexity is not dense's)."""
+    rows = rows_by_label(report[1])
+    for label in ("h2o 32 (16 recent)", "h2o 64 (32 recent)"):
+        r = rows[label]
+        assert "error" not in r, r
+        assert r["scored"] == CONTEXT - 1 and r["ppl_past_context"] is None and np.isfinite(r["ppl"])
+        assert r["ppl"] != rows["dense"]["ppl"]
 
 
 def test_refused_policy_is_not_available(tiny):

@@ -115,3 +115,40 @@ def test_bad_windows(model_path):
         out = run_cli(model_path, "-n", "4", "-i", "a", *args)
         assert out.returncode != 0 and match in out.stderr.decode()
         assert out.stderr.decode().startswith("error:") or out.stderr.decode().startswith("run:"), out.stderr
+
+
+# ---- H2O: heavy hitters and the recent positions, within a budget
+
+
+@pytest.mark.parametrize("budget,recent", [(40, 10), (24, 0), (64, 40)])
+def test_h2o_matches_reference_at_every_position(model_path, budget, recent):
+    tokens = text(CONTEXT, seed=3)  # H2O keeps RoPE at each key's own position: up to the context
+    want = Llama.load(model_path).forward_h2o(tokens, budget, recent)
+    with kvc.Model(model_path, h2o=budget, recent=recent) as model:
+        model.reset(float("nan"))
+        chunked = np.concatenate([model.forward(tokens[i:i + 9], i) for i in range(0, len(tokens), 9)])
+        one_by_one = np.concatenate([model.forward([t], i) for i, t in enumerate(tokens)])
+        assert model.memory()["kv_cache"] * CONTEXT == kvc.Model(model_path).memory()["kv_cache"] * budget
+    assert np.abs(chunked - want).max() <= TOL
+    assert np.array_equal(chunked, one_by_one)
+    dense = Llama.load(model_path).forward_full(tokens)
+    assert np.abs(chunked[:budget] - dense[:budget]).max() <= TOL  # nothing evicted yet
+    assert np.abs(chunked[budget:] - dense[budget:]).max() > 1e-2
+
+
+def test_h2o_refusals(model_path):
+    for kw, match in [(dict(h2o=16, recent=16), "more than its recent"), (dict(h2o=CONTEXT + 1), "budget"),
+                      (dict(recent=4), "give h2o"), (dict(h2o=16, window=32), "not window"),
+                      (dict(h2o=32, cache_type_k="iq4_nl"), "iq4_nl")]:
+        with pytest.raises(ValueError, match=match):
+            kvc.Model(model_path, **kw)
+    with kvc.Model(model_path, h2o=32) as model:
+        model.forward(text(CONTEXT), 0)
+        with pytest.raises(IndexError):
+            model.forward([1], CONTEXT)  # past the context
+        with pytest.raises(ValueError, match="runs on from its end"):
+            model.forward([1], 5)
+    out = run_cli(model_path, "-n", "4", "-i", "a", "--recent", "3")
+    assert out.returncode != 0 and b"--recent needs --h2o" in out.stderr
+    out = run_cli(model_path, "-t", "0", "-n", "200", "--h2o", "32", "-i", "ab")
+    assert out.returncode == 0 and b"generated" in out.stderr, out.stderr
