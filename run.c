@@ -4331,8 +4331,7 @@ static void session_rows(KVCache *c, int rows, uint8_t *at, int load) {
 
 // Writes the sequence (and the sampler's state, when given) to path, atomically.
 static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
-    if (seq->device || !seq->own_pool || seq->cache.h2o_budget)
-        return fail("only a single sequence on the CPU, without H2O, is saved to a session file");
+    if (seq->device || seq->cache.h2o_budget) return fail("a sequence on a device or with H2O is not saved to a session file");
     SessionHeader h = session_header(m, seq);
     h.has_sampler = sampler != NULL;
     h.rng_state = sampler ? sampler->rng_state : 0;
@@ -4372,8 +4371,8 @@ static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, c
 // Restores a session written by session_save into the sequence (made with the same model, cache
 // types, rotation and window) and, when given and saved, the sampler's state.
 static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path) {
-    if (seq->device || !seq->own_pool || seq->cache.h2o_budget)
-        return fail("only a single sequence on the CPU, without H2O, is restored from a session file");
+    if (seq->device || seq->cache.h2o_budget) return fail("a sequence on a device or with H2O is not restored from a session file");
+    if (!seq->own_pool && seq->len) return fail("a session is restored into an empty pooled sequence");
     size_t size;
     uint8_t *map = map_file(path, "session", &size);
     if (!map) return -1;
@@ -4409,13 +4408,15 @@ static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const c
         if (sum != h.checksum) fail("%s is corrupt: its checksum does not match", path);
         else rc = 0;
     }
+    if (rc == 0 && !seq->own_pool && check_blocks(seq->cache.pool, (h.rows + h.block_size - 1) / h.block_size)) // own pools have room
+        rc = -2;
     if (rc == 0) {
         KVCache *c = &seq->cache;
         if (c->window) cache_truncate(c, c->recent = 0);
-        cache_reserve(c, 0, h.rows); // a window's blocks come back from its own pool; row 0 to its sink slot where the type has one
+        cache_reserve(c, 0, h.rows); // blocks for a window or a pooled sequence; row 0 to its sink slot where the type has one
         if (session_payload_bytes(c, h.rows) != h.payload_bytes || (h.rows && cache_in_sink(c, 0) != h.sink_row)) {
             rc = fail("%s is corrupt: its rows are not this cache's size", path);
-            if (c->window) cache_truncate(c, 0);
+            if (c->window || !seq->own_pool) cache_truncate(c, 0);
             seq->len = 0;
         } else {
             session_rows(c, h.rows, map + sizeof h, 1);
@@ -4424,6 +4425,7 @@ static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const c
             c->recent = h.recent;
             seq->len = (int)h.length;
             if (sampler && h.has_sampler) sampler->rng_state = h.rng_state;
+            if (!c->window) cache_register(c, seq->len); // a pooled sequence's full blocks join the prefix cache
         }
     }
     munmap(map, size);
@@ -4726,9 +4728,10 @@ int kvc_cache_reset(Sequence *seq, float fill) {
     return 0;
 }
 
-// Saves a single sequence, its cache in its stored types, and the sampler's state (NULL: none) to
-// path, atomically; kvc_session_load restores it into a sequence made the same way (refusing
-// anything else with one line). kvc_tokens copies out the tokens at the rows the cache holds
+// Saves a sequence, its cache in its stored types, and the sampler's state (NULL: none) to path,
+// atomically; kvc_session_load restores it into a sequence made the same way (refusing anything
+// else with one line), or into an empty sequence of a pool of the same cache types and block size,
+// whose full blocks then join the prefix cache (-2: the pool has too few blocks). kvc_tokens copies out the tokens at the rows the cache holds
 // (capacity of them at most; out may be NULL to ask) and returns how many there are.
 int kvc_session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
     return session_save(m, seq, sampler, path);

@@ -9,6 +9,7 @@ new tokens, in one forward pass that reads every weight once per block of up to 
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -136,6 +137,27 @@ class Pool:
         self._seqs.add(seq)
         return seq
 
+    def load_state(self, path: str | os.PathLike) -> "PoolSequence":
+        """A new sequence holding what a session file holds (saved from a PoolSequence or a Model with
+        this pool's cache types and block size): its full blocks join the prefix cache, so a prompt
+        that starts with its tokens finds them after the sequence is freed. Raises PoolFull when the
+        pool lacks the blocks, ValueError for a file that does not fit (FileNotFoundError: none)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no session at {path}")
+        with self._lock:
+            seq = self._adopt(self._lib.kvc_pool_sequence(self._open()))
+            rc = self._lib.kvc_session_load(self._m, seq.handle(self), ffi.NULL, os.fsencode(path))
+            if rc != 0:
+                error = last_error(self._lib)
+                seq._release()
+                raise (PoolFull if rc == OUT_OF_BLOCKS else ValueError)(error)
+            rows = self._lib.kvc_tokens(seq.handle(self), ffi.NULL, 0)
+            tokens = np.empty(rows, dtype=np.int32)
+            self._lib.kvc_tokens(seq.handle(self), ffi.cast("int *", ffi.from_buffer(tokens)), rows)
+            seq._extend(tokens)
+        return seq
+
     def blocks_needed(self, seq: "PoolSequence", n_tokens: int) -> int:
         """New blocks appending n_tokens to seq would take now (a copy of a shared block included)."""
         n = int_arg("n_tokens", n_tokens, 0, C_INT_MAX)
@@ -241,6 +263,15 @@ class PoolSequence:
     def __del__(self) -> None:
         if getattr(self, "_handle", None) is not None and self._pool._pool is not None:
             self.free()
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write the sequence's cache rows, in their stored types, and its tokens to `path`, atomically
+        (the session format of Model.save_state; README "Sessions")."""
+        pool = self._pool
+        with pool._lock:
+            pool._open()
+            if pool._lib.kvc_session_save(pool._m, self.handle(pool), ffi.NULL, os.fsencode(path)) != 0:
+                raise ValueError(last_error(pool._lib))
 
     def _lib_call(self, name: str, *args) -> int:
         """Call C function `name` on this sequence; ValueError on -1. The caller holds the pool's lock."""

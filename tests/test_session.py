@@ -155,3 +155,29 @@ def test_context_shift_keeps_the_system_prompt_and_the_last_turns(chat_path, tmp
         (k1, v1), (k2, v2) = restored.kv_cache, fresh.kv_cache
     assert np.abs(k1[:, :rows] - k2[:, :rows]).max() <= 1e-4 and np.abs(v1[:, :rows] - v2[:, :rows]).max() <= 1e-4
     assert tokens.count(299) >= 3  # the system prompt's end and whole turns (<|im_end|> is 299)
+
+
+def test_a_pool_saves_and_restores_a_sequence_into_its_prefix_cache(model_path, tmp_path):
+    """A pooled sequence saved and loaded into another pool: its full blocks are cached there, and a
+    prompt that starts with its tokens takes them and goes on as the original would."""
+    tokens, more = text(53, seed=5), text(6, seed=6)
+    with kvc.Model(model_path, seq_len=16) as model:
+        with model.pool(blocks=8) as pool:
+            seq = pool.sequence()
+            pool.step([(seq, tokens)])
+            seq.save_state(tmp_path / "p.kvc")
+            want = pool.step([(seq, more)])[0]
+        with model.pool(blocks=8) as other:
+            other.poison()
+            loaded = other.load_state(tmp_path / "p.kvc")
+            assert loaded.tokens == tokens and other.stats().used == 4
+            loaded.free()
+            assert other.stats().cached == 3  # 48 of 53 positions in full blocks
+            again = other.sequence()
+            assert again.reuse_prefix(tokens + more) == 48
+            got = other.step([(again, (tokens + more)[48:])])[0]
+            assert np.abs(got - want).max() <= 1e-4
+        with model.pool(blocks=3) as small, pytest.raises(kvc.PoolFull):
+            small.load_state(tmp_path / "p.kvc")
+        with model.pool(blocks=8, block_size=8) as other_blocks, pytest.raises(ValueError, match="blocks of 16"):
+            other_blocks.load_state(tmp_path / "p.kvc")
