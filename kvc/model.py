@@ -332,16 +332,19 @@ class Model:
         A copy, dequantized and rotated back, for every cache type: writing to these arrays changes
         nothing. iq4_nl keys come back as stored, less the file's key_mean (attention reads them so:
         the mean moves every score of a query alike, which softmax ignores). kv_cache_view() gives the cache's own memory without a copy where numpy has its type.
+        With a window or H2O, the rows that hold tokens (n_layers, rows, kv_dim), in the cache's order
+        (a window: its sinks' block, padded after the sinks, then the window's positions; H2O: no order).
         """
         c = self.config
-        keys = np.empty((c.n_layers, c.seq_len, c.kv_dim), dtype=np.float32)
-        values = np.empty_like(keys)
         with self._lock:
             _, seq = self._open()
+            rows = c.seq_len if self.window is None and self.h2o is None else self._lib.kvc_tokens(seq, ffi.NULL, 0)
+            keys = np.empty((c.n_layers, rows, c.kv_dim), dtype=np.float32)
+            values = np.empty_like(keys)
             for layer in range(c.n_layers):
                 k = ffi.cast("float *", ffi.from_buffer(keys[layer]))
                 v = ffi.cast("float *", ffi.from_buffer(values[layer]))
-                if self._lib.kvc_cache_read(seq, layer, 0, c.seq_len, k, v) != 0:
+                if self._lib.kvc_cache_read(seq, layer, 0, rows, k, v) != 0:
                     raise ValueError(last_error(self._lib))
         return keys, values
 
