@@ -327,3 +327,26 @@ def test_serving_bench_smoke(tiny, tmp_path, capsys):
     assert out.count("| KV cache |") == 1 and out.count("| prefix cache |") == 1 and out.count("| streams |") == 1
     saved = json.loads((tmp_path / "serving.json").read_text())
     assert {"memory", "sharing", "throughput"} <= set(saved) and (tmp_path / "serving.md").read_text().strip() in out
+
+
+def test_serving_part_of_the_bench(tiny, monkeypatch):
+    """`make bench`'s serving part: results["serving"] with its three measurements and tables, kvc alone
+    (with a note) where llama-server is not built."""
+    from kvc.bench import suite
+    from kvc.bench.serving import ServingSizes
+    from kvc.bench.workload import QUICK, QUICK_CACHE
+
+    def missing(name):
+        raise FileNotFoundError(f"no {name}: run `make peer`")
+    monkeypatch.setattr(suite, "peer_binary", missing)
+    sizes = ServingSizes(levels=[1], max_tokens=2, rounds=1, context=64, requests=3, min_len=10, max_len=100,
+                         reserve=150, sharers=2, shared=24, answer=2)
+    plan = suite.Plan(models={"f32": tiny}, threads=[1], sizes=QUICK, mode="test", parts=("serving",),
+                      cache_sizes=QUICK_CACHE, serving_sizes=sizes)
+    results = suite.run_bench(plan)
+    sv = results["serving"]
+    assert {"memory", "sharing", "throughput"} <= set(sv) and not sv["throughput"]["errors"]
+    assert sv["notes"] == ["no llama-server: no llama-server: run `make peer`"]
+    text = tables.markdown_tables(results)
+    assert "| KV cache |" in text and "| prefix cache |" in text and "| 1 | " in text and "note: no llama-server" in text
+    json.dumps(results)

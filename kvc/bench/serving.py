@@ -331,9 +331,10 @@ def throughput(url: str, streams: int, max_tokens: int) -> dict:
 
 def serving_throughput(models: dict[str, str], sizes: ServingSizes, threads: int | None,
                        peers: dict[str, str] | None = None, llama_server: str | None = None,
-                       say=lambda line: None) -> dict:
+                       say=lambda line: None, settle=lambda: None) -> dict:
     """(c): a record per (model, level, round, engine), kvc.serve and (for a model with a GGUF in
-    peers, given llama_server) llama-server alternately, a fresh server each with -np = the level."""
+    peers, given llama_server) llama-server alternately, a fresh server each with -np = the level;
+    settle() before each (e.g. waiting for a quiet CPU)."""
     peers = peers if llama_server else {}
     runs, errors = [], []
     for name, path in models.items():
@@ -341,6 +342,7 @@ def serving_throughput(models: dict[str, str], sizes: ServingSizes, threads: int
             for level in sizes.levels:
                 order = [e for e in ENGINES if e == "kvc" or name in peers]
                 for engine in order if round_ % 2 == 0 else order[::-1]:
+                    settle()
                     say(f"serving {name}, round {round_ + 1}/{sizes.rounds}: {engine}, {level} stream(s)...")
                     try:
                         if engine == "kvc":
@@ -450,7 +452,7 @@ def _goals(rows: list[dict]) -> list[str]:
 
 def run_serving(models: dict[str, str], sizes: ServingSizes, threads: int | None = None,
                 peers: dict[str, str] | None = None, llama_server: str | None = None,
-                parts: str = "abc", say=lambda line: None) -> dict:
+                parts: str = "abc", say=lambda line: None, settle=lambda: None) -> dict:
     """Every measurement: (a) and (b) on the first model in-process, (c) on each model through the
     servers; the record results.json keeps under "serving"."""
     started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
@@ -467,7 +469,7 @@ def run_serving(models: dict[str, str], sizes: ServingSizes, threads: int | None
                 out["sharing"] = prefix_sharing(model, sizes.sharers, sizes.shared, sizes.question, sizes.answer,
                                                 sizes.block_size, threads)
     if "c" in parts:
-        out["throughput"] = serving_throughput(models, sizes, threads, peers, llama_server, say)
+        out["throughput"] = serving_throughput(models, sizes, threads, peers, llama_server, say, settle)
     out.update(load_before=load_before, load_after=[round(x, 2) for x in os.getloadavg()],
                seconds=round(time.perf_counter() - started, 1))
     return out
@@ -538,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="threads of both servers and the pool (default: the usable cores)")
     ap.add_argument("--parts", default="abc", help="which measurements (default abc)")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="(c) before each server run wait up to S seconds for the CPU to be under 10%% busy")
     ap.add_argument("--out", default=str(BENCH_DIR / "serving"), help="folder for serving.json and serving.md")
     a = ap.parse_args(argv)
     for m in a.models:
@@ -553,8 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             peers = {name: g for name, g in zip(models, ggufs) if g}
         else:
             print(f"no llama-server at {a.llama_server} (`make peer`): kvc only", file=sys.stderr)
+    from .machine import wait_for_quiet
+
     res = run_serving(models, sizes, a.threads, peers, server, a.parts,
-                      lambda line: print(line, file=sys.stderr, flush=True))
+                      lambda line: print(line, file=sys.stderr, flush=True),
+                      lambda: a.wait_idle and wait_for_quiet(a.wait_idle))
     text = "\n".join(serving_tables(res))
     print(text)
     out = Path(a.out)

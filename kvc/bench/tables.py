@@ -4,6 +4,7 @@ and without the cache."""
 from __future__ import annotations
 
 from ..kvquality import format_table
+from .serving import serving_tables
 from .side_by_side import summarize
 
 
@@ -219,4 +220,6 @@ def markdown_tables(results: dict) -> str:
     lines += _notes(results) + cache_tables(results)
     if "kv_quality" in results:
         lines += kv_quality_table(results["kv_quality"])
+    if "serving" in results:
+        lines += serving_tables(results["serving"]) + [f"note: {n}" for n in results["serving"].get("notes", [])]
     return "\n".join(lines)
