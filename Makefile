@@ -21,7 +21,7 @@ MODEL_Q8 := models/smollm2-135m-instruct.q8_0.bin
 EXPORTER := kvc/format.py $(wildcard export/*.py)
 export KVC_DATA
 
-.PHONY: all setup data model test chat serve bench asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer cuda cuda-sim
+.PHONY: all setup data model test chat serve bench bench-serve asan clean test-sanitize fuzz fuzz-build fuzz-seeds peer cuda cuda-sim
 all: run libkvc.so
 
 run: run.c backend.h
@@ -129,6 +129,15 @@ chat: all model
 bench: all $(MODEL_F32) $(MODEL_Q8) models/smollm2-135m-instruct.bin
 	$(PY) -m kvc.bench --f32 $(MODEL_F32) --q8_0 $(MODEL_Q8) --q4_1 models/smollm2-135m-instruct.bin \
 		--gguf $(SMOLLM2_GGUF) $(BENCH_ARGS)
+
+# the server's paged KV cache and continuous batching (kvc.bench.serving, also the bench's "serving"
+# part): KV memory of a 32-request mix of 20..2000 tokens, 16 requests sharing a 500-token prompt,
+# and 1..16 concurrent streams through kvc.serve on Q8_0 and f32 with time to first token, beside
+# llama-server -np N alternately (`make peer` first, else kvc alone); bench/serving/serving.{md,json}.
+# SERVE_BENCH_ARGS adds options ("--quick", "--wait-idle 60", "--rounds 5")
+SERVE_BENCH_ARGS ?=
+bench-serve: all $(MODEL_F32) $(MODEL_Q8)
+	$(PY) -m kvc.bench.serving $(MODEL_Q8) $(MODEL_F32) --out bench/serving $(SERVE_BENCH_ARGS)
 
 # ----------------------------------------------------------------------------
 # llama.cpp side by side (`make peer`, not part of `make test`): its llama-bench, llama-perplexity,

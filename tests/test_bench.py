@@ -286,22 +286,67 @@ def test_side_by_side_plot(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_serving_bench_smoke(tiny, capsys):
-    """kvc.bench.serving on the tiny model: the paged pool wastes less than whole contexts, the
-    prefix cache holds fewer blocks and computes fewer prompt tokens, the server gives throughput
-    rows; and the command line prints the three tables."""
+def test_serving_bench_smoke(tiny, tmp_path, capsys):
+    """kvc.bench.serving on the tiny model: the paged pool wastes less than contiguous reservations,
+    the prefix cache holds fewer blocks and computes fewer prompt tokens, the server streams give
+    tok/s, a time to first token and exactly max_tokens tokens each (ignore_eos); llama-server gets
+    -c = np * context and the same threads; the command line prints the three tables and saves them."""
     from kvc import Model
     from kvc.bench import serving
 
+    lengths = serving.mix_lengths(6, 10, 150)
+    assert len(lengths) == 6 and all(10 <= p + r <= 150 and p >= 1 and r >= 1 for p, r in lengths)
     with Model(tiny, seq_len=16, threads=1) as model:
-        w = serving.memory_waste(model, requests=4, block_size=8, context=64, threads=1)
-        assert w.tokens_held > 0 and w.token_bytes <= w.paged_reserved < w.contiguous_reserved
+        w = serving.memory_waste(model, lengths, reserve=150, block_size=8, threads=1)
+        paged, reserved, whole = w["rows"]
+        assert w["tokens_held"] > 0 and w["token_bytes"] <= paged["allocated"] < reserved["allocated"]
+        assert 0 <= paged["waste_pct"] < reserved["waste_pct"] < whole["waste_pct"] and w["context"] == 160
         s = serving.prefix_sharing(model, requests=3, system_tokens=32, user_tokens=4, max_tokens=2, block_size=8,
                                    threads=1)
-        assert s.blocks_peak[True] < s.blocks_peak[False] and s.computed[True] == 3 * 36 - 2 * 32
-    rows = serving.serving_throughput(str(tiny), [2], max_tokens=4, threads=1, context=64)
-    assert [r[:3] for r in rows] == [["kvc", "2", "1"]] and float(rows[0][3]) > 0
-    serving.main([str(tiny), "--context", "64", "--requests", "3", "--shared", "24", "--sharers", "2",
-                  "--levels", "1", "--max-tokens", "2", "-t", "1"])
+        off, on = s["rows"]
+        assert on["blocks_peak"] < off["blocks_peak"] and on["bytes_peak"] < off["bytes_peak"]
+        assert on["computed"] == 3 * 36 - 2 * 32 and off["computed"] == 3 * 36
+    sizes = serving.ServingSizes(levels=[1, 2], max_tokens=4, rounds=1, context=64)
+    tp = serving.serving_throughput({"tiny": str(tiny)}, sizes, threads=1)
+    assert not tp["errors"], tp["errors"]
+    assert [(r["engine"], r["streams"]) for r in tp["runs"]] == [("kvc", 1), ("kvc", 2)]
+    for r in tp["runs"]:
+        assert r["tokens"] == [4] * r["streams"] and r["tok_s"] > 0 and r["ttft_s"] and all(t > 0 for t in r["ttft_s"])
+    rows = serving.summarize(tp)["tiny"]
+    assert rows[0]["kvc"]["speedup"] == 1.0 and rows[0]["kvc"]["ttft_ms"] > 0 and rows[1]["ratio"] is None
+    table = "\n".join(serving.throughput_tables(tp))
+    assert "| streams | kvc tok/s | kvc TTFT ms | kvc vs 1 stream | kvc tokens | llama-server tok/s |" in table
+    assert "| 2 | " in table and "no llama-server" in table
+    argv = serving.llama_server_argv("llama-server", "m.gguf", 8080, 8, 2, 512)
+    assert argv[argv.index("-c") + 1] == "4096" and argv[argv.index("-np") + 1] == "8"
+    assert argv[argv.index("-t") + 1] == argv[argv.index("-tb") + 1] == "2" and "--cont-batching" in argv
+    assert serving.main([str(tiny), "--quick", "--no-peer", "--context", "64", "--requests", "3", "--min-len", "10",
+                         "--max-len", "100", "--reserve", "150", "--shared", "24", "--sharers", "2", "--levels", "1",
+                         "--max-tokens", "2", "-t", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("| KV cache |") == 1 and out.count("| prefix cache |") == 1 and out.count("| server |") == 1
+    assert out.count("| KV cache |") == 1 and out.count("| prefix cache |") == 1 and out.count("| streams |") == 1
+    saved = json.loads((tmp_path / "serving.json").read_text())
+    assert {"memory", "sharing", "throughput"} <= set(saved) and (tmp_path / "serving.md").read_text().strip() in out
+
+
+def test_serving_part_of_the_bench(tiny, monkeypatch):
+    """`make bench`'s serving part: results["serving"] with its three measurements and tables, kvc alone
+    (with a note) where llama-server is not built."""
+    from kvc.bench import suite
+    from kvc.bench.serving import ServingSizes
+    from kvc.bench.workload import QUICK, QUICK_CACHE
+
+    def missing(name):
+        raise FileNotFoundError(f"no {name}: run `make peer`")
+    monkeypatch.setattr(suite, "peer_binary", missing)
+    sizes = ServingSizes(levels=[1], max_tokens=2, rounds=1, context=64, requests=3, min_len=10, max_len=100,
+                         reserve=150, sharers=2, shared=24, answer=2)
+    plan = suite.Plan(models={"f32": tiny}, threads=[1], sizes=QUICK, mode="test", parts=("serving",),
+                      cache_sizes=QUICK_CACHE, serving_sizes=sizes)
+    results = suite.run_bench(plan)
+    sv = results["serving"]
+    assert {"memory", "sharing", "throughput"} <= set(sv) and not sv["throughput"]["errors"]
+    assert sv["notes"] == ["no llama-server: no llama-server: run `make peer`"]
+    text = tables.markdown_tables(results)
+    assert "| KV cache |" in text and "| prefix cache |" in text and "| 1 | " in text and "note: no llama-server" in text
+    json.dumps(results)

@@ -209,6 +209,15 @@ def test_completions_plain_and_streamed(client, ref):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_ignore_eos_runs_to_max_tokens(client):
+    """ignore_eos (llama-server's and vLLM's extension): the end of turn does not end the reply."""
+    plain = client.chat.completions.create(model="x", messages=HELLO, max_tokens=80, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 80
+    r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=80, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 80
+
+
 def test_n_choices(client, ref):
     r = client.chat.completions.create(model="x", messages=HELLO, temperature=0, max_tokens=10, n=2)
     assert [c.index for c in r.choices] == [0, 1]
@@ -504,6 +513,7 @@ def test_engine_close_ends_running_and_waiting_requests(smollm2_q4_bin):
     ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": HELLO, "stop": 3}, "stop"),
     ({"messages": HELLO, "seed": "s"}, "seed"),
+    ({"messages": HELLO, "ignore_eos": 1}, "ignore_eos"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": HELLO, "logprobs": True}, "logprobs"),
     ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),

@@ -18,6 +18,7 @@ from .files import BENCH_DIR, DEFAULT_MODELS, require_model
 from .kvc_run import run_one
 from .no_cache import run_one_no_cache
 from .plot import plot, plot_cache, plot_long_context, plot_side_by_side
+from .serving import FULL_SERVING, QUICK_SERVING
 from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
@@ -52,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
                          " of each KV cache type against the f32 cache (kvc.kvquality); side-by-side: kvc and"
                          " llama.cpp's llama-bench (`make peer`) alternately on the same weights; long-context:"
                          " perplexity by position past the model's context per bounded KV cache policy"
-                         " (kvc.longppl) and ms/token and RSS over a long generation with a window (kvc.bench.window)")
+                         " (kvc.longppl) and ms/token and RSS over a long generation with a window (kvc.bench.window);"
+                         " serving: KV memory of a request mix, prefix sharing, and 1..16 concurrent streams through"
+                         " kvc.serve beside llama-server (kvc.bench.serving)")
     ap.add_argument("--cache-types", metavar="TYPES",
                     help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
                          + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 gguf=Path(a.gguf) if a.gguf else None, wait_idle=a.wait_idle,
                 timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs,
                 kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8), side_sizes=side_sizes_from_args(a),
-                long_sizes=long_sizes_from_args(a))
+                long_sizes=long_sizes_from_args(a),
+                serving_sizes=QUICK_SERVING if a.quick else FULL_SERVING)
     results = run_bench(plan)
 
     out = Path(a.out)
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   long_context.get("perplexity", {}),
                                                                   long_context.get("generation", {})]
     side = results.get("side_by_side", {})
-    failed = any("error" in r for r in records) or bool(side.get("errors"))
+    failed = (any("error" in r for r in records) or bool(side.get("errors"))
+              or bool(results.get("serving", {}).get("throughput", {}).get("errors")))
     return 1 if failed else 0
 
 

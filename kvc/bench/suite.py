@@ -4,7 +4,8 @@ read-bandwidth roofline, every kvc configuration in a child process and Q8_0's q
 the cost of generating without a cache (part "no-cache"); what each KV cache type costs in quality
 (part "kv-quality", kvc.kvquality on the f32 model); bounded KV caches past the model's context:
 perplexity by position for each policy and ms/token and RSS over a long windowed generation (part
-"long-context", kvc.longppl and kvc.bench.window); one results dict (results.json)."""
+"long-context", kvc.longppl and kvc.bench.window); what the paged cache and continuous batching buy
+the server, beside llama-server (part "serving", kvc.bench.serving); one results dict (results.json)."""
 from __future__ import annotations
 
 import os
@@ -20,11 +21,14 @@ from .logit_quality import quality
 from ..kvquality import DEFAULT_CTX, default_text, evaluate
 from .. import longppl
 from .machine import machine_info, wait_for_quiet
-from .side_by_side import FULL_SIDE, SideSizes, run_side_by_side
+from .peer import peer_binary
+from .serving import FULL_SERVING, ServingSizes, run_serving
+from .side_by_side import FULL_SIDE, SideSizes, contenders, run_side_by_side
 from .window import run_window
 from .workload import BANDWIDTH_BYTES, CACHE_CONFIGS, FULL_CACHE, FULL_LONG, CacheSizes, LongSizes, Sizes
 
-PARTS = ("side-by-side", "speed", "cache", "no-cache", "kv-quality", "long-context")
+PARTS = ("side-by-side", "speed", "cache", "no-cache", "kv-quality", "long-context", "serving")
+SERVING_DTYPES = ("q8_0", "f32")  # the serving part's models, those of the plan's weight types
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Plan:
     kv_quality_ctx: int = DEFAULT_CTX  # of this many tokens
     side_sizes: SideSizes = field(default_factory=lambda: FULL_SIDE)  # the side-by-side part's
     long_sizes: LongSizes = field(default_factory=lambda: FULL_LONG)  # the long-context part's
+    serving_sizes: ServingSizes = field(default_factory=lambda: FULL_SERVING)  # the serving part's
 
 
 def _say(text: str) -> None:
@@ -145,6 +150,24 @@ def _long_context(plan: Plan, results: dict) -> None:
     results["long_context"] = {"dtype": d, "perplexity": ppl, "generation": gen}
 
 
+def _serving(plan: Plan) -> dict:
+    """The serving part on the Q8_0 and f32 models of the plan (else its first), on its most threads,
+    with llama-server on their GGUFs where `make peer` built it (else kvc alone, with a note)."""
+    models = {d: str(p) for d, p in plan.models.items() if d in SERVING_DTYPES} or \
+        {d: str(p) for d, p in list(plan.models.items())[:1]}
+    peers, server, notes = {}, None, []
+    try:
+        server = str(peer_binary("llama-server"))
+        pairs, notes = contenders({d: Path(p) for d, p in models.items()}, plan.gguf)
+        peers = {d: str(g) for d, (_, g) in pairs.items()}
+    except (FileNotFoundError, RuntimeError) as e:
+        notes.append(f"no llama-server: {e}")
+    res = run_serving(models, plan.serving_sizes, max(plan.threads), peers, server, say=_say,
+                      settle=lambda: _settle(plan))
+    res["notes"] = notes
+    return res
+
+
 def run_bench(plan: Plan) -> dict:
     """Every measurement of the plan, with the machine's description: what results.json holds."""
     results = {"mode": plan.mode, "machine": machine_info(), "sizes": asdict(plan.sizes),
@@ -164,6 +187,8 @@ def run_bench(plan: Plan) -> dict:
         _kv_quality(plan, results)
     if "long-context" in plan.parts and plan.models:
         _long_context(plan, results)
+    if "serving" in plan.parts and plan.models:
+        results["serving"] = _serving(plan)
     results["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = time.perf_counter() - t0
     return results

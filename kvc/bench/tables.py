@@ -6,6 +6,7 @@ from __future__ import annotations
 from .. import longppl
 from ..kvquality import format_table
 from . import window
+from .serving import serving_tables
 from .side_by_side import summarize
 
 
@@ -232,4 +233,6 @@ def markdown_tables(results: dict) -> str:
         lines += kv_quality_table(results["kv_quality"])
     if "long_context" in results:
         lines += long_context_tables(results["long_context"])
+    if "serving" in results:
+        lines += serving_tables(results["serving"]) + [f"note: {n}" for n in results["serving"].get("notes", [])]
     return "\n".join(lines)

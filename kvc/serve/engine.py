@@ -38,6 +38,8 @@ class GenerationRequest:
 
     max_tokens None: until the end of turn or the context is full. seed None: a random seed per
     choice; otherwise choice i uses seed + i. stop: the reply is cut before the first of these strings.
+    ignore_eos: the end-of-text and end-of-turn tokens do not end the reply (benchmarks: a reply of
+    exactly max_tokens tokens).
     """
 
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
@@ -49,6 +51,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -410,6 +413,8 @@ class BatchEngine(Engine):
                                 seed=None if request.seed is None else (request.seed + i) & SEED_MASK)
                         for i in range(request.n)]
             stop_ids = self._chat_stops if request.messages is not None else self._text_stops
+            if request.ignore_eos:
+                stop_ids = set()
             live.scheduled = ScheduledRequest(prompt=live.prompt, samplers=samplers, max_tokens=request.max_tokens,
                                               stop_ids=stop_ids, tag=live)
             self._scheduler.add(live.scheduled)

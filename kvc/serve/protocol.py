@@ -183,6 +183,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
         seed=None if seed is None else seed % 2**64,  # negative seeds as their unsigned bits
         stop=_stop(body),
         n=_int(body, "n", 1, 1, MAX_N),
+        ignore_eos=_bool(body, "ignore_eos", False),  # not OpenAI's; llama-server and vLLM take it
     )
 
 
