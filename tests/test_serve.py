@@ -755,7 +755,8 @@ def _serve_cli(*args, **kw) -> subprocess.Popen:
 
 @pytest.mark.parametrize("args", [[], ["--parallel", "0"], ["--port", "x"], ["--nonsense"], ["-ctk", "q9"],
                                   ["--kv-memory", "lots"], ["--kv-blocks", "4", "--kv-memory", "1G"],
-                                  ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"]])
+                                  ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"],
+                                  ["--slot-save-path", "README.md"]])
 def test_cli_bad_flags_exit_1_with_one_line(smollm2_q4_bin, args):
     model = [] if not args else [smollm2_q4_bin]
     p = _serve_cli(*model, "--port", "0", *args)
@@ -769,10 +770,10 @@ def test_cli_missing_model(tmp_path):
     assert p.returncode == 1 and err.strip() == f"kvc.serve: error: no model file at {tmp_path / 'none.bin'}"
 
 
-def test_cli_serves(smollm2_q4_bin):
+def test_cli_serves(smollm2_q4_bin, tmp_path):
     p = _serve_cli(smollm2_q4_bin, "--port", "0", "-c", "256", "-t", "1", "--model-name", "smol",
                    "--log-level", "warning", "-np", "4", "--kv-memory", "8MiB", "--block-size", "32",
-                   "--max-step-tokens", "64")
+                   "--max-step-tokens", "64", "--slot-save-path", tmp_path / "slots")
     try:
         line = p.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
@@ -781,6 +782,9 @@ def test_cli_serves(smollm2_q4_bin):
         assert [m.id for m in client.models.list().data] == ["smol"]
         r = client.chat.completions.create(model="smol", messages=HELLO, max_tokens=3)
         assert r.model == "smol" and r.usage.completion_tokens <= 3
+        url = match.group(0).removesuffix("/v1")
+        status, saved = post(url + "/slots/save", {"filename": "a.kvc", "messages": HELLO})
+        assert status == 200 and (tmp_path / "slots" / "a.kvc").stat().st_size == saved["n_written"], saved
     finally:
         p.terminate()
         p.communicate(timeout=30)
