@@ -623,8 +623,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_a_saved_chat_restored_in_a_fresh_server_is_reused_and_answers_the_same(smollm2_q4_bin, saver, slot_dir,
-                                                                                 ref):
+def test_slot_restored_in_a_fresh_server_is_reused_and_answers_the_same(smollm2_q4_bin, saver, slot_dir, ref):
     """Save a chat on one server, restore it on a new one (a new engine and pool) on the same folder,
     send the chat's next turn: the restored blocks are reused (cached_tokens, the prefix-hit metric)
     and the greedy reply is the one of the server that never restarted."""
@@ -661,10 +660,11 @@ def test_a_saved_chat_restored_in_a_fresh_server_is_reused_and_answers_the_same(
         fresh.close()
 
 
-def test_a_saved_prompt_and_the_alias_route(saver, slot_dir, ref):
+def test_slot_a_saved_prompt_and_the_alias_route(saver, slot_dir, ref):
     """POST /slots/{id}?action=save|restore (llama.cpp's route) does what /slots/save and /restore
     do; a text prompt is tokenized as /v1/completions does it, and its blocks serve a completion."""
-    prompt = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"
+    prompt = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
+              "goldsmith of Mainz, combined movable metal type, oil-based ink and a wooden screw press into")
     status, saved = post(saver.url + "/slots/3?action=save", {"filename": "text.kvc", "prompt": prompt})
     assert status == 200 and saved["id_slot"] == 3 and saved["n_saved"] == len(ref.encode(prompt, bos=True)), saved
     status, restored = post(saver.url + "/slots/0?action=restore", {"filename": "text.kvc"})

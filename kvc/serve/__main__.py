@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(args.log_level.upper())
     try:
-        config = uvicorn.Config(create_app(engine, slot_save_path=args.slot_save_path), log_level=args.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(engine, slot_save_path=args.slot_save_path), log_level=args.log_level,
+                                timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()
