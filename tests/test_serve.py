@@ -34,12 +34,13 @@ ONE_CONTEXT = 2048  # one_worker's
 class Server:
     """A BatchEngine and its app under uvicorn, in a thread of this process, on a free port."""
 
-    def __init__(self, model_path, **engine_args):
+    def __init__(self, model_path, slot_save_path=None, **engine_args):
         self.engine = BatchEngine(model_path, **{"context": CONTEXT, "threads": 1, **engine_args})
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.engine), log_level="warning", lifespan="off")
+        app = create_app(self.engine, slot_save_path=None if slot_save_path is None else str(slot_save_path))
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
@@ -609,6 +610,150 @@ def test_metrics_move(one_worker):
     assert after["kvc_requests_running"] == 0
 
 
+# -- slots: a conversation's cache saved, and restored in another server ------------------------------
+
+SYSTEM_CHAT = [{"role": "system", "content": "You are a careful geography teacher who answers in one sentence."},
+               *HELLO]
+
+
+@pytest.fixture(scope="module")
+def slot_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("slots")
+
+
+@pytest.fixture(scope="module")
+def saver(smollm2_q4_bin, slot_dir):
+    """A server saving to slot_dir (two sequences at once, the default pool: two full contexts)."""
+    s = Server(smollm2_q4_bin, slot_save_path=slot_dir, parallel=2)
+    yield s
+    s.close()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_slot_restored_in_a_fresh_server_is_reused_and_answers_the_same(smollm2_q4_bin, saver, slot_dir, ref):
+    """Save a chat on one server, restore it on a new one (a new engine and pool) on the same folder,
+    send the chat's next turn: the restored blocks are reused (cached_tokens, the prefix-hit metric)
+    and the greedy reply is the one of the server that never restarted."""
+    first = saver.client().chat.completions.create(model="x", messages=SYSTEM_CHAT, temperature=0, max_tokens=16)
+    chat = SYSTEM_CHAT + [{"role": "assistant", "content": first.choices[0].message.content}]
+    saves = saver.metrics()["kvc_slot_saves_total"]
+    status, saved = post(saver.url + "/slots/save", {"filename": "chat1.kvc", "messages": chat})
+    assert status == 200, saved
+    tokens = ref.chat_tokens(chat)
+    assert saved["filename"] == "chat1.kvc" and saved["n_saved"] == len(tokens) > 32
+    assert saved["n_written"] == (slot_dir / "chat1.kvc").stat().st_size > 112 + 4 * len(tokens)
+    assert saved["timings"]["save_ms"] > 0
+    assert saver.metrics()["kvc_slot_saves_total"] == saves + 1
+    following = chat + [{"role": "user", "content": "And of Italy?"}]
+    want = saver.client().chat.completions.create(model="x", messages=following, temperature=0, max_tokens=16)
+    reuse = min(common_prefix(tokens, ref.chat_tokens(following)), len(ref.chat_tokens(following)) - 1) // 16 * 16
+    assert reuse >= 32 and want.usage.prompt_tokens_details.cached_tokens == reuse
+
+    fresh = Server(smollm2_q4_bin, slot_save_path=slot_dir, parallel=2)
+    try:
+        status, restored = post(fresh.url + "/slots/restore", {"filename": "chat1.kvc"})
+        assert status == 200, restored
+        assert restored["filename"] == "chat1.kvc" and restored["n_restored"] == len(tokens)
+        assert restored["n_read"] == saved["n_written"] and restored["timings"]["restore_ms"] > 0
+        m = fresh.metrics()
+        assert m["kvc_slot_restores_total"] == 1 and m["kvc_kv_blocks_cached"] == len(tokens) // 16
+        assert m["kvc_prefix_cache_hit_tokens_total"] == 0
+        got = fresh.client().chat.completions.create(model="x", messages=following, temperature=0, max_tokens=16)
+        assert got.usage.prompt_tokens_details.cached_tokens == reuse
+        assert fresh.metrics()["kvc_prefix_cache_hit_tokens_total"] == reuse
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    finally:
+        fresh.close()
+
+
+def test_slot_a_saved_prompt_and_the_alias_route(saver, slot_dir, ref):
+    """POST /slots/{id}?action=save|restore (llama.cpp's route) does what /slots/save and /restore
+    do; a text prompt is tokenized as /v1/completions does it, and its blocks serve a completion."""
+    prompt = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
+              "goldsmith of Mainz, combined movable metal type, oil-based ink and a wooden screw press into")
+    status, saved = post(saver.url + "/slots/3?action=save", {"filename": "text.kvc", "prompt": prompt})
+    assert status == 200 and saved["id_slot"] == 3 and saved["n_saved"] == len(ref.encode(prompt, bos=True)), saved
+    status, restored = post(saver.url + "/slots/0?action=restore", {"filename": "text.kvc"})
+    assert status == 200 and restored["id_slot"] == 0 and restored["n_restored"] == saved["n_saved"], restored
+    r = saver.client().completions.create(model="x", prompt=prompt + " printed", temperature=0, max_tokens=2)
+    assert r.usage.prompt_tokens_details.cached_tokens == saved["n_saved"] // 16 * 16 > 0
+    for url, param in [("/slots/x?action=save", "id_slot"), ("/slots/-1?action=save", "id_slot"),
+                       ("/slots/0?action=erase", "action"), ("/slots/0", "action")]:
+        assert_error(*post(saver.url + url, {"filename": "text.kvc", "prompt": prompt}), 400, param)
+
+
+def test_slots_are_refused_without_a_save_path(server):
+    for url in ("/slots/save", "/slots/restore", "/slots/0?action=restore"):
+        status, body = post(server.url + url, {"filename": "chat1.kvc", "messages": HELLO})
+        assert status == 501 and body["error"]["type"] == "not_supported_error", body
+        assert "saving is off" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("filename", ["../x", "a/b", ".hidden", "..", "a..b", "/etc/passwd", "a\\b", "a\0b", "",
+                                      "x" * 256, "é" * 128, 5, None])
+@pytest.mark.parametrize("action", ["save", "restore"])
+def test_bad_slot_filenames_are_400(saver, slot_dir, filename, action):
+    before = sorted(p.name for p in slot_dir.parent.rglob("*"))
+    status, body = post(saver.url + f"/slots/{action}", {"filename": filename, "messages": HELLO})
+    assert_error(status, body, 400, "filename")
+    assert sorted(p.name for p in slot_dir.parent.rglob("*")) == before  # nothing written, in or beside it
+
+
+def test_slot_names_at_the_limits(saver, slot_dir):
+    """Saving takes names of up to 244 bytes (the temporary file's name is 11 bytes longer), restoring
+    up to 255."""
+    for name in ("x" * 244, "é" * 122, "chat.v2.kvc"):
+        status, body = post(saver.url + "/slots/save", {"filename": name, "prompt": "Hello there"})
+        assert status == 200 and (slot_dir / name).is_file(), body
+        assert post(saver.url + "/slots/restore", {"filename": name})[0] == 200
+    assert_error(*post(saver.url + "/slots/save", {"filename": "x" * 245, "prompt": "Hello"}), 400, "filename")
+    assert_error(*post(saver.url + "/slots/restore", {"filename": "x" * 255}), 404, "filename")
+
+
+def test_slot_save_refuses_bad_conversations(saver):
+    for body, param in [({"filename": "c.kvc"}, "messages"),
+                        ({"filename": "c.kvc", "messages": HELLO, "prompt": "x"}, "messages"),
+                        ({"filename": "c.kvc", "messages": []}, "messages"),
+                        ({"filename": "c.kvc", "prompt": ""}, "prompt"),
+                        ({"filename": "c.kvc", "prompt": "word " * CONTEXT}, "prompt")]:
+        assert_error(*post(saver.url + "/slots/save", body), 400, param)
+
+
+def test_restore_refusals(smollm2_q4_bin, saver, slot_dir):
+    """A missing file is 404; a truncated, corrupt or foreign file (another cache type, not a
+    session) 400 with the library's line (naming the file, not the folder); a pool too small, 503."""
+    assert_error(*post(saver.url + "/slots/restore", {"filename": "none.kvc"}), 404, "filename")
+    status, saved = post(saver.url + "/slots/save", {"filename": "good.kvc", "messages": SYSTEM_CHAT})
+    assert status == 200, saved
+    data = (slot_dir / "good.kvc").read_bytes()
+    (slot_dir / "truncated.kvc").write_bytes(data[:-1])
+    (slot_dir / "corrupt.kvc").write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    (slot_dir / "notes.txt").write_bytes(b"not a session at all")
+    with Model(smollm2_q4_bin, seq_len=64, threads=1) as m, m.pool(blocks=4, cache_type_k="f16") as pool:
+        seq = pool.sequence()
+        pool.step([(seq, m.chat_tokens(SYSTEM_CHAT))])
+        seq.save_state(slot_dir / "f16.kvc")
+    for name, words in [("truncated.kvc", "truncated"), ("corrupt.kvc", "checksum"), ("notes.txt", "not a kvc session"),
+                        ("f16.kvc", "cache types f16/f32")]:
+        err = assert_error(*post(saver.url + "/slots/restore", {"filename": name}), 400, "filename")
+        assert words in err["message"] and name in err["message"] and str(slot_dir) not in err["message"], err
+        assert "\n" not in err["message"]
+    small = Server(smollm2_q4_bin, slot_save_path=slot_dir, kv_blocks=2)
+    try:
+        err = assert_error(*post(small.url + "/slots/restore", {"filename": "good.kvc"}), 503)
+        assert err["code"] == "kv_cache_full"
+        assert small.metrics()["kvc_slot_restores_total"] == 0
+        status, body = post(small.url + "/slots/save", {"filename": "big.kvc", "messages": SYSTEM_CHAT})
+        assert_error(status, body, 400, "messages")  # it can never fit in 2 blocks
+        assert not (slot_dir / "big.kvc").exists()
+    finally:
+        small.close()
+
+
 # -- the command line --------------------------------------------------------------------------------
 
 
@@ -620,7 +765,8 @@ def _serve_cli(*args, **kw) -> subprocess.Popen:
 
 @pytest.mark.parametrize("args", [[], ["--parallel", "0"], ["--port", "x"], ["--nonsense"], ["-ctk", "q9"],
                                   ["--kv-memory", "lots"], ["--kv-blocks", "4", "--kv-memory", "1G"],
-                                  ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"]])
+                                  ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"],
+                                  ["--slot-save-path", "README.md"]])
 def test_cli_bad_flags_exit_1_with_one_line(smollm2_q4_bin, args):
     model = [] if not args else [smollm2_q4_bin]
     p = _serve_cli(*model, "--port", "0", *args)
@@ -634,10 +780,10 @@ def test_cli_missing_model(tmp_path):
     assert p.returncode == 1 and err.strip() == f"kvc.serve: error: no model file at {tmp_path / 'none.bin'}"
 
 
-def test_cli_serves(smollm2_q4_bin):
+def test_cli_serves(smollm2_q4_bin, tmp_path):
     p = _serve_cli(smollm2_q4_bin, "--port", "0", "-c", "256", "-t", "1", "--model-name", "smol",
                    "--log-level", "warning", "-np", "4", "--kv-memory", "8MiB", "--block-size", "32",
-                   "--max-step-tokens", "64")
+                   "--max-step-tokens", "64", "--slot-save-path", tmp_path / "slots")
     try:
         line = p.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
@@ -646,6 +792,9 @@ def test_cli_serves(smollm2_q4_bin):
         assert [m.id for m in client.models.list().data] == ["smol"]
         r = client.chat.completions.create(model="smol", messages=HELLO, max_tokens=3)
         assert r.model == "smol" and r.usage.completion_tokens <= 3
+        url = match.group(0).removesuffix("/v1")
+        status, saved = post(url + "/slots/save", {"filename": "a.kvc", "messages": HELLO})
+        assert status == 200 and (tmp_path / "slots" / "a.kvc").stat().st_size == saved["n_written"], saved
     finally:
         p.terminate()
         p.communicate(timeout=30)

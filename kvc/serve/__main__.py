@@ -10,7 +10,8 @@ import sys
 
 DESCRIPTION = """\
 An OpenAI-compatible server for a kvc model: POST /v1/chat/completions and /v1/completions (plain
-and streamed), GET /v1/models, /health and /metrics (Prometheus).
+and streamed), GET /v1/models, /health and /metrics (Prometheus); with --slot-save-path DIR also
+POST /slots/save and /slots/restore (a conversation's KV cache to DIR/filename and back).
 
 Every request runs on one paged KV cache (--kv-blocks blocks of --block-size positions, or
 --kv-memory bytes of them) with continuous batching: each step is one forward pass over the next
@@ -108,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests that may wait to start; more get HTTP 503 (default 64)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in /v1/models and responses (default: the file's name)")
+    p.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder of the session files POST /slots/save writes and /slots/restore reads "
+                        "(made if missing; default: none, and those routes answer 501)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
     return p
@@ -123,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not os.path.isfile(args.model):
         fail(f"no model file at {args.model}")
+    if args.slot_save_path is not None:
+        try:
+            os.makedirs(args.slot_save_path, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot use --slot-save-path {args.slot_save_path}: {e}")
     try:
         sock = bind(args.host, args.port)
     except (OSError, OverflowError) as e:
@@ -146,14 +155,16 @@ def main(argv: list[str] | None = None) -> None:
     url_host = f"[{host}]" if ":" in host else host
     print(f"kvc.serve: {engine.model_name} at http://{url_host}:{port}/v1 (parallel {args.parallel}, KV cache "
           f"{engine.blocks_total} blocks of {engine.block_size}, context {engine.context_length}, "
-          f"queue {args.queue_size})", file=sys.stderr, flush=True)
+          f"queue {args.queue_size}{', slots in ' + args.slot_save_path if args.slot_save_path else ''})",
+          file=sys.stderr, flush=True)
     handler = logging.StreamHandler()  # kvc.serve's request lines, next to uvicorn's
     handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
     logger = logging.getLogger("kvc.serve")
     logger.addHandler(handler)
     logger.setLevel(args.log_level.upper())
     try:
-        config = uvicorn.Config(create_app(engine), log_level=args.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(engine, slot_save_path=args.slot_save_path), log_level=args.log_level,
+                                timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()

@@ -1,7 +1,9 @@
 """The ASGI app: OpenAI's chat and text completions (plain and streamed), models, health and metrics.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health, GET /metrics. Every response is JSON, server-sent events (streams) or, for /metrics,
+GET /health, GET /metrics, and with a save folder POST /slots/save and /slots/restore (a
+conversation's KV cache to a session file and back into the prefix cache; POST /slots/{id}?action=
+save|restore, llama.cpp's route, is the same). Every response is JSON, server-sent events (streams) or, for /metrics,
 Prometheus text; errors are OpenAI's error object. Requests go to an `Engine` (BatchEngine: continuous
 batching on a paged KV cache): beyond its running sequences they wait in its queue, and beyond the
 queue's size get 503. A client that disconnects, streaming or not, cancels its request: a waiting
@@ -9,7 +11,10 @@ one leaves the queue, a running one stops before its next step and frees its KV 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,9 +25,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..pool import PoolFull
 from . import metrics, protocol
-from .engine import (ChoiceFinished, Engine, EngineClosed, QueueFull, RequestFailed, RequestFinished, RequestHandle,
-                     TextDelta)
+from .engine import (ChoiceFinished, Engine, EngineClosed, GenerationRequest, QueueFull, RequestFailed,
+                     RequestFinished, RequestHandle, SlotResult, TextDelta)
 from .protocol import APIError, ParsedRequest
 from .responses import Reply, usage
 
@@ -31,8 +37,9 @@ MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this gets 413
 PING_SECONDS = 15  # an SSE comment line this often keeps idle streams (a long queue wait) open
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The server's ASGI app, answering with engine. The caller owns engine (and closes it)."""
+def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES, slot_save_path: str | None = None) -> FastAPI:
+    """The server's ASGI app, answering with engine. The caller owns engine (and closes it).
+    slot_save_path: the folder of /slots' session files (None: those routes answer 501)."""
     app = FastAPI(title="kvc", summary="An OpenAI-compatible server for kvc models", docs_url="/docs",
                   redoc_url=None)
     app.state.engine = engine
@@ -90,7 +97,73 @@ def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         body = protocol.parse_json(await _read_body(request, max_body_bytes))
         return await _answer(request, engine, protocol.parse_completion(body), chat=False)
 
+    async def slot(request: Request, action: str) -> dict[str, Any]:
+        if slot_save_path is None:
+            raise APIError(501, "saving is off: this server was started without --slot-save-path",
+                           type="not_supported_error", code="slots_disabled")
+        body = protocol.parse_json(await _read_body(request, max_body_bytes))
+        return await _slot(engine, body, action, slot_save_path)
+
+    @app.post("/slots/save")
+    async def slot_save(request: Request) -> dict[str, Any]:
+        return await slot(request, "save")
+
+    @app.post("/slots/restore")
+    async def slot_restore(request: Request) -> dict[str, Any]:
+        return await slot(request, "restore")
+
+    @app.post("/slots/{slot_id}")
+    async def slot_action(request: Request, slot_id: str, action: str | None = None) -> dict[str, Any]:
+        """llama.cpp's route: the id names no slot here (there are none), it only has to be an integer."""
+        if not re.fullmatch(r"[0-9]+", slot_id):
+            raise protocol.bad(f"the slot id must be an integer, got {slot_id!r}", param="id_slot")
+        if action not in ("save", "restore"):
+            raise protocol.bad(f"action must be save or restore, got {action!r}", param="action",
+                               code="unsupported_value")
+        return {"id_slot": int(slot_id), **await slot(request, action)}
+
     return app
+
+
+async def _prompt_tokens(engine: Engine, generation: GenerationRequest, param: str) -> list[int]:
+    """The prompt's tokens as the engine runs them; 400 when it cannot run them."""
+    try:
+        tokens = await anyio.to_thread.run_sync(engine.prompt_tokens, generation)
+    except ValueError as e:  # e.g. a model without a chat template
+        raise protocol.bad(str(e), param=param) from None
+    protocol.check_prompt_length(len(tokens), engine.context_length, param)
+    return tokens
+
+
+async def _slot(engine: Engine, body: dict[str, Any], action: str, folder: str) -> dict[str, Any]:
+    """Save a conversation's cache to folder/filename, or restore one into the prefix cache, on the
+    engine's thread; llama.cpp's answer."""
+    filename = protocol.slot_filename(body, saving=action == "save")
+    path = os.path.join(folder, filename)
+    param = "filename"  # what a ValueError blames: the file, or (saving) the conversation
+    try:
+        if action == "save":
+            generation, param = protocol.parse_slot_save(body)
+            future = engine.save_slot(await _prompt_tokens(engine, generation, param), path)
+        else:
+            future = engine.restore_slot(path)
+        result: SlotResult = await asyncio.wrap_future(future)
+    except FileNotFoundError:
+        raise APIError(404, f"there is no saved file {filename!r}", param="filename", code="file_not_found") from None
+    except ValueError as e:  # it can never fit, or the file is not one this server reads
+        raise protocol.bad(str(e).replace(path, filename), param=param) from None
+    except PoolFull as e:
+        raise APIError(503, f"the KV cache has too few free blocks now: {e}", type="server_error",
+                       code="kv_cache_full") from None
+    except EngineClosed as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+    except OSError as e:
+        raise APIError(500, str(e).replace(path, filename), type="server_error") from None
+    if action == "save":
+        return {"filename": filename, "n_saved": result.tokens, "n_written": result.bytes,
+                "timings": {"save_ms": result.seconds * 1e3}}
+    return {"filename": filename, "n_restored": result.tokens, "n_read": result.bytes,
+            "timings": {"restore_ms": result.seconds * 1e3}}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -110,12 +183,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 async def _answer(request: Request, engine: Engine, parsed: ParsedRequest, chat: bool) -> Response:
     """Check the prompt's length, queue the request, and answer: streamed or whole."""
-    param = "messages" if chat else "prompt"
-    try:
-        tokens = await anyio.to_thread.run_sync(engine.prompt_tokens, parsed.generation)
-    except ValueError as e:  # e.g. a model without a chat template
-        raise protocol.bad(str(e), param=param) from None
-    protocol.check_prompt_length(len(tokens), engine.context_length, param)
+    tokens = await _prompt_tokens(engine, parsed.generation, "messages" if chat else "prompt")
     try:
         handle = engine.submit(parsed.generation, tokens)
     except QueueFull as e:

@@ -5,7 +5,9 @@ batching on one paged KV cache (`kvc.Pool`): one background thread runs a `Sched
 step is one `Pool.step` over all running sequences (their next tokens, and chunks of new prompts),
 then samples each sequence's next token with its own `kvc.Sampler` and streams its text through
 its stop strings. Requests join and leave between steps; beyond `parallel` running sequences they
-wait, and beyond the queue's size they are refused (`QueueFull`, HTTP 503).
+wait, and beyond the queue's size they are refused (`QueueFull`, HTTP 503). Between two steps the
+thread also runs the slot jobs: a conversation's cache saved to a session file (`save_slot`) or
+loaded from one into the prefix cache (`restore_slot`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..model import Model
@@ -100,6 +103,16 @@ class RequestFailed:
 Event = TextDelta | ChoiceFinished | RequestFinished | RequestFailed
 
 
+@dataclass(frozen=True)
+class SlotResult:
+    """A conversation's cache saved to or restored from a session file: its tokens, the file's bytes,
+    and the seconds the engine thread spent on it (the running requests wait meanwhile)."""
+
+    tokens: int
+    bytes: int
+    seconds: float
+
+
 class QueueFull(Exception):
     """The engine's queue of waiting requests is full: try again later (HTTP 503)."""
 
@@ -178,6 +191,8 @@ class EngineMetrics:
     prefill_seconds: float = 0.0  # step time spent on prompt tokens (shared out by tokens per step)
     decode_seconds: float = 0.0  # step time spent on generated tokens
     generation_tokens_per_second: float = 0.0  # over the last RATE_WINDOW_SECONDS
+    slot_saves: int = 0  # session files written by save_slot
+    slot_restores: int = 0  # session files loaded by restore_slot
 
 
 class Engine(ABC):
@@ -197,6 +212,20 @@ class Engine(ABC):
         prompt_tokens: what prompt_tokens(request) returned (empty: the engine tokenizes it). A
         request the engine can never run (its prompt and max_tokens do not fit in the KV cache)
         ends with RequestFailed(bad_request=True)."""
+
+    @abstractmethod
+    def save_slot(self, prompt_tokens: Sequence[int], path: str) -> "Future[SlotResult]":
+        """Run what the cache does not hold of prompt_tokens (a prompt_tokens() result), write its
+        sequence to the session file path, and free it (its full blocks stay in the prefix cache).
+        From the event loop's thread; raises EngineClosed. The future raises ValueError (it can never
+        fit: the request's fault), PoolFull (no blocks now) or OSError (the file was not written)."""
+
+    @abstractmethod
+    def restore_slot(self, path: str) -> "Future[SlotResult]":
+        """Load the session file path into the KV cache and free it: its full blocks join the prefix
+        cache, for the requests whose prompts start with its tokens. From the event loop's thread;
+        raises EngineClosed. The future raises FileNotFoundError, ValueError (a file that does not
+        fit: another model, cache type or block size, truncated or corrupt) or PoolFull."""
 
     @abstractmethod
     def metrics(self) -> EngineMetrics:
@@ -285,6 +314,7 @@ class BatchEngine(Engine):
         self._wake = threading.Condition(self._lock)  # work arrived, or the engine closed
         self._inbox: list[_Live] = []  # submitted, not yet taken by the engine thread
         self._cancels: list[RequestHandle] = []  # cancelled, not yet seen by the engine thread
+        self._jobs: collections.deque[_Job] = collections.deque()  # slot saves and restores, in order
         self._closed = False
         self._free_slots = parallel  # running sequences the scheduler could still start, as last seen
         self._counts = EngineMetrics(parallel=parallel, block_size=self.block_size)
@@ -315,6 +345,13 @@ class BatchEngine(Engine):
             self._wake.notify_all()
         return handle
 
+    def save_slot(self, prompt_tokens: Sequence[int], path: str) -> "Future[SlotResult]":
+        tokens = list(prompt_tokens)
+        return self._queue_job(lambda: self._save_work(tokens, path))
+
+    def restore_slot(self, path: str) -> "Future[SlotResult]":
+        return self._queue_job(lambda: self._restore_work(path))
+
     def metrics(self) -> EngineMetrics:
         stats = self._pool.stats()
         with self._lock:
@@ -339,10 +376,23 @@ class BatchEngine(Engine):
         with self._lock:
             ended = [live.handle for live in self._inbox] + list(self._live)
             self._inbox = []
+            jobs, self._jobs = list(self._jobs), collections.deque()
         for handle in ended:
             handle._emit(RequestFailed("the server is shutting down"))
         self._live.clear()
+        for job in jobs:
+            job.future.set_exception(EngineClosed("the server is shutting down"))
         self._close_model()
+
+    def _queue_job(self, work: Callable[[], SlotResult]) -> "Future[SlotResult]":
+        """Queue work for the engine thread, which runs it between two steps."""
+        job = _Job(work, Future())
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            self._jobs.append(job)
+            self._wake.notify_all()
+        return job.future
 
     def _close_model(self) -> None:
         if self._pool is not None:
@@ -372,10 +422,11 @@ class BatchEngine(Engine):
         """Take what arrived, run a step, deliver its tokens; sleep while there is nothing to do."""
         while True:
             with self._lock:
-                while not (self._inbox or self._cancels or self._scheduler.has_work or self._closed):
+                while not (self._inbox or self._cancels or self._jobs or self._scheduler.has_work or self._closed):
                     self._wake.wait()
                 if self._closed:
                     return
+                job = self._jobs.popleft() if self._jobs else None
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
                 # they wait until _publish says otherwise: submit()'s queue check must not miss them
@@ -388,6 +439,8 @@ class BatchEngine(Engine):
                     self._end_request(live, "cancelled")
             for live in inbox:
                 self._start(live)
+            if job is not None:
+                self._run_job(job)
             if self._scheduler.has_work:
                 try:
                     out = self._scheduler.step()
@@ -401,6 +454,50 @@ class BatchEngine(Engine):
             for handle, event in self._outbox:
                 handle._emit(event)
             self._outbox.clear()
+
+    def _run_job(self, job: "_Job") -> None:
+        """Run job and answer its future."""
+        try:
+            job.future.set_result(job.work())
+        except Exception as e:  # the caller's to answer (ValueError, PoolFull, OSError, ...)
+            job.future.set_exception(e)
+
+    def _save_work(self, tokens: list[int], path: str) -> SlotResult:
+        """save_slot's work, all of it between two steps (so the scheduler never meets blocks held by a
+        sequence it does not know): the tokens the prefix cache lacks run in chunks of max_step_tokens,
+        then the sequence is written and freed."""
+        t0 = time.perf_counter()
+        problem = self._scheduler.check(len(tokens), None)
+        if problem is not None:
+            raise ValueError(problem)
+        seq = self._pool.sequence()
+        try:
+            done = seq.reuse_prefix(tokens)
+            while done < len(tokens):
+                chunk = tokens[done:done + self._scheduler.max_step_tokens]
+                self._pool.step([(seq, chunk)])
+                done += len(chunk)
+            try:
+                seq.save_state(path)
+            except ValueError as e:  # the C library could not write it: the server's fault
+                raise OSError(str(e)) from None
+        finally:
+            seq.free()  # its full blocks stay cached
+        return self._slot_done("slot_saves", len(tokens), path, t0)
+
+    def _restore_work(self, path: str) -> SlotResult:
+        """restore_slot's work."""
+        t0 = time.perf_counter()
+        seq = self._pool.load_state(path)
+        tokens = seq.len
+        seq.free()  # its full blocks join the prefix cache
+        return self._slot_done("slot_restores", tokens, path, t0)
+
+    def _slot_done(self, counter: str, tokens: int, path: str, t0: float) -> SlotResult:
+        """Count a finished save or restore; its result."""
+        with self._lock:
+            setattr(self._counts, counter, getattr(self._counts, counter) + 1)
+        return SlotResult(tokens, os.path.getsize(path), time.perf_counter() - t0)
 
     def _start(self, live: _Live) -> None:
         """Hand a submitted request to the scheduler, or fail it (the request's fault)."""
@@ -512,6 +609,14 @@ class BatchEngine(Engine):
             self._counts.requests_waiting = len(self._live) - len(running)
             self._counts.preemptions = self._scheduler.preemptions
             self._free_slots = self.parallel - len(self._scheduler.running)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Work the engine thread runs between two steps (it owns the pool); its value answers future."""
+
+    work: Callable[[], SlotResult]
+    future: "Future[SlotResult]"
 
 
 def _messages(request: GenerationRequest) -> list[dict[str, str]]:

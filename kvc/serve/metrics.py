@@ -52,5 +52,9 @@ def render(m: EngineMetrics) -> str:
             m.prefill_seconds)
     _metric(lines, "kvc_decode_seconds_total", "counter",
             "Seconds of batched steps spent on generated tokens.", m.decode_seconds)
+    _metric(lines, "kvc_slot_saves_total", "counter",
+            "Conversations' caches written to session files (POST /slots/save).", m.slot_saves)
+    _metric(lines, "kvc_slot_restores_total", "counter",
+            "Session files loaded into the prefix cache (POST /slots/restore).", m.slot_restores)
     _metric(lines, "kvc_parallel", "gauge", "Most sequences running at once (--parallel).", m.parallel)
     return "\n".join(lines) + "\n"

@@ -246,8 +246,8 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
     return ParsedRequest(generation, stream, _stream_options(body, stream))
 
 
-def parse_completion(body: dict[str, Any]) -> ParsedRequest:
-    """A /v1/completions body, checked: prompt is a string or an array of one string."""
+def _prompt(body: dict) -> str:
+    """A completion's prompt: a string or an array of one string."""
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt is required", param="prompt", code="missing_required_parameter")
@@ -256,7 +256,12 @@ def parse_completion(body: dict[str, Any]) -> ParsedRequest:
             raise bad("prompt must be a string or an array of one string (token arrays and batches of "
                       "prompts are not supported)", param="prompt", code="unsupported_value")
         prompt = prompt[0]
-    prompt = _text(prompt, "prompt")
+    return _text(prompt, "prompt")
+
+
+def parse_completion(body: dict[str, Any]) -> ParsedRequest:
+    """A /v1/completions body, checked: prompt is a string or an array of one string."""
+    prompt = _prompt(body)
     _refuse(body, "logprobs")
     _refuse(body, "echo")
     _refuse(body, "suffix")
@@ -264,6 +269,50 @@ def parse_completion(body: dict[str, Any]) -> ParsedRequest:
     stream = _bool(body, "stream", False)
     generation = GenerationRequest(prompt=prompt, **_sampling(body, ("max_tokens",)))
     return ParsedRequest(generation, stream, _stream_options(body, stream))
+
+
+# -- slots: a conversation's cache saved to and restored from a file --------------------------------
+
+
+MAX_FILENAME_BYTES = 255  # a file name's limit on common file systems
+SAVE_TEMP_SUFFIX = ".tmp.XXXXXX"  # a session is written to name + this, then renamed (run.c)
+
+
+def slot_filename(body: dict[str, Any], saving: bool) -> str:
+    """A /slots body's filename: a plain name inside the save folder, never a path (400 otherwise),
+    of at most 255 bytes (saving: 244, which the temporary file's longer name needs)."""
+    limit = MAX_FILENAME_BYTES - (len(SAVE_TEMP_SUFFIX) if saving else 0)
+    name = body.get("filename")
+    if name is None:
+        raise bad("filename is required", param="filename", code="missing_required_parameter")
+    if not isinstance(name, str):
+        raise _type_error("filename", "a string", name)
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    problem = ("is empty" if not name else
+               "is not valid Unicode (a lone surrogate)" if size < 0 else
+               "contains a NUL character" if "\0" in name else
+               "contains a path separator" if "/" in name or "\\" in name else
+               'contains ".."' if ".." in name else
+               "starts with a dot" if name.startswith(".") else
+               f"is {size} bytes long, more than {limit}" if size > limit else None)
+    if problem is not None:
+        raise bad(f"filename {problem}: it must be a plain file name inside the server's --slot-save-path",
+                  param="filename", code="invalid_filename")
+    return name
+
+
+def parse_slot_save(body: dict[str, Any]) -> tuple[GenerationRequest, str]:
+    """A /slots save body's conversation: messages (a chat, as /v1/chat/completions takes it) or
+    prompt (as /v1/completions), exactly one; with the name of the field given."""
+    if ("messages" in body) == ("prompt" in body):
+        raise bad("give messages (a chat) or prompt (a text), exactly one of them", param="messages",
+                  code="missing_required_parameter")
+    if "messages" in body:
+        return GenerationRequest(messages=_messages(body)), "messages"
+    return GenerationRequest(prompt=_prompt(body)), "prompt"
 
 
 def _check_response_format(body: dict) -> None:
