@@ -3012,6 +3012,7 @@ static int cache_fork(KVCache *dst, const KVCache *src) {
     for (int i = 0; i < src->n_table; i++) pool_hold(src->pool, dst->table[i] = src->table[i]);
     dst->n_table = src->n_table;
     dst->registered = src->registered;
+    dst->window = src->window, dst->sinks = src->sinks, dst->sink_rows = src->sink_rows, dst->recent = src->recent;
     memcpy(dst->tokens, src->tokens, (size_t)src->capacity * sizeof(int));
     return 0;
 }
@@ -4067,49 +4068,80 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
     return 0;
 }
 
+// Tokens a pooled sequence can take in its next step: a windowed one up to its sinks' end, or up to
+// its window's (a full window moves a block first), any other up to its capacity.
+static int step_room(const Sequence *seq) {
+    const KVCache *c = &seq->cache;
+    if (!c->window) return c->capacity - seq->len;
+    if (seq->len < c->sinks) return c->sinks - seq->len;
+    return c->recent == c->window ? c->pool->block_size : c->window - c->recent;
+}
+
+// The row a windowed sequence's next token goes to (any other's: its position).
+static int next_row(const Sequence *seq) {
+    const KVCache *c = &seq->cache;
+    return c->window && seq->len >= c->sinks ? c->sink_rows + c->recent : seq->len;
+}
+
 // One step of many sequences of one pool: sequence i takes counts[i] >= 1 new tokens (prompt chunks
-// and decode tokens alike; tokens holds them one sequence after another) at its end. The tokens run
-// in blocks of up to `batch`, each reading every weight once, each token attending to its own
-// sequence; logits (n x vocab) gets each sequence's last token's. Out of blocks, nothing changes
-// and it returns -2.
+// and decode tokens alike; tokens holds them one sequence after another) at its end, at most
+// step_room of them. The tokens run in blocks of up to `batch`, each reading every weight once, each
+// token attending to its own sequence; logits (n x vocab) gets each sequence's last token's. A full
+// window moves first; then, out of blocks, nothing else changes and it returns -2.
 static int step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, const int *tokens, int n, float *logits) {
+    const Config *p = &m->config;
     RunState *s = &pool->state;
     int total = 0, need = 0;
     for (int i = 0; i < n; i++) {
         if (seqs[i]->pool != pool || seqs[i]->own_pool) return fail("sequence %d of the step is not in this pool", i);
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i]) return fail("sequence %d appears twice in the step", i);
-        if (counts[i] < 1 || counts[i] > seqs[i]->cache.capacity - seqs[i]->len)
-            return fail("sequence %d holds %d of %d positions and cannot take %d tokens", i, seqs[i]->len,
-                        seqs[i]->cache.capacity, counts[i]);
-        if (check_tokens(&m->config, tokens + total, counts[i])) return -1;
-        need += cache_blocks_needed(&seqs[i]->cache, seqs[i]->len, counts[i]);
+        if (counts[i] < 1 || counts[i] > step_room(seqs[i]))
+            return fail("sequence %d holds %d positions and can take %d tokens in this step, not %d", i, seqs[i]->len,
+                        step_room(seqs[i]), counts[i]);
+        if (check_tokens(p, tokens + total, counts[i])) return -1;
         total += counts[i];
+    }
+    for (int i = 0; i < n; i++) {
+        KVCache *c = &seqs[i]->cache;
+        if (c->window && seqs[i]->len >= c->sinks && c->recent == c->window) {
+            float cos_back[p->head_dim / 2], sin_back[p->head_dim / 2];
+            rope_back(p, c->pool->block_size, cos_back, sin_back);
+            cache_slide(c, cos_back, sin_back, s->threads);
+        }
+        need += cache_blocks_needed(c, next_row(seqs[i]), counts[i]);
     }
     if (check_blocks(&pool->cache, need)) return -2;
     for (int i = 0, at = 0; i < n; at += counts[i++]) {
-        cache_reserve(&seqs[i]->cache, seqs[i]->len, counts[i]);
-        memcpy(seqs[i]->cache.tokens + seqs[i]->len, tokens + at, (size_t)counts[i] * sizeof(int));
+        int row = next_row(seqs[i]);
+        cache_reserve(&seqs[i]->cache, row, counts[i]);
+        memcpy(seqs[i]->cache.tokens + row, tokens + at, (size_t)counts[i] * sizeof(int));
     }
     int rows[MAX_BATCH], i = 0, into = 0; // the sequence whose token is next, and how many of it have run
     for (int done = 0; done < total;) {
         int chunk = total - done < s->batch ? total - done : s->batch, n_rows = 0, first_row = -1;
         for (int t = 0; t < chunk; t++) {
-            s->seq[t] = &seqs[i]->cache;
-            s->pos[t] = s->row[t] = seqs[i]->len + into;
-            s->head[t] = s->tail[t] = 0;
+            KVCache *c = &seqs[i]->cache;
+            int windowed = c->window && seqs[i]->len >= c->sinks; // in the window (not the sinks)
+            s->seq[t] = c;
+            s->row[t] = next_row(seqs[i]) + into;
+            s->pos[t] = windowed ? c->sinks + c->recent + into : seqs[i]->len + into;
+            s->head[t] = windowed ? c->sinks : 0;
+            s->tail[t] = windowed ? c->sink_rows : 0;
             if (++into == counts[i]) { // the sequence's last token: its logits are wanted
                 if (first_row < 0) first_row = i;
                 rows[n_rows++] = t;
                 i++, into = 0;
             }
         }
-        forward_block(m, s, tokens + done, chunk, rows, n_rows, n_rows ? logits + (size_t)first_row * m->config.vocab_size : NULL);
+        forward_block(m, s, tokens + done, chunk, rows, n_rows, n_rows ? logits + (size_t)first_row * p->vocab_size : NULL);
         done += chunk;
     }
     for (int j = 0; j < n; j++) {
+        KVCache *c = &seqs[j]->cache;
+        if (c->window && seqs[j]->len >= c->sinks) c->recent += counts[j];
         seqs[j]->len += counts[j];
-        cache_register(&seqs[j]->cache, seqs[j]->len);
+        if (!c->window) cache_register(c, seqs[j]->len);
     }
     return 0;
 }
@@ -4806,6 +4838,28 @@ void kvc_pool_poison(Pool *pool, int on) {
 // An empty sequence in the pool.
 Sequence *kvc_pool_sequence(Pool *pool) { return sequence_new(pool, pool->state.capacity, 0); }
 
+// An empty sequence in the pool that keeps its first `sinks` positions and its last `window` (a
+// multiple of the pool's block size) and runs on past the model's context (kvc_sequence_new_window);
+// each step it takes at most kvc_step_room tokens.
+Sequence *kvc_pool_sequence_window(Pool *pool, int window, int sinks) {
+    int bs = pool->cache.block_size, context = pool->state.capacity;
+    if (window < bs || window % bs || sinks < 0 || sinks > context - window) {
+        fail("a window of %d with %d sinks: the window must be a multiple of %d and window + sinks at most the "
+             "model's context (%d)", window, sinks, bs, context);
+        return NULL;
+    }
+    int sink_rows = (sinks + bs - 1) / bs * bs;
+    Sequence *seq = sequence_new(pool, sink_rows + window, 0);
+    if (!seq) return NULL;
+    seq->cache.window = window;
+    seq->cache.sinks = sinks;
+    seq->cache.sink_rows = sink_rows;
+    return seq;
+}
+
+// Tokens the sequence can take in its next kvc_step.
+int kvc_step_room(const Sequence *seq) { return step_room(seq); }
+
 // A new sequence holding what seq holds, sharing every block (copied when either writes into it).
 Sequence *kvc_fork(Sequence *seq) {
     if (seq->own_pool) {
@@ -4824,9 +4878,12 @@ Sequence *kvc_fork(Sequence *seq) {
     return child;
 }
 
-// Keeps positions 0..len-1 (len <= the sequence's length); the blocks after them go back.
+// Keeps positions 0..len-1 (len <= the sequence's length); the blocks after them go back. A windowed
+// sequence only empties (len 0).
 int kvc_truncate(Sequence *seq, int len) {
     if (len < 0 || len > seq->len) return fail("cannot truncate a sequence of %d positions to %d", seq->len, len);
+    if (seq->cache.window && len) return fail("a windowed sequence is not truncated, only emptied (to 0)");
+    if (seq->cache.window) seq->cache.recent = 0;
     if (!seq->own_pool) cache_truncate(&seq->cache, len);
     seq->len = len;
     return 0;
@@ -4836,11 +4893,17 @@ int kvc_truncate(Sequence *seq, int len) {
 // of them), leaving at least one to run. Returns the positions taken (then its length).
 int kvc_reuse_prefix(Sequence *seq, const int *tokens, int n) {
     if (seq->own_pool || seq->len) return fail("only an empty pooled sequence takes a cached prefix");
+    if (seq->cache.window) return 0; // its rows are not the dense cache's: nothing to share
     return seq->len = cache_reuse_prefix(&seq->cache, tokens, n);
 }
 
-// New blocks appending n tokens to seq would take now (copies of shared blocks included).
-int kvc_blocks_needed(const Sequence *seq, int n) { return cache_blocks_needed(&seq->cache, seq->len, n); }
+// New blocks appending n tokens to seq would take now (copies of shared blocks included; a full
+// window's next block counted, though moving the window gives one back first).
+int kvc_blocks_needed(const Sequence *seq, int n) {
+    const KVCache *c = &seq->cache;
+    if (c->window && seq->len >= c->sinks && c->recent == c->window) return n > 0 ? (n + c->pool->block_size - 1) / c->pool->block_size : 0;
+    return cache_blocks_needed(c, next_row(seq), n);
+}
 
 // One step: sequence i of seqs (n of them, all in pool, each once) takes counts[i] tokens, one
 // sequence's after another in tokens, at its end; logits (n x vocab) gets each sequence's last

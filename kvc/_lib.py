@@ -50,6 +50,8 @@ ffi.cdef(
     void kvc_pool_stats(const Pool *pool, long long out[6]);
     void kvc_pool_poison(Pool *pool, int on);
     Sequence *kvc_pool_sequence(Pool *pool);
+    Sequence *kvc_pool_sequence_window(Pool *pool, int window, int sinks);
+    int kvc_step_room(const Sequence *seq);
     Sequence *kvc_fork(Sequence *seq);
     int kvc_truncate(Sequence *seq, int len);
     int kvc_reuse_prefix(Sequence *seq, const int *tokens, int n);

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .kvquality import default_text, log_softmax
-from .model import DEFAULT_SINKS, Model
+from .model import Model
+from .pool import DEFAULT_SINKS
 
 DEFAULT_TOKENS = 16_384
 DEFAULT_WINDOWS = (256, 512, 1024)

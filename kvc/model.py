@@ -15,10 +15,9 @@ import numpy as np
 from ._lib import ffi, last_error, load
 from .checks import C_INT_MAX, float_arg, int_arg, token_ids
 from .format import Config
-from .pool import Pool
+from .pool import DEFAULT_SINKS, Pool
 from .sampler import Sampler
 
-DEFAULT_SINKS = 4  # first positions a window keeps unless told otherwise (StreamingLLM's; run.c's DEFAULT_SINKS)
 
 @dataclass
 class GenerationStats:

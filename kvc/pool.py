@@ -21,6 +21,7 @@ from ._lib import ffi, last_error
 from .checks import C_INT_MAX, int_arg, token_ids
 
 OUT_OF_BLOCKS = -2  # kvc_step's return when the pool has too few blocks
+DEFAULT_SINKS = 4  # first positions a window keeps unless told otherwise (StreamingLLM's; run.c's DEFAULT_SINKS)
 
 
 class PoolFull(RuntimeError):
@@ -123,11 +124,19 @@ class Pool:
 
     # -- sequences ------------------------------------------------------------------------------
 
-    def sequence(self) -> "PoolSequence":
-        """A new, empty sequence in this pool."""
+    def sequence(self, window: int | None = None, sinks: int | None = None) -> "PoolSequence":
+        """A new, empty sequence in this pool. With a window: it keeps its first `sinks` positions
+        (default 4) and its last `window` (a multiple of block_size), runs on past the model's
+        context, and takes at most `room` tokens a step (kvc.Model's window= explains the policy)."""
+        if sinks is not None and window is None:
+            raise ValueError("sinks are kept while a window moves: give window= too")
         with self._lock:
-            handle = self._lib.kvc_pool_sequence(self._open())
-            return self._adopt(handle)
+            pool = self._open()
+            if window is None:
+                return self._adopt(self._lib.kvc_pool_sequence(pool))
+            window = int_arg("window", window, 1, C_INT_MAX)
+            sinks = int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
+            return self._adopt(self._lib.kvc_pool_sequence_window(pool, window, sinks))
 
     def _adopt(self, handle) -> "PoolSequence":
         """A PoolSequence for a new C sequence handle; the caller holds self._lock."""
@@ -213,6 +222,12 @@ class PoolSequence:
     def len(self) -> int:
         """Positions it holds (0..len-1)."""
         return len(self._tokens)
+
+    @property
+    def room(self) -> int:
+        """Tokens the next step can give it (a windowed sequence takes them up to its window's end)."""
+        with self._pool._lock:
+            return int(self._pool._lib.kvc_step_room(self.handle(self._pool)))
 
     @property
     def tokens(self) -> list[int]:

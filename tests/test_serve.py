@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 
@@ -766,7 +767,7 @@ def _serve_cli(*args, **kw) -> subprocess.Popen:
 @pytest.mark.parametrize("args", [[], ["--parallel", "0"], ["--port", "x"], ["--nonsense"], ["-ctk", "q9"],
                                   ["--kv-memory", "lots"], ["--kv-blocks", "4", "--kv-memory", "1G"],
                                   ["--block-size", "0"], ["--max-step-tokens", "0"], ["--kv-memory", "1KiB"],
-                                  ["--slot-save-path", "README.md"]])
+                                  ["--slot-save-path", "README.md"], ["--sinks", "4"], ["--window", "20"]])
 def test_cli_bad_flags_exit_1_with_one_line(smollm2_q4_bin, args):
     model = [] if not args else [smollm2_q4_bin]
     p = _serve_cli(*model, "--port", "0", *args)
@@ -1024,3 +1025,22 @@ def test_scheduler_stop_tokens_and_max_tokens_zero():
                                 sched_request(range(1, 6), max_tokens=0, n=2)])
     assert got == {(0, 0): (tokens[:tokens.index(stop)], "stop"), (1, 0): ([], "length"), (1, 1): ([], "length")}
     assert pool.stats().used == 0
+
+
+def test_a_windowed_server_answers_as_a_windowed_model(smollm2_q4_bin):
+    """--window: two requests at once, each generating past its 32-position window (several moves
+    of it), give kvc.Model(window=32)'s greedy texts; the KV blocks in use stay bounded."""
+    prompts = ["The capital of France is", "Once upon a time there was a"]
+    with Model(smollm2_q4_bin, window=32, sinks=4, threads=1) as m:
+        want = ["".join(m.generate(p, max_tokens=90, temperature=0)) for p in prompts]
+        generated = m.stats.generated_tokens
+    s = Server(smollm2_q4_bin, parallel=2, window=32, sinks=4)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: s.client().completions.create(model="x", prompt=p, max_tokens=90,
+                                                                        temperature=0), prompts))
+        assert [r.choices[0].text for r in got] == want
+        assert got[1].usage.completion_tokens == generated > 48  # past the window and its sinks' block
+        assert s.metrics()["kvc_kv_blocks_total"] == 2 * 3  # the sinks' block and the window's two, each
+    finally:
+        s.close()

@@ -152,3 +152,34 @@ def test_h2o_refusals(model_path):
     assert out.returncode != 0 and b"--recent needs --h2o" in out.stderr
     out = run_cli(model_path, "-t", "0", "-n", "200", "--h2o", "32", "-i", "ab")
     assert out.returncode == 0 and b"generated" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("window,sinks", [(32, 4), (32, 0), (48, 20)])
+def test_pooled_windows_match_reference(model_path, window, sinks):
+    """Windowed sequences in a shared pool, stepped together in chunks up to each one's room, blocks
+    NaN-poisoned as they are freed: each gives the reference's window logits; a fork goes on alone."""
+    texts = [text(170, seed=7), text(130, seed=8)]
+    ref = Llama.load(model_path)
+    with kvc.Model(model_path, seq_len=16) as model, model.pool(blocks=20) as pool:
+        pool.poison()
+        seqs = [pool.sequence(window=window, sinks=sinks) for _ in texts]
+        done, got = [0, 0], [{}, {}]
+        step = 0
+        while any(d < len(t) for d, t in zip(done, texts)):
+            live = [i for i in range(2) if done[i] < len(texts[i])]
+            sizes = {i: min(seqs[i].room, 1 if (step + i) % 2 else 11, len(texts[i]) - done[i]) for i in live}
+            logits = pool.step([(seqs[i], texts[i][done[i]:done[i] + sizes[i]]) for i in live])
+            for row, i in enumerate(live):
+                done[i] += sizes[i]
+                got[i][done[i] - 1] = logits[row]
+            step += 1
+        child = seqs[1].fork()
+        more = text(40, seed=9)
+        forked = [pool.step([(child, [t])])[0] for t in more]
+        with pytest.raises(ValueError, match="can take"):
+            pool.step([(seqs[0], [1] * (seqs[0].room + 1))])
+    for t, logits in zip(texts, got):
+        want = ref.forward_window(t, window, sinks)
+        assert max(np.abs(row - want[pos]).max() for pos, row in logits.items()) <= TOL
+    want = ref.forward_window(texts[1] + more, window, sinks)[len(texts[1]):]
+    assert np.abs(np.array(forked) - want).max() <= TOL

@@ -73,7 +73,11 @@ def _port(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line's arguments; a bad one prints one line and exits with status 1."""
-    return _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.sinks is not None and args.window is None:
+        parser.error("--sinks needs --window")
+    return args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-ctv", "--cache-type-v", default="f32", metavar="T",
                    help="KV cache type of values, as kvc.Model's cache_type_v (f32, f16, bf16, q8_0, q4_0, ...; "
                         "default f32)")
+    p.add_argument("--window", type=_at_least(1), default=None, metavar="N",
+                   help="every sequence keeps only its last N positions (a multiple of --block-size) and its "
+                        "--sinks first, and a request with max_tokens runs on past the context (default: no window)")
+    p.add_argument("--sinks", type=_at_least(0), default=None, metavar="S",
+                   help="with --window: the first positions kept (attention sinks; default 4)")
     p.add_argument("--queue-size", type=_at_least(0), default=64, metavar="N",
                    help="requests that may wait to start; more get HTTP 503 (default 64)")
     p.add_argument("--model-name", default=None, metavar="NAME",
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                              block_size=args.block_size, threads=args.threads, context=args.context,
                              cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                              max_step_tokens=args.max_step_tokens, queue_size=args.queue_size,
-                             model_name=args.model_name)
+                             model_name=args.model_name, window=args.window, sinks=args.sinks)
     except (OSError, ValueError) as e:
         fail(f"cannot load {args.model}: {e}")
     host, port = sock.getsockname()[:2]

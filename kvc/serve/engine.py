@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..model import Model
+from ..pool import DEFAULT_SINKS
 from ..sampler import Sampler
 from .scheduler import DEFAULT_MAX_STEP_TOKENS, Choice, ScheduledRequest, Scheduler, StepOutput
 from .stops import StopMatcher
@@ -270,7 +271,9 @@ class BatchEngine(Engine):
     parallel: most sequences (choices) running at once; beyond them requests wait in FIFO order, and
     beyond queue_size waiting ones submit() raises QueueFull. kv_blocks or kv_memory (bytes): the
     pool's size (neither: one full context); block_size: positions per block. threads: the pool's
-    threads (None: its default). context: positions per sequence (None: the model's).
+    threads (None: its default). context: positions per sequence (None: the model's). window,
+    sinks: every sequence keeps its first sinks and last window positions (kvc.Model's window=), and
+    a request with max_tokens runs on past the context.
     max_step_tokens: most tokens one step runs (long prompts are run in chunks beside the others'
     decoding). cache_type_k/_v: as Model's. model_name: the id clients see (None: the file's name
     without its extension).
@@ -280,7 +283,7 @@ class BatchEngine(Engine):
                  kv_memory: int | None = None, block_size: int = 16, threads: int | None = None,
                  context: int | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32",
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_size: int = 64,
-                 model_name: str | None = None):
+                 model_name: str | None = None, window: int | None = None, sinks: int | None = None):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         path = os.fspath(model_path)
@@ -295,11 +298,13 @@ class BatchEngine(Engine):
             if kv_blocks is None and kv_memory is None:  # every running sequence can reach the context
                 with self._model.pool(blocks=1, block_size=block_size) as probe:  # (for the model's context)
                     seq_len = probe.max_seq_len if context is None else min(context, probe.max_seq_len)
+                if window is not None:  # a windowed sequence never holds more than its sinks' blocks and its window
+                    seq_len = min(seq_len, -(-(DEFAULT_SINKS if sinks is None else sinks) // block_size) * block_size + window)
                 kv_blocks = parallel * -(-seq_len // block_size)
             self._pool = self._model.pool(blocks=kv_blocks, memory=kv_memory, block_size=block_size,
                                           threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
             self._scheduler = Scheduler(self._pool, parallel=parallel, max_step_tokens=max_step_tokens,
-                                        context=context)
+                                        context=context, window=window, sinks=sinks)
         except BaseException:
             self._close_model()
             raise

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..pool import PoolFull
+from ..pool import DEFAULT_SINKS, PoolFull
 
 DEFAULT_MAX_STEP_TOKENS = 256
 
@@ -119,11 +119,12 @@ class Scheduler:
 
     parallel: most sequences running at once. max_step_tokens: most tokens one step runs (decode
     tokens and prompt chunks together). context: positions per sequence (None or more than the
-    pool's max_seq_len: the pool's).
+    pool's max_seq_len: the pool's). window, sinks: every sequence keeps its first `sinks` and its
+    last `window` positions (kvc.Model's window=) and runs on past the context when max_tokens asks.
     """
 
     def __init__(self, pool: Any, *, parallel: int = 1, max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
-                 context: int | None = None):
+                 context: int | None = None, window: int | None = None, sinks: int | None = None):
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
         if max_step_tokens < 1:
@@ -134,6 +135,10 @@ class Scheduler:
         self.parallel = parallel
         self.max_step_tokens = max_step_tokens
         self.context = pool.max_seq_len if context is None else min(context, pool.max_seq_len)
+        self.window = window
+        self.sinks = DEFAULT_SINKS if window is not None and sinks is None else sinks
+        if window is not None:  # refused here, before any request, when the pool cannot make one
+            self._new_sequence().free()
         self.preemptions = 0  # sequences preempted so far
         self._running: list[Choice] = []  # in the order they started
         self._waiting: collections.deque[Choice] = collections.deque()
@@ -155,6 +160,9 @@ class Scheduler:
         if prompt_tokens >= self.context:
             return f"the prompt is {prompt_tokens} tokens but the context holds {self.context}"
         positions = prompt_tokens if max_tokens is None else min(prompt_tokens + max(max_tokens, 1) - 1, self.context)
+        if self.window is not None:  # a window holds its sinks' blocks and itself, however long it runs
+            sink_rows = -(-self.sinks // self.pool.block_size) * self.pool.block_size
+            positions = min(positions, sink_rows + self.window)
         blocks = math.ceil(positions / self.pool.block_size)
         if blocks > self.pool.blocks_total:
             what = "the prompt" if max_tokens is None else f"the prompt ({prompt_tokens} tokens) and max_tokens"
@@ -256,14 +264,14 @@ class Scheduler:
                     continue  # preempted meanwhile, or not in this pass
                 if not self._make_room(choice, plan):
                     continue
-                n = self._fit(choice, min(self._pending(choice), budget), plan.available())
+                n = self._fit(choice, min(self._pending(choice), budget, self._room(choice.seq)), plan.available())
                 plan.add(choice, n)
                 budget -= n
         # then new (or preempted) sequences, in order, while the whole of what they must run fits
         while admit and budget > 0 and self._waiting and len(self._running) < self.parallel:
             choice = self._waiting[0]
-            seq = self.pool.sequence()
-            reused = seq.reuse_prefix(choice.tokens)
+            seq = self._new_sequence()
+            reused = seq.reuse_prefix(choice.tokens)  # (0 with a window)
             pending = len(choice.tokens) - reused
             if self.pool.blocks_needed(seq, pending) > plan.available():
                 seq.free()  # its reused blocks stay cached
@@ -275,7 +283,7 @@ class Scheduler:
             if choice.index == 0 and choice.started == 0:
                 choice.request.cached_tokens = reused
             self._start(choice, seq)
-            plan.add(choice, min(pending, budget))
+            plan.add(choice, min(pending, budget, self._room(seq)))
             budget -= plan.tokens[choice]
         return list(plan.tokens.items())
 
@@ -308,6 +316,13 @@ class Scheduler:
             else:
                 high = mid - 1
         return low
+
+    def _new_sequence(self) -> Any:
+        return self.pool.sequence() if self.window is None else self.pool.sequence(window=self.window, sinks=self.sinks)
+
+    def _room(self, seq: Any) -> int:
+        """Tokens seq can take in one step: a window's up to its end (it moves a block at a time)."""
+        return seq.room if self.window is not None else self.max_step_tokens
 
     @staticmethod
     def _pending(choice: Choice) -> int:
@@ -352,7 +367,8 @@ class Scheduler:
         choice.generated += 1
         out.sampled.append((choice, token))
         fed = len(choice.tokens) - 1  # what the pool holds once it ran (or would, for a queued fork)
-        if choice.generated == request.max_tokens or fed >= self.context:
+        past_context = fed >= self.context and (self.window is None or request.max_tokens is None)
+        if choice.generated == request.max_tokens or past_context:  # a window runs on as far as max_tokens asks
             self._end(choice, "length")
 
     # -- moving sequences ------------------------------------------------------------------------
