@@ -2150,10 +2150,16 @@ static __m512 exp16(__m512 x) {
 // softmax that attention split over several threads merges afterwards.
 static float exp_shifted(float *x, int n, float *max_out) {
     float max = x[0], sum = 0;
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
     int i = 0;
 #if defined(__AVX512F__)
-    __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(max);
+    __m512 vmax = _mm512_set1_ps(max); // (a NaN in x is passed over, as the scalar loop passes it; NaN sums stay NaN)
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 m = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        vmax = _mm512_mask_max_ps(vmax, m, _mm512_maskz_loadu_ps(m, x + j), vmax);
+    }
+    max = _mm512_reduce_max_ps(vmax);
+    __m512 vsum = _mm512_setzero_ps();
+    vmax = _mm512_set1_ps(max);
     for (; i < n; i += 16) {
         __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
         __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax));
@@ -2161,6 +2167,8 @@ static float exp_shifted(float *x, int n, float *max_out) {
         vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
     }
     sum = _mm512_reduce_add_ps(vsum);
+#else
+    for (int j = 1; j < n; j++) if (x[j] > max) max = x[j];
 #endif
     for (; i < n; i++) sum += (x[i] = expf(x[i] - max));
     *max_out = max;
