@@ -4042,16 +4042,20 @@ static void rope_back(const Config *p, int positions, float *cos_out, float *sin
     }
 }
 
-// How many of n tokens, the first at position pos, a windowed sequence runs in one block: none
-// crosses from the sinks into the window, or past a full window (which moves first).
-static int window_chunk(KVCache *c, const Config *p, int pos, int n, int threads) {
-    if (pos < c->sinks) return n < c->sinks - pos ? n : c->sinks - pos;
-    if (c->recent == c->window) {
-        float cos_back[p->head_dim / 2], sin_back[p->head_dim / 2];
-        rope_back(p, c->pool->block_size, cos_back, sin_back);
-        cache_slide(c, cos_back, sin_back, threads);
-    }
-    return n < c->window - c->recent ? n : c->window - c->recent;
+// Tokens a windowed cache, of a sequence that has run len, takes before the window must move
+// again: up to the sinks' end, or up to the window's (a full window moves a block first).
+static int window_room(const KVCache *c, int len) {
+    if (len < c->sinks) return c->sinks - len;
+    return c->recent == c->window ? c->pool->block_size : c->window - c->recent;
+}
+
+// Moves the window of a sequence that has run len on by a block when it is full (cache_slide),
+// on `threads` threads.
+static void window_move(KVCache *c, const Config *p, int len, int threads) {
+    if (len < c->sinks || c->recent < c->window) return;
+    float cos_back[p->head_dim / 2], sin_back[p->head_dim / 2];
+    rope_back(p, c->pool->block_size, cos_back, sin_back);
+    cache_slide(c, cos_back, sin_back, threads);
 }
 
 // Runs any number of tokens at positions pos.. of one sequence in blocks; logits of every token
@@ -4080,7 +4084,10 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
     int rows[MAX_BATCH];
     for (int done = 0; done < n;) {
         int at = pos + done, chunk = n - done < s->batch ? n - done : s->batch;
-        if (c->window) chunk = window_chunk(c, p, at, chunk, s->threads);
+        if (c->window) { // no block crosses from the sinks into the window, or past a full window
+            window_move(c, p, at, s->threads);
+            if (chunk > window_room(c, at)) chunk = window_room(c, at);
+        }
         if (c->h2o_budget) { // a token at a time: each may evict, by the weights the ones before it gave
             chunk = 1;
             if (c->h2o_rows == c->h2o_budget) cache_evict(c, at);
@@ -4119,10 +4126,7 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
 // Tokens a pooled sequence can take in its next step: a windowed one up to its sinks' end, or up to
 // its window's (a full window moves a block first), any other up to its capacity.
 static int step_room(const Sequence *seq) {
-    const KVCache *c = &seq->cache;
-    if (!c->window) return c->capacity - seq->len;
-    if (seq->len < c->sinks) return c->sinks - seq->len;
-    return c->recent == c->window ? c->pool->block_size : c->window - c->recent;
+    return seq->cache.window ? window_room(&seq->cache, seq->len) : seq->cache.capacity - seq->len;
 }
 
 // The row a windowed sequence's next token goes to (any other's: its position).
@@ -4152,11 +4156,7 @@ static int step(const Model *m, Pool *pool, Sequence **seqs, const int *counts, 
     }
     for (int i = 0; i < n; i++) {
         KVCache *c = &seqs[i]->cache;
-        if (c->window && seqs[i]->len >= c->sinks && c->recent == c->window) {
-            float cos_back[p->head_dim / 2], sin_back[p->head_dim / 2];
-            rope_back(p, c->pool->block_size, cos_back, sin_back);
-            cache_slide(c, cos_back, sin_back, s->threads);
-        }
+        if (c->window) window_move(c, p, seqs[i]->len, s->threads);
         need += cache_blocks_needed(c, next_row(seqs[i]), counts[i]);
     }
     if (check_blocks(&pool->cache, need)) return -2;
@@ -4416,6 +4416,18 @@ static void session_rows(KVCache *c, int rows, uint8_t *at, int load) {
                 }
 }
 
+#define CHECKSUM_PIECE (INT_MAX / 2) // bytes hashed at once (hash_bytes takes an int): about 1 GiB
+
+// A payload's checksum: FNV-1a of each CHECKSUM_PIECE, chained through hash_pair.
+static uint64_t session_checksum(const uint8_t *payload, uint64_t bytes) {
+    uint64_t h = hash_bytes((const char *)payload, 0);
+    for (uint64_t done = 0; done < bytes; done += CHECKSUM_PIECE) {
+        uint64_t n = bytes - done < CHECKSUM_PIECE ? bytes - done : CHECKSUM_PIECE;
+        h = hash_pair(h) ^ hash_bytes((const char *)payload + done, (int)n);
+    }
+    return h;
+}
+
 // Writes the sequence (and the sampler's state, when given) to path, atomically.
 static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, const char *path) {
     if (seq->device || seq->cache.h2o_budget) return fail("a sequence on a device or with H2O is not saved to a session file");
@@ -4426,11 +4438,7 @@ static int session_save(const Model *m, Sequence *seq, const Sampler *sampler, c
     uint8_t *payload = malloc(h.payload_bytes ? h.payload_bytes : 1);
     if (!payload) return fail("out of memory for a session of %llu bytes", (unsigned long long)h.payload_bytes);
     session_rows(&seq->cache, h.rows, payload, 0);
-    h.checksum = hash_bytes((const char *)payload, 0);
-    for (uint64_t done = 0; done < h.payload_bytes; done += INT_MAX / 2) { // hash_bytes takes an int
-        uint64_t n = h.payload_bytes - done < INT_MAX / 2 ? h.payload_bytes - done : INT_MAX / 2;
-        h.checksum = hash_pair(h.checksum) ^ hash_bytes((const char *)payload + done, (int)n);
-    }
+    h.checksum = session_checksum(payload, h.payload_bytes);
     size_t len = strlen(path);
     char *tmp = malloc(len + 16);
     if (!tmp) {
@@ -4486,15 +4494,10 @@ static int session_load(const Model *m, Sequence *seq, Sampler *sampler, const c
     else if (h.payload_bytes != size - sizeof h)
         fail("%s is truncated or has bytes after its end: %llu payload bytes, %zu in the file", path,
              (unsigned long long)h.payload_bytes, size - sizeof h);
-    else {
-        uint64_t sum = hash_bytes((const char *)map, 0);
-        for (uint64_t done = 0; done < h.payload_bytes; done += INT_MAX / 2) {
-            uint64_t n = h.payload_bytes - done < INT_MAX / 2 ? h.payload_bytes - done : INT_MAX / 2;
-            sum = hash_pair(sum) ^ hash_bytes((const char *)map + sizeof h + done, (int)n);
-        }
-        if (sum != h.checksum) fail("%s is corrupt: its checksum does not match", path);
-        else rc = 0;
-    }
+    else if (session_checksum(map + sizeof h, h.payload_bytes) != h.checksum)
+        fail("%s is corrupt: its checksum does not match", path);
+    else
+        rc = 0;
     if (rc == 0 && !seq->own_pool && check_blocks(seq->cache.pool, (h.rows + h.block_size - 1) / h.block_size)) // own pools have room
         rc = -2;
     if (rc == 0) {
