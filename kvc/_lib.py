@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import cffi
+import numpy as np
 
 ffi = cffi.FFI()
 ffi.cdef(
@@ -103,6 +104,13 @@ def load(device: str = "cpu"):
         # never unloaded: libgomp's idle worker threads must not outlive its code at exit
         _libs[device] = ffi.dlopen(_find_library(device), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     return _libs[device]
+
+
+def cache_tokens(lib, seq) -> np.ndarray:
+    """The token ids at the rows the C sequence's cache holds (kvc_tokens), as int32."""
+    tokens = np.empty(lib.kvc_tokens(seq, ffi.NULL, 0), dtype=np.int32)
+    lib.kvc_tokens(seq, ffi.cast("int *", ffi.from_buffer(tokens)), tokens.size)
+    return tokens
 
 
 def last_error(lib=None) -> str:

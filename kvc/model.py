@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._lib import ffi, last_error, load
+from ._lib import cache_tokens, ffi, last_error, load
 from .checks import C_INT_MAX, float_arg, int_arg, token_ids
 from .format import Config
 from .pool import DEFAULT_SINKS, Pool
@@ -295,12 +295,10 @@ class Model:
             self._history = array.array("i")
             if self._lib.kvc_session_load(m, seq, ffi.NULL, os.fsencode(path)) != 0:
                 raise ValueError(last_error(self._lib))
-            rows = self._lib.kvc_tokens(seq, ffi.NULL, 0)
-            tokens = np.empty(rows, dtype=np.int32)
-            self._lib.kvc_tokens(seq, ffi.cast("int *", ffi.from_buffer(tokens)), rows)
+            tokens = cache_tokens(self._lib, seq)
             # for chat()'s reuse: the whole history when nothing was evicted (a window that moved
             # continues with forward(tokens, pos=its length) instead)
-            self._history = array.array("i", tokens.tobytes() if rows == self._lib.kvc_length(seq) else b"")
+            self._history = array.array("i", tokens.tobytes() if tokens.size == self._lib.kvc_length(seq) else b"")
 
     def memory(self) -> dict[str, int]:
         """Bytes in use, from the engine's own accounting: weights (the mapped checkpoint, tokenizer

@@ -17,11 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._lib import ffi, last_error
+from ._lib import cache_tokens, ffi, last_error
 from .checks import C_INT_MAX, int_arg, token_ids
 
 OUT_OF_BLOCKS = -2  # kvc_step's return when the pool has too few blocks
 DEFAULT_SINKS = 4  # first positions a window keeps unless told otherwise (StreamingLLM's; run.c's DEFAULT_SINKS)
+
+
+def window_rows(window: int, sinks: int | None, block_size: int) -> int:
+    """The most rows a windowed sequence's cache holds, however long it runs: its sinks (None: the
+    default) rounded up to whole blocks, then the window (run.c's sink_rows + window)."""
+    sinks = DEFAULT_SINKS if sinks is None else sinks
+    return -(-sinks // block_size) * block_size + window
 
 
 class PoolFull(RuntimeError):
@@ -161,10 +168,7 @@ class Pool:
                 error = last_error(self._lib)
                 seq._release()
                 raise (PoolFull if rc == OUT_OF_BLOCKS else ValueError)(error)
-            rows = self._lib.kvc_tokens(seq.handle(self), ffi.NULL, 0)
-            tokens = np.empty(rows, dtype=np.int32)
-            self._lib.kvc_tokens(seq.handle(self), ffi.cast("int *", ffi.from_buffer(tokens)), rows)
-            seq._extend(tokens)
+            seq._extend(cache_tokens(self._lib, seq.handle(self)))
         return seq
 
     def blocks_needed(self, seq: "PoolSequence", n_tokens: int) -> int:

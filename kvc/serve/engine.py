@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..model import Model
-from ..pool import DEFAULT_SINKS
+from ..pool import window_rows
 from ..sampler import Sampler
 from .scheduler import DEFAULT_MAX_STEP_TOKENS, Choice, ScheduledRequest, Scheduler, StepOutput
 from .stops import StopMatcher
@@ -299,7 +299,7 @@ class BatchEngine(Engine):
                 with self._model.pool(blocks=1, block_size=block_size) as probe:  # (for the model's context)
                     seq_len = probe.max_seq_len if context is None else min(context, probe.max_seq_len)
                 if window is not None:  # a windowed sequence never holds more than its sinks' blocks and its window
-                    seq_len = min(seq_len, -(-(DEFAULT_SINKS if sinks is None else sinks) // block_size) * block_size + window)
+                    seq_len = min(seq_len, window_rows(window, sinks, block_size))
                 kv_blocks = parallel * -(-seq_len // block_size)
             self._pool = self._model.pool(blocks=kv_blocks, memory=kv_memory, block_size=block_size,
                                           threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..pool import DEFAULT_SINKS, PoolFull
+from ..pool import DEFAULT_SINKS, PoolFull, window_rows
 
 DEFAULT_MAX_STEP_TOKENS = 256
 
@@ -161,8 +161,7 @@ class Scheduler:
             return f"the prompt is {prompt_tokens} tokens but the context holds {self.context}"
         positions = prompt_tokens if max_tokens is None else min(prompt_tokens + max(max_tokens, 1) - 1, self.context)
         if self.window is not None:  # a window holds its sinks' blocks and itself, however long it runs
-            sink_rows = -(-self.sinks // self.pool.block_size) * self.pool.block_size
-            positions = min(positions, sink_rows + self.window)
+            positions = min(positions, window_rows(self.window, self.sinks, self.pool.block_size))
         blocks = math.ceil(positions / self.pool.block_size)
         if blocks > self.pool.blocks_total:
             what = "the prompt" if max_tokens is None else f"the prompt ({prompt_tokens} tokens) and max_tokens"
