@@ -3810,11 +3810,14 @@ static Sequence *sequence_alone(const Model *m, int context, int threads, const 
 // ----------------------------------------------------------------------------
 // The forward pass
 
-// cos/sin of position * theta^(-2j/head_dim) for each token of the block (at s->pos), in double like the reference.
+// RoPE's angle per position for pair j of a head: theta^(-2j/head_dim), in double like the reference.
+static double rope_freq(const Config *p, int j) { return pow((double)p->rope_theta, -2.0 * j / p->head_dim); }
+
+// cos/sin of position * rope_freq(j) for each token of the block (at s->pos).
 static void rope_table(RunState *s, const Config *p, int n) {
     int half = p->head_dim / 2;
     for (int j = 0; j < half; j++) {
-        double freq = pow((double)p->rope_theta, -2.0 * j / p->head_dim);
+        double freq = rope_freq(p, j);
         for (int t = 0; t < n; t++) {
             double angle = (double)s->pos[t] * freq;
             s->rope.cos[t * half + j] = (float)cos(angle);
@@ -4036,7 +4039,7 @@ static int check_blocks(const KVPool *c, int need) {
 // cos and sin (head_dim / 2 each) of RoPE's angles for -positions: what turns a key back by them.
 static void rope_back(const Config *p, int positions, float *cos_out, float *sin_out) {
     for (int j = 0; j < p->head_dim / 2; j++) {
-        double angle = -(double)positions * pow((double)p->rope_theta, -2.0 * j / p->head_dim);
+        double angle = -(double)positions * rope_freq(p, j);
         cos_out[j] = (float)cos(angle);
         sin_out[j] = (float)sin(angle);
     }
