@@ -24,8 +24,8 @@ from helpers import write_random_model
 
 TINY = Sizes(prefill=[8, 24], decode=6, positions=[0, 16, 40], steps=3, repeats=1, prompt=5)
 # the random model's context is 160: position 160 is measured at 160 - steps
-TINY_CACHE = CacheSizes(positions=[0, 16, 64, 160], steps=3, short_prompt=5, short_decode=6, no_cache=[2, 4, 8],
-                        no_cache_prompt=3, threads=1)
+TINY_CACHE = CacheSizes(positions=[0, 16, 64, 160], steps=3, no_cache=[2, 4, 8],
+                        no_cache_prompt=3, threads=1, paired=[64, 160], paired_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -144,23 +144,32 @@ def test_run_one_cache(tiny32, cache):
     rows = res["by_position"]
     assert [(b["asked"], b["pos"]) for b in rows] == [(0, 0), (16, 16), (64, 64), (160, 157)]
     assert all(b["ms_per_token"] > 0 and b["rss_mb"] > 0 and b["gb_s"] > 0 for b in rows)
-    assert res["short_decode"]["tokens"] == 6 and res["short_decode"]["ms_per_token"] > 0
+    paired = res["paired"]  # 160 passes the context with its span of 64: measured at 96
+    assert paired["steps"] == 3 and [(p["asked"], p["pos"]) for p in paired["rows"]] == [(0, 0), (64, 64), (160, 96)]
+    assert paired["rows"][0]["ratio"] == 1
+    assert all(p["ms_q1"] <= p["ms"] <= p["ms_q3"] and p["ratio_low"] <= p["ratio"] <= p["ratio_high"] for p in paired["rows"])
+    vs = paired["vs_f32"]  # the f32 cache is the reference itself
+    assert vs is None if cache == "f32" else vs["ratio_low"] <= vs["ratio"] <= vs["ratio_high"] and vs["f32_ms"] > 0
     mem = res["memory"]
     assert mem["total"] == mem["weights"] + mem["kv_cache"] + mem["scratch"] and mem["kv_cache"] > 0
     json.dumps(res)
 
 
 def test_cache_summary():
-    def rec(cache: str, ms: list[float], short: float) -> dict:
-        rows = [{"asked": a, "pos": min(a, 8176), "ms_per_token": m} for a, m in zip([0, 2048, 8192], ms)]
-        return {"dtype": "q8_0", "cache": cache, "by_position": rows, "short_decode": {"ms_per_token": short}}
+    def rec(cache: str, ratios: list[float], vs_f32: float | None) -> dict:
+        rows = [{"asked": a, "pos": min(a, 8128), "ms": 10 * r, "ratio": r, "ratio_low": r - 0.1, "ratio_high": r + 0.1}
+                for a, r in zip([0, 2048, 8192], ratios)]
+        vs = None if vs_f32 is None else {"ratio": vs_f32, "ratio_low": 1.0, "ratio_high": 1.1, "f32_ms": 9.5}
+        return {"dtype": "q8_0", "cache": cache, "paired": {"steps": 9, "rows": rows, "vs_f32": vs}}
 
-    s = cache_types.cache_summary([rec("f32", [10, 20, 50], 10), rec("q8_0", [10, 12, 20], 10.5),
+    s = cache_types.cache_summary([rec("f32", [1, 2, 5], None), rec("q8_0", [1, 1.2, 2], 1.05),
                                    {"dtype": "q8_0", "cache": "q4_0", "error": "boom"}])
     assert [x["cache"] for x in s] == ["f32", "q8_0"]
     assert s[1]["ratio_2048"] == pytest.approx(1.2) and s[1]["ratio_last"] == pytest.approx(2.0)
-    assert s[1]["last_asked"] == 8192 and s[1]["last_pos"] == 8176
-    assert s[0]["short_vs_f32_pct"] == 0 and s[1]["short_vs_f32_pct"] == pytest.approx(5.0)
+    assert s[1]["ratio_2048_spread"] == pytest.approx([1.1, 1.3]) and s[0]["ratio_last_spread"] == pytest.approx([4.9, 5.1])
+    assert s[1]["last_asked"] == 8192 and s[1]["last_pos"] == 8128
+    assert s[0]["short_vs_f32"] is None and s[1]["short_vs_f32"] == 1.05 and s[1]["short_vs_f32_spread"] == [1.0, 1.1]
+    assert s[1]["short_ms"] == 10
 
 
 def test_no_cache_curve(tiny):
@@ -190,6 +199,7 @@ def test_cache_children_tables_and_plot(tiny32, tmp_path):
                "cache_summary": cache_types.cache_summary(records), "no_cache": nc}
     text = tables.markdown_tables(results)
     assert "| f32 | q4_0 |" in text and "pos 160 (at 157)" in text and "RSS @ 64" in text
+    assert "× pos 160 / 0 (at 96)" in text and "for 3 rounds" in text
     assert "q5_9 cache failed" in text and "log-log least-squares slope" in text
     json.dumps(results)
     assert plot_cache(results, tmp_path / "c.png") is None

@@ -63,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-positions", help="cache positions of the cache part, e.g. 0,2048,8192 (one whose"
                                               " steps would pass the context's end is measured just before it)")
     ap.add_argument("--cache-steps", type=int, help="decode steps timed per position in the cache part")
-    ap.add_argument("--short-decode", metavar="PROMPT,N", help="short-context decode: prompt length, tokens")
+    ap.add_argument("--paired", metavar="P,...", help="positions the cache part times against position 0 by decoding"
+                                                    " alternately, one model each (default 2048,8192)")
+    ap.add_argument("--paired-steps", type=int, help="rounds of that paired measurement (default 300)")
     ap.add_argument("--no-cache-n", metavar="N,...", help="tokens generated with and without the cache, e.g. 32,64,128")
     ap.add_argument("--no-cache-prompt", type=int, help="prompt length before them")
     ap.add_argument("--kv-quality-chunks", type=int, metavar="N",
@@ -109,10 +111,9 @@ def sizes_from_args(a: argparse.Namespace) -> Sizes:
 
 def cache_sizes_from_args(a: argparse.Namespace) -> CacheSizes:
     """QUICK_CACHE or FULL_CACHE sizes, with the options that override them."""
-    short_prompt, short_decode = _list(a.short_decode) or (None, None)
     return _overridden(QUICK_CACHE if a.quick else FULL_CACHE, positions=_list(a.cache_positions), steps=a.cache_steps,
-                       short_prompt=short_prompt, short_decode=short_decode, no_cache=_list(a.no_cache_n),
-                       no_cache_prompt=a.no_cache_prompt, threads=a.cache_threads)
+                       no_cache=_list(a.no_cache_n), no_cache_prompt=a.no_cache_prompt, threads=a.cache_threads,
+                       paired=_list(a.paired), paired_steps=a.paired_steps)
 
 
 def side_sizes_from_args(a: argparse.Namespace) -> SideSizes:

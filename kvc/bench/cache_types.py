@@ -13,7 +13,7 @@ import numpy as np
 
 from ..format import describe_types, read_types
 from ..model import Model
-from .kvc_run import measure_decode, text_tokens
+from .kvc_run import text_tokens
 from .rss import current_rss_mb, peak_rss_mb
 from .timing import time_by_position
 from .traffic import kv_bytes_read, weight_bytes_per_token
@@ -71,10 +71,67 @@ def measure_cache_by_position(model: Model, positions: list[tuple[int, int]], st
     return rows
 
 
+PAIRED_SPAN = 64  # each paired model decodes positions p .. p + PAIRED_SPAN - 1 over and over
+
+
+def _quartile_ratio(num: np.ndarray, den: np.ndarray) -> dict:
+    """The ratio of two (q1, median, q3) triples' medians, with the quartiles' ratios as its spread."""
+    return {"ratio": float(num[1] / den[1]), "ratio_low": float(num[0] / den[2]), "ratio_high": float(num[2] / den[0])}
+
+
+def measure_paired(path: str | os.PathLike, threads: int | None, cache: str, positions: list[int], steps: int,
+                   fill: list[int], context: int) -> dict:
+    """Decode ms/token at position 0 and at each of `positions`, and at position 0 with an f32 cache
+    on the same weights, with the machine's drift cancelled: one Model per (cache, position) in this
+    process, each filled to its position untimed, then `steps` rounds in which every model decodes
+    one token in turn (at p + i mod PAIRED_SPAN, so its cache stays at p). Per position: the median
+    step and its quartiles, and the ratio of medians to position 0's, with the quartiles' ratios as
+    its spread (a slow stretch of the machine hits every model alike, so it moves the ratio less than
+    timing one position after another would). The same against the f32 cache: short-context decode
+    (positions 1..PAIRED_SPAN - 1) in this cache's type over the f32 cache's.
+
+    positions: asked positions; one whose span passes `context` (the model's) is measured at
+    context - span. fill: at least the last position + span tokens.
+    Returns {"steps", "span", "rows": [{"asked", "pos", "ms", "ms_q1", "ms_q3", "ratio", "ratio_low",
+    "ratio_high"}] (the first row position 0's, ratio 1), "vs_f32": {"ratio", "ratio_low", "ratio_high",
+    "f32_ms"} or None for the f32 cache itself}."""
+    pairs = [(0, 0)]
+    for asked in sorted(positions):
+        used = min(asked, context - PAIRED_SPAN)
+        if used > pairs[-1][1]:
+            pairs.append((asked, used))
+    options = [cache_options(cache)] * len(pairs)
+    if options[0] != cache_options("f32"):
+        options.append(cache_options("f32"))
+    used_at = [used for _, used in pairs] + [0] * (len(options) - len(pairs))
+    models, times = [], []
+    try:
+        for used, opts in zip(used_at, options):
+            m = Model(path, seq_len=used + PAIRED_SPAN, threads=threads, **opts)
+            models.append(m)
+            m.prefill(fill[:max(used, 1)], 0)  # untimed; a model at position 0 holds its first token
+            times.append([])
+        for i in range(steps):
+            for used, m, t in zip(used_at, models, times):
+                pos = max(used, 1) + i % (PAIRED_SPAN - 1)
+                t0 = time.perf_counter()
+                m.prefill([fill[pos]], pos)
+                t.append(time.perf_counter() - t0)
+    finally:
+        for m in models:
+            m.close()
+    q = [np.percentile(t, [25, 50, 75]) * 1e3 for t in times]
+    rows = [{"asked": asked, "pos": used, "ms": float(qi[1]), "ms_q1": float(qi[0]), "ms_q3": float(qi[2]),
+             **_quartile_ratio(qi, q[0])} for (asked, used), qi in zip(pairs, q)]
+    vs_f32 = {**_quartile_ratio(q[0], q[-1]), "f32_ms": float(q[-1][1])} if len(q) > len(pairs) else None
+    return {"steps": steps, "span": PAIRED_SPAN, "rows": rows, "vs_f32": vs_f32}
+
+
 def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, sizes: CacheSizes = FULL_CACHE) -> dict:
     """Every cache-type measurement of one (model, cache configuration), in this process (a child of
     the bench, so that its RSS is its own): Model.memory(), ms/token and RSS as the cache fills to
-    each position, the process's peak RSS, and a short-context decode (prompt, then a few tokens)."""
+    each position, the process's peak RSS, and the paired ratios of decode time at sizes.paired
+    positions to position 0's and at position 0 to the f32 cache's (measure_paired)."""
     t_start = time.perf_counter()
     rss_start = current_rss_mb()
     model = Model(path, threads=threads, **cache_options(cache))
@@ -83,7 +140,8 @@ def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, size
     dtype = describe_types(cfg, types)
     positions = clamp_positions(sizes.positions, sizes.steps, cfg.seq_len)
     end = max([used for _, used in positions], default=0) + sizes.steps
-    toks = text_tokens(model, max(end, sizes.short_prompt + sizes.short_decode, 16))
+    paired_end = min(max(sizes.paired, default=0) + PAIRED_SPAN, cfg.seq_len)
+    toks = text_tokens(model, max(end, paired_end, 16))
     rss_open = current_rss_mb()
     model.prefill(toks[:8], 0)  # warm-up: page the weights in (the cache's first rows too),
     for i in range(8):  # and a few single-token steps (overwritten by the measurement)
@@ -94,46 +152,42 @@ def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, size
         mid = row["pos"] + row["steps"] // 2
         kv = kv_bytes_read(cfg, mid, model.cache_type_k, model.cache_type_v)
         row["gb_s"] = (wbytes + kv) / (row["ms_per_token"] / 1e3) / 1e9
-    short = measure_decode(model, toks[:sizes.short_prompt], sizes.short_decode)  # resets: after the RSS rows
-    short["ms_per_token"] = 1e3 * short["seconds"] / short["tokens"]
     memory = model.memory()
     types = {"cache_type_k": model.cache_type_k, "cache_type_v": model.cache_type_v, "cache_rotate": model.cache_rotate}
     model.close()
+    peak = peak_rss_mb()  # before the paired models, which hold caches of their own
+    paired = measure_paired(path, threads, cache, sizes.paired, sizes.paired_steps, toks, cfg.seq_len)
     return {
         "engine": "kvc", "dtype": dtype, "cache": cache, **types, "threads": threads, "model": str(path),
-        "context": cfg.seq_len, "memory": memory, "by_position": by_pos, "short_decode": short,
-        "rss_before_open_mb": rss_start, "rss_after_open_mb": rss_open, "peak_rss_mb": peak_rss_mb(),
+        "context": cfg.seq_len, "memory": memory, "by_position": by_pos, "paired": paired,
+        "rss_before_open_mb": rss_start, "rss_after_open_mb": rss_open, "peak_rss_mb": peak,
         "seconds": time.perf_counter() - t_start,
     }
 
 
-def _ms_at(record: dict, asked: int) -> float | None:
-    """ms/token of a record at an asked position, or None."""
-    for row in record["by_position"]:
-        if row["asked"] == asked:
-            return row["ms_per_token"]
-    return None
-
-
 def cache_summary(records: list[dict], at: int = 2048) -> list[dict]:
-    """Per configuration: ms/token at `at` and at the last position over position 0 (the issue's
-    target: q8_0 K+V with Q8_0 weights within 1.25 at 2048), and short-context decode against the
-    same weights' f32 cache (target: at most 5% slower)."""
-    ok = [r for r in records if "error" not in r]
-    f32_short = {r["dtype"]: r["short_decode"]["ms_per_token"] for r in ok if r["cache"] == "f32"}
+    """Per configuration, from its paired measurement: the ratio of decode time at `at` and at the
+    last paired position to position 0's (the issue's target: q8_0 K+V with Q8_0 weights within 1.25
+    at 2048), and short-context decode time over the same weights' f32 cache's (target: at most 1.05),
+    each with its quartile spread."""
     out = []
-    for r in ok:
-        zero = _ms_at(r, 0)
-        last = r["by_position"][-1] if r["by_position"] else None
-        mid = _ms_at(r, at)
-        short = r["short_decode"]["ms_per_token"]
-        base = f32_short.get(r["dtype"])
+    for r in records:
+        if "error" in r:
+            continue
+        paired = r.get("paired", {})
+        rows = paired.get("rows", [])
+        mid = next((row for row in rows[1:] if row["asked"] == at), None)
+        last = rows[-1] if len(rows) > 1 else None
+        vs = paired.get("vs_f32")
         out.append({
             "dtype": r["dtype"], "cache": r["cache"],
-            f"ratio_{at}": mid / zero if mid and zero else None,
+            f"ratio_{at}": mid["ratio"] if mid else None,
+            f"ratio_{at}_spread": [mid["ratio_low"], mid["ratio_high"]] if mid else None,
             "last_asked": last["asked"] if last else None, "last_pos": last["pos"] if last else None,
-            "ratio_last": last["ms_per_token"] / zero if last and zero else None,
-            "short_ms": short, "short_vs_f32_pct": 100 * (short / base - 1) if base else None,
+            "ratio_last": last["ratio"] if last else None,
+            "ratio_last_spread": [last["ratio_low"], last["ratio_high"]] if last else None,
+            "short_ms": rows[0]["ms"] if rows else None,
+            "short_vs_f32": vs["ratio"] if vs else None,
+            "short_vs_f32_spread": [vs["ratio_low"], vs["ratio_high"]] if vs else None,
         })
     return out
-

@@ -26,8 +26,8 @@ def size_args(sizes: Sizes) -> list[str]:
 def cache_size_args(sizes: CacheSizes) -> list[str]:
     """The command-line options that give a cache-type or no-cache child these sizes."""
     return ["--cache-positions", ",".join(map(str, sizes.positions)), "--cache-steps", str(sizes.steps),
-            "--short-decode", f"{sizes.short_prompt},{sizes.short_decode}",
-            "--no-cache-n", ",".join(map(str, sizes.no_cache)), "--no-cache-prompt", str(sizes.no_cache_prompt)]
+            "--no-cache-n", ",".join(map(str, sizes.no_cache)), "--no-cache-prompt", str(sizes.no_cache_prompt),
+            "--paired", ",".join(map(str, sizes.paired)), "--paired-steps", str(sizes.paired_steps)]
 
 
 def run_child(path: str | os.PathLike, threads: int, sizes: Sizes, timeout: float) -> dict:

@@ -83,8 +83,9 @@ def _notes(results: dict) -> list[str]:
     return lines
 
 
-def _spread(stats: tuple[float, float, float] | None) -> str:
-    return "-" if stats is None else f"{stats[0]:,.1f} ({stats[1]:,.1f}-{stats[2]:,.1f})"
+def _spread(stats: tuple[float, float, float] | None, digits: int = 1) -> str:
+    """A figure with its spread in brackets: (value, low, high), or "-"."""
+    return "-" if stats is None else f"{stats[0]:,.{digits}f} ({stats[1]:,.{digits}f}-{stats[2]:,.{digits}f})"
 
 
 def side_by_side_table(side: dict) -> list[str]:
@@ -126,28 +127,39 @@ def _position_heads(records: list[dict]) -> tuple[list[int], dict[int, int]]:
 
 
 def _cache_latency(records: list[dict], summary: list[dict], threads: int) -> list[str]:
-    """ms/token at each position per (weights, cache) configuration, the ratios to position 0, and
-    short-context decode against the same weights' f32 cache."""
+    """ms/token at each position per (weights, cache) configuration, then the paired measurement's
+    ratios to position 0 and its short-context decode against the same weights' f32 cache."""
     asked, moved = _position_heads(records)
     if not asked:
         return []
     by_config = {(s["dtype"], s["cache"]): s for s in summary}
+    last = next((s["last_asked"] for s in summary if s.get("last_asked")), None)
+    moved_last = next((s["last_pos"] for s in summary if s.get("last_asked") and s["last_pos"] != s["last_asked"]), None)
     head = (["weights", "KV cache"] + [f"pos {p}" + (f" (at {moved[p]})" if p in moved else "") for p in asked]
-            + ["× pos 2048 / 0", f"× pos {asked[-1]} / 0", "short decode ms/token", "vs f32 cache", "other CPU %"])
+            + ["× pos 2048 / 0", f"× pos {last} / 0" + (f" (at {moved_last})" if moved_last else ""),
+               "short ms/token", "× f32 cache", "other CPU %"])
     rows = []
     for r in records:
         bp = {b["asked"]: b["ms_per_token"] for b in r["by_position"]}
         s = by_config.get((r["dtype"], r["cache"]), {})
-        vs = s.get("short_vs_f32_pct")
         rows.append([r["dtype"], r["cache"]] + [_fmt(bp.get(p), 2) for p in asked]
-                    + [_fmt(s.get("ratio_2048"), 2), _fmt(s.get("ratio_last"), 2), _fmt(s.get("short_ms"), 2),
-                       "-" if vs is None else f"{vs:+.1f}%", _fmt(r.get("other_cpu_pct"), 0)])
+                    + [_ratio(s, "ratio_2048"), _ratio(s, "ratio_last"), _fmt(s.get("short_ms"), 2),
+                       _ratio(s, "short_vs_f32"), _fmt(r.get("other_cpu_pct"), 0)])
     steps = records[0]["by_position"][0]["steps"]
-    short = records[0]["short_decode"]
+    paired = records[0].get("paired", {})
     return ["", f"Decode ms/token (median of {steps} steps, {threads} threads) with the KV cache filled to each "
-            f"position, per cache type (K and V; +rot: Hadamard-rotated, q4_0's default); × columns: ratio to "
-            f"position 0; short decode: {short['tokens']} tokens after a {short['start_pos']}-token prompt, "
-            "against the same weights with an f32 cache:", ""] + _table(head, rows)
+            f"position, per cache type (K and V; +rot: Hadamard-rotated, q4_0's default). The columns after "
+            f"them come from a separate paired run, one model at each position (and one with the f32 cache "
+            f"at position 0) decoding a token each in turn for {paired.get('steps', '-')} rounds: × pos: "
+            f"decode time there over position 0's; short: ms/token at positions 1-{paired.get('span', 64) - 1}; "
+            f"× f32 cache: that over the same weights' f32 cache at the same positions (ratios of medians, "
+            f"in brackets the ratios of the quartiles):", ""] + _table(head, rows)
+
+
+def _ratio(summary: dict, key: str) -> str:
+    """A cache summary's paired ratio with its quartile spread, or "-"."""
+    ratio, spread = summary.get(key), summary.get(f"{key}_spread")
+    return "-" if ratio is None else _spread((ratio, *spread), 2)
 
 
 def _cache_memory(records: list[dict]) -> list[str]:

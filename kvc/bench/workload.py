@@ -76,15 +76,17 @@ class CacheSizes:
 
     positions: list[int] = field(default_factory=lambda: [0, 256, 512, 1024, 2048, 4096, 8192])
     steps: int = 16  # decode steps timed at each position (a position past the context moves back)
-    short_prompt: int = 32  # short-context decode: this prompt, then `short_decode` tokens (< 256)
-    short_decode: int = 128
     no_cache: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tokens generated both ways
     no_cache_prompt: int = 8  # the prompt before them
     threads: int = 2
+    paired: list[int] = field(default_factory=lambda: [2048, 8192])  # positions timed against 0 alternately
+    # (cache_types.measure_paired; position 0 also against the f32 cache: the short-context cost)
+    paired_steps: int = 300  # rounds of the paired measurement (each model decodes one token a round)
 
 
 FULL_CACHE = CacheSizes()
-QUICK_CACHE = CacheSizes(positions=[0, 256, 1024], steps=8, short_prompt=16, short_decode=32, no_cache=[8, 16, 32])
+QUICK_CACHE = CacheSizes(positions=[0, 256, 1024], steps=8, no_cache=[8, 16, 32],
+                         paired=[1024], paired_steps=16)
 
 
 @dataclass
