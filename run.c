@@ -3374,7 +3374,7 @@ static inline __attribute__((always_inline)) void kv_dot_int8_simd(const KVRun *
 #endif
 
 #ifdef KV_SIMD
-// kv_dot's AVX-512 body for f16 and bf16 keys: tiles of KV_TILE_ROWS rows, each row read once for up
+// kv_dot's AVX-512 body for f32, f16 and bf16 keys: tiles of KV_TILE_ROWS rows, each row read once for up
 // to KV_DOT_HEADS heads, the tile's scores summed across lanes together.
 static inline __attribute__((always_inline)) void kv_dot_simd(const KVRun *r, const uint8_t *k0, const KVQuery *q, int group, int hd,
                                                               float scale, float *att, size_t att_stride, int type) {
@@ -3419,6 +3419,7 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
 #ifdef KV_SIMD
     if (cache_int8(r->type_k) || hd % 16 == 0) {
         switch (r->type_k) { // constant types (and head_dims, in kv_dot_typed) unroll into their own copies
+        case CACHE_F32: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_F32); return;
         case CACHE_F16: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_F16); return;
         case CACHE_BF16: kv_dot_typed(r, k0, q, group, hd, scale, att, att_stride, CACHE_BF16); return;
         case CACHE_Q8_0: kv_dot_int8_simd(r, k0, q, group, hd, scale, att, att_stride, CACHE_Q8_0); return;
@@ -3455,7 +3456,7 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
 #define KV_TILE_FLOATS 4096 // values of stored rows the portable kv_axpy widens at once (16 KB of stack)
 
 #ifdef KV_SIMD
-// kv_axpy's AVX-512 body for values of `type` (not f32): 64 columns (block types: two blocks) at a
+// kv_axpy's AVX-512 body for values of `type`: 64 columns (block types: two blocks) at a
 // time, KV_AXPY_HEADS heads' sums of them in registers over all the rows.
 static inline __attribute__((always_inline)) void kv_axpy_simd(const KVRun *r, const uint8_t *v0, const float *weights, size_t w_stride,
                                                                int group, int hd, float *out, int type) {
@@ -3501,15 +3502,10 @@ static inline __attribute__((always_inline)) void kv_axpy_typed(const KVRun *r, 
 static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_stride, int group, int hd, float *out) {
     const uint8_t *v0 = r->values + head * r->value_head;
     int prefetch_floats = (int)(row_bytes(r->type_v, hd) / 4), ahead = prefetch_rows(r->value_stride);
-    if (r->type_v == CACHE_F32) { // rows stay in cache between the group's passes
-        for (int g = 0; g < group; g++)
-            weighted_sum(out + (size_t)g * hd, weights + g * w_stride, (const float *)v0, r->value_stride / sizeof(float),
-                         r->n, hd);
-        return;
-    }
 #ifdef KV_SIMD
     if (cache_int8(r->type_v) || hd % 16 == 0) {
         switch (r->type_v) { // constant types unroll into their own copies, as in kv_dot
+        case CACHE_F32: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_F32); return;
         case CACHE_F16: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_F16); return;
         case CACHE_BF16: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_BF16); return;
         case CACHE_Q8_0: kv_axpy_typed(r, v0, weights, w_stride, group, hd, out, CACHE_Q8_0); return;
@@ -3518,6 +3514,12 @@ static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_str
         }
     }
 #endif
+    if (r->type_v == CACHE_F32) { // rows stay in cache between the group's passes
+        for (int g = 0; g < group; g++)
+            weighted_sum(out + (size_t)g * hd, weights + g * w_stride, (const float *)v0, r->value_stride / sizeof(float),
+                         r->n, hd);
+        return;
+    }
     int tile = KV_TILE_FLOATS / hd > 0 ? KV_TILE_FLOATS / hd : 1;
     float rows[(size_t)tile * hd];
     for (int i = 0; i < r->n; i += tile) {
