@@ -53,6 +53,7 @@ ffi.cdef(
     Sequence *kvc_pool_sequence(Pool *pool);
     Sequence *kvc_pool_sequence_window(Pool *pool, int window, int sinks);
     int kvc_step_room(const Sequence *seq);
+    int kvc_block_table(const Sequence *seq, int *out, int capacity);
     Sequence *kvc_fork(Sequence *seq);
     int kvc_truncate(Sequence *seq, int len);
     int kvc_reuse_prefix(Sequence *seq, const int *tokens, int n);

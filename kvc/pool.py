@@ -238,6 +238,16 @@ class PoolSequence:
         """The token ids at those positions."""
         return list(self._tokens)
 
+    @property
+    def blocks(self) -> list[int]:
+        """Its block table: the pool blocks holding its positions, block_size of them each, in order."""
+        lib = self._pool._lib
+        with self._pool._lock:
+            handle = self.handle(self._pool)
+            out = ffi.new("int[]", max(1, lib.kvc_block_table(handle, ffi.NULL, 0)))
+            n = lib.kvc_block_table(handle, out, len(out))
+            return list(out)[:n]
+
     def _extend(self, tokens: np.ndarray) -> None:
         self._tokens.extend(tokens.tolist())
 

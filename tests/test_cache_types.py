@@ -82,15 +82,15 @@ int main(void) {
     float *x = malloc(all * 4), *f = malloc(nq * 4), *att = malloc(nw * 4), *out = calloc(nq, 4);
     uint8_t *int8 = malloc((size_t)group * query_int8_bytes(hd));
     if (fread(x, 4, all, stdin) != all) return 1;
-    // a pool of blocks of 16 handed out in reverse order, so that runs end at every block's edge
+    // a pool of blocks of 16, the table's in reverse order, so that runs end at every block's edge
     int bs = 16, blocks = (n + bs - 1) / bs;
     KVPool pool;
     KVCache c;
     if (cache_spec_check(&spec, hd) || pool_init(&pool, &p, &spec, blocks, bs, blocks * bs, blocks, 0, x + nq + 2 * nkv + nw))
         return 1;
-    for (int b = 0; b < blocks; b++) pool.free_list[b] = b; // pool_take pops the last: block blocks - 1 first
     if (cache_init(&c, &pool, n, 0)) return 1;
-    cache_reserve(&c, 0, n);
+    for (int i = 0; i < blocks; i++) c.table[c.n_table++] = pool_take(&pool, blocks - 1 - i);
+    cache_reserve(&c, 0, n); // nothing left to take: marks position 0's sink slot
     KVCache **seqs = malloc((size_t)n * sizeof *seqs);
     int *pos = malloc((size_t)n * sizeof *pos);
     for (int t = 0; t < n; t++) seqs[t] = &c, pos[t] = t;

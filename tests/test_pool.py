@@ -43,6 +43,23 @@ def prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+def scatter(pool: kvc.Pool) -> list:
+    """Leaves only every other block of an empty pool free, so that no two free blocks are adjacent
+    and every sequence after this holds blocks that lie apart (each read as a run of its own):
+    fills every block with a one-token sequence and frees those holding even blocks. Returns the
+    sequences still holding the odd ones (free them to give those back)."""
+    holders = [pool.sequence() for _ in range(pool.stats().total)]
+    pool.step([(h, [1]) for h in holders])
+    kept = []
+    for h in holders:
+        if h.blocks[0] % 2:
+            kept.append(h)
+        else:
+            h.free()
+    assert pool.stats().free == pool.stats().total - len(kept)
+    return kept
+
+
 def run_interleaved(pool: kvc.Pool, texts: list[list[int]], chunk: int) -> list[dict[int, np.ndarray]]:
     """Feed every text through the pool in chunks, all sequences in each step (prompt chunks of
     different sizes side by side); returns each text's logits by position."""
@@ -66,10 +83,11 @@ def run_interleaved(pool: kvc.Pool, texts: list[list[int]], chunk: int) -> list[
 def test_batched_step_matches_reference_for_every_sequence(pair):
     model, ref = pair
     texts = prompts(model.config.vocab_size, [37, 5, 70, 16, 1, 52])
-    with model.pool(blocks=64, block_size=16) as pool:
+    with model.pool(blocks=128, block_size=16) as pool:
         pool.poison()  # a read of any position no sequence wrote turns the logits NaN
+        holders = scatter(pool)  # every sequence's blocks lie apart
         got = run_interleaved(pool, texts, chunk=11)
-        assert pool.stats().used == 0
+        assert pool.stats().used == len(holders)
     checked = 0
     for text, logits in zip(texts, got):
         full = ref.forward_full(text)
@@ -93,21 +111,43 @@ def test_block_sizes(pair, block_size):
 
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
 def test_every_cache_type_works_paged(tiny, cache_type):
-    """A pooled sequence whose blocks lie out of order, interleaved with another's, gives exactly the
+    """A pooled sequence whose blocks lie apart, interleaved with another's, gives exactly the
     logits a Model with the same cache type gives when both decode token by token: the same rows
     are stored, and attention reads them in the same order whatever blocks they lie in."""
     text = prompts(300, [75], seed=3)[0]
     with kvc.Model(tiny, cache_type_k=cache_type, cache_type_v=cache_type) as model:
         model.reset(float("nan"))
         want = [model.forward([t], i)[0] for i, t in enumerate(text)]
-        with model.pool(blocks=40, block_size=8) as pool:
+        with model.pool(blocks=48, block_size=8) as pool:
             pool.poison()
+            holders = scatter(pool)  # (kept: a freed sequence gives its blocks back)
             seq, other = pool.sequence(), pool.sequence()
             got = []
             for t in text:
-                pool.step([(other, [t])])  # every other block is the other sequence's
+                pool.step([(other, [t])])
                 got.append(pool.step([(seq, [t])])[0])
+            blocks = seq.blocks
+            assert len(blocks) == 10 and all(b - a > 1 for a, b in zip(blocks, blocks[1:]))  # no two adjacent
+            assert pool.stats().used == len(holders) + 20
     assert np.array_equal(np.array(got), np.array(want))
+
+
+def test_sequences_grow_into_consecutive_blocks(tiny):
+    """Sequences stepped together each take the block after their last while it is free, and start
+    (or move on, when that block is taken) in the middle of the longest run of free blocks: their
+    tables stay runs that attention reads as one, not blocks alternating between sequences."""
+    with kvc.Model(tiny, seq_len=16) as model, model.pool(blocks=64, block_size=8) as pool:
+        seqs = [pool.sequence() for _ in range(4)]
+        for i in range(5):
+            pool.step([(s, list(range(1 + 8 * i, 9 + 8 * i))) for s in seqs])
+        tables = [s.blocks for s in seqs]
+        assert tables == [list(range(first, first + 5)) for first in (32, 16, 48, 8)]
+        nxt = pool.sequence()  # free runs: 0-7, 13-15, 21-31, 37-47, 53-63: the first longest is 21-31
+        pool.step([(nxt, [1])])
+        assert nxt.blocks == [26]
+        for _ in range(6):  # seqs[1] grows through 21-25 into nxt's 26: on to the middle of 37-47
+            pool.step([(seqs[1], [7] * 8)])
+        assert seqs[1].blocks == list(range(16, 26)) + [42]
 
 
 def test_fork_copies_on_write(pair):
