@@ -155,6 +155,16 @@ def test_run_one_cache(tiny32, cache):
     json.dumps(res)
 
 
+def test_paired_on_a_context_shorter_than_its_span(tmp_path):
+    """A model whose context is shorter than the paired span is measured over all of it: position 0
+    only (every asked position lands there), against the f32 cache."""
+    path = tmp_path / "short.bin"
+    write_random_model(path, seed=6, dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2, seq_len=24)
+    res = cache_types.measure_paired(path, 1, "q8_0", [16, 2048], 3, list(range(1, 30)), 24)
+    assert res["span"] == 24 and [(r["asked"], r["pos"]) for r in res["rows"]] == [(0, 0)]
+    assert res["vs_f32"]["f32_ms"] > 0
+
+
 def test_cache_summary():
     def rec(cache: str, ratios: list[float], vs_f32: float | None) -> dict:
         rows = [{"asked": a, "pos": min(a, 8128), "ms": 10 * r, "ratio": r, "ratio_low": r - 0.1, "ratio_high": r + 0.1}

@@ -95,9 +95,10 @@ def measure_paired(path: str | os.PathLike, threads: int | None, cache: str, pos
     Returns {"steps", "span", "rows": [{"asked", "pos", "ms", "ms_q1", "ms_q3", "ratio", "ratio_low",
     "ratio_high"}] (the first row position 0's, ratio 1), "vs_f32": {"ratio", "ratio_low", "ratio_high",
     "f32_ms"} or None for the f32 cache itself}."""
+    span = min(PAIRED_SPAN, context)  # a model's context shorter than the span: all of it
     pairs = [(0, 0)]
     for asked in sorted(positions):
-        used = min(asked, context - PAIRED_SPAN)
+        used = min(asked, context - span)
         if used > pairs[-1][1]:
             pairs.append((asked, used))
     options = [cache_options(cache)] * len(pairs)
@@ -107,13 +108,13 @@ def measure_paired(path: str | os.PathLike, threads: int | None, cache: str, pos
     models, times = [], []
     try:
         for used, opts in zip(used_at, options):
-            m = Model(path, seq_len=used + PAIRED_SPAN, threads=threads, **opts)
+            m = Model(path, seq_len=used + span, threads=threads, **opts)
             models.append(m)
             m.prefill(fill[:max(used, 1)], 0)  # untimed; a model at position 0 holds its first token
             times.append([])
         for i in range(steps):
             for used, m, t in zip(used_at, models, times):
-                pos = max(used, 1) + i % (PAIRED_SPAN - 1)
+                pos = max(used, 1) + i % max(span - 1, 1)
                 t0 = time.perf_counter()
                 m.prefill([fill[pos]], pos)
                 t.append(time.perf_counter() - t0)
@@ -124,7 +125,7 @@ def measure_paired(path: str | os.PathLike, threads: int | None, cache: str, pos
     rows = [{"asked": asked, "pos": used, "ms": float(qi[1]), "ms_q1": float(qi[0]), "ms_q3": float(qi[2]),
              **_quartile_ratio(qi, q[0])} for (asked, used), qi in zip(pairs, q)]
     vs_f32 = {**_quartile_ratio(q[0], q[-1]), "f32_ms": float(q[-1][1])} if len(q) > len(pairs) else None
-    return {"steps": steps, "span": PAIRED_SPAN, "rows": rows, "vs_f32": vs_f32}
+    return {"steps": steps, "span": span, "rows": rows, "vs_f32": vs_f32}
 
 
 def run_one_cache(path: str | os.PathLike, threads: int | None, cache: str, sizes: CacheSizes = FULL_CACHE) -> dict:

@@ -136,7 +136,7 @@ def _cache_latency(records: list[dict], summary: list[dict], threads: int) -> li
     last = next((s["last_asked"] for s in summary if s.get("last_asked")), None)
     moved_last = next((s["last_pos"] for s in summary if s.get("last_asked") and s["last_pos"] != s["last_asked"]), None)
     head = (["weights", "KV cache"] + [f"pos {p}" + (f" (at {moved[p]})" if p in moved else "") for p in asked]
-            + ["× pos 2048 / 0", f"× pos {last} / 0" + (f" (at {moved_last})" if moved_last else ""),
+            + ["× pos 2048 / 0", f"× pos {last or '-'} / 0" + (f" (at {moved_last})" if moved_last else ""),
                "short ms/token", "× f32 cache", "other CPU %"])
     rows = []
     for r in records:
