@@ -3119,19 +3119,15 @@ static void cache_write(KVCache *const *seqs, const int *pos, int n, int layer, 
 // order; position 0 alone when it lies in a sink slot.
 static KVRun cache_run(const KVCache *s, int layer, int pos, int n) {
     const KVPool *c = s->pool;
-    // as cache_slot finds them, with one division: attention asks once a block when blocks lie apart
-    int bs = c->block_size, i = pos / bs, row = pos - i * bs, b = s->table[i], in_sink = row == 0 && c->sink_used[b];
-    const uint8_t *sink_k = in_sink ? pool_sink(c, 0, layer, 0, b) : NULL, *sink_v = in_sink ? pool_sink(c, 1, layer, 0, b) : NULL;
     KVRun r;
-    r.type_k = sink_k ? CACHE_SINK_TYPE : c->spec.type_k;
-    r.type_v = sink_v ? CACHE_SINK_TYPE : c->spec.type_v;
-    r.keys = sink_k ? sink_k : pool_row(c, 0, layer, 0, b, row);
-    r.values = sink_v ? sink_v : pool_row(c, 1, layer, 0, b, row);
+    r.keys = cache_slot(s, 0, layer, 0, pos, &r.type_k);
+    r.values = cache_slot(s, 1, layer, 0, pos, &r.type_v);
+    int sink_k = cache_in_sink(s, pos) && c->sink_keys, sink_v = cache_in_sink(s, pos) && c->sink_values;
     r.key_stride = sink_k ? c->head_row_sink : c->head_row_k;
     r.value_stride = sink_v ? c->head_row_sink : c->head_row_v;
     r.key_head = sink_k ? c->sink_blocks * c->head_row_sink : (size_t)c->slots * c->head_row_k;
     r.value_head = sink_v ? c->sink_blocks * c->head_row_sink : (size_t)c->slots * c->head_row_v;
-    int len = bs - row;
+    int bs = c->block_size, i = pos / bs, len = bs - pos % bs;
     while (len < n && i + 1 < s->n_table && s->table[i + 1] == s->table[i] + 1) len += bs, i++;
     r.n = sink_k || sink_v ? 1 : len < n ? len : n;
     return r;
@@ -3822,6 +3818,15 @@ static void sequence_delete(Sequence *seq) {
     free(seq);
 }
 
+// The rows a window's sinks take (sinks rounded up to whole blocks of bs), or -1 (said) when a window
+// of `window` positions (a multiple of bs) and `sinks` do not fit a context of `context`.
+static int window_sink_rows(int window, int sinks, int bs, int context) {
+    if (window < bs || window % bs || sinks < 0 || sinks > context - window)
+        return fail("a window of %d with %d sinks: the window must be a multiple of %d and window + sinks at most the "
+                    "model's context (%d)", window, sinks, bs, context);
+    return (sinks + bs - 1) / bs * bs;
+}
+
 // A single sequence for m in a pool of its own, run on `threads` threads (0: all cores), its cache
 // stored as spec says. Without a window (0): up to `context` positions (0: the model's), its blocks
 // in order (slot = position). With one: the first `sinks` positions and the last `window` (a
@@ -3831,12 +3836,8 @@ static Sequence *sequence_alone(const Model *m, int context, int threads, const 
         fail("context %d is outside the model's 1..%d", context, m->config.seq_len);
         return NULL;
     }
-    if (window < 0 || window % BLOCK_SIZE || sinks < 0 || (window && sinks > m->config.seq_len - window)) {
-        fail("a window of %d with %d sinks: the window must be a multiple of %d and window + sinks at most the "
-             "model's context (%d)", window, sinks, BLOCK_SIZE, m->config.seq_len);
-        return NULL;
-    }
-    int sink_rows = window ? (sinks + BLOCK_SIZE - 1) / BLOCK_SIZE * BLOCK_SIZE : 0;
+    int sink_rows = window ? window_sink_rows(window, sinks, BLOCK_SIZE, m->config.seq_len) : 0;
+    if (sink_rows < 0) return NULL;
     int capacity = window ? sink_rows + window : context > 0 ? context : m->config.seq_len;
     int blocks = (capacity + BLOCK_SIZE - 1) / BLOCK_SIZE;
     // a window's blocks leave the table in any order: each can hold a sequence's first position
@@ -4197,6 +4198,9 @@ static int next_row(const Sequence *seq) {
     return c->window && seq->len >= c->sinks ? c->sink_rows + c->recent : seq->len;
 }
 
+// Rows the sequence's cache holds: those before its next token's, or H2O's kept ones.
+static int held_rows(const Sequence *seq) { return seq->cache.h2o_budget ? seq->cache.h2o_rows : next_row(seq); }
+
 // One step of many sequences of one pool: sequence i takes counts[i] >= 1 new tokens (prompt chunks
 // and decode tokens alike; tokens holds them one sequence after another) at its end, at most
 // step_room of them. The tokens run in blocks of up to `batch`, each reading every weight once, each
@@ -4440,17 +4444,20 @@ static SessionHeader session_header(const Model *m, const Sequence *seq) {
     h.block_size = pool->block_size, h.window = c->window, h.sinks = c->sinks;
     h.length = seq->len;
     h.recent = c->recent;
-    h.rows = !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
+    h.rows = held_rows(seq);
     h.sink_row = h.rows > 0 && cache_in_sink(c, 0);
     return h;
 }
 
 // Bytes of one (layer, kv head, row)'s key and value rows as the cache stores them.
 static size_t session_row_bytes(const KVCache *c, int row) {
-    const KVPool *pool = c->pool;
-    int sink = cache_in_sink(c, row);
-    return (sink && pool->sink_keys ? pool->head_row_sink : pool->head_row_k) +
-           (sink && pool->sink_values ? pool->head_row_sink : pool->head_row_v);
+    size_t bytes = 0;
+    for (int value = 0; value < 2; value++) {
+        int type;
+        cache_slot(c, value, 0, 0, row, &type);
+        bytes += row_bytes(type, c->pool->head_dim);
+    }
+    return bytes;
 }
 
 static size_t session_payload_bytes(const KVCache *c, int rows) {
@@ -4893,7 +4900,7 @@ int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char
 }
 int kvc_tokens(const Sequence *seq, int *out, int capacity) {
     const KVCache *c = &seq->cache;
-    int rows = seq->device ? 0 : c->h2o_budget ? c->h2o_rows : !c->window ? seq->len : seq->len < c->sinks ? seq->len : c->sink_rows + c->recent;
+    int rows = seq->device ? 0 : held_rows(seq);
     if (out && capacity > 0) memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
     return rows;
 }
@@ -4955,13 +4962,8 @@ Sequence *kvc_pool_sequence(Pool *pool) { return sequence_new(pool, pool->state.
 // multiple of the pool's block size) and runs on past the model's context (kvc_sequence_new_window);
 // each step it takes at most kvc_step_room tokens.
 Sequence *kvc_pool_sequence_window(Pool *pool, int window, int sinks) {
-    int bs = pool->cache.block_size, context = pool->state.capacity;
-    if (window < bs || window % bs || sinks < 0 || sinks > context - window) {
-        fail("a window of %d with %d sinks: the window must be a multiple of %d and window + sinks at most the "
-             "model's context (%d)", window, sinks, bs, context);
-        return NULL;
-    }
-    int sink_rows = (sinks + bs - 1) / bs * bs;
+    int sink_rows = window_sink_rows(window, sinks, pool->cache.block_size, pool->state.capacity);
+    if (sink_rows < 0) return NULL;
     Sequence *seq = sequence_new(pool, sink_rows + window, 0);
     if (!seq) return NULL;
     seq->cache.window = window;
