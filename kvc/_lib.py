@@ -107,11 +107,13 @@ def load(device: str = "cpu"):
     return _libs[device]
 
 
-def cache_tokens(lib, seq) -> np.ndarray:
-    """The token ids at the rows the C sequence's cache holds (kvc_tokens), as int32."""
-    tokens = np.empty(lib.kvc_tokens(seq, ffi.NULL, 0), dtype=np.int32)
-    lib.kvc_tokens(seq, ffi.cast("int *", ffi.from_buffer(tokens)), tokens.size)
-    return tokens
+def sequence_ints(fill, seq) -> np.ndarray:
+    """The ints a C call of kvc_tokens' kind copies out of sequence seq, as int32: fill(seq, out,
+    capacity) copies at most capacity of them and returns how many there are (out NULL: asks).
+    kvc_tokens: the token at each row the cache holds; kvc_block_table: the block table."""
+    out = np.empty(fill(seq, ffi.NULL, 0), dtype=np.int32)
+    fill(seq, ffi.cast("int *", ffi.from_buffer(out)), out.size)
+    return out
 
 
 def last_error(lib=None) -> str:

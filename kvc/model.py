@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._lib import cache_tokens, ffi, last_error, load
+from ._lib import ffi, last_error, load, sequence_ints
 from .checks import C_INT_MAX, float_arg, int_arg, token_ids
 from .format import Config
-from .pool import DEFAULT_SINKS, Pool
+from .pool import Pool, window_args
 from .sampler import Sampler
 
 
@@ -83,10 +83,7 @@ class Model:
         # 0 asks C for the defaults, so Python refuses it; the C library checks the upper bounds
         context = 0 if seq_len is None else int_arg("seq_len", seq_len, 1, C_INT_MAX)
         n_threads = 0 if threads is None else int_arg("threads", threads, 1, C_INT_MAX)
-        if sinks is not None and window is None:
-            raise ValueError("sinks are kept while a window moves: give window= too")
-        self.window = None if window is None else int_arg("window", window, 1, C_INT_MAX)
-        self.sinks = None if window is None else int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
+        self.window, self.sinks = window_args(window, sinks)
         if self.window is not None and seq_len is not None:
             raise ValueError("a windowed Model's cache holds its sinks and window: give window=, not seq_len=")
         if recent is not None and h2o is None:
@@ -191,7 +188,7 @@ class Model:
         return arr, pos
 
     def _run(self, seq, tokens: np.ndarray, pos: int, logits) -> None:
-        """Run checked tokens at pos.. and keep the record of what the cache holds (for chat reuse).
+        """Run checked tokens (int32) at pos.. and keep the record of what the cache holds (for chat reuse).
 
         The caller holds self._lock and got seq from _open()."""
         self._version += 1
@@ -203,7 +200,7 @@ class Model:
             self._history = array.array("i")
         else:
             del self._history[pos:]
-            self._history.frombytes(tokens.astype(np.int32).tobytes())
+            self._history.frombytes(tokens.tobytes())
 
     def forward(self, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
         """Run tokens at positions pos, pos+1, ... using and filling the KV cache.
@@ -295,7 +292,7 @@ class Model:
             self._history = array.array("i")
             if self._lib.kvc_session_load(m, seq, ffi.NULL, os.fsencode(path)) != 0:
                 raise ValueError(last_error(self._lib))
-            tokens = cache_tokens(self._lib, seq)
+            tokens = sequence_ints(self._lib.kvc_tokens, seq)
             # for chat()'s reuse: the whole history when nothing was evicted (a window that moved
             # continues with forward(tokens, pos=its length) instead)
             self._history = array.array("i", tokens.tobytes() if tokens.size == self._lib.kvc_length(seq) else b"")

@@ -17,11 +17,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._lib import cache_tokens, ffi, last_error
+from ._lib import ffi, last_error, sequence_ints
 from .checks import C_INT_MAX, int_arg, token_ids
 
 OUT_OF_BLOCKS = -2  # kvc_step's return when the pool has too few blocks
 DEFAULT_SINKS = 4  # first positions a window keeps unless told otherwise (StreamingLLM's; run.c's DEFAULT_SINKS)
+
+
+def window_args(window: int | None, sinks: int | None) -> tuple[int | None, int | None]:
+    """A window and its sinks as checked ints (sinks default DEFAULT_SINKS), or (None, None) without
+    a window. ValueError for sinks without a window, TypeError/ValueError for bad values."""
+    if sinks is not None and window is None:
+        raise ValueError("sinks are kept while a window moves: give window= too")
+    if window is None:
+        return None, None
+    return int_arg("window", window, 1, C_INT_MAX), int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
 
 
 def window_rows(window: int, sinks: int | None, block_size: int) -> int:
@@ -135,14 +145,11 @@ class Pool:
         """A new, empty sequence in this pool. With a window: it keeps its first `sinks` positions
         (default 4) and its last `window` (a multiple of block_size), runs on past the model's
         context, and takes at most `room` tokens a step (kvc.Model's window= explains the policy)."""
-        if sinks is not None and window is None:
-            raise ValueError("sinks are kept while a window moves: give window= too")
+        window, sinks = window_args(window, sinks)
         with self._lock:
             pool = self._open()
             if window is None:
                 return self._adopt(self._lib.kvc_pool_sequence(pool))
-            window = int_arg("window", window, 1, C_INT_MAX)
-            sinks = int_arg("sinks", DEFAULT_SINKS if sinks is None else sinks, 0, C_INT_MAX)
             return self._adopt(self._lib.kvc_pool_sequence_window(pool, window, sinks))
 
     def _adopt(self, handle) -> "PoolSequence":
@@ -168,7 +175,7 @@ class Pool:
                 error = last_error(self._lib)
                 seq._release()
                 raise (PoolFull if rc == OUT_OF_BLOCKS else ValueError)(error)
-            seq._extend(cache_tokens(self._lib, seq.handle(self)))
+            seq._extend(sequence_ints(self._lib.kvc_tokens, seq.handle(self)))
         return seq
 
     def blocks_needed(self, seq: "PoolSequence", n_tokens: int) -> int:
@@ -241,12 +248,8 @@ class PoolSequence:
     @property
     def blocks(self) -> list[int]:
         """Its block table: the pool blocks holding its positions, block_size of them each, in order."""
-        lib = self._pool._lib
         with self._pool._lock:
-            handle = self.handle(self._pool)
-            out = ffi.new("int[]", max(1, lib.kvc_block_table(handle, ffi.NULL, 0)))
-            n = lib.kvc_block_table(handle, out, len(out))
-            return list(out)[:n]
+            return sequence_ints(self._pool._lib.kvc_block_table, self.handle(self._pool)).tolist()
 
     def _extend(self, tokens: np.ndarray) -> None:
         self._tokens.extend(tokens.tolist())

@@ -49,6 +49,7 @@ from pathlib import Path
 from ..model import Model
 from ..sampler import Sampler
 from ..serve.scheduler import ScheduledRequest, Scheduler
+from . import markdown
 
 ENGINES = ("kvc", "llama-server")
 CACHE_TYPE = "f16"  # llama-server's default K/V cache type, given to both
@@ -78,9 +79,6 @@ FULL_SERVING = ServingSizes()
 QUICK_SERVING = ServingSizes(levels=[1, 2, 4], max_tokens=32, rounds=1, requests=8, max_len=400, sharers=4,
                              shared=100, answer=16)
 
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _mib(n: float) -> str:
@@ -161,7 +159,7 @@ def waste_table(w: dict) -> list[str]:
     return [f"(a) KV memory: {w['requests']} requests of {w['min_len']}..{w['max_len']} prompt + output tokens "
             f"(log-uniform), all at once; at the step holding the most tokens, {w['running_at_peak']} running "
             f"and {w['tokens_held']} positions holding tokens ({w['cache_type']} cache, blocks of "
-            f"{w['block_size']}). Goal: paged under 4% wasted, against 60-80% contiguous.", ""] + _table(
+            f"{w['block_size']}). Goal: paged under 4% wasted, against 60-80% contiguous.", ""] + markdown.table(
         ["KV cache", "allocated MiB", "holding tokens MiB", "wasted MiB", "wasted %"], rows)
 
 
@@ -208,7 +206,7 @@ def sharing_table(s: dict) -> list[str]:
     rows = [["on" if r["prefix_cache"] else "off (prompts made distinct)", str(r["blocks_peak"]),
              _mib(r["bytes_peak"]), str(r["computed"]), f"{r['seconds']:.2f}"] for r in s["rows"]]
     return [f"(b) {s['requests']} requests of {s['prompt_tokens']} prompt tokens sharing a {s['shared_tokens']}-token "
-            f"system prompt, {s['max_tokens']} tokens of reply each ({s['cache_type']} cache, blocks of {s['block_size']})", ""] + _table(
+            f"system prompt, {s['max_tokens']} tokens of reply each ({s['cache_type']} cache, blocks of {s['block_size']})", ""] + markdown.table(
         ["prefix cache", "KV blocks in use (peak)", "KV MiB (peak)", "prompt tokens computed", "seconds"], rows)
 
 
@@ -427,7 +425,7 @@ def throughput_tables(tp: dict) -> list[str]:
             body.append(cells + [_fmt(r["ratio"], ".2f")])
         lines += ["", f"{name} ({tp['models'][name]}" + (f"; llama-server on {tp['ggufs'][name]}"
                                                        if name in tp["ggufs"] else "; no llama-server") + ")", ""]
-        lines += _table(head, body) + _goals(rows)
+        lines += markdown.table(head, body) + _goals(rows)
     lines += [f"error: {e}" for e in tp["errors"]]
     return lines
 

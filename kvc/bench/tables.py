@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .. import longppl
 from ..kvquality import format_table
-from . import window
+from . import markdown, window
 from .serving import serving_tables
 from .side_by_side import summarize
 
@@ -13,10 +13,6 @@ from .side_by_side import summarize
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table's lines."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _config(run: dict) -> list[str]:
@@ -48,7 +44,7 @@ def _throughput(runs: list[dict], roofline: dict) -> list[str]:
         rows.append(_config(r) + [_fmt(pre.get(n)) for n in pre_lens]
                     + [_fmt(r["decode"]["tok_s"]), _fmt(gb), _fmt(rf), _fmt(pct, 0), _fmt(r["peak_rss_mb"], 0),
                        _fmt(r.get("other_cpu_pct"), 0)])
-    return _table(head, rows)
+    return markdown.table(head, rows)
 
 
 def _by_position(runs: list[dict]) -> list[str]:
@@ -64,7 +60,7 @@ def _by_position(runs: list[dict]) -> list[str]:
         rows.append(_config(r) + [_fmt(bp[p]["ms_per_token"], 2) if p in bp else "-" for p in positions]
                     + [_fmt(last.get("gb_s"))])
     return ["", "Decode ms/token (median) with the cache filled to each position "
-            "(effective GB/s at the last position in the last column):", ""] + _table(head, rows)
+            "(effective GB/s at the last position in the last column):", ""] + markdown.table(head, rows)
 
 
 def _notes(results: dict) -> list[str]:
@@ -105,7 +101,7 @@ def side_by_side_table(side: dict) -> list[str]:
              f"alternately, {side['rounds']} round(s); median tok/s (min-max); ppN: an N-token prompt, tgN: N tokens "
              f"decoded, both from an empty cache; f16 K/V cache in both; busy: another process spins on one core. "
              f"Load average {', '.join(map(str, side['load_before']))} before, {', '.join(map(str, side['load_after']))} "
-             f"after ({side['seconds']:.0f} s). The ratios are the figures that count.", ""] + _table(head, rows)
+             f"after ({side['seconds']:.0f} s). The ratios are the figures that count.", ""] + markdown.table(head, rows)
     busy = f"tg{sizes['busy_decode']} busy"
     for dtype in dict.fromkeys(r["dtype"] for r in side["rows"]):
         hot = [s for (d, _, test), s in by_key.items() if d == dtype and test == busy]
@@ -153,7 +149,7 @@ def _cache_latency(records: list[dict], summary: list[dict], threads: int) -> li
             f"at position 0) decoding a token each in turn for {paired.get('steps', '-')} rounds: × pos: "
             f"decode time there over position 0's; short: ms/token at positions 1-{paired.get('span', 64) - 1}; "
             f"× f32 cache: that over the same weights' f32 cache at the same positions (ratios of medians, "
-            f"in brackets the ratios of the quartiles):", ""] + _table(head, rows)
+            f"in brackets the ratios of the quartiles):", ""] + markdown.table(head, rows)
 
 
 def _ratio(summary: dict, key: str) -> str:
@@ -176,7 +172,7 @@ def _cache_memory(records: list[dict]) -> list[str]:
     return ["", f"Memory per cache type (MB of 2**20) at the full context of {records[0]['context']} tokens: the "
             "cache as allocated (Model.memory()), and the process's resident set after filling the cache to "
             "each position (the cache is allocated up front; its pages become resident as positions fill):",
-            ""] + _table(head, rows)
+            ""] + markdown.table(head, rows)
 
 
 def _no_cache(nc: dict) -> list[str]:
@@ -188,7 +184,7 @@ def _no_cache(nc: dict) -> list[str]:
     first, last = nc["positions"][0], nc["positions"][-1]
     return (["", f"Generating n tokens after a {nc['prompt']}-token prompt ({nc['dtype']} weights, {nc['threads']} "
              "threads) with the KV cache, and without it (every token recomputes the whole sequence):", ""]
-            + _table(["n", "with cache s", "without cache s", "× slower without"], rows)
+            + markdown.table(["n", "with cache s", "without cache s", "× slower without"], rows)
             + ["", f"Growth of total time with n (log-log least-squares slope): {_fmt(nc['exponent_cache'], 2)} "
                f"with the cache, {_fmt(nc['exponent_no_cache'], 2)} without. ms/token at positions {first} and "
                f"{last}: {_fmt(nc['cache_ms'][0], 1)} and {_fmt(nc['cache_ms'][-1], 1)} with the cache, "

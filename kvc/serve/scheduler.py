@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..pool import DEFAULT_SINKS, PoolFull, window_rows
+from ..pool import PoolFull, window_rows
 
 DEFAULT_MAX_STEP_TOKENS = 256
 
@@ -136,7 +136,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.context = pool.max_seq_len if context is None else min(context, pool.max_seq_len)
         self.window = window
-        self.sinks = DEFAULT_SINKS if window is not None and sinks is None else sinks
+        self.sinks = sinks  # None: the default, as Pool.sequence and window_rows take it
         if window is not None:  # refused here, before any request, when the pool cannot make one
             self._new_sequence().free()
         self.preemptions = 0  # sequences preempted so far
