@@ -206,3 +206,18 @@ def conversation(exchanges: list[tuple[str, str]], system: str | None) -> list[d
         if i + 1 < len(exchanges):
             msgs.append({"role": "assistant", "content": reply})
     return msgs
+
+
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(p) || softmax(q)), in float64."""
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
+    return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+
+
+def random_tokens(n: int, seed: int = 0) -> list[int]:
+    """n token ids below 300 (the random test models' vocabulary), from seed."""
+    return np.random.default_rng(seed).integers(0, 300, n).tolist()

@@ -19,7 +19,7 @@ import kvc
 from kvc import format as fmt
 from kvc._lib import ffi, load
 from kvc.reference import Llama
-from helpers import ROOT, decode_from_nan, run_cli, write_random_model
+from helpers import ROOT, decode_from_nan, mean_kl, run_cli, write_random_model
 
 TOL = 1e-4  # the CPU engine's bound against the reference (tests/test_engine.py)
 BUILD_TIMEOUT = 300  # seconds: make cuda-sim / make cuda
@@ -134,15 +134,6 @@ def test_rewriting_a_position_replaces_its_cache_row(device, tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Q8_0 weights: run.c's int8 activations, within the CPU tests' bounds
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def softmax(x):
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
-    return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
 
 
 @pytest.mark.parametrize("gs", [32, 64])

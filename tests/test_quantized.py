@@ -12,17 +12,7 @@ import pytest
 import kvc
 from kvc import format as fmt
 from kvc.reference import Llama
-from helpers import ROOT, byte_tokenizer, random_tensors, write_llama2c, write_random_model
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
-    return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+from helpers import ROOT, byte_tokenizer, mean_kl, random_tensors, write_llama2c, write_random_model
 
 
 def write_q8(path: Path, gs: int = 32, seed: int = 0, **kw) -> tuple[fmt.Config, dict]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvc
-from helpers import run_cli, write_chat_model, write_random_model
+from helpers import random_tokens, run_cli, write_chat_model, write_random_model
 
 HEADER_BYTES = 112  # run.c's SessionHeader
 VERSION_OFFSET = 8
@@ -23,16 +23,12 @@ def model_path(tmp_path_factory):
     return path
 
 
-def text(n: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 300, n).tolist()
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(cache_type_k="q8_0", cache_type_v="f16"),
                                 dict(cache_type_k="iq4_nl", cache_type_v="iq4_nl"), dict(window=32, sinks=4),
                                 dict(window=16, sinks=0, cache_type_k="iq4_nl", cache_type_v="q8_0")],
                          ids=["f32", "q8_0-f16", "iq4_nl", "window", "window-iq4_nl"])
 def test_restored_state_continues_exactly(model_path, tmp_path, kw):
-    first, then = text(70), text(40, seed=1)  # with a window: past several evictions
+    first, then = random_tokens(70), random_tokens(40, seed=1)  # with a window: past several evictions
     with kvc.Model(model_path, **kw) as model:
         model.forward(first, 0)
         model.save_state(tmp_path / "s.kvc")
@@ -46,7 +42,7 @@ def test_restored_state_continues_exactly(model_path, tmp_path, kw):
 
 def test_the_file_is_the_rows_that_hold_tokens(model_path, tmp_path):
     with kvc.Model(model_path, cache_type_k="q8_0", cache_type_v="f32") as model:
-        model.forward(text(50), 0)
+        model.forward(random_tokens(50), 0)
         model.save_state(tmp_path / "s.kvc")
         c = model.config
     q8_row, f32_row = 34 * c.head_dim // 32, 4 * c.head_dim
@@ -76,7 +72,7 @@ def test_python_chat_resumes_from_a_saved_state(chat_path, tmp_path):
 def test_refusals(model_path, tmp_path):
     path = tmp_path / "s.kvc"
     with kvc.Model(model_path) as model:
-        model.forward(text(20), 0)
+        model.forward(random_tokens(20), 0)
         model.save_state(path)
     data = path.read_bytes()
     other_path = tmp_path / "other.bin"
@@ -111,7 +107,7 @@ def test_a_failed_write_leaves_nothing_behind(model_path, tmp_path):
     target.mkdir()  # rename() over a directory fails after the data was written
     (target / "keep").write_text("x")
     with kvc.Model(model_path) as model:
-        model.forward(text(10), 0)
+        model.forward(random_tokens(10), 0)
         with pytest.raises(ValueError, match="cannot write session"):
             model.save_state(target)
     assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(target) == ["keep"]
@@ -160,7 +156,7 @@ def test_context_shift_keeps_the_system_prompt_and_the_last_turns(chat_path, tmp
 def test_a_pool_saves_and_restores_a_sequence_into_its_prefix_cache(model_path, tmp_path):
     """A pooled sequence saved and loaded into another pool: its full blocks are cached there, and a
     prompt that starts with its tokens takes them and goes on as the original would."""
-    tokens, more = text(53, seed=5), text(6, seed=6)
+    tokens, more = random_tokens(53, seed=5), random_tokens(6, seed=6)
     with kvc.Model(model_path, seq_len=16) as model:
         with model.pool(blocks=8) as pool:
             seq = pool.sequence()

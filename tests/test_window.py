@@ -8,7 +8,7 @@ import pytest
 
 import kvc
 from kvc.reference import Llama
-from helpers import run_cli, write_random_model
+from helpers import random_tokens, run_cli, write_random_model
 
 TOL = 1e-4  # fp32 cache: C against the reference
 CONFIGS = [
@@ -27,13 +27,9 @@ def model_path(request, tmp_path_factory):
     return path
 
 
-def text(n: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 300, n).tolist()
-
-
 @pytest.mark.parametrize("window,sinks", [(32, 4), (32, 0), (48, 20), (16, 1)])
 def test_window_matches_reference_at_every_position(model_path, window, sinks):
-    tokens = text(230)  # past the context, with a dozen evictions
+    tokens = random_tokens(230)  # past the context, with a dozen evictions
     want = Llama.load(model_path).forward_window(tokens, window, sinks)
     with kvc.Model(model_path, window=window, sinks=sinks) as model:
         model.reset(float("nan"))  # a read of a row never written turns the logits NaN
@@ -46,7 +42,7 @@ def test_window_matches_reference_at_every_position(model_path, window, sinks):
 def test_window_changes_only_what_it_drops(model_path):
     """Until the first eviction the window is the dense cache; after it, it is not (so the test
     above could fail if the window were ignored)."""
-    tokens = text(CONTEXT, seed=1)
+    tokens = random_tokens(CONTEXT, seed=1)
     dense = Llama.load(model_path).forward_full(tokens)
     with kvc.Model(model_path, window=32, sinks=4) as model:
         got = model.forward(tokens, 0)
@@ -60,7 +56,7 @@ def test_the_cache_stays_its_size(model_path):
         assert model.config.seq_len == 16 + 32  # the sinks' block and the window
         size = model.memory()["kv_cache"]
         for i in range(0, 400, 50):
-            assert np.isfinite(model.forward(text(50, seed=i), i)).all()
+            assert np.isfinite(model.forward(random_tokens(50, seed=i), i)).all()
         assert model.memory()["kv_cache"] == size
     with kvc.Model(model_path) as dense:
         assert dense.memory()["kv_cache"] == size * CONTEXT // 48
@@ -74,7 +70,7 @@ def test_window_with_cache_types(tmp_path, cache_type):
     with no sinks that block leaves the window, and its rows must read as any other's)."""
     path = tmp_path / "model.bin"
     write_random_model(path, seed=3, dim=128, n_heads=4, n_kv_heads=2, seq_len=CONTEXT, key_mean=True)
-    tokens = text(200, seed=2)
+    tokens = random_tokens(200, seed=2)
     types = dict(cache_type_k=cache_type, cache_type_v=cache_type)
     with kvc.Model(path) as exact, kvc.Model(path, **types) as typed:
         own_error = np.abs(exact.forward(tokens[:CONTEXT], 0) - typed.forward(tokens[:CONTEXT], 0)).max()
@@ -122,7 +118,7 @@ def test_bad_windows(model_path):
 
 @pytest.mark.parametrize("budget,recent", [(40, 10), (24, 0), (64, 40)])
 def test_h2o_matches_reference_at_every_position(model_path, budget, recent):
-    tokens = text(CONTEXT, seed=3)  # H2O keeps RoPE at each key's own position: up to the context
+    tokens = random_tokens(CONTEXT, seed=3)  # H2O keeps RoPE at each key's own position: up to the context
     want = Llama.load(model_path).forward_h2o(tokens, budget, recent)
     with kvc.Model(model_path, h2o=budget, recent=recent) as model:
         model.reset(float("nan"))
@@ -143,7 +139,7 @@ def test_h2o_refusals(model_path):
         with pytest.raises(ValueError, match=match):
             kvc.Model(model_path, **kw)
     with kvc.Model(model_path, h2o=32) as model:
-        model.forward(text(CONTEXT), 0)
+        model.forward(random_tokens(CONTEXT), 0)
         with pytest.raises(IndexError):
             model.forward([1], CONTEXT)  # past the context
         with pytest.raises(ValueError, match="runs on from its end"):
@@ -158,7 +154,7 @@ def test_h2o_refusals(model_path):
 def test_pooled_windows_match_reference(model_path, window, sinks):
     """Windowed sequences in a shared pool, stepped together in chunks up to each one's room, blocks
     NaN-poisoned as they are freed: each gives the reference's window logits; a fork goes on alone."""
-    texts = [text(170, seed=7), text(130, seed=8)]
+    texts = [random_tokens(170, seed=7), random_tokens(130, seed=8)]
     ref = Llama.load(model_path)
     with kvc.Model(model_path, seq_len=16) as model, model.pool(blocks=20) as pool:
         pool.poison()
@@ -174,7 +170,7 @@ def test_pooled_windows_match_reference(model_path, window, sinks):
                 got[i][done[i] - 1] = logits[row]
             step += 1
         child = seqs[1].fork()
-        more = text(40, seed=9)
+        more = random_tokens(40, seed=9)
         forked = [pool.step([(child, [t])])[0] for t in more]
         with pytest.raises(ValueError, match="can take"):
             pool.step([(seqs[0], [1] * (seqs[0].room + 1))])
