@@ -2198,17 +2198,25 @@ static void embed(float *out, Matrix table, int token, int dim) {
     }
 }
 
-// Attention reads a run of cache rows in order, a few lines a row at a rate near the memory's
-// bandwidth: the kernels ask for the row this many bytes ahead themselves, far enough to cover the
-// memory's latency (4 KB: q8_0 rows of 64 values 60 rows ahead, f16 32, f32 16). Against 16 rows for
-// every type, q8_0 decode at 2048 positions went from 1.25x position 0's time to 1.22x.
+// Attention reads a run of cache rows in order at a rate near the memory's bandwidth: the kernels
+// ask for the rows this many bytes ahead themselves, far enough to cover the memory's latency (q8_0
+// rows of 64 values 60 rows ahead, f16 32, f32 16). Against 16 rows for every type, q8_0 decode at
+// 2048 positions went from 1.25x position 0's time to 1.22x.
 #define PREFETCH_BYTES 4096
+#define CACHE_LINE 64 // bytes the memory moves at once
 
-// Rows `stride` bytes apart: how many rows ahead PREFETCH_BYTES is.
-static int prefetch_rows(size_t stride) { return stride >= PREFETCH_BYTES ? 1 : (int)(PREFETCH_BYTES / stride); }
-
-static void prefetch(const float *p, int n) {
-    for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+// Asks for rows first..first+count-1 of a run of n cache rows that lie end to end, `stride` bytes
+// apart from base (a kv head's rows in a run do), PREFETCH_BYTES ahead: each line that begins there,
+// once. The kernels ask a row at a time as they read it, but int8 keys a tile at a time (one call
+// for the 17 lines of 16 q8_0 rows costs less than 16 in their busy loop); a burst of 16 f32 rows
+// (64 lines) was slower. q8_0 rows of 64 values are 68 bytes: asking for every line a row touched
+// doubled the requests, and asking once a line took q8_0 decode at 2048 positions from 1.22-1.23x
+// position 0's time to 1.20-1.21x.
+static void prefetch_ahead(const uint8_t *base, size_t stride, int first, int count, int n) {
+    uintptr_t at = (uintptr_t)base + first * stride + PREFETCH_BYTES, end = (uintptr_t)base + n * stride;
+    uintptr_t to = at + count * stride < end ? at + count * stride : end;
+    for (uintptr_t line = (at + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE; line < to; line += CACHE_LINE)
+        __builtin_prefetch((const void *)line);
 }
 
 // out += a * v over n values.
@@ -2216,7 +2224,8 @@ static void axpy(float *restrict out, float a, const float *restrict v, int n) {
     for (int d = 0; d < n; d++) out[d] += a * v[d];
 }
 
-// out += sum over i < len of weights[i] * rows[i * stride .. + n]: values weighted by attention.
+// out += sum over i < len of weights[i] * rows[i * stride .. + n]: values weighted by attention,
+// rows end to end (stride n) when they are a cache's.
 static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
     int d = 0;
 #if defined(__AVX512F__)
@@ -2224,9 +2233,8 @@ static void weighted_sum(float *out, const float *weights, const float *rows, si
         __m512 a0 = _mm512_loadu_ps(out + d), a1 = _mm512_loadu_ps(out + d + 16), a2 = _mm512_loadu_ps(out + d + 32),
                a3 = _mm512_loadu_ps(out + d + 48);
         const float *v = rows + d;
-        int ahead = prefetch_rows(stride * sizeof(float));
         for (int i = 0; i < len; i++, v += stride) {
-            if (i + ahead < len) prefetch(v + ahead * stride, 64);
+            if (d == 0) prefetch_ahead((const uint8_t *)rows, stride * sizeof(float), i, 1, len);
             __m512 w = _mm512_set1_ps(weights[i]);
             a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), a0);
             a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), a1);
@@ -3365,14 +3373,14 @@ static inline void block_sums16(const __m512i *v, __m512i *first, __m512i *secon
 // row, against 4.6 for scaling and summing each row's lanes in float).
 static inline __attribute__((always_inline)) void kv_dot_int8_simd(const KVRun *r, const uint8_t *k0, const KVQuery *q, int group, int hd,
                                                                    float scale, float *att, size_t att_stride, int type) {
-    int chunks = query_chunks(hd), bytes = CACHE_TYPES[type].bytes, prefetch_floats = (int)(row_bytes(type, hd) / 4),
-        ahead = prefetch_rows(r->key_stride);
+    int chunks = query_chunks(hd), bytes = CACHE_TYPES[type].bytes;
     __m512 acc[group];
     __m512i keys[KV_TILE_ROWS];
     uint16_t scales[2][KV_TILE_ROWS];
     for (int i0 = 0; i0 < r->n; i0 += KV_TILE_ROWS) {
         int rows = r->n - i0 < KV_TILE_ROWS ? r->n - i0 : KV_TILE_ROWS;
         for (int g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
+        prefetch_ahead(k0, r->key_stride, i0, rows, r->n);
         for (int c = 0; c < chunks; c++) {
             int two = 64 * c + 32 < hd;
             for (int i = 0; i < KV_TILE_ROWS; i++) { // the tile's keys of these two blocks, and their scales
@@ -3382,7 +3390,6 @@ static inline __attribute__((always_inline)) void kv_dot_int8_simd(const KVRun *
                     continue;
                 }
                 const uint8_t *row = k0 + (size_t)(i0 + i) * r->key_stride, *block = row + (size_t)2 * c * bytes;
-                if (c == 0 && i0 + i + ahead < r->n) prefetch((const float *)(row + ahead * r->key_stride), prefetch_floats);
                 keys[i] = _mm512_xor_si512(kv_block_pair(type, block, two), _mm512_set1_epi8((char)0x80));
                 memcpy(&scales[0][i], block, 2);
                 if (two) memcpy(&scales[1][i], block + bytes, 2);
@@ -3412,7 +3419,6 @@ static inline __attribute__((always_inline)) void kv_dot_int8_simd(const KVRun *
 // to KV_DOT_HEADS heads, the tile's scores summed across lanes together.
 static inline __attribute__((always_inline)) void kv_dot_simd(const KVRun *r, const uint8_t *k0, const KVQuery *q, int group, int hd,
                                                               float scale, float *att, size_t att_stride, int type) {
-    int prefetch_floats = (int)(row_bytes(type, hd) / 4), ahead = prefetch_rows(r->key_stride);
     __m512 part[KV_DOT_HEADS][KV_TILE_ROWS];
     for (int i0 = 0; i0 < r->n; i0 += KV_TILE_ROWS) {
         int rows = r->n - i0 < KV_TILE_ROWS ? r->n - i0 : KV_TILE_ROWS;
@@ -3422,7 +3428,7 @@ static inline __attribute__((always_inline)) void kv_dot_simd(const KVRun *r, co
                 __m512 acc[KV_DOT_HEADS];
                 if (i < rows) {
                     const uint8_t *k = k0 + (size_t)(i0 + i) * r->key_stride;
-                    if (g0 == 0 && i0 + i + ahead < r->n) prefetch((const float *)(k + ahead * r->key_stride), prefetch_floats);
+                    if (g0 == 0) prefetch_ahead(k0, r->key_stride, i0 + i, 1, r->n);
                     kv_dot_row(type, k, q, g0, heads, hd, acc);
                 } else
                     for (int g = 0; g < KV_DOT_HEADS; g++) acc[g] = _mm512_setzero_ps();
@@ -3449,7 +3455,6 @@ static inline __attribute__((always_inline)) void kv_dot_typed(const KVRun *r, c
 static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd, float scale, float *att,
                    size_t att_stride) {
     const uint8_t *k0 = r->keys + head * r->key_head;
-    int prefetch_floats = (int)(row_bytes(r->type_k, hd) / 4), ahead = prefetch_rows(r->key_stride);
 #ifdef KV_SIMD
     if (cache_int8(r->type_k) || hd % 16 == 0) {
         switch (r->type_k) { // constant types (and head_dims, in kv_dot_typed) unroll into their own copies
@@ -3466,7 +3471,7 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
     float row[hd];
     for (int i = 0; i < r->n; i++) {
         const uint8_t *k = k0 + (size_t)i * r->key_stride;
-        if (i + ahead < r->n) prefetch((const float *)(k + ahead * r->key_stride), prefetch_floats);
+        prefetch_ahead(k0, r->key_stride, i, 1, r->n);
         if (!cache_int8(r->type_k)) {
             const float *kf = (const float *)k;
             if (r->type_k != CACHE_F32) load_row(r->type_k, k, row, hd), kf = row;
@@ -3494,7 +3499,6 @@ static void kv_dot(const KVRun *r, int head, const KVQuery *q, int group, int hd
 // time, KV_AXPY_HEADS heads' sums of them in registers over all the rows.
 static inline __attribute__((always_inline)) void kv_axpy_simd(const KVRun *r, const uint8_t *v0, const float *weights, size_t w_stride,
                                                                int group, int hd, float *out, int type) {
-    int prefetch_floats = (int)(row_bytes(type, hd) / 4), ahead = prefetch_rows(r->value_stride);
     for (int d = 0; d < hd; d += 64) { // 64 columns (block types: two blocks) at a time
         int regs = (hd - d < 64 ? hd - d : 64) / 16;
         const uint8_t *v = v0 + row_bytes(type, d);
@@ -3506,7 +3510,7 @@ static inline __attribute__((always_inline)) void kv_axpy_simd(const KVRun *r, c
                     acc[g][j] = g < heads && j < regs ? _mm512_loadu_ps(out + (size_t)(g0 + g) * hd + d + 16 * j) : _mm512_setzero_ps();
             for (int i = 0; i < r->n; i++) {
                 const uint8_t *row = v + (size_t)i * r->value_stride;
-                if (d == 0 && g0 == 0 && i + ahead < r->n) prefetch((const float *)(row + ahead * r->value_stride), prefetch_floats);
+                if (d == 0 && g0 == 0) prefetch_ahead(v, r->value_stride, i, 1, r->n);
                 __m512 x[4];
                 kv_floats64(type, row, regs, x);
                 for (int g = 0; g < KV_AXPY_HEADS; g++) { // a fixed count, unrolled: acc stays in registers
@@ -3535,7 +3539,6 @@ static inline __attribute__((always_inline)) void kv_axpy_typed(const KVRun *r, 
 // as it is summed (portable: a tile of rows widened, then summed as float32 rows).
 static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_stride, int group, int hd, float *out) {
     const uint8_t *v0 = r->values + head * r->value_head;
-    int prefetch_floats = (int)(row_bytes(r->type_v, hd) / 4), ahead = prefetch_rows(r->value_stride);
 #ifdef KV_SIMD
     if (cache_int8(r->type_v) || hd % 16 == 0) {
         switch (r->type_v) { // constant types unroll into their own copies, as in kv_dot
@@ -3560,7 +3563,7 @@ static void kv_axpy(const KVRun *r, int head, const float *weights, size_t w_str
         int count = r->n - i < tile ? r->n - i : tile;
         for (int j = 0; j < count; j++) {
             const uint8_t *row = v0 + (size_t)(i + j) * r->value_stride;
-            if (i + j + ahead < r->n) prefetch((const float *)(row + ahead * r->value_stride), prefetch_floats);
+            prefetch_ahead(v0, r->value_stride, i + j, 1, r->n);
             load_row(r->type_v, row, rows + (size_t)j * hd, hd);
         }
         for (int g = 0; g < group; g++)
