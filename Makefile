@@ -35,13 +35,13 @@ libkvc.so: run.c backend.h
 # libkvc_cuda.so, kernels built by nvcc for sm_80 and sm_90 plus PTX, no GPU libraries but the
 # CUDA runtime (linked statically). `make cuda-sim`: the same cuda.cu built by the host C++
 # compiler against cuda_sim.h, which runs the kernels on the CPU (run_cuda_sim, libkvc_cuda_sim.so).
-CXX ?= g++
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard $(CUDA_HOME)/bin/nvcc),nvcc)
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
 NVCC_FLAGS := -O3 -std=c++17 $(CUDA_ARCHS) -Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lstdc++ -ldl -lrt -lpthread -lm
 SIM_FLAGS := -O2 -std=c++17 -fPIC -Wall -Wextra -Werror
+SIM_LIBS := -lstdc++ -lpthread -lm
 
 cuda: run_cuda libkvc_cuda.so
 cuda-sim: run_cuda_sim libkvc_cuda_sim.so
@@ -59,16 +59,16 @@ cuda_sim.o: cuda.cu cuda_sim.h backend.h
 	$(CXX) $(SIM_FLAGS) -x c++ -c -o $@ $<
 
 run_cuda_sim: run.c backend.h cuda_sim.o
-	$(CC) $(CFLAGS) -o $@ $< cuda_sim.o -lstdc++ -lpthread -lm
+	$(CC) $(CFLAGS) -o $@ $< cuda_sim.o $(SIM_LIBS)
 
 libkvc_cuda_sim.so: run.c backend.h cuda_sim.o
-	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< cuda_sim.o -lstdc++ -lpthread -lm
+	$(CC) $(CFLAGS) -DKVC_LIBRARY -shared -fPIC -o $@ $< cuda_sim.o $(SIM_LIBS)
 
 # The simulation under ASan + UBSan: every block's threads as OS threads (cuda_sim.h), so that a
 # kernel's read or write outside a cudaMalloc'd buffer stops the program (tests/test_cuda.py)
 run_cuda_sim_asan: run.c backend.h cuda.cu cuda_sim.h
 	$(CXX) $(SANITIZE) -std=c++17 -x c++ -c -o cuda_sim_asan.o cuda.cu
-	$(CC) $(SANITIZE) -o $@ $< cuda_sim_asan.o -lstdc++ -lpthread -lm
+	$(CC) $(SANITIZE) -o $@ $< cuda_sim_asan.o $(SIM_LIBS)
 
 # AddressSanitizer + UBSan; any report stops the program (-fno-sanitize-recover=all)
 SANITIZE := -O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -Wall -Wextra

@@ -14,17 +14,17 @@
        thread of a block, started per launch, each running every block in turn with a
        mutex/condition-variable barrier; so TSan sees races between threads of a block;
    - __shared__ variables are static: one copy that each block in turn uses (blocks never overlap);
-   - warp shuffles (__shfl_xor_sync, __shfl_down_sync) go through a per-warp exchange buffer
-     between two warp barriers' worth of double buffering; __syncwarp is the warp barrier;
-   - atomics are compiler atomics; __half is a 16-bit IEEE half with round-to-nearest-even
-     conversions; __dp4a is computed byte by byte; __float2int_rn rounds to nearest even;
-   - threadIdx, blockIdx, blockDim and gridDim read the running thread's own values.
+   - warp shuffles (__shfl_xor_sync, the one cuda.cu uses) go through a per-warp exchange buffer
+     between two warp barriers' worth of double buffering;
+   - __half is a 16-bit IEEE half with round-to-nearest-even conversions; __dp4a is computed byte
+     by byte; __float2int_rn rounds to nearest even;
+   - threadIdx, blockIdx and blockDim read the running thread's own values.
+   Nothing else of CUDA is here (no atomics, no __syncwarp, no gridDim): cuda.cu does not use them.
 
    What it does NOT model: memory coalescing, caches, bank conflicts and any timing; the cost of
    warp divergence (threads of a warp run independently here, so code that relies on implicit warp
-   lockstep without __syncwarp or a shuffle is not caught); memory ordering and fences beyond what the
-   barriers give (fibers are sequentially consistent; real threads get only the barriers' and atomics'
-   ordering); shuffle masks (every lane of a warp must take part, as full-mask code does); dynamic
+   lockstep without a barrier or a shuffle is not caught); memory ordering and fences beyond what the
+   barriers give (fibers are sequentially consistent; real threads get only the barriers' ordering); shuffle masks (every lane of a warp must take part, as full-mask code does); dynamic
    shared memory, streams, events, graphs, cooperative groups, texture memory; device limits (shared
    memory size, registers, the grid's dimensions); floating point of the GPU (fused multiply-adds
    and the fast-math intrinsics round differently: the host's libm and -ffp-contract decide here).
@@ -57,7 +57,7 @@
 // Runtime: memory and errors
 
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100 };
+enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
 
 struct dim3 {
@@ -128,14 +128,6 @@ inline int __dp4a(int a, int b, int c) {
     return c;
 }
 
-template <class T> inline T atomicAdd(T *p, T v) { // a compare-and-swap loop, so that floats work too
-    T old, sum;
-    __atomic_load(p, &old, __ATOMIC_RELAXED);
-    do sum = old + v;
-    while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-    return old;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Execution: threads of a block, barriers, launches
 
@@ -167,7 +159,7 @@ struct Warp {
     uint64_t exchange[2][warpSize];
 };
 
-inline std::vector<Barrier> block_barrier(1);
+inline Barrier block_barrier;
 inline std::vector<Warp> warps;
 
 inline unsigned thread_rank(void) { return self->thread.x + block_dim.x * (self->thread.y + block_dim.y * self->thread.z); }
@@ -205,7 +197,7 @@ inline void run_blocks(unsigned threads, unsigned blocks, const std::function<vo
             for (unsigned b = 0; b < s->blocks; b++) {
                 self->block = dim3(b % grid_dim.x, b / grid_dim.x % grid_dim.y, b / (grid_dim.x * grid_dim.y));
                 (*s->body)();
-                barrier_wait(&block_barrier[0]);
+                barrier_wait(&block_barrier);
             }
             return nullptr;
         };
@@ -349,7 +341,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()> &body) {
         fprintf(stderr, "cuda_sim: a block of %u threads (1..%d)\n", threads, SIM_MAX_BLOCK_THREADS);
         abort();
     }
-    block_barrier[0].count = (int)threads;
+    block_barrier.count = (int)threads;
     warps.assign((threads + warpSize - 1) / warpSize, Warp());
     for (unsigned w = 0; w < warps.size(); w++)
         warps[w].barrier.count = (int)(threads - w * warpSize < warpSize ? threads - w * warpSize : warpSize);
@@ -379,18 +371,10 @@ template <class T> inline T shuffle(T value, int source) {
 #define threadIdx (sim::self->thread)
 #define blockIdx (sim::self->block)
 #define blockDim (sim::block_dim)
-#define gridDim (sim::grid_dim)
 
-inline void __syncthreads(void) { sim::barrier_wait(&sim::block_barrier[0]); }
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
-    (void)mask;
-    sim::barrier_wait(&sim::warps[sim::thread_rank() / warpSize].barrier);
-}
+inline void __syncthreads(void) { sim::barrier_wait(&sim::block_barrier); }
 template <class T> inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
     return sim::shuffle(value, (int)(sim::thread_rank() % warpSize) ^ lane_mask);
-}
-template <class T> inline T __shfl_down_sync(unsigned, T value, unsigned delta) {
-    return sim::shuffle(value, (int)(sim::thread_rank() % warpSize + delta));
 }
 
 #endif

@@ -77,7 +77,7 @@ def model_path(request, tmp_path_factory) -> Path:
 
 def test_logits_match_reference_at_every_position(device, model_path):
     model = kvc.Model(model_path, device=device)
-    tokens = prompt(150, model.config.vocab_size)  # three chunks of the device's 64 tokens: tiled kernels
+    tokens = prompt(150, vocab=model.config.vocab_size)  # three chunks of the device's 64 tokens: tiled kernels
     got = model.forward(tokens, 0)
     want = Llama.load(model_path).forward_full(tokens)
     assert got.shape == want.shape
