@@ -370,3 +370,32 @@ def test_serving_part_of_the_bench(tiny, monkeypatch):
     text = tables.markdown_tables(results)
     assert "| KV cache |" in text and "| prefix cache |" in text and "| 1 | " in text and "note: no llama-server" in text
     json.dumps(results)
+
+
+def test_size_options_override_presets_and_refuse_bad_numbers(capsys):
+    """Both bench commands read their sizes with the same types: lists and counts replace the preset's
+    fields (a copy; the preset's lists stay as they were), 0 only where it means none, and a bad number
+    is argparse's one-line error (exit 2), not a traceback."""
+    from kvc.bench import __main__ as bench, serving
+    from kvc.bench.workload import FULL_CACHE, QUICK
+
+    a = bench.parser().parse_args(["--quick", "--prefill", "64,256", "--cache-positions", "0,2048", "--paired", "1024",
+                                   "--side-busy-decode", "0"])
+    assert bench.sizes_from_args(a).prefill == [64, 256] and bench.sizes_from_args(a).decode == QUICK.decode
+    assert bench.cache_sizes_from_args(a).positions == [0, 2048] and bench.side_sizes_from_args(a).busy_decode == 0
+    assert a.threads == [1, 2] and bench.sizes_from_args(bench.parser().parse_args([])).prefill == [128, 512]
+    cache = bench.cache_sizes_from_args(bench.parser().parse_args(["--paired", "512"]))
+    assert cache.paired == [512] and FULL_CACHE.paired == [2048, 8192]
+    s = serving.serving_sizes(serving.parser().parse_args(["--quick", "--levels", "1,3", "--reserve", "100"]))
+    assert s.levels == [1, 3] and s.reserve == 100 and s.max_tokens == serving.QUICK_SERVING.max_tokens
+    for parser, argv, message in [
+            (bench.parser, ["--prefill", "abc"], "argument --prefill: 'abc' is not a whole number of at least 1"),
+            (bench.parser, ["--decode", "0"], "argument --decode: '0' is not a whole number of at least 1"),
+            (bench.parser, ["--cache-positions", "0,-5"], "'-5' is not a whole number of at least 0"),
+            (bench.parser, ["--threads", ","], "argument --threads: ',' holds no numbers"),
+            (serving.parser, ["--levels", "1,x"], "argument --levels: 'x' is not a whole number of at least 1"),
+            (serving.parser, ["--rounds", "0"], "argument --rounds: '0' is not a whole number of at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            parser().parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1], err

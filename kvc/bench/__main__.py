@@ -7,10 +7,8 @@ measures one configuration (see child.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from .cache_types import run_one_cache
@@ -23,7 +21,7 @@ from .side_by_side import FULL_SIDE, QUICK_SIDE, SideSizes, kvc_figures
 from .suite import PARTS, Plan, run_bench
 from .tables import markdown_tables
 from .workload import (CACHE_CONFIGS, FULL, FULL_CACHE, FULL_LONG, QUICK, QUICK_CACHE, QUICK_LONG, CacheSizes, LongSizes,
-                       Sizes)
+                       Sizes, nonnegative_int, overridden, positions, positive_int, positive_ints)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,18 +32,18 @@ def parser() -> argparse.ArgumentParser:
     for dtype, (path, target) in DEFAULT_MODELS.items():
         ap.add_argument(f"--{dtype}", metavar="MODEL", default=str(path),
                         help=f"kvc {dtype} model (default {path.parent.name}/{path.name}, from `{target}`)")
-    ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    ap.add_argument("--threads", type=positive_ints, default="1,2", help="thread counts (default 1,2)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a fast check")
     ap.add_argument("--out", default=str(BENCH_DIR), help="folder for results.json and bench.png")
     ap.add_argument("--gguf", help="SmolLM2's Q4_1 GGUF, llama.cpp's weights (default: found like `make data` puts it)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="before each configuration wait up to S seconds for the CPU to be under 10%% busy")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per configuration")
-    ap.add_argument("--prefill", help="prompt lengths, e.g. 128,512")
-    ap.add_argument("--decode", type=int, help="tokens to decode")
-    ap.add_argument("--positions", help="cache positions for ms/token, e.g. 0,256,512,1024,2048")
-    ap.add_argument("--steps", type=int, help="decode steps timed per position")
-    ap.add_argument("--repeats", type=int, help="prefill repeats (best kept)")
+    ap.add_argument("--prefill", type=positive_ints, help="prompt lengths, e.g. 128,512")
+    ap.add_argument("--decode", type=positive_int, help="tokens to decode")
+    ap.add_argument("--positions", type=positions, help="cache positions for ms/token, e.g. 0,256,512,1024,2048")
+    ap.add_argument("--steps", type=positive_int, help="decode steps timed per position")
+    ap.add_argument("--repeats", type=positive_int, help="prefill repeats (best kept)")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"what to run (default {','.join(PARTS)}): speed: tok/s, ms/token and RSS per weight type and"
                          " thread count; cache: each KV cache type's ms/token, RSS and memory as the cache fills;"
@@ -59,26 +57,26 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-types", metavar="TYPES",
                     help="cache configurations for every weight type, e.g. f32,q8_0,q4_0+rot (default: "
                          + "; ".join(f"{d} weights {','.join(c)}" for d, c in CACHE_CONFIGS.items()) + ")")
-    ap.add_argument("--cache-threads", type=int, help="threads of the cache and no-cache parts (default 2)")
-    ap.add_argument("--cache-positions", help="cache positions of the cache part, e.g. 0,2048,8192 (one whose"
+    ap.add_argument("--cache-threads", type=positive_int, help="threads of the cache and no-cache parts (default 2)")
+    ap.add_argument("--cache-positions", type=positions, help="cache positions of the cache part, e.g. 0,2048,8192 (one whose"
                                               " steps would pass the context's end is measured just before it)")
-    ap.add_argument("--cache-steps", type=int, help="decode steps timed per position in the cache part")
-    ap.add_argument("--paired", metavar="P,...", help="positions the cache part times against position 0 by decoding"
+    ap.add_argument("--cache-steps", type=positive_int, help="decode steps timed per position in the cache part")
+    ap.add_argument("--paired", type=positive_ints, metavar="P,...", help="positions the cache part times against position 0 by decoding"
                                                     " alternately, one model each (default 2048,8192)")
-    ap.add_argument("--paired-steps", type=int, help="rounds of that paired measurement (default 300)")
-    ap.add_argument("--no-cache-n", metavar="N,...", help="tokens generated with and without the cache, e.g. 32,64,128")
-    ap.add_argument("--no-cache-prompt", type=int, help="prompt length before them")
-    ap.add_argument("--kv-quality-chunks", type=int, metavar="N",
+    ap.add_argument("--paired-steps", type=positive_int, help="rounds of that paired measurement (default 300)")
+    ap.add_argument("--no-cache-n", type=positive_ints, metavar="N,...", help="tokens generated with and without the cache, e.g. 32,64,128")
+    ap.add_argument("--no-cache-prompt", type=positive_int, help="prompt length before them")
+    ap.add_argument("--kv-quality-chunks", type=positive_int, metavar="N",
                     help="chunks of 2048 tokens the kv-quality part scores (default 8; --quick: 1)")
-    ap.add_argument("--side-rounds", type=int, metavar="N", help="rounds of the side-by-side part (default 3)")
-    ap.add_argument("--side-prefill", metavar="N,...", help="prompt lengths of the side-by-side part (default 128,512)")
-    ap.add_argument("--side-decode", type=int, metavar="N", help="tokens decoded in the side-by-side part (default 256)")
-    ap.add_argument("--side-busy-decode", type=int, metavar="N",
+    ap.add_argument("--side-rounds", type=positive_int, metavar="N", help="rounds of the side-by-side part (default 3)")
+    ap.add_argument("--side-prefill", type=positive_ints, metavar="N,...", help="prompt lengths of the side-by-side part (default 128,512)")
+    ap.add_argument("--side-decode", type=positive_int, metavar="N", help="tokens decoded in the side-by-side part (default 256)")
+    ap.add_argument("--side-busy-decode", type=nonnegative_int, metavar="N",
                     help="tokens decoded with one core busy in the side-by-side part (default 64; 0: skip)")
-    ap.add_argument("--long-tokens", type=int, metavar="N",
+    ap.add_argument("--long-tokens", type=positive_int, metavar="N",
                     help=f"tokens the long-context part scores (default {FULL_LONG.tokens:,}; --quick:"
                          f" {QUICK_LONG.tokens:,})")
-    ap.add_argument("--long-generate", type=int, metavar="N",
+    ap.add_argument("--long-generate", type=positive_int, metavar="N",
                     help=f"tokens of the long-context part's generation (default {FULL_LONG.generate:,}; --quick:"
                          f" {QUICK_LONG.generate:,})")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "THREADS"), help=argparse.SUPPRESS)
@@ -88,43 +86,28 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _list(text: str | None) -> list[int] | None:
-    """An option's comma-separated ints, or None when it was not given (or empty)."""
-    return _ints(text) if text else None
-
-
-def _overridden(preset, **given):
-    """A copy of the preset sizes (its lists copied too) with the options that were given (not None) in
-    place of its fields."""
-    return replace(copy.deepcopy(preset), **{name: value for name, value in given.items() if value is not None})
-
-
 def sizes_from_args(a: argparse.Namespace) -> Sizes:
     """QUICK or FULL sizes, with the options that override them."""
-    return _overridden(QUICK if a.quick else FULL, prefill=_list(a.prefill), decode=a.decode,
-                       positions=_list(a.positions), steps=a.steps, repeats=a.repeats)
+    return overridden(QUICK if a.quick else FULL, prefill=a.prefill, decode=a.decode,
+                      positions=a.positions, steps=a.steps, repeats=a.repeats)
 
 
 def cache_sizes_from_args(a: argparse.Namespace) -> CacheSizes:
     """QUICK_CACHE or FULL_CACHE sizes, with the options that override them."""
-    return _overridden(QUICK_CACHE if a.quick else FULL_CACHE, positions=_list(a.cache_positions), steps=a.cache_steps,
-                       no_cache=_list(a.no_cache_n), no_cache_prompt=a.no_cache_prompt, threads=a.cache_threads,
-                       paired=_list(a.paired), paired_steps=a.paired_steps)
+    return overridden(QUICK_CACHE if a.quick else FULL_CACHE, positions=a.cache_positions, steps=a.cache_steps,
+                      no_cache=a.no_cache_n, no_cache_prompt=a.no_cache_prompt, threads=a.cache_threads,
+                      paired=a.paired, paired_steps=a.paired_steps)
 
 
 def side_sizes_from_args(a: argparse.Namespace) -> SideSizes:
     """QUICK_SIDE or FULL_SIDE sizes, with the options that override them."""
-    return _overridden(QUICK_SIDE if a.quick else FULL_SIDE, rounds=a.side_rounds, prefill=_list(a.side_prefill),
-                       decode=a.side_decode, busy_decode=a.side_busy_decode)
+    return overridden(QUICK_SIDE if a.quick else FULL_SIDE, rounds=a.side_rounds, prefill=a.side_prefill,
+                      decode=a.side_decode, busy_decode=a.side_busy_decode)
 
 
 def long_sizes_from_args(a: argparse.Namespace) -> LongSizes:
     """QUICK_LONG or FULL_LONG sizes, with the options that override them."""
-    return _overridden(QUICK_LONG if a.quick else FULL_LONG, tokens=a.long_tokens, generate=a.long_generate)
+    return overridden(QUICK_LONG if a.quick else FULL_LONG, tokens=a.long_tokens, generate=a.long_generate)
 
 
 def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
@@ -140,7 +123,7 @@ def _child(a: argparse.Namespace, sizes: Sizes, cache_sizes: CacheSizes) -> int:
         res = run_one_no_cache(path, int(threads), cache_sizes)
     else:
         path, threads, prefill, decode = a.one_side
-        res = kvc_figures(path, int(threads), _ints(prefill), int(decode))
+        res = kvc_figures(path, int(threads), [int(x) for x in prefill.split(",") if x], int(decode))  # may be none
     print(json.dumps(res), flush=True)
     return 0
 
@@ -165,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {d: require_model(d, getattr(a, d)).resolve() for d in dtypes}
     configs = {d: CACHE_CONFIGS.get(d, []) if a.cache_types is None else [c for c in a.cache_types.split(",") if c]
                for d in dtypes}
-    plan = Plan(models=models, threads=_ints(a.threads), sizes=sizes, mode="quick" if a.quick else "full",
+    plan = Plan(models=models, threads=a.threads, sizes=sizes, mode="quick" if a.quick else "full",
                 gguf=Path(a.gguf) if a.gguf else None, wait_idle=a.wait_idle,
                 timeout=a.timeout, parts=parts, cache_sizes=cache_sizes, cache_configs=configs,
                 kv_quality_chunks=a.kv_quality_chunks or (1 if a.quick else 8), side_sizes=side_sizes_from_args(a),

@@ -50,6 +50,7 @@ from ..model import Model
 from ..sampler import Sampler
 from ..serve.scheduler import ScheduledRequest, Scheduler
 from . import markdown
+from .workload import overridden, positive_int, positive_ints
 
 ENGINES = ("kvc", "llama-server")
 CACHE_TYPE = "f16"  # llama-server's default K/V cache type, given to both
@@ -510,7 +511,8 @@ def _gguf_for(path: str) -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The serving bench's options (`python -m kvc.bench.serving --help`)."""
     from .files import BENCH_DIR, DEFAULT_MODELS
     from .peer import PEER_BIN
 
@@ -524,23 +526,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", default=str(PEER_BIN / "llama-server"),
                     help="(c) llama.cpp's llama-server (default: `make peer`'s)")
     ap.add_argument("--no-peer", action="store_true", help="(c) kvc only")
-    ap.add_argument("--levels", help="(c) concurrent streams, e.g. 1,2,4,8,16")
-    ap.add_argument("--max-tokens", type=int, help="(c) tokens per completion")
-    ap.add_argument("--rounds", type=int, help="(c) rounds per level")
-    ap.add_argument("--context", type=int, help="(c) positions per sequence")
-    ap.add_argument("--requests", type=int, help="(a) requests in the mix")
-    ap.add_argument("--min-len", type=int, help="(a) the shortest prompt + output")
-    ap.add_argument("--max-len", type=int, help="(a) the longest prompt + output")
-    ap.add_argument("--reserve", type=int, help="(a) contiguous positions reserved per request")
-    ap.add_argument("--sharers", type=int, help="(b) requests sharing the system prompt")
-    ap.add_argument("--shared", type=int, help="(b) system prompt tokens")
-    ap.add_argument("--block-size", type=int)
-    ap.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)),
+    ap.add_argument("--levels", type=positive_ints, help="(c) concurrent streams, e.g. 1,2,4,8,16")
+    ap.add_argument("--max-tokens", type=positive_int, help="(c) tokens per completion")
+    ap.add_argument("--rounds", type=positive_int, help="(c) rounds per level")
+    ap.add_argument("--context", type=positive_int, help="(c) positions per sequence")
+    ap.add_argument("--requests", type=positive_int, help="(a) requests in the mix")
+    ap.add_argument("--min-len", type=positive_int, help="(a) the shortest prompt + output")
+    ap.add_argument("--max-len", type=positive_int, help="(a) the longest prompt + output")
+    ap.add_argument("--reserve", type=positive_int, help="(a) contiguous positions reserved per request")
+    ap.add_argument("--sharers", type=positive_int, help="(b) requests sharing the system prompt")
+    ap.add_argument("--shared", type=positive_int, help="(b) system prompt tokens")
+    ap.add_argument("--block-size", type=positive_int)
+    ap.add_argument("-t", "--threads", type=positive_int, default=len(os.sched_getaffinity(0)),
                     help="threads of both servers and the pool (default: the usable cores)")
     ap.add_argument("--parts", default="abc", help="which measurements (default abc)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="(c) before each server run wait up to S seconds for the CPU to be under 10%% busy")
     ap.add_argument("--out", default=str(BENCH_DIR / "serving"), help="folder for serving.json and serving.md")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the serving bench; 1 if a server run failed."""
+    ap = parser()
     a = ap.parse_args(argv)
     for m in a.models:
         if not os.path.isfile(m):
@@ -572,15 +580,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def serving_sizes(a: argparse.Namespace) -> ServingSizes:
     """QUICK_SERVING or FULL_SERVING, with the options that were given in place of its fields."""
-    import copy
-    from dataclasses import replace
-
-    given = {"levels": a.levels and [int(x) for x in a.levels.split(",") if x], "max_tokens": a.max_tokens,
-             "rounds": a.rounds, "context": a.context, "requests": a.requests, "min_len": a.min_len,
-             "max_len": a.max_len, "reserve": a.reserve, "sharers": a.sharers, "shared": a.shared,
-             "block_size": a.block_size}
-    return replace(copy.deepcopy(QUICK_SERVING if a.quick else FULL_SERVING),
-                   **{k: v for k, v in given.items() if v})
+    return overridden(QUICK_SERVING if a.quick else FULL_SERVING, levels=a.levels, max_tokens=a.max_tokens,
+                      rounds=a.rounds, context=a.context, requests=a.requests, min_len=a.min_len, max_len=a.max_len,
+                      reserve=a.reserve, sharers=a.sharers, shared=a.shared, block_size=a.block_size)
 
 
 if __name__ == "__main__":

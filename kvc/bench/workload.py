@@ -1,7 +1,9 @@
 """What the bench measures: the sizes of one configuration's runs and the fixed text it feeds."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import copy
+from dataclasses import dataclass, field, replace
 
 # Fixed English text for the quality check and as prompt material (cycled when a prompt is longer).
 # Written for this bench; about 400 SmolLM2 tokens.
@@ -103,3 +105,49 @@ class LongSizes:
 
 FULL_LONG = LongSizes()
 QUICK_LONG = LongSizes(tokens=1024, windows=[256], generate=2_000, every=500, window=256)
+
+
+# ----------------------------------------------------------------------------
+# Options that override these sizes (python -m kvc.bench and python -m kvc.bench.serving)
+
+def _at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {minimum}")
+    return value
+
+
+def _items(text: str) -> list[str]:
+    items = [x for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no numbers")
+    return items
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count or a length, at least 1."""
+    return _at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a count where 0 means none."""
+    return _at_least(text, 0)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated counts or lengths, each at least 1 (e.g. 128,512)."""
+    return [_at_least(x, 1) for x in _items(text)]
+
+
+def positions(text: str) -> list[int]:
+    """argparse type: comma-separated cache positions, 0 or more (e.g. 0,2048,8192)."""
+    return [_at_least(x, 0) for x in _items(text)]
+
+
+def overridden(preset, **given):
+    """A copy of the preset sizes (its lists copied too) with the options that were given (not None) in
+    place of its fields."""
+    return replace(copy.deepcopy(preset), **{name: value for name, value in given.items() if value is not None})
