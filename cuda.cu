@@ -54,10 +54,12 @@
 // ---------------------------------------------------------------------------------------------
 // Errors and launches: every failure becomes one line in the caller's error buffer
 
+// error = "<device>: " and the message.
 static void set_error(char *error, const char *fmt, ...) {
+    int prefix = snprintf(error, BACKEND_ERROR_BYTES, "%s: ", DEVICE_NAME);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(error, BACKEND_ERROR_BYTES, fmt, ap);
+    vsnprintf(error + prefix, BACKEND_ERROR_BYTES - prefix, fmt, ap);
     va_end(ap);
 }
 
@@ -66,7 +68,7 @@ static void set_error(char *error, const char *fmt, ...) {
     do {                                                                                         \
         cudaError_t status_ = (call);                                                            \
         if (status_ != cudaSuccess) {                                                            \
-            set_error(error, "%s: %s (%s)", DEVICE_NAME, cudaGetErrorString(status_), #call);     \
+            set_error(error, "%s (%s)", cudaGetErrorString(status_), #call);                     \
             return -1;                                                                           \
         }                                                                                        \
     } while (0)
@@ -531,11 +533,11 @@ static int upload(BackendSequence *s, void **dst, const void *src, size_t bytes,
 // A weight tensor uploaded (the classifier shares the embedding table's copy when it is the same tensor).
 static int upload_matrix(BackendSequence *s, Matrix *out, const BackendMatrix *m, const char *name, char *error) {
     if (m->type != BACKEND_WEIGHT_F32 && m->type != BACKEND_WEIGHT_Q8_0) {
-        set_error(error, "%s: no %s weights on this device (%s): convert the model to f32 or q8_0", DEVICE_NAME, m->type_name, name);
+        set_error(error, "no %s weights on this device (%s): convert the model to f32 or q8_0", m->type_name, name);
         return -1;
     }
     if (m->type == BACKEND_WEIGHT_Q8_0 && (m->group_size % 4 || m->cols % m->group_size)) {
-        set_error(error, "%s: q8_0 groups of %d values (%s): the kernels take groups of a multiple of 4", DEVICE_NAME, m->group_size, name);
+        set_error(error, "q8_0 groups of %d values (%s): the kernels take groups of a multiple of 4", m->group_size, name);
         return -1;
     }
     *out = Matrix{m->type, m->rows, m->cols, m->group_size, NULL, NULL, NULL};
@@ -550,15 +552,15 @@ static int check_cache(const BackendCache *c, int head_dim, char *error) {
     const char *names[2] = {c->type_k_name, c->type_v_name};
     for (int i = 0; i < 2; i++)
         if (types[i] != BACKEND_CACHE_F32 && types[i] != BACKEND_CACHE_F16 && types[i] != BACKEND_CACHE_Q8_0) {
-            set_error(error, "%s: no %s KV cache on this device (f32, f16 or q8_0)", DEVICE_NAME, names[i]);
+            set_error(error, "no %s KV cache on this device (f32, f16 or q8_0)", names[i]);
             return -1;
         }
     if (c->rotate || c->centered_keys) {
-        set_error(error, "%s: no rotated or centered KV cache on this device", DEVICE_NAME);
+        set_error(error, "no rotated or centered KV cache on this device");
         return -1;
     }
     if (head_dim > MAX_HEAD_DIM) {
-        set_error(error, "%s: head_dim %d is more than the attention kernel's %d", DEVICE_NAME, head_dim, MAX_HEAD_DIM);
+        set_error(error, "head_dim %d is more than the attention kernel's %d", head_dim, MAX_HEAD_DIM);
         return -1;
     }
     return 0;
@@ -595,7 +597,7 @@ static void sequence_free(BackendSequence *s) {
 static BackendSequence *sequence_open(const BackendModel *m, const BackendCache *c, char *error) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-        set_error(error, "%s: no CUDA device found", DEVICE_NAME);
+        set_error(error, "no CUDA device found");
         return NULL;
     }
     if (check_cache(c, m->head_dim, error)) return NULL;
@@ -623,7 +625,7 @@ static BackendSequence *sequence_open(const BackendModel *m, const BackendCache 
              device_alloc(s, (void **)&cache->values, rows * cache->row_v, BYTES_CACHE, error) || alloc_scratch(s, error);
     if (!failed && (cudaMemset(cache->keys, 0, rows * cache->row_k) != cudaSuccess ||
                     cudaMemset(cache->values, 0, rows * cache->row_v) != cudaSuccess)) {
-        set_error(error, "%s: cannot clear the KV cache", DEVICE_NAME);
+        set_error(error, "cannot clear the KV cache");
         failed = 1;
     }
     if (failed) {

@@ -2224,8 +2224,8 @@ static void axpy(float *restrict out, float a, const float *restrict v, int n) {
     for (int d = 0; d < n; d++) out[d] += a * v[d];
 }
 
-// out += sum over i < len of weights[i] * rows[i * stride .. + n]: values weighted by attention,
-// rows end to end (stride n) when they are a cache's.
+// out += sum over i < len of weights[i] * rows[i * stride .. + n]: values weighted by attention (a
+// cache's f32 rows, or a tile of rows widened to f32; either way end to end, as prefetch_ahead asks).
 static void weighted_sum(float *out, const float *weights, const float *rows, size_t stride, int len, int n) {
     int d = 0;
 #if defined(__AVX512F__)
