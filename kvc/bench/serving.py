@@ -498,17 +498,14 @@ def _gguf_for(path: str) -> str | None:
     beside = Path(path).with_suffix(".gguf")
     if beside.is_file():
         return str(beside)
-    from .side_by_side import GGUF_FTYPES
     from .files import find_gguf
-    from .peer import requantized_gguf
+    from .side_by_side import peer_gguf
 
-    ftype = GGUF_FTYPES.get(_label(path), "none")
-    if ftype == "none":
-        return None
     try:
-        return str(find_gguf() if ftype is None else requantized_gguf(find_gguf(), ftype))
+        peer = peer_gguf(_label(path), find_gguf())
     except (FileNotFoundError, RuntimeError):
         return None
+    return None if peer is None else str(peer)
 
 
 def parser() -> argparse.ArgumentParser:

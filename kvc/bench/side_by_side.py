@@ -127,17 +127,27 @@ def busy_core() -> Iterator[int]:
         proc.wait()
 
 
+def peer_gguf(dtype: str, src: Path) -> Path | None:
+    """The GGUF llama.cpp runs beside kvc's `dtype` export of src (SmolLM2's shipped GGUF): src itself
+    for the shipped type, else the one llama-quantize makes of it (the first time); None when llama.cpp
+    has no counterpart."""
+    if dtype not in GGUF_FTYPES:
+        return None
+    ftype = GGUF_FTYPES[dtype]
+    return src if ftype is None else requantized_gguf(src, ftype)
+
+
 def contenders(models: dict[str, Path], gguf: Path | None) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
     """(kvc model, llama.cpp GGUF) per weight type of models that has a GGUF counterpart, and notes
-    about those that have none. The requantized GGUFs are made here the first time (llama-quantize)."""
+    about those that have none."""
     src = gguf or find_gguf()
     pairs, notes = {}, []
     for dtype, path in models.items():
-        if dtype not in GGUF_FTYPES:
+        peer = peer_gguf(dtype, src)
+        if peer is None:
             notes.append(f"{dtype}: no llama.cpp counterpart")
-            continue
-        ftype = GGUF_FTYPES[dtype]
-        pairs[dtype] = (path, src if ftype is None else requantized_gguf(src, ftype))
+        else:
+            pairs[dtype] = (path, peer)
     return pairs, notes
 
 
