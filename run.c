@@ -2991,6 +2991,10 @@ static int cache_blocks_needed(const KVCache *s, int pos, int n) {
     return need;
 }
 
+// The block entry i of a table would best take: the one after entry i - 1, so that the table stays
+// one run; none (-1) for its first.
+static int block_after(const KVCache *s, int i) { return i ? s->table[i - 1] + 1 : -1; }
+
 // Makes positions pos..pos+n-1 writable: blocks taken for them past the table, a shared block
 // copied (copy-on-write), a registered one forgotten (its rows are about to change). The caller
 // checked cache_blocks_needed against pool_available.
@@ -2999,13 +3003,13 @@ static void cache_reserve(KVCache *s, int pos, int n) {
     int bs = c->block_size;
     for (int i = pos / bs; n > 0 && i <= (pos + n - 1) / bs; i++) {
         if (i >= s->n_table) {
-            s->table[s->n_table] = pool_take(c, s->n_table ? s->table[s->n_table - 1] + 1 : -1);
+            s->table[s->n_table] = pool_take(c, block_after(s, s->n_table));
             s->n_table++;
             continue;
         }
         int b = s->table[i];
         if (c->refs[b] > 1) {
-            int copy = pool_take(c, i ? s->table[i - 1] + 1 : -1);
+            int copy = pool_take(c, block_after(s, i));
             block_copy(c, copy, b);
             pool_release(c, b);
             s->table[i] = copy;
@@ -4152,7 +4156,8 @@ static int forward(const Model *m, Sequence *seq, const int *tokens, int n, int 
         int at = pos + done, chunk = n - done < s->batch ? n - done : s->batch;
         if (c->window) { // no block crosses from the sinks into the window, or past a full window
             window_move(c, p, at, s->threads);
-            if (chunk > window_room(c, at)) chunk = window_room(c, at);
+            int room = window_room(c, at);
+            if (chunk > room) chunk = room;
         }
         if (c->h2o_budget) { // a token at a time: each may evict, by the weights the ones before it gave
             chunk = 1;
@@ -4901,11 +4906,14 @@ int kvc_session_save(const Model *m, Sequence *seq, const Sampler *sampler, cons
 int kvc_session_load(const Model *m, Sequence *seq, Sampler *sampler, const char *path) {
     return session_load(m, seq, sampler, path);
 }
+// Copies the first n ints of `from` to out (capacity of them at most; out NULL: none) and returns n:
+// how the kvc_ calls below hand a sequence's arrays out.
+static int ints_out(int *out, int capacity, const int *from, int n) {
+    if (out && capacity > 0 && n > 0) memcpy(out, from, (size_t)(n < capacity ? n : capacity) * sizeof(int));
+    return n;
+}
 int kvc_tokens(const Sequence *seq, int *out, int capacity) {
-    const KVCache *c = &seq->cache;
-    int rows = seq->device ? 0 : held_rows(seq);
-    if (out && capacity > 0) memcpy(out, c->tokens, (size_t)(rows < capacity ? rows : capacity) * sizeof(int));
-    return rows;
+    return ints_out(out, capacity, seq->cache.tokens, seq->device ? 0 : held_rows(seq));
 }
 
 // ---- Pools: many sequences sharing KV blocks, run together a step at a time
@@ -4981,10 +4989,7 @@ int kvc_step_room(const Sequence *seq) { return step_room(seq); }
 // Copies out the pool blocks the sequence's block table holds, in position order (capacity of them at
 // most; out may be NULL to ask), and returns how many there are.
 int kvc_block_table(const Sequence *seq, int *out, int capacity) {
-    const KVCache *c = &seq->cache;
-    int n = seq->device ? 0 : c->n_table;
-    if (out && capacity > 0) memcpy(out, c->table, (size_t)(n < capacity ? n : capacity) * sizeof(int));
-    return n;
+    return ints_out(out, capacity, seq->cache.table, seq->device ? 0 : seq->cache.n_table);
 }
 
 // A new sequence holding what seq holds, sharing every block (copied when either writes into it).
