@@ -218,6 +218,6 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((p * (np.log(p) - np.log(q))).sum(-1).mean())
 
 
-def random_tokens(n: int, seed: int = 0) -> list[int]:
-    """n token ids below 300 (the random test models' vocabulary), from seed."""
-    return np.random.default_rng(seed).integers(0, 300, n).tolist()
+def random_tokens(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
+    """n token ids below vocab (default: the random test models' 300), from seed."""
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()

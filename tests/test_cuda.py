@@ -19,7 +19,7 @@ import kvc
 from kvc import format as fmt
 from kvc._lib import ffi, load
 from kvc.reference import Llama
-from helpers import ROOT, decode_from_nan, mean_kl, run_cli, write_random_model
+from helpers import ROOT, decode_from_nan, mean_kl, random_tokens, run_cli, write_random_model
 
 TOL = 1e-4  # the CPU engine's bound against the reference (tests/test_engine.py)
 BUILD_TIMEOUT = 300  # seconds: make cuda-sim / make cuda
@@ -59,10 +59,6 @@ def device(request) -> str:
     return request.param
 
 
-def prompt(n: int, seed: int = 1, vocab: int = 300) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
 @pytest.fixture(scope="module", params=CONFIGS, ids=[c[0] for c in CONFIGS])
 def model_path(request, tmp_path_factory) -> Path:
     name, overrides = request.param
@@ -77,7 +73,7 @@ def model_path(request, tmp_path_factory) -> Path:
 
 def test_logits_match_reference_at_every_position(device, model_path):
     model = kvc.Model(model_path, device=device)
-    tokens = prompt(150, vocab=model.config.vocab_size)  # three chunks of the device's 64 tokens: tiled kernels
+    tokens = random_tokens(150, seed=1, vocab=model.config.vocab_size)  # three chunks of the device's 64 tokens: tiled kernels
     got = model.forward(tokens, 0)
     want = Llama.load(model_path).forward_full(tokens)
     assert got.shape == want.shape
@@ -91,14 +87,14 @@ def test_cached_decode_equals_recomputation_and_reads_nothing_unwritten(device, 
     path = tmp_path / "m.bin"
     write_random_model(path, n_heads=4, n_kv_heads=2, seq_len=320)
     model = kvc.Model(path, device=device)
-    tokens = prompt(280, seed=2)
+    tokens = random_tokens(280, seed=2)
     got, _, _ = decode_from_nan(model, tokens, 250)
     assert np.isfinite(got).all()
     assert np.abs(got - Llama.load(path).forward_full(tokens)).max() <= TOL
 
 
 def test_kv_cache_equals_cpu_cache(device, model_path):
-    tokens = prompt(70, seed=5)
+    tokens = random_tokens(70, seed=5)
     gpu, cpu = kvc.Model(model_path, device=device), kvc.Model(model_path, threads=1)
     gpu.forward(tokens)
     cpu.forward(tokens)
@@ -109,7 +105,7 @@ def test_kv_cache_equals_cpu_cache(device, model_path):
 
 
 def test_greedy_tokens_equal_cpu_build(device, model_path):
-    start = prompt(8, seed=4)
+    start = random_tokens(8, seed=4)
     runs = []
     for model in (kvc.Model(model_path, device=device), kvc.Model(model_path, threads=1)):
         logits, out = model.forward(start, 0), []
@@ -125,8 +121,8 @@ def test_rewriting_a_position_replaces_its_cache_row(device, tmp_path):
     path = tmp_path / "m.bin"
     write_random_model(path, n_heads=4, n_kv_heads=2)
     model = kvc.Model(path, device=device)
-    a = prompt(30, seed=6)
-    b = a[:20] + prompt(10, seed=7)
+    a = random_tokens(30, seed=6)
+    b = a[:20] + random_tokens(10, seed=7)
     model.forward(a, 0)
     got = model.forward(b[20:], 20)
     assert np.abs(got - Llama.load(path).forward_full(b)[20:]).max() <= TOL
@@ -143,7 +139,7 @@ def test_q8_weights_within_the_cpu_bounds(device, tmp_path, gs):
     path = tmp_path / "q8.bin"
     write_random_model(path, 0, weight_type=fmt.Q8_0, group_size=gs, hidden_dim=192, n_heads=4, n_kv_heads=2, seq_len=160)
     model = kvc.Model(path, device=device)
-    tokens = prompt(100, seed=8)
+    tokens = random_tokens(100, seed=8)
     got, keys, values = decode_from_nan(model, tokens, 80)
     ref = Llama.load(path).forward_full(tokens)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
@@ -175,7 +171,7 @@ def test_cache_types_read_exactly_what_the_cache_holds(device, cache_model, type
     cache's own contents; unwritten slots stay NaN; the stored rows are the type's rounding of the
     reference's keys and values, and equal the CPU cache's up to one step of the type."""
     model = kvc.Model(cache_model, cache_type_k=type_k, cache_type_v=type_v, device=device)
-    tokens = prompt(150, seed=3)
+    tokens = random_tokens(150, seed=3)
     logits, keys, values = decode_from_nan(model, tokens, 90)
     ref = Llama.load(cache_model, cache_type_k=type_k, cache_type_v=type_v)
     error = np.abs(logits - ref.forward_reading(tokens, keys, values)).max(-1)
